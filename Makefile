@@ -1,0 +1,36 @@
+# DeltaBox: the two commands a fresh machine needs are `make demo` and `make test`.
+# Every step is idempotent and cached: a second run takes seconds.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+export DELTABOX_CACHE ?= /var/cache/deltabox
+
+.PHONY: demo test setup host venv build clean-build
+
+demo: setup
+	$(VENV)/bin/deltabox demo
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+setup: host venv build
+
+# apt packages, CRIU >= 4 (built from Debian's source if needed), the tiny and demo images
+host:
+	bash native/setup-host.sh all
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# generated protobuf code, the cffi extension, the static sandbox init
+build: venv
+	$(PY) native/build.py
+
+clean-build:
+	rm -rf deltabox/_proto deltabox/_bin deltabox/_native*.so build *.egg-info

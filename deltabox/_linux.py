@@ -1,0 +1,138 @@
+"""Linux primitives: a checked Python layer over the raw cffi binding.
+
+The binding (deltabox._native, built from native/src) returns -errno; this
+module turns that into OSError naming the call, and adds the few helpers the
+daemon needs that the stdlib lacks (mount, openat2, reflink probes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from deltabox import _native
+
+__all__ = [
+    "mount", "umount", "openat2", "ficlone", "is_mountpoint", "mounts_under",
+    "filesystem_type", "HAS_OPENAT2", "RESOLVE_IN_ROOT", "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_BENEATH", "MS_BIND", "MS_REC", "MS_PRIVATE", "MS_RDONLY", "MS_REMOUNT",
+    "MNT_DETACH",
+]
+
+_lib = _native.lib
+NATIVE_ABI_VERSION = 1
+if _lib.NATIVE_ABI_VERSION != NATIVE_ABI_VERSION:  # stale build
+    raise ImportError(f"deltabox._native ABI {_lib.NATIVE_ABI_VERSION} != {NATIVE_ABI_VERSION}; "
+                      "rebuild with `python native/build.py`")
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+FICLONE = 0x40049409
+XFS_SUPER_MAGIC = 0x58465342
+
+
+def _check(ret: int, what: str, path: str | os.PathLike | None = None) -> int:
+    if ret < 0:
+        err = -ret
+        raise OSError(err, f"{what}: {os.strerror(err)}", None if path is None else str(path))
+    return ret
+
+
+def mount(source: str, target: str | os.PathLike, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    ffi = _native.ffi
+    _check(_lib.dbx_mount(source.encode(), os.fsencode(target),
+                          fstype.encode() if fstype else ffi.NULL, flags,
+                          data.encode() if data else ffi.NULL), f"mount {fstype or ''}", target)
+
+
+def umount(target: str | os.PathLike, flags: int = 0) -> None:
+    _check(_lib.dbx_umount2(os.fsencode(target), flags), "umount2", target)
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0,
+            resolve: int = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS) -> int:
+    """openat2(2); by default `path` is resolved as if `dirfd` were "/"."""
+    return _check(_lib.dbx_openat2(dirfd, os.fsencode(path), flags | os.O_CLOEXEC, mode, resolve),
+                  "openat2", path)
+
+
+def _probe_openat2() -> bool:
+    try:
+        os.close(openat2(-100, "/", os.O_PATH))
+        return True
+    except OSError as e:
+        return e.errno != errno.ENOSYS
+
+
+HAS_OPENAT2 = _probe_openat2()
+
+
+def ficlone(src_fd: int, dst_fd: int) -> None:
+    """Make dst share src's data blocks (XFS/btrfs reflink)."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long),
+                ("f_blocks", ctypes.c_ulong), ("f_bfree", ctypes.c_ulong),
+                ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2),
+                ("f_namelen", ctypes.c_long), ("f_frsize", ctypes.c_long),
+                ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def filesystem_type(path: str | os.PathLike) -> int:
+    """statfs(2).f_type of the filesystem holding `path`."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return buf.f_type
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mount_table() -> list[tuple[str, str, str]]:
+    """(source, target, fstype) for each mount of this mount namespace."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, source = right.split()[:2]
+            out.append((_unescape(source), _unescape(fields[4]), fstype))
+    return out
+
+
+def is_mountpoint(path: str | os.PathLike) -> bool:
+    p = str(Path(path))
+    return any(target == p for _, target, _ in mount_table())
+
+
+def mounts_under(path: str | os.PathLike) -> list[str]:
+    """Mount targets at or below `path`, deepest first (the order to unmount in)."""
+    p = str(Path(path))
+    found = [t for _, t, _ in mount_table() if t == p or t.startswith(p + "/")]
+    return sorted(set(found), key=lambda t: t.count("/"), reverse=True)

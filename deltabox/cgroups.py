@@ -1,0 +1,258 @@
+"""Per-sandbox cgroups: limits, freezing, membership and clean-up.
+
+Two backends behind one interface, chosen once at start-up:
+- v2 (unified hierarchy with the memory controller, e.g. Ubuntu 24.04):
+  /sys/fs/cgroup/deltabox/<id>
+- v1 (hybrid hosts such as this project's VMs, where memory/pids/cpu/freezer are
+  v1 hierarchies): /sys/fs/cgroup/<controller>/deltabox/<id> for each.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Limits", "CgroupDriver", "detect_driver"]
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "deltabox"
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    pids: int
+    cpus: float  # 0 = unlimited
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _rmdir_retry(path: Path, timeout: float = 5.0) -> None:
+    """rmdir a cgroup; it stays busy for a moment after its last task exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+class CgroupDriver:
+    version: int
+
+    def create(self, name: str, limits: Limits) -> list[Path]:
+        """Create the cgroup(s); return the cgroup.procs files a process joins through."""
+        raise NotImplementedError
+
+    def pids(self, name: str) -> list[int]:
+        raise NotImplementedError
+
+    def freeze(self, name: str) -> None:
+        raise NotImplementedError
+
+    def thaw(self, name: str) -> None:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        """Remove the cgroup(s). Callers kill the processes first."""
+        raise NotImplementedError
+
+    def names(self) -> set[str]:
+        """Every sandbox cgroup that exists (for start-up reconciliation)."""
+        raise NotImplementedError
+
+    def memory_events(self, name: str) -> dict[str, int]:
+        raise NotImplementedError
+
+    def kill_all(self, name: str, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the cgroup and wait until it is empty."""
+        deadline = time.monotonic() + timeout
+        self.freeze(name)  # no forking while we kill
+        try:
+            while True:
+                pids = self.pids(name)
+                if not pids:
+                    return
+                for pid in pids:
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+                self.thaw(name)  # frozen tasks die only once thawed
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cgroup {name}: processes {pids} survive SIGKILL")
+                time.sleep(0.002)
+                self.freeze(name)
+        finally:
+            self.thaw(name)
+
+
+class CgroupV1(CgroupDriver):
+    version = 1
+    CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+
+    def _dir(self, controller: str, name: str | None = None) -> Path:
+        base = CGROUP_ROOT / controller / PARENT
+        return base if name is None else base / name
+
+    def create(self, name, limits):
+        procs = []
+        for c in self.CONTROLLERS:
+            d = self._dir(c, name)
+            d.mkdir(parents=True, exist_ok=True)
+            procs.append(d / "cgroup.procs")
+        mem = self._dir("memory", name)
+        _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+        try:  # no swap here, but keep a swapping host from escaping the limit
+            _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        except OSError:
+            pass
+        _write(self._dir("pids", name) / "pids.max", str(limits.pids))
+        cpu = self._dir("cpu", name)
+        if limits.cpus > 0:
+            _write(cpu / "cpu.cfs_period_us", "100000")
+            _write(cpu / "cpu.cfs_quota_us", str(int(limits.cpus * 100000)))
+        return procs
+
+    def pids(self, name):
+        try:
+            text = (self._dir("freezer", name) / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(x) for x in text.split()]
+
+    def _freezer_state(self, name: str, state: str) -> None:
+        path = self._dir("freezer", name) / "freezer.state"
+        _write(path, state)
+        deadline = time.monotonic() + 5
+        while path.read_text().strip() != state:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cgroup {name}: freezer stuck before {state}")
+            time.sleep(0.0005)
+
+    def freeze(self, name):
+        self._freezer_state(name, "FROZEN")
+
+    def thaw(self, name):
+        self._freezer_state(name, "THAWED")
+
+    def remove(self, name):
+        for c in self.CONTROLLERS:
+            _rmdir_retry(self._dir(c, name))
+
+    def names(self):
+        found: set[str] = set()
+        for c in self.CONTROLLERS:
+            d = self._dir(c)
+            if d.is_dir():
+                found.update(p.name for p in d.iterdir() if p.is_dir())
+        return found
+
+    def memory_events(self, name):
+        d = self._dir("memory", name)
+        return {"max": int((d / "memory.failcnt").read_text()),
+                "oom_kill": _kv(d / "memory.oom_control").get("oom_kill", 0)}
+
+    def ensure_parents(self) -> None:
+        for c in self.CONTROLLERS:
+            self._dir(c).mkdir(parents=True, exist_ok=True)
+
+
+class CgroupV2(CgroupDriver):
+    version = 2
+
+    def _dir(self, name: str | None = None) -> Path:
+        base = CGROUP_ROOT / PARENT
+        return base if name is None else base / name
+
+    def ensure_parents(self) -> None:
+        self._dir().mkdir(exist_ok=True)
+        for d in (CGROUP_ROOT, self._dir()):
+            _write(d / "cgroup.subtree_control", "+memory +pids +cpu")
+
+    def create(self, name, limits):
+        d = self._dir(name)
+        d.mkdir(exist_ok=True)
+        _write(d / "memory.max", str(limits.memory_bytes))
+        _write(d / "memory.swap.max", "0") if (d / "memory.swap.max").exists() else None
+        _write(d / "pids.max", str(limits.pids))
+        if limits.cpus > 0:
+            _write(d / "cpu.max", f"{int(limits.cpus * 100000)} 100000")
+        return [d / "cgroup.procs"]
+
+    def pids(self, name):
+        try:
+            return [int(x) for x in (self._dir(name) / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def _freeze(self, name: str, value: str) -> None:
+        d = self._dir(name)
+        _write(d / "cgroup.freeze", value)
+        deadline = time.monotonic() + 5
+        want = "frozen 1" if value == "1" else "frozen 0"
+        while want not in (d / "cgroup.events").read_text():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cgroup {name}: freeze={value} did not settle")
+            time.sleep(0.0005)
+
+    def freeze(self, name):
+        self._freeze(name, "1")
+
+    def thaw(self, name):
+        self._freeze(name, "0")
+
+    def kill_all(self, name, timeout=5.0):
+        d = self._dir(name)
+        if not d.exists():
+            return
+        _write(d / "cgroup.kill", "1")
+        deadline = time.monotonic() + timeout
+        while self.pids(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cgroup {name}: processes survive cgroup.kill")
+            time.sleep(0.002)
+
+    def remove(self, name):
+        _rmdir_retry(self._dir(name))
+
+    def names(self):
+        d = self._dir()
+        return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+
+    def memory_events(self, name):
+        return _kv(self._dir(name) / "memory.events")
+
+
+def _kv(path: Path) -> dict[str, int]:
+    out = {}
+    for line in path.read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if v.strip().lstrip("-").isdigit():
+            out[k] = int(v)
+    return out
+
+
+def detect_driver() -> CgroupDriver:
+    """v2 when the unified hierarchy at /sys/fs/cgroup offers memory, else v1."""
+    controllers = CGROUP_ROOT / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        driver: CgroupDriver = CgroupV2()
+    elif (CGROUP_ROOT / "memory").is_dir() and (CGROUP_ROOT / "freezer").is_dir():
+        driver = CgroupV1()
+    else:
+        raise RuntimeError("no usable cgroup hierarchy: need cgroup2 with memory, "
+                           "or v1 memory+pids+cpu+freezer")
+    driver.ensure_parents()
+    return driver

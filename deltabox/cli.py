@@ -1,0 +1,431 @@
+"""The `deltabox` command line: the daemon, and a client for every API call.
+
+Every listing prints a rich table, or JSON with --json. `exec` propagates the
+command's exit status (128 + signal when it was killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from deltabox.errors import DeltaboxError
+
+__all__ = ["main"]
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 512M, 2G)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _parse_env(items: list[str] | None) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--env expects NAME=VALUE, got {item!r}")
+        env[k] = v
+    return env
+
+
+def _out(args, obj, table=None) -> None:
+    """Print `obj` as JSON (--json) or via `table()` (a rich renderable)."""
+    if args.json:
+        if hasattr(obj, "DESCRIPTOR"):
+            obj = MessageToDict(obj, preserving_proto_field_name=True)
+        elif isinstance(obj, list):
+            obj = [MessageToDict(o, preserving_proto_field_name=True)
+                   if hasattr(o, "DESCRIPTOR") else o for o in obj]
+        print(json.dumps(obj, indent=2, default=str))
+    elif table is not None:
+        from rich.console import Console
+        Console().print(table())
+
+
+def _table(columns: list[str], rows: list[list]):
+    from rich.table import Table
+    t = Table(*columns, box=None, header_style="bold")
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    return t
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+_STATE = {0: "?", 1: "creating", 2: "running", 3: "stopped", 4: "broken"}
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+def cmd_daemon(args) -> int:
+    from deltabox.config import Config
+    from deltabox.daemon import run_daemon
+    cfg = Config()
+    if args.state_dir:
+        cfg.state_dir = Path(args.state_dir)
+    if args.daemon_socket or args.socket:
+        cfg.socket = Path(args.daemon_socket or args.socket)
+    cfg.store_size = args.store_size
+    cfg.tcp_address = args.tcp
+    cfg.tls_cert = Path(args.tls_cert) if args.tls_cert else None
+    cfg.tls_key = Path(args.tls_key) if args.tls_key else None
+    cfg.token = args.token or os.environ.get("DELTABOX_TOKEN")
+    run_daemon(cfg)
+    return 0
+
+
+def cmd_image_import(args, client) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    if args.json:
+        img = client.import_image(args.name, args.source, replace=args.replace)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                      transient=True) as prog:
+            task = prog.add_task("importing", total=None)
+
+            def update(msg):
+                prog.update(task, description=msg.phase, completed=msg.done_bytes,
+                            total=msg.total_bytes or None)
+            img = client.import_image(args.name, args.source, replace=args.replace,
+                                      progress=update)
+    _out(args, img, lambda: f"imported {img.name}: {len(img.layer_ids)} layer(s), "
+                            f"{_human(img.size_bytes)} ({img.source_format})")
+    return 0
+
+
+def cmd_image_ls(args, client) -> int:
+    images = client.list_images()
+    _out(args, images, lambda: _table(
+        ["NAME", "LAYERS", "SIZE", "FORMAT", "SOURCE"],
+        [[i.name, len(i.layer_ids), _human(i.size_bytes), i.source_format, i.source]
+         for i in images]))
+    return 0
+
+
+def cmd_image_rm(args, client) -> int:
+    for name in args.names:
+        client.remove_image(name)
+    _out(args, {"removed": args.names}, lambda: "removed " + " ".join(args.names))
+    return 0
+
+
+def cmd_create(args, client) -> int:
+    sbx = client.create(args.image, args.name or "", memory=args.memory or 0,
+                        pids=args.pids or 0, cpus=args.cpus or 0.0, network=args.network,
+                        env=_parse_env(args.env), hostname=args.hostname or "")
+    if args.json:
+        _out(args, sbx.info)
+    else:
+        print(sbx.id)
+    return 0
+
+
+def cmd_ls(args, client) -> int:
+    boxes = [s.info for s in client.list()]
+    _out(args, boxes, lambda: _table(
+        ["ID", "NAME", "IMAGE", "STATE", "MEMORY", "PIDS", "NETWORK", "INIT PID"],
+        [[b.id, b.name, b.image, _STATE.get(b.state, b.state), _human(b.limits.memory_bytes),
+          b.limits.pids, "nat" if b.network == 2 else "none", b.init_pid or "-"]
+         for b in boxes]))
+    return 0
+
+
+def cmd_rm(args, client) -> int:
+    for ref in args.sandboxes:
+        client.get(ref).destroy()
+    _out(args, {"destroyed": args.sandboxes}, lambda: "destroyed " + " ".join(args.sandboxes))
+    return 0
+
+
+def cmd_exec(args, client) -> int:
+    sbx = client.get(args.sandbox)
+    cmd = list(args.cmd)
+    if not cmd:
+        raise SystemExit("exec: missing command (deltabox exec SANDBOX -- CMD...)")
+    if args.session:
+        code = " ".join(cmd) if len(cmd) > 1 else cmd[0]
+        res = sbx.session(args.session).run(code, timeout=args.timeout or 0)
+        if args.json:
+            _out(args, {"exit_code": res.exit_code, "stdout": res.stdout.decode(errors="replace"),
+                        "stderr": res.stderr.decode(errors="replace")})
+        else:
+            sys.stdout.buffer.write(res.stdout)
+            sys.stderr.buffer.write(res.stderr)
+        return res.exit_code
+    stdin = sys.stdin.buffer.read() if args.stdin else b""
+    events = sbx.exec_stream(cmd, env=_parse_env(args.env), cwd=args.cwd or "",
+                             stdin=stdin, timeout=args.timeout or 0)
+    out, err, exit_ = [], [], None
+    for ev in events:
+        which = ev.WhichOneof("event")
+        if which == "stdout":
+            out.append(ev.stdout) if args.json else (sys.stdout.buffer.write(ev.stdout),
+                                                     sys.stdout.flush())
+        elif which == "stderr":
+            err.append(ev.stderr) if args.json else (sys.stderr.buffer.write(ev.stderr),
+                                                     sys.stderr.flush())
+        elif which == "exit":
+            exit_ = ev.exit
+    if args.json:
+        _out(args, {"exit_code": exit_.exit_code, "signal": exit_.signal,
+                    "timed_out": exit_.timed_out, "stdout": b"".join(out).decode(errors="replace"),
+                    "stderr": b"".join(err).decode(errors="replace")})
+    if exit_.timed_out and not args.json:
+        print(f"deltabox: timed out after {args.timeout}s", file=sys.stderr)
+    return exit_.exit_code if exit_.signal == 0 else 128 + exit_.signal
+
+
+def cmd_session(args, client) -> int:
+    sbx = client.get(args.sandbox)
+    if args.session_cmd == "open":
+        s = sbx.open_session(args.kind, args.name or "")
+        _out(args, s.info, lambda: s.name)
+    elif args.session_cmd == "ls":
+        sessions = sbx.list_sessions()
+        kinds = {1: "bash", 2: "sh", 3: "python"}
+        _out(args, sessions, lambda: _table(["NAME", "KIND", "PID"],
+                                            [[s.name, kinds.get(s.kind, "?"), s.pid]
+                                             for s in sessions]))
+    else:
+        sbx.session(args.name).close()
+    return 0
+
+
+def cmd_shell(args, client) -> int:
+    import grpc
+    import termios
+    import tty
+
+    from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+    from deltabox.client import _error
+    sbx = client.get(args.sandbox)
+    cols, rows = shutil.get_terminal_size()
+    inbox: queue.Queue = queue.Queue()
+    inbox.put(pb.ShellInput(start=pb.ShellStart(sandbox=sbx.id, argv=args.cmd or [],
+                                                rows=rows, cols=cols)))
+
+    def requests():
+        while (msg := inbox.get()) is not None:
+            yield msg
+
+    def read_stdin():
+        fd = sys.stdin.fileno()
+        while data := os.read(fd, 4096):
+            inbox.put(pb.ShellInput(stdin=data))
+
+    def on_winch(*_):
+        c, r = shutil.get_terminal_size()
+        inbox.put(pb.ShellInput(resize=pb.WindowSize(rows=r, cols=c)))
+
+    is_tty = sys.stdin.isatty()
+    saved = termios.tcgetattr(sys.stdin) if is_tty else None
+    if is_tty:
+        tty.setraw(sys.stdin)
+        signal.signal(signal.SIGWINCH, on_winch)
+    threading.Thread(target=read_stdin, daemon=True).start()
+    code = 0
+    try:
+        for out in client._stubs["sandboxes"].Shell(requests()):
+            if out.WhichOneof("output") == "data":
+                sys.stdout.buffer.write(out.data)
+                sys.stdout.flush()
+            else:
+                code = out.exit.exit_code if out.exit.signal == 0 else 128 + out.exit.signal
+    except grpc.RpcError as e:
+        raise _error(e) from None
+    finally:
+        inbox.put(None)
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+    return code
+
+
+def cmd_status(args, client) -> int:
+    st = client.status()
+    _out(args, st, lambda: _table(["FIELD", "VALUE"], [
+        ["version", st.version], ["state dir", st.state_dir],
+        ["store", f"{st.store_backing}, {_human(st.store_free_bytes)} free of "
+                  f"{_human(st.store_size_bytes)}"],
+        ["sandboxes", st.sandboxes], ["images", st.images],
+        ["criu", st.criu_version or "not installed"], ["uptime", f"{st.uptime_seconds:.0f}s"]]))
+    return 0
+
+
+def cmd_stats(args, client) -> int:
+    st = client.stats()
+    if args.prometheus:
+        print(st.prometheus_text)
+        return 0
+    _out(args, list(st.operations), lambda: _table(
+        ["OPERATION", "COUNT", "P50 MS", "P95 MS"],
+        [[o.operation, o.count, f"{o.p50_ms:.2f}", f"{o.p95_ms:.2f}"] for o in st.operations]))
+    return 0
+
+
+def cmd_checkpoint_family(args, client) -> int:
+    """snapshot / restore / fork / tree / diff: the checkpoint API (DeltaFS, DeltaCR)."""
+    from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+    from deltabox.client import _Op
+    op = {
+        "snapshot": lambda: _Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
+            sandbox=args.sandbox, label=args.m or "",
+            mode=pb.CHECKPOINT_MODE_FULL if args.full else pb.CHECKPOINT_MODE_FS)),
+        "restore": lambda: _Op("checkpoints", "Rollback", pb.RollbackRequest(
+            sandbox=args.sandbox, checkpoint=args.checkpoint)),
+        "fork": lambda: _Op("checkpoints", "Fork", pb.ForkRequest(checkpoint=args.checkpoint,
+                                                                  n=args.n)),
+        "tree": lambda: _Op("checkpoints", "ListCheckpoints",
+                            pb.ListCheckpointsRequest(sandbox=args.sandbox)),
+        "diff": lambda: _Op("checkpoints", "Diff", pb.DiffRequest(**{"from": args.a,
+                                                                      "to": args.b})),
+    }[args.command]()
+    reply = client._call(op)
+    _out(args, reply, lambda: str(reply))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deltabox", description="DeltaBox sandboxes with "
+                                "millisecond checkpoint, rollback and fork")
+    p.add_argument("--socket", help="daemon socket (default /run/deltabox/deltabox.sock)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("daemon", help="run the daemon (as root)")
+    d.add_argument("--state-dir")
+    d.add_argument("--socket", dest="daemon_socket", help="where to listen")
+    d.add_argument("--store-size", default="64G", help="size of the loop-backed XFS image")
+    d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert/--tls-key/--token)")
+    d.add_argument("--tls-cert")
+    d.add_argument("--tls-key")
+    d.add_argument("--token", help="bearer token for TCP clients (or DELTABOX_TOKEN)")
+    d.set_defaults(func=cmd_daemon, needs_client=False)
+
+    img = sub.add_parser("image", help="manage images").add_subparsers(dest="image_cmd",
+                                                                     required=True)
+    i = img.add_parser("import", help="import a tarball, directory, docker-save or OCI image")
+    i.add_argument("name")
+    i.add_argument("source")
+    i.add_argument("--replace", action="store_true")
+    i.set_defaults(func=cmd_image_import)
+    img.add_parser("ls", help="list images").set_defaults(func=cmd_image_ls)
+    r = img.add_parser("rm", help="remove images")
+    r.add_argument("names", nargs="+")
+    r.set_defaults(func=cmd_image_rm)
+
+    c = sub.add_parser("create", help="create and start a sandbox; prints its id")
+    c.add_argument("image")
+    c.add_argument("--name")
+    c.add_argument("--memory", type=_parse_size, help="memory limit, e.g. 512M")
+    c.add_argument("--pids", type=int, help="max number of processes")
+    c.add_argument("--cpus", type=float, help="cpu quota in cores")
+    c.add_argument("--network", choices=["none", "nat"], default="none")
+    c.add_argument("--env", action="append", metavar="NAME=VALUE")
+    c.add_argument("--hostname")
+    c.set_defaults(func=cmd_create)
+
+    e = sub.add_parser("exec", help="run a command in a sandbox (exit code propagates)")
+    e.add_argument("sandbox")
+    e.add_argument("--session", help="run in this persistent session instead")
+    e.add_argument("--timeout", type=float)
+    e.add_argument("--cwd")
+    e.add_argument("--env", action="append", metavar="NAME=VALUE")
+    e.add_argument("--stdin", action="store_true", help="pass our stdin to the command")
+    e.add_argument("cmd", nargs="*", help="the command, after --")
+    e.set_defaults(func=cmd_exec)
+
+    sh = sub.add_parser("shell", help="interactive terminal in a sandbox")
+    sh.add_argument("sandbox")
+    sh.add_argument("cmd", nargs="*")
+    sh.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("session", help="persistent sessions").add_subparsers(
+        dest="session_cmd", required=True)
+    so = s.add_parser("open")
+    so.add_argument("sandbox")
+    so.add_argument("--kind", choices=["bash", "sh", "python"], default="bash")
+    so.add_argument("--name")
+    sl = s.add_parser("ls")
+    sl.add_argument("sandbox")
+    sc = s.add_parser("close")
+    sc.add_argument("sandbox")
+    sc.add_argument("name")
+    for x in (so, sl, sc):
+        x.set_defaults(func=cmd_session)
+
+    sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
+    rm = sub.add_parser("rm", help="destroy sandboxes")
+    rm.add_argument("sandboxes", nargs="+")
+    rm.set_defaults(func=cmd_rm)
+    sub.add_parser("status", help="daemon status").set_defaults(func=cmd_status)
+    st = sub.add_parser("stats", help="operation latencies")
+    st.add_argument("--prometheus", action="store_true")
+    st.set_defaults(func=cmd_stats)
+
+    sn = sub.add_parser("snapshot", help="checkpoint a sandbox; prints the checkpoint id")
+    sn.add_argument("sandbox")
+    sn.add_argument("-m", help="label")
+    sn.add_argument("--full", action="store_true", help="include processes (DeltaCR)")
+    rs = sub.add_parser("restore", help="roll a sandbox back to a checkpoint")
+    rs.add_argument("sandbox")
+    rs.add_argument("checkpoint")
+    fk = sub.add_parser("fork", help="new sandboxes from a checkpoint")
+    fk.add_argument("checkpoint")
+    fk.add_argument("-n", type=int, default=1)
+    tr = sub.add_parser("tree", help="a sandbox's checkpoint tree")
+    tr.add_argument("sandbox")
+    df = sub.add_parser("diff", help="paths changed between two checkpoints")
+    df.add_argument("a")
+    df.add_argument("b")
+    for x in (sn, rs, fk, tr, df):
+        x.set_defaults(func=cmd_checkpoint_family)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse cannot mix optionals with a "--"-terminated command after a
+    # subcommand's positional; split the command off ourselves.
+    tail: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
+    if tail is not None:
+        if not hasattr(args, "cmd"):
+            raise SystemExit(f"deltabox {args.command}: unexpected arguments after --")
+        args.cmd = list(args.cmd) + tail
+    if not getattr(args, "needs_client", True):
+        return args.func(args)
+    from deltabox.client import Client
+    try:
+        with Client(args.socket) as client:
+            return args.func(args, client)
+    except DeltaboxError as e:
+        print(f"deltabox: {type(e).__name__}: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Python client for the DeltaBox daemon: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    with deltabox.Client() as client:
+        with client.create("tiny") as sbx:          # destroyed on exit
+            r = sbx.exec(["echo", "hi"])
+            assert r.stdout == b"hi\\n"
+            sh = sbx.open_session("sh")
+            sh.run("X=5"); assert sh.run("echo $X").stdout == b"5\\n"
+
+Each call is described once (`_Op`: which RPC, the request, how to read the
+reply); the two clients differ only in how they invoke it. Errors arrive as
+the same exception classes the daemon raised (`deltabox.errors`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import grpc
+
+from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
+from deltabox.errors import DeltaboxError, error_for_code
+
+__all__ = ["Client", "AsyncClient", "Sandbox", "AsyncSandbox", "Session", "AsyncSession",
+           "ExecResult", "SessionResult", "default_target"]
+
+_NETWORK = {"none": pb.NETWORK_MODE_NONE, "nat": pb.NETWORK_MODE_NAT}
+_SESSION_KIND = {"bash": pb.SESSION_KIND_BASH, "sh": pb.SESSION_KIND_SH,
+                 "python": pb.SESSION_KIND_PYTHON}
+_MAX_MESSAGE = 80 << 20
+
+
+def default_target(socket: str | os.PathLike | None = None) -> str:
+    path = socket or os.environ.get("DELTABOX_SOCKET", "/run/deltabox/deltabox.sock")
+    path = str(path)
+    return path if ":" in path and not path.startswith("/") else f"unix:{path}"
+
+
+def _error(e: grpc.RpcError) -> DeltaboxError:
+    return error_for_code(e.code().name, e.details() or e.code().name)
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: int = 0
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: float = 0.0
+    pid: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self) -> "ExecResult":
+        """Raise CalledProcessError-like DeltaboxError unless the command succeeded."""
+        if self.exit_code != 0:
+            raise DeltaboxError(f"command failed with exit code {self.exit_code} "
+                                f"(signal {self.signal}): {self.stderr[-2000:]!r}")
+        return self
+
+
+@dataclass
+class SessionResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    duration: float
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One RPC: service, method, request and how to turn the reply into a result."""
+    service: str
+    method: str
+    request: Any
+    parse: Callable[[Any], Any] = field(default=lambda r: r)
+
+
+# ---- request builders, shared by both clients ----------------------------------------------
+
+def _create_op(image: str, name: str, memory: int, pids: int, cpus: float, network: str,
+               env: dict | None, hostname: str) -> _Op:
+    if network not in _NETWORK:
+        raise ValueError(f"network must be one of {sorted(_NETWORK)}")
+    return _Op("sandboxes", "CreateSandbox", pb.CreateSandboxRequest(
+        image=image, name=name or "", limits=pb.Limits(memory_bytes=memory, pids=pids,
+                                                       cpus=cpus),
+        network=_NETWORK[network], env=env or {}, hostname=hostname or ""))
+
+
+def _exec_request(sandbox: str, cmd: list[str] | str, env: dict | None, cwd: str,
+                  stdin: bytes | str, timeout: float, max_output: int) -> pb.ExecRequest:
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    req = pb.ExecRequest(sandbox=sandbox, env=env or {}, cwd=cwd or "", stdin=stdin,
+                         timeout_seconds=timeout or 0, max_output_bytes=max_output or 0)
+    if isinstance(cmd, str):
+        req.shell = cmd
+    else:
+        req.argv.extend(cmd)
+    return req
+
+
+class _ExecCollector:
+    def __init__(self):
+        self.out, self.err, self.pid, self.exit = [], [], 0, None
+
+    def add(self, ev: pb.ExecEvent) -> None:
+        which = ev.WhichOneof("event")
+        if which == "stdout":
+            self.out.append(ev.stdout)
+        elif which == "stderr":
+            self.err.append(ev.stderr)
+        elif which == "started":
+            self.pid = ev.started.pid
+        elif which == "exit":
+            self.exit = ev.exit
+
+    def result(self) -> ExecResult:
+        if self.exit is None:
+            raise DeltaboxError("exec stream ended without an exit status")
+        x = self.exit
+        return ExecResult(x.exit_code, b"".join(self.out), b"".join(self.err), x.signal,
+                          x.timed_out, x.stdout_truncated, x.stderr_truncated,
+                          x.duration_seconds, self.pid)
+
+
+def _session_result(r: pb.RunInSessionResponse) -> SessionResult:
+    return SessionResult(r.exit_code, r.stdout, r.stderr, r.duration_seconds)
+
+
+def _stubs(channel) -> dict[str, Any]:
+    return {"images": pb_grpc.ImagesStub(channel), "sandboxes": pb_grpc.SandboxesStub(channel),
+            "checkpoints": pb_grpc.CheckpointsStub(channel), "system": pb_grpc.SystemStub(channel)}
+
+
+def _channel_options() -> list:
+    return [("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE)]
+
+
+# ---- blocking client ---------------------------------------------------------------------
+
+class Client:
+    """Blocking client. `target`: a unix socket path (default) or host:port with TLS."""
+
+    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None):
+        self.target = default_target(socket)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.target, options=_channel_options())
+        self._stubs = _stubs(self._channel)
+
+    def _call(self, op: _Op):
+        try:
+            reply = getattr(self._stubs[op.service], op.method)(op.request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return op.parse(reply)
+
+    def _stream(self, service: str, method: str, request) -> Iterator:
+        try:
+            yield from getattr(self._stubs[service], method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # images
+    def import_image(self, name: str, source: str | os.PathLike, replace: bool = False,
+                     progress: Callable[[pb.ImportImageProgress], None] | None = None) -> pb.Image:
+        req = pb.ImportImageRequest(name=name, source=str(Path(source).resolve()),
+                                    replace=replace)
+        final = None
+        for msg in self._stream("images", "ImportImage", req):
+            if progress:
+                progress(msg)
+            if msg.HasField("image"):
+                final = msg.image
+        return final
+
+    def list_images(self) -> list[pb.Image]:
+        return self._call(_Op("images", "ListImages", pb.ListImagesRequest(),
+                              lambda r: list(r.images)))
+
+    def remove_image(self, name: str) -> None:
+        self._call(_Op("images", "RemoveImage", pb.RemoveImageRequest(name=name)))
+
+    # sandboxes
+    def create(self, image: str, name: str = "", *, memory: int = 0, pids: int = 0,
+               cpus: float = 0.0, network: str = "none", env: dict | None = None,
+               hostname: str = "") -> "Sandbox":
+        info = self._call(_create_op(image, name, memory, pids, cpus, network, env, hostname))
+        return Sandbox(self, info)
+
+    def get(self, sandbox: str) -> "Sandbox":
+        return Sandbox(self, self._call(_Op("sandboxes", "GetSandbox",
+                                            pb.GetSandboxRequest(sandbox=sandbox))))
+
+    def list(self) -> list["Sandbox"]:
+        reply = self._call(_Op("sandboxes", "ListSandboxes", pb.ListSandboxesRequest()))
+        return [Sandbox(self, s) for s in reply.sandboxes]
+
+    def status(self) -> pb.StatusResponse:
+        return self._call(_Op("system", "Status", pb.StatusRequest()))
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call(_Op("system", "Stats", pb.StatsRequest()))
+
+
+class Sandbox:
+    """A sandbox handle; a context manager that destroys the sandbox on exit."""
+
+    def __init__(self, client: Client, info: pb.Sandbox):
+        self._client = client
+        self.info = info
+
+    id = property(lambda self: self.info.id)
+    name = property(lambda self: self.info.name)
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.info.id} {self.info.name!r}>"
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def refresh(self) -> "Sandbox":
+        self.info = self._client.get(self.info.id).info
+        return self
+
+    def destroy(self) -> None:
+        self._client._call(_Op("sandboxes", "DestroySandbox",
+                               pb.DestroySandboxRequest(sandbox=self.info.id)))
+
+    def exec_stream(self, cmd: list[str] | str, *, env: dict | None = None, cwd: str = "",
+                    stdin: bytes | str = b"", timeout: float = 0,
+                    max_output: int = 0) -> Iterator[pb.ExecEvent]:
+        """Events as they happen: started, stdout/stderr chunks, exit."""
+        req = _exec_request(self.info.id, cmd, env, cwd, stdin, timeout, max_output)
+        return self._client._stream("sandboxes", "Exec", req)
+
+    def exec(self, cmd: list[str] | str, **kw) -> ExecResult:
+        """Run a command (argv list, or a string for /bin/sh -c) and wait for it."""
+        col = _ExecCollector()
+        for ev in self.exec_stream(cmd, **kw):
+            col.add(ev)
+        return col.result()
+
+    def open_session(self, kind: str = "bash", name: str = "", *, env: dict | None = None,
+                     cwd: str = "") -> "Session":
+        info = self._client._call(_Op("sandboxes", "OpenSession", pb.OpenSessionRequest(
+            sandbox=self.info.id, name=name, kind=_SESSION_KIND[kind], env=env or {},
+            cwd=cwd)))
+        return Session(self, info)
+
+    def list_sessions(self) -> list[pb.Session]:
+        return self._client._call(_Op("sandboxes", "ListSessions", pb.ListSessionsRequest(
+            sandbox=self.info.id), lambda r: list(r.sessions)))
+
+    def session(self, name: str) -> "Session":
+        """A handle on an existing session (e.g. opened before a client restart)."""
+        for s in self.list_sessions():
+            if s.name == name:
+                return Session(self, s)
+        raise error_for_code("NOT_FOUND", f"no session {name!r}")
+
+    # files
+    def read_file(self, path: str, offset: int = 0, length: int = 0) -> bytes:
+        return self._client._call(_Op("sandboxes", "ReadFile", pb.ReadFileRequest(
+            sandbox=self.info.id, path=path, offset=offset, length=length), lambda r: r.data))
+
+    def write_file(self, path: str, data: bytes | str, *, mode: int = 0, append: bool = False,
+                   make_parents: bool = False) -> int:
+        if isinstance(data, str):
+            data = data.encode()
+        return self._client._call(_Op("sandboxes", "WriteFile", pb.WriteFileRequest(
+            sandbox=self.info.id, path=path, data=data, mode=mode, append=append,
+            make_parents=make_parents), lambda r: r.size))
+
+    def list_dir(self, path: str = "/") -> list[pb.FileInfo]:
+        return self._client._call(_Op("sandboxes", "ListDir", pb.ListDirRequest(
+            sandbox=self.info.id, path=path), lambda r: list(r.entries)))
+
+    def stat(self, path: str) -> pb.FileInfo:
+        return self._client._call(_Op("sandboxes", "StatPath", pb.StatPathRequest(
+            sandbox=self.info.id, path=path)))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        self._client._call(_Op("sandboxes", "RemovePath", pb.RemovePathRequest(
+            sandbox=self.info.id, path=path, recursive=recursive)))
+
+    def mkdir(self, path: str, parents: bool = False, mode: int = 0) -> None:
+        self._client._call(_Op("sandboxes", "MakeDir", pb.MakeDirRequest(
+            sandbox=self.info.id, path=path, parents=parents, mode=mode)))
+
+    # checkpoints (DeltaFS / DeltaCR)
+    def checkpoint(self, label: str = "", full: bool = False) -> pb.CheckpointInfo:
+        return self._client._call(_Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
+            sandbox=self.info.id, label=label,
+            mode=pb.CHECKPOINT_MODE_FULL if full else pb.CHECKPOINT_MODE_FS)))
+
+
+class Session:
+    """A persistent bash/sh/python session inside a sandbox."""
+
+    def __init__(self, sandbox: Sandbox, info: pb.Session):
+        self.sandbox = sandbox
+        self.info = info
+
+    name = property(lambda self: self.info.name)
+
+    def run(self, code: str, timeout: float = 0) -> SessionResult:
+        return self.sandbox._client._call(_Op("sandboxes", "RunInSession",
+                                              pb.RunInSessionRequest(
+                                                  sandbox=self.sandbox.id, session=self.name,
+                                                  code=code, timeout_seconds=timeout),
+                                              _session_result))
+
+    def close(self) -> None:
+        self.sandbox._client._call(_Op("sandboxes", "CloseSession", pb.CloseSessionRequest(
+            sandbox=self.sandbox.id, session=self.name)))
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- asyncio client ----------------------------------------------------------------------
+
+class AsyncClient:
+    """asyncio client with the same methods as `Client`, as coroutines."""
+
+    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None):
+        self.target = default_target(socket)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.target, options=_channel_options())
+        self._stubs = _stubs(self._channel)
+
+    async def _call(self, op: _Op):
+        try:
+            reply = await getattr(self._stubs[op.service], op.method)(op.request,
+                                                                     timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return op.parse(reply)
+
+    async def _stream(self, service: str, method: str, request) -> AsyncIterator:
+        try:
+            async for item in getattr(self._stubs[service], method)(request,
+                                                                     timeout=self.timeout):
+                yield item
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def list_images(self) -> list[pb.Image]:
+        return await self._call(_Op("images", "ListImages", pb.ListImagesRequest(),
+                                    lambda r: list(r.images)))
+
+    async def create(self, image: str, name: str = "", *, memory: int = 0, pids: int = 0,
+                     cpus: float = 0.0, network: str = "none", env: dict | None = None,
+                     hostname: str = "") -> "AsyncSandbox":
+        info = await self._call(_create_op(image, name, memory, pids, cpus, network, env,
+                                           hostname))
+        return AsyncSandbox(self, info)
+
+    async def get(self, sandbox: str) -> "AsyncSandbox":
+        return AsyncSandbox(self, await self._call(_Op("sandboxes", "GetSandbox",
+                                                       pb.GetSandboxRequest(sandbox=sandbox))))
+
+    async def list(self) -> list["AsyncSandbox"]:
+        reply = await self._call(_Op("sandboxes", "ListSandboxes", pb.ListSandboxesRequest()))
+        return [AsyncSandbox(self, s) for s in reply.sandboxes]
+
+    async def status(self) -> pb.StatusResponse:
+        return await self._call(_Op("system", "Status", pb.StatusRequest()))
+
+
+class AsyncSandbox:
+    def __init__(self, client: AsyncClient, info: pb.Sandbox):
+        self._client = client
+        self.info = info
+
+    id = property(lambda self: self.info.id)
+    name = property(lambda self: self.info.name)
+
+    async def __aenter__(self) -> "AsyncSandbox":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.destroy()
+
+    async def destroy(self) -> None:
+        await self._client._call(_Op("sandboxes", "DestroySandbox",
+                                     pb.DestroySandboxRequest(sandbox=self.info.id)))
+
+    def exec_stream(self, cmd: list[str] | str, *, env: dict | None = None, cwd: str = "",
+                    stdin: bytes | str = b"", timeout: float = 0,
+                    max_output: int = 0) -> AsyncIterator[pb.ExecEvent]:
+        req = _exec_request(self.info.id, cmd, env, cwd, stdin, timeout, max_output)
+        return self._client._stream("sandboxes", "Exec", req)
+
+    async def exec(self, cmd: list[str] | str, **kw) -> ExecResult:
+        col = _ExecCollector()
+        async for ev in self.exec_stream(cmd, **kw):
+            col.add(ev)
+        return col.result()
+
+    async def open_session(self, kind: str = "bash", name: str = "", *,
+                           env: dict | None = None, cwd: str = "") -> "AsyncSession":
+        info = await self._client._call(_Op("sandboxes", "OpenSession", pb.OpenSessionRequest(
+            sandbox=self.info.id, name=name, kind=_SESSION_KIND[kind], env=env or {},
+            cwd=cwd)))
+        return AsyncSession(self, info)
+
+    async def read_file(self, path: str, offset: int = 0, length: int = 0) -> bytes:
+        return await self._client._call(_Op("sandboxes", "ReadFile", pb.ReadFileRequest(
+            sandbox=self.info.id, path=path, offset=offset, length=length), lambda r: r.data))
+
+    async def write_file(self, path: str, data: bytes | str, *, mode: int = 0,
+                         append: bool = False, make_parents: bool = False) -> int:
+        if isinstance(data, str):
+            data = data.encode()
+        return await self._client._call(_Op("sandboxes", "WriteFile", pb.WriteFileRequest(
+            sandbox=self.info.id, path=path, data=data, mode=mode, append=append,
+            make_parents=make_parents), lambda r: r.size))
+
+
+class AsyncSession:
+    def __init__(self, sandbox: AsyncSandbox, info: pb.Session):
+        self.sandbox = sandbox
+        self.info = info
+
+    name = property(lambda self: self.info.name)
+
+    async def run(self, code: str, timeout: float = 0) -> SessionResult:
+        return await self.sandbox._client._call(_Op(
+            "sandboxes", "RunInSession", pb.RunInSessionRequest(
+                sandbox=self.sandbox.id, session=self.name, code=code, timeout_seconds=timeout),
+            _session_result))
+
+    async def close(self) -> None:
+        await self.sandbox._client._call(_Op("sandboxes", "CloseSession", pb.CloseSessionRequest(
+            sandbox=self.sandbox.id, session=self.name)))

@@ -1,0 +1,39 @@
+"""Daemon configuration: paths and defaults, from flags or DELTABOX_* env vars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Config", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR", "CRIU_PREFIX", "init_binary"]
+
+DEFAULT_STATE_DIR = Path(os.environ.get("DELTABOX_STATE_DIR", "/var/lib/deltabox"))
+DEFAULT_SOCKET = Path(os.environ.get("DELTABOX_SOCKET", "/run/deltabox/deltabox.sock"))
+CRIU_PREFIX = Path(os.environ.get("DELTABOX_CRIU_PREFIX", "/opt/deltabox/criu"))
+MiB = 1 << 20
+
+
+def init_binary() -> Path:
+    """The static sandbox init built by native/build.py."""
+    path = Path(__file__).resolve().parent / "_bin" / "deltabox-init"
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: build it with `python native/build.py`")
+    return path
+
+
+@dataclass
+class Config:
+    state_dir: Path = DEFAULT_STATE_DIR
+    socket: Path = DEFAULT_SOCKET
+    store_size: str = "64G"              # sparse loop image, when not on XFS
+    default_memory_bytes: int = 1024 * MiB
+    default_pids: int = 1024
+    max_output_bytes: int = 16 * MiB     # per exec stream, when the request says 0
+    max_file_read_bytes: int = 64 * MiB
+    max_message_bytes: int = 80 * MiB    # gRPC message limit (file writes, stdin)
+    tcp_address: str | None = None       # host:port, TLS only
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None             # bearer token required on TCP
+    extra: dict = field(default_factory=dict)

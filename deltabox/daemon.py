@@ -1,0 +1,444 @@
+"""The DeltaBox daemon: grpc.aio servicers over the domain layer, and its lifecycle.
+
+Servicers are thin: they turn requests into domain calls and results into
+replies. Domain errors become gRPC status codes in one place,
+`ErrorInterceptor`, which also times every RPC for the metrics.
+
+Lifecycle: mount the store -> reconcile -> serve (health SERVING, sd_notify
+READY=1) -> on SIGTERM/SIGINT: NOT_SERVING, stop accepting calls, let running
+ones finish (grace), stop sandboxes, unmount, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deltabox import __version__
+from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
+from deltabox.cgroups import detect_driver
+from deltabox.config import CRIU_PREFIX, Config
+from deltabox.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
+                              SESSION_KIND_PB, image_pb, sandbox_pb)
+from deltabox.errors import DeltaboxError, InvalidArgument, PermissionDenied, Unimplemented
+from deltabox.images import import_image
+from deltabox.metrics import Metrics
+from deltabox.sandbox import ExecEvent, SandboxManager
+from deltabox.store import Store, ensure_backing, release_backing
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = structlog.get_logger("deltabox.daemon")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+# ---- errors and metrics, in one place ------------------------------------------------------
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DeltaboxError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message
+    if isinstance(exc, (ValueError, TypeError, UnicodeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        return grpc.StatusCode.INTERNAL, f"{exc.strerror or exc} ({exc.filename or ''})"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes, times each RPC, checks the TCP token."""
+
+    def __init__(self, metrics: Metrics, token: str | None):
+        self.metrics = metrics
+        self.token = token
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        metrics, token = self.metrics, self.token
+
+        async def fail(context, exc: BaseException, started: float):
+            code, message = _status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("rpc.internal_error", method=method, error=message,
+                          traceback=traceback.format_exc())
+            metrics.observe(method, code.name, time.monotonic() - started)
+            await context.abort(code, message)
+
+        def check_token(context):
+            if token is None or (context.peer() or "").startswith("unix:"):
+                return  # the unix socket is guarded by its file mode
+            md = dict(context.invocation_metadata() or ())
+            if md.get("authorization") != f"Bearer {token}":
+                raise PermissionDenied("missing or wrong bearer token")
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):
+                started = time.monotonic()
+                try:
+                    check_token(context)
+                    reply = await inner_uu(request, context)
+                except (DeltaboxError, OSError, ValueError, TypeError, RuntimeError,
+                        TimeoutError) as e:
+                    await fail(context, e, started)
+                metrics.observe(method, "OK", time.monotonic() - started)
+                return reply
+            return handler._replace(unary_unary=unary_unary)
+
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request_or_iterator, context):
+            started = time.monotonic()
+            try:
+                check_token(context)
+                async for item in inner(request_or_iterator, context):
+                    yield item
+            except (DeltaboxError, OSError, ValueError, TypeError, RuntimeError,
+                    TimeoutError) as e:
+                await fail(context, e, started)
+            metrics.observe(method, "OK", time.monotonic() - started)
+
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming)
+        if handler.stream_stream:
+            return handler._replace(stream_stream=streaming)
+        return handler
+
+
+# ---- servicers -----------------------------------------------------------------------------
+
+def _exec_event_pb(ev: ExecEvent) -> pb.ExecEvent:
+    if ev.kind == "started":
+        return pb.ExecEvent(started=pb.ExecStarted(pid=ev.pid))
+    if ev.kind == "stdout":
+        return pb.ExecEvent(stdout=ev.data)
+    if ev.kind == "stderr":
+        return pb.ExecEvent(stderr=ev.data)
+    return pb.ExecEvent(exit=_exit_pb(ev))
+
+
+def _exit_pb(ev: ExecEvent) -> pb.ExecExit:
+    return pb.ExecExit(exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out,
+                       stdout_truncated=ev.stdout_truncated,
+                       stderr_truncated=ev.stderr_truncated, duration_seconds=ev.duration)
+
+
+class ImagesServicer(pb_grpc.ImagesServicer):
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+
+    async def ImportImage(self, request, context):
+        if not request.source:
+            raise InvalidArgument("source is required")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def progress(phase: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (phase, done, total))
+
+        job = asyncio.ensure_future(asyncio.to_thread(
+            import_image, self.d.store, request.name, Path(request.source), progress,
+            request.replace))
+        while not job.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                phase, done, total = getter.result()
+                yield pb.ImportImageProgress(phase=phase, done_bytes=done, total_bytes=total)
+            else:
+                getter.cancel()
+        yield pb.ImportImageProgress(phase="done", image=image_pb(job.result()))
+
+    async def ListImages(self, request, context):
+        images = await asyncio.to_thread(self.d.store.list_images)
+        return pb.ListImagesResponse(images=[image_pb(i) for i in images])
+
+    async def RemoveImage(self, request, context):
+        await asyncio.to_thread(self.d.store.remove_image, request.name)
+        return pb.RemoveImageResponse()
+
+
+class SandboxesServicer(pb_grpc.SandboxesServicer):
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.m = daemon.manager
+
+    async def CreateSandbox(self, request, context):
+        if not request.image:
+            raise InvalidArgument("image is required")
+        rec = await self.m.create(
+            request.image, request.name, request.limits.memory_bytes, request.limits.pids,
+            request.limits.cpus, NETWORK_FROM_PB.get(request.network, "invalid"),
+            dict(request.env), request.hostname)
+        return sandbox_pb(rec)
+
+    async def GetSandbox(self, request, context):
+        return sandbox_pb(self.m.get(request.sandbox))
+
+    async def ListSandboxes(self, request, context):
+        return pb.ListSandboxesResponse(sandboxes=[sandbox_pb(r) for r in self.m.list()])
+
+    async def DestroySandbox(self, request, context):
+        await self.m.destroy(request.sandbox)
+        return pb.DestroySandboxResponse()
+
+    async def Exec(self, request, context):
+        argv = list(request.argv)
+        if request.shell:
+            if argv:
+                raise InvalidArgument("set either argv or shell, not both")
+            argv = ["/bin/sh", "-c", request.shell]
+        async for ev in self.m.exec(request.sandbox, argv, dict(request.env), request.cwd,
+                                    request.stdin, request.timeout_seconds,
+                                    request.max_output_bytes):
+            yield _exec_event_pb(ev)
+
+    async def OpenSession(self, request, context):
+        kind = SESSION_KIND_FROM_PB.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"unknown session kind {request.kind}")
+        name, pid = await self.m.open_session(request.sandbox, kind, request.name,
+                                              dict(request.env), request.cwd)
+        rec = self.m.get(request.sandbox)
+        return pb.Session(sandbox_id=rec.id, name=name, kind=SESSION_KIND_PB[kind], pid=pid)
+
+    async def RunInSession(self, request, context):
+        res = await self.m.run_in_session(request.sandbox, request.session, request.code,
+                                          request.timeout_seconds)
+        return pb.RunInSessionResponse(stdout=res.stdout, stderr=res.stderr,
+                                       exit_code=res.exit_code, duration_seconds=res.duration)
+
+    async def ListSessions(self, request, context):
+        rec = self.m.get(request.sandbox)
+        sessions = await self.m.list_sessions(request.sandbox)
+        return pb.ListSessionsResponse(sessions=[
+            pb.Session(sandbox_id=rec.id, name=n, kind=SESSION_KIND_PB.get(k, 0), pid=p)
+            for n, k, p in sessions])
+
+    async def CloseSession(self, request, context):
+        await self.m.close_session(request.sandbox, request.session)
+        return pb.CloseSessionResponse()
+
+    async def Shell(self, request_iterator, context):
+        first = await request_iterator.__anext__()
+        if first.WhichOneof("input") != "start":
+            raise InvalidArgument("the first Shell message must be `start`")
+        start = first.start
+
+        async def inputs():
+            async for msg in request_iterator:
+                which = msg.WhichOneof("input")
+                if which == "stdin":
+                    yield "stdin", msg.stdin
+                elif which == "resize":
+                    yield "resize", (msg.resize.rows, msg.resize.cols)
+
+        async for ev in self.m.shell(start.sandbox, list(start.argv), dict(start.env),
+                                     start.rows, start.cols, inputs()):
+            if ev.kind == "exit":
+                yield pb.ShellOutput(exit=_exit_pb(ev))
+            else:
+                yield pb.ShellOutput(data=ev.data)
+
+    # files: blocking syscalls, so each runs in a worker thread
+    async def ReadFile(self, request, context):
+        files = self.m.files(request.sandbox)
+        data, size = await asyncio.to_thread(files.read, request.path, request.offset,
+                                             request.length)
+        return pb.ReadFileResponse(data=data, file_size=size)
+
+    async def WriteFile(self, request, context):
+        files = self.m.files(request.sandbox)
+        size = await asyncio.to_thread(files.write, request.path, request.data, request.mode,
+                                       request.append, request.make_parents)
+        return pb.WriteFileResponse(size=size)
+
+    async def ListDir(self, request, context):
+        files = self.m.files(request.sandbox)
+        entries = await asyncio.to_thread(files.list, request.path or "/")
+        return pb.ListDirResponse(entries=[_file_info_pb(e) for e in entries])
+
+    async def StatPath(self, request, context):
+        files = self.m.files(request.sandbox)
+        return _file_info_pb(await asyncio.to_thread(files.stat, request.path))
+
+    async def RemovePath(self, request, context):
+        files = self.m.files(request.sandbox)
+        await asyncio.to_thread(files.remove, request.path, request.recursive)
+        return pb.RemovePathResponse()
+
+    async def MakeDir(self, request, context):
+        files = self.m.files(request.sandbox)
+        await asyncio.to_thread(files.mkdir, request.path, request.parents,
+                                request.mode or 0o755)
+        return pb.MakeDirResponse()
+
+
+def _file_info_pb(info) -> pb.FileInfo:
+    return pb.FileInfo(path=info.path, name=info.name, type=FILE_TYPE_PB[info.type],
+                       size=info.size, mode=info.mode, uid=info.uid, gid=info.gid,
+                       mtime=info.mtime, link_target=info.link_target)
+
+
+class CheckpointsServicer(pb_grpc.CheckpointsServicer):
+    """The checkpoint surface (DeltaFS/DeltaCR issues); not implemented by this daemon yet."""
+
+    async def _unimplemented(self, request, context):
+        raise Unimplemented("checkpoints are not implemented by this daemon version yet")
+
+    Checkpoint = Rollback = Fork = ListCheckpoints = Diff = _unimplemented
+    DeleteCheckpoint = PinCheckpoint = _unimplemented
+
+
+class SystemServicer(pb_grpc.SystemServicer):
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+
+    async def Status(self, request, context):
+        st = os.statvfs(self.d.store.root)
+        return pb.StatusResponse(
+            version=__version__, state_dir=str(self.d.config.state_dir),
+            store_backing=self.d.backing.kind, store_size_bytes=st.f_blocks * st.f_frsize,
+            store_free_bytes=st.f_bavail * st.f_frsize, sandboxes=len(self.d.manager.list()),
+            images=len(self.d.store.list_images()), criu_version=self.d.criu_version,
+            uptime_seconds=time.monotonic() - self.d.started)
+
+    async def Stats(self, request, context):
+        return pb.StatsResponse(
+            operations=[pb.OperationStats(operation=m, count=c, p50_ms=p50, p95_ms=p95)
+                        for m, c, p50, p95 in self.d.metrics.summary()],
+            prometheus_text=self.d.metrics.prometheus_text())
+
+
+# ---- lifecycle -----------------------------------------------------------------------------
+
+def _criu_version() -> str:
+    criu = CRIU_PREFIX / "sbin" / "criu"
+    if not criu.exists():
+        return ""
+    import subprocess
+    res = subprocess.run([str(criu), "--version"], capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    return res.stdout.strip()
+
+
+def _sd_notify(message: str) -> None:
+    """systemd's notify protocol (Type=notify), without libsystemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.criu_version = ""
+
+    async def start(self) -> None:
+        if os.geteuid() != 0:
+            raise SystemExit("deltabox daemon must run as root (it mounts, creates "
+                             "namespaces and cgroups)")
+        # Orphaned sandbox inits are re-parented to us, so we can reap them.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        self.backing = await asyncio.to_thread(ensure_backing, self.config.state_dir,
+                                               self.config.store_size)
+        self.store = Store(self.backing.root)
+        self.manager = SandboxManager(self.config, self.store, detect_driver())
+        report = await self.manager.start()
+        self.criu_version = await asyncio.to_thread(_criu_version)
+
+        opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes)]
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(self.metrics, self.config.token)], options=opts)
+        pb_grpc.add_ImagesServicer_to_server(ImagesServicer(self), self.server)
+        pb_grpc.add_SandboxesServicer_to_server(SandboxesServicer(self), self.server)
+        pb_grpc.add_CheckpointsServicer_to_server(CheckpointsServicer(), self.server)
+        pb_grpc.add_SystemServicer_to_server(SystemServicer(self), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else \
+            health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [d.full_name for d in pb.DESCRIPTOR.services_by_name.values()]
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME,
+                                                     reflection.SERVICE_NAME], self.server)
+
+        sock = self.config.socket
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        self.server.add_insecure_port(f"unix:{sock}")
+        if self.config.tcp_address:
+            self._add_tcp_port(opts)
+        await self.server.start()
+        os.chmod(sock, 0o660)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        _sd_notify("READY=1")
+        log.info("daemon.serving", socket=str(sock), state_dir=str(self.config.state_dir),
+                 store=self.backing.kind, criu=self.criu_version, **report)
+
+    def _add_tcp_port(self, opts) -> None:
+        cfg = self.config
+        if not (cfg.tls_cert and cfg.tls_key and cfg.token):
+            raise SystemExit("TCP needs --tls-cert, --tls-key and --token (no plaintext TCP)")
+        creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(),
+                                              cfg.tls_cert.read_bytes())])
+        # Calls arriving over TCP must carry the bearer token (see ErrorInterceptor).
+        self.server.add_secure_port(cfg.tcp_address, creds)
+        log.warning("daemon.tcp_enabled", address=cfg.tcp_address)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", *[d.full_name for d in pb.DESCRIPTOR.services_by_name.values()]):
+            res = self.health.set(service, status)
+            if asyncio.iscoroutine(res):
+                await res
+
+    async def stop(self, grace: float = 5.0) -> None:
+        log.info("daemon.stopping")
+        _sd_notify("STOPPING=1")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.manager.shutdown()
+        self.store.close()
+        await asyncio.to_thread(release_backing, self.backing)
+        self.config.socket.unlink(missing_ok=True)
+        log.info("daemon.stopped")
+
+
+async def _serve(config: Config) -> None:
+    daemon = Daemon(config)
+    await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await daemon.stop()
+
+
+def run_daemon(config: Config) -> None:
+    from deltabox.logs import configure_logging
+    configure_logging()
+    asyncio.run(_serve(config))

@@ -1,0 +1,260 @@
+"""File operations inside a sandbox's root, confined against `..` and symlinks.
+
+Every path is resolved by the kernel with openat2(RESOLVE_IN_ROOT): `..`
+stops at the sandbox root, absolute symlinks are taken relative to it, and a
+symlink swapped in mid-walk cannot redirect the lookup outside. Final
+components are then handled with *at() calls on the parent's fd, which never
+resolve further. The daemon works on the host view of the sandbox's branch
+(its overlay mount), so a file written here is what the sandbox sees.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from deltabox import _linux
+from deltabox.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                             PermissionDenied, ResourceExhausted)
+
+__all__ = ["SandboxFiles", "FileInfo"]
+
+MAX_PATH = 4096
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    name: str
+    type: str  # regular | directory | symlink | other
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    link_target: str = ""
+
+
+def _split(path: str) -> tuple[str, str]:
+    """('/a/b', 'c') for '/a/b/c'; validates the path."""
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument("path must be a non-empty string")
+    if "\0" in path or len(path) > MAX_PATH:
+        raise InvalidArgument(f"invalid path {path[:80]!r}")
+    p = PurePosixPath("/") / path
+    return str(p.parent), p.name
+
+
+def _os_error(e: OSError, path: str) -> Exception:
+    text = f"{path}: {os.strerror(e.errno) if e.errno else e}"
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFound(text)
+    if e.errno == errno.EEXIST:
+        return AlreadyExists(text)
+    if e.errno in (errno.EISDIR, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):
+        return InvalidArgument(text)
+    if e.errno == errno.ENOTEMPTY:
+        return FailedPrecondition(text + " (use recursive)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EXDEV):
+        return PermissionDenied(text)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceExhausted(text)
+    return e
+
+
+def _info(path: str, name: str, st: os.stat_result, link_target: str = "") -> FileInfo:
+    if stat.S_ISREG(st.st_mode):
+        kind = "regular"
+    elif stat.S_ISDIR(st.st_mode):
+        kind = "directory"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return FileInfo(path, name, kind, st.st_size, stat.S_IMODE(st.st_mode), st.st_uid,
+                    st.st_gid, st.st_mtime, link_target)
+
+
+class SandboxFiles:
+    """File API over one sandbox root directory (on the host)."""
+
+    def __init__(self, root: Path, max_read: int):
+        self.root = root
+        self.max_read = max_read
+
+    @contextmanager
+    def _fd(self, path: str, flags: int, mode: int = 0) -> Iterator[int]:
+        root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = _linux.openat2(root, path, flags, mode)
+        except OSError as e:
+            raise _os_error(e, path) from None
+        finally:
+            os.close(root)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _parent(self, path: str):
+        parent, name = _split(path)
+        if name in ("", ".", ".."):
+            raise InvalidArgument(f"{path!r} does not name an entry")
+        return self._fd(parent, os.O_PATH | os.O_DIRECTORY), name
+
+    def read(self, path: str, offset: int = 0, length: int = 0) -> tuple[bytes, int]:
+        _split(path)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("offset and length must be >= 0")
+        with self._fd(path, os.O_RDONLY) as fd:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(f"{path}: is a directory")
+            want = length or max(st.st_size - offset, 0)
+            if want > self.max_read:
+                raise ResourceExhausted(f"{path}: reading {want} bytes exceeds the limit of "
+                                        f"{self.max_read}; read it in ranges")
+            chunks, got = [], 0
+            while got < want:
+                data = os.pread(fd, min(want - got, 1 << 20), offset + got)
+                if not data:
+                    break
+                chunks.append(data)
+                got += len(data)
+            return b"".join(chunks), st.st_size
+
+    def write(self, path: str, data: bytes, mode: int = 0o644, append: bool = False,
+              make_parents: bool = False) -> int:
+        if make_parents:
+            self.mkdir(str(PurePosixPath("/") / path) + "/..", parents=True, exist_ok=True)
+        mode = mode or 0o644
+        if append:
+            with self._fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode) as fd:
+                os.write(fd, data) if data else None
+                return os.fstat(fd).st_size
+        parent_cm, name = self._parent(path)
+        with parent_cm as parent:
+            # Write a temp file and rename it over the name: a reader never sees a
+            # half-written file, and rename replaces a final symlink instead of
+            # following it.
+            tmp = f".deltabox-write-{secrets.token_hex(6)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
+                             dir_fd=parent)
+            except OSError as e:
+                raise _os_error(e, path) from None
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, mode)
+                os.close(fd)
+                fd = -1
+                try:
+                    existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                    if stat.S_ISDIR(existing.st_mode):
+                        raise InvalidArgument(f"{path}: is a directory")
+                except FileNotFoundError:
+                    pass
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError as e:
+                raise _os_error(e, path) from None
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except FileNotFoundError:
+                    pass
+        return len(data)
+
+    def list(self, path: str) -> list[FileInfo]:
+        _split(path)
+        with self._fd(path, os.O_RDONLY | os.O_DIRECTORY) as fd:
+            out = []
+            for entry in os.scandir(fd):
+                st = entry.stat(follow_symlinks=False)
+                target = os.readlink(entry.name, dir_fd=fd) if entry.is_symlink() else ""
+                out.append(_info(str(PurePosixPath("/") / path / entry.name), entry.name, st,
+                                 target))
+            return sorted(out, key=lambda i: i.name)
+
+    def stat(self, path: str) -> FileInfo:
+        parent, name = _split(path)
+        if name == "":
+            with self._fd("/", os.O_PATH) as fd:
+                return _info("/", "/", os.fstat(fd))
+        parent_cm, name = self._parent(path)
+        with parent_cm as pfd:
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else ""
+            except OSError as e:
+                raise _os_error(e, path) from None
+        return _info(str(PurePosixPath("/") / path), name, st, target)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        parent_cm, name = self._parent(path)
+        with parent_cm as pfd:
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    os.unlink(name, dir_fd=pfd)
+                    return
+                if recursive:
+                    dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, dir_fd=pfd)
+                    try:
+                        _remove_contents(dfd)
+                    finally:
+                        os.close(dfd)
+                os.rmdir(name, dir_fd=pfd)
+            except OSError as e:
+                raise _os_error(e, path) from None
+
+    def mkdir(self, path: str, parents: bool = False, mode: int = 0o755,
+              exist_ok: bool = False) -> None:
+        p = PurePosixPath("/") / _split(path)[0] / _split(path)[1]
+        p = PurePosixPath(os.path.normpath(p))
+        parts = p.parts[1:]
+        if not parts:
+            if exist_ok or parents:
+                return
+            raise AlreadyExists("/: exists")
+        todo = [parts] if not parents else [parts[:i] for i in range(1, len(parts) + 1)]
+        for comp in todo:
+            parent = "/" + "/".join(comp[:-1])
+            last = len(comp) == len(parts)
+            with self._fd(parent, os.O_PATH | os.O_DIRECTORY) as pfd:
+                try:
+                    os.mkdir(comp[-1], mode or 0o755, dir_fd=pfd)
+                except FileExistsError:
+                    if last and not (exist_ok or parents):
+                        raise AlreadyExists(f"{p}: exists") from None
+                    st = os.stat(comp[-1], dir_fd=pfd)  # follows: symlinked dirs are fine
+                    if not stat.S_ISDIR(st.st_mode):
+                        raise AlreadyExists(f"/{'/'.join(comp)}: exists and is not a "
+                                            "directory") from None
+                except OSError as e:
+                    raise _os_error(e, str(p)) from None
+
+
+def _remove_contents(dfd: int) -> None:
+    """Delete everything inside the directory fd, never following symlinks."""
+    for entry in os.scandir(dfd):
+        if entry.is_dir(follow_symlinks=False):
+            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                _remove_contents(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(entry.name, dir_fd=dfd)
+        else:
+            os.unlink(entry.name, dir_fd=dfd)

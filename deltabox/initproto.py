@@ -1,0 +1,220 @@
+"""Client side of the protocol spoken with a sandbox's init (docs/init-protocol.md).
+
+The init listens on /dev/.deltabox/init.sock inside the sandbox; the daemon
+reaches it through /proc/<init-pid>/root. Every conversation is one short-lived
+connection, so no connection to the host is open while the sandbox is
+checkpointed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from deltabox.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+
+__all__ = ["InitChannel", "Conversation", "Frame", "SOCKET_IN_SANDBOX"]
+
+SOCKET_IN_SANDBOX = "/dev/.deltabox/init.sock"
+HEADER = struct.Struct("<BI")
+MAX_PAYLOAD = 1 << 20
+RECV_CHUNK = 256 << 10
+
+# client -> init
+HELLO, SPAWN, ATTACH, STDIN, STDIN_EOF, SIGNAL, WINSIZE, LIST = (
+    b"H", b"S", b"A", b"I", b"i", b"K", b"W", b"L")
+# init -> client
+HELLO_REPLY, STARTED, STDOUT, STDERR, EXIT, FAIL, LIST_REPLY = (
+    b"h", b"P", b"O", b"R", b"E", b"F", b"l")
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: bytes
+    payload: bytes
+
+
+def encode_spawn(argv: list[str], env: dict[str, str], cwd: str, pty: bool = False,
+                 rows: int = 0, cols: int = 0, session: str | None = None) -> bytes:
+    recs = [f"a:{a}" for a in argv] + [f"e:{k}={v}" for k, v in env.items()]
+    recs.append(f"c:{cwd or '/'}")
+    if pty:
+        recs.append("t:1")
+        if rows and cols:
+            recs.append(f"w:{rows}x{cols}")
+    if session:
+        recs.append(f"n:{session}")
+    for r in recs:
+        if "\0" in r:
+            raise InvalidArgument("argv, env and cwd must not contain NUL bytes")
+    return b"".join(r.encode() + b"\0" for r in recs)
+
+
+_ERRNO_RE = re.compile(r"errno=(\d+)")
+
+
+def error_from_fail(message: str):
+    """Map an init 'F' frame to a domain error."""
+    m = _ERRNO_RE.search(message)
+    code = int(m.group(1)) if m else 0
+    text = _ERRNO_RE.sub("", message).strip()
+    if code in (errno_mod.ENOENT, errno_mod.ENOTDIR):
+        return NotFound(text)
+    if code in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
+        return InvalidArgument(text)
+    if "no such session" in text:
+        return NotFound(text)
+    if "busy" in text or "exists" in text:
+        return FailedPrecondition(text)
+    if code in (errno_mod.EAGAIN, errno_mod.ENOMEM):
+        return FailedPrecondition(f"{text} (the sandbox is at its pids or memory limit)")
+    return Internal(f"sandbox init: {message}")
+
+
+class Conversation:
+    """One connection to init; used as an async context manager.
+
+    Raw non-blocking socket I/O rather than asyncio streams: init may close its
+    end (the process ended) while we still send input, and a failed write must
+    not discard output already received, as a stream's reader would.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buf = bytearray()
+        self._eof = False
+        self._loop = asyncio.get_running_loop()
+
+    async def send(self, ftype: bytes, payload: bytes = b"") -> bool:
+        """Send one frame; False if init already closed the connection (the
+        process ended), which callers sending input or signals may ignore."""
+        try:
+            for i in range(0, max(len(payload), 1), MAX_PAYLOAD):
+                chunk = payload[i:i + MAX_PAYLOAD]
+                await self._loop.sock_sendall(self.sock, HEADER.pack(ftype[0], len(chunk)) + chunk)
+        except OSError:
+            return False
+        return True
+
+    async def send_signal(self, sig: int) -> bool:
+        return await self.send(SIGNAL, struct.pack("<I", sig))
+
+    async def send_winsize(self, rows: int, cols: int) -> bool:
+        return await self.send(WINSIZE, struct.pack("<HH", rows, cols))
+
+    async def _fill(self, n: int) -> bool:
+        """Buffer at least n bytes; False at end of stream."""
+        while len(self._buf) < n and not self._eof:
+            try:
+                data = await self._loop.sock_recv(self.sock, RECV_CHUNK)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self._eof = True
+            self._buf += data
+        return len(self._buf) >= n
+
+    async def recv(self) -> Frame | None:
+        """The next frame, or None when init closed the connection."""
+        if not await self._fill(HEADER.size):
+            if self._buf:
+                raise Internal("sandbox init closed the connection mid-frame")
+            return None
+        ftype, length = HEADER.unpack_from(self._buf)
+        if length > MAX_PAYLOAD:
+            raise Internal(f"sandbox init sent an oversized frame ({length} bytes)")
+        if not await self._fill(HEADER.size + length):
+            raise Internal("sandbox init closed the connection mid-frame")
+        payload = bytes(self._buf[HEADER.size:HEADER.size + length])
+        del self._buf[:HEADER.size + length]
+        return Frame(bytes([ftype]), payload)
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while (frame := await self.recv()) is not None:
+            yield frame
+
+    async def expect_started(self) -> int:
+        """Wait for 'P' (returns the pid) or raise the error of an 'F'."""
+        frame = await self.recv()
+        if frame is None:
+            raise Internal("sandbox init closed the connection before starting the process")
+        if frame.type == FAIL:
+            raise error_from_fail(frame.payload.decode(errors="replace"))
+        if frame.type != STARTED:
+            raise Internal(f"sandbox init: unexpected frame {frame.type!r}")
+        return struct.unpack("<I", frame.payload)[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def __aenter__(self) -> "Conversation":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+
+class InitChannel:
+    """How the daemon reaches one sandbox's init."""
+
+    def __init__(self, init_pid: int):
+        self.init_pid = init_pid
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{self.init_pid}/root{SOCKET_IN_SANDBOX}"
+
+    async def connect(self) -> Conversation:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self.path)
+        except OSError as e:
+            sock.close()
+            raise Unavailable(f"the sandbox's init (pid {self.init_pid}) does not answer: "
+                              f"{e.strerror or e}") from None
+        return Conversation(sock)
+
+    async def hello(self) -> str:
+        async with await self.connect() as conv:
+            await conv.send(HELLO)
+            frame = await conv.recv()
+            if frame is None or frame.type != HELLO_REPLY:
+                raise Internal("sandbox init did not answer HELLO")
+            return frame.payload.decode()
+
+    async def list_sessions(self) -> dict[str, int]:
+        async with await self.connect() as conv:
+            await conv.send(LIST)
+            frame = await conv.recv()
+            if frame is None or frame.type != LIST_REPLY:
+                raise Internal("sandbox init did not answer LIST")
+            parts = frame.payload.split(b"\0")
+            return {parts[i].decode(): int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+
+    async def spawn(self, argv: list[str], env: dict[str, str], cwd: str = "/",
+                    pty: bool = False, rows: int = 0, cols: int = 0,
+                    session: str | None = None) -> tuple[Conversation, int]:
+        conv = await self.connect()
+        try:
+            await conv.send(SPAWN, encode_spawn(argv, env, cwd, pty, rows, cols, session))
+            pid = await conv.expect_started()
+        except BaseException:
+            conv.close()
+            raise
+        return conv, pid
+
+    async def attach(self, session: str) -> tuple[Conversation, int]:
+        conv = await self.connect()
+        try:
+            await conv.send(ATTACH, session.encode())
+            pid = await conv.expect_started()
+        except BaseException:
+            conv.close()
+            raise
+        return conv, pid

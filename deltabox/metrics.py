@@ -1,0 +1,51 @@
+"""Operation latencies: Prometheus histograms plus exact recent p50/p95 for `Stats`."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, window: int = 4096):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("deltabox_rpc_seconds", "RPC latency", ["method", "code"],
+                                 buckets=_BUCKETS, registry=self.registry)
+        self.errors = Counter("deltabox_rpc_errors_total", "RPCs that failed",
+                              ["method", "code"], registry=self.registry)
+        self._recent: dict[str, deque[float]] = {}
+        self._window = window
+        self._lock = threading.Lock()
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.latency.labels(method, code).observe(seconds)
+        if code != "OK":
+            self.errors.labels(method, code).inc()
+            return
+        with self._lock:
+            self._recent.setdefault(method, deque(maxlen=self._window)).append(seconds)
+
+    def summary(self) -> list[tuple[str, int, float, float]]:
+        """(method, count, p50 ms, p95 ms) over the recent window of successful calls."""
+        out = []
+        with self._lock:
+            for method, values in sorted(self._recent.items()):
+                s = sorted(values)
+                out.append((method, len(s), 1000 * _pct(s, 50), 1000 * _pct(s, 95)))
+        return out
+
+    def prometheus_text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def _pct(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(pct / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]

@@ -1,0 +1,558 @@
+"""Sandboxes: an overlay branch, a cgroup, namespaces and an init -- and their lifecycle.
+
+A sandbox is created in four steps, each undone in reverse if a later one fails:
+record (store, state 'creating') -> mount the branch's overlay -> create the
+cgroup with its limits -> launch ``deltabox-init`` (native/init), which
+unshares pid/mount/uts/ipc/net namespaces, pivots into the branch, builds a
+minimal /dev, drops capabilities and becomes pid 1. The record then turns
+'running' with the init's (pid, start time): a pid alone may be reused.
+
+Everything that runs in a sandbox is a child of its init, reached over a unix
+socket inside the sandbox (`deltabox.initproto`), so the whole tree stays
+inside the namespaces and the cgroup -- and can be checkpointed later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import psutil
+import structlog
+
+from deltabox import _linux, initproto
+from deltabox.cgroups import CgroupDriver, Limits
+from deltabox.config import Config, init_binary
+from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+                             NotFound, ResourceExhausted)
+from deltabox.files import SandboxFiles
+from deltabox.store import SandboxRecord, Store, new_id, validate_name
+
+__all__ = ["SandboxManager", "ExecEvent", "SessionResult", "SESSION_KINDS"]
+
+log = structlog.get_logger("deltabox.sandbox")
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SESSION_KINDS = ("bash", "sh", "python")
+MAX_ENV_BYTES = 1 << 20
+
+
+@dataclass
+class ExecEvent:
+    kind: str  # started | stdout | stderr | exit
+    data: bytes = b""
+    pid: int = 0
+    exit_code: int = 0
+    signal: int = 0
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: float = 0.0
+
+
+@dataclass
+class SessionResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    duration: float
+
+
+@dataclass
+class _Runtime:
+    """What the daemon keeps in memory about a running sandbox."""
+    init_pid: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # lifecycle changes
+    session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> initproto.InitChannel:
+        return initproto.InitChannel(self.init_pid)
+
+
+def _wait_status(status: int) -> tuple[int, int]:
+    """(exit_code, signal) from a raw wait status; exit_code -1 when signalled."""
+    if os.WIFSIGNALED(status):
+        return -1, os.WTERMSIG(status)
+    return os.WEXITSTATUS(status), 0
+
+
+def _process_start(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+class SandboxManager:
+    def __init__(self, config: Config, store: Store, cgroups: CgroupDriver):
+        self.config = config
+        self.store = store
+        self.cgroups = cgroups
+        self._runtime: dict[str, _Runtime] = {}
+        self._monitor: asyncio.Task | None = None
+
+    # ---- start-up and shutdown -----------------------------------------------------
+
+    async def start(self) -> dict:
+        """Reconcile the kernel's state with the database; adopt or restart sandboxes."""
+        report = await asyncio.to_thread(self._reconcile)
+        self._monitor = asyncio.create_task(self._watch_inits())
+        return report
+
+    def _reconcile(self) -> dict:
+        report = {"adopted": 0, "restarted": 0, "removed": 0, "stray_mounts": 0,
+                  "stray_cgroups": 0}
+        records = {r.id: r for r in self.store.list_sandboxes()}
+        branches = {r.branch_id for r in records.values()}
+        for target in _linux.mounts_under(self.store.mnt_dir):
+            if target != str(self.store.mnt_dir) and Path(target).name not in branches:
+                _linux.umount(target, _linux.MNT_DETACH)
+                report["stray_mounts"] += 1
+        for name in self.cgroups.names() - set(records):
+            self.cgroups.kill_all(name)
+            self.cgroups.remove(name)
+            report["stray_cgroups"] += 1
+        for rec in records.values():
+            if rec.state in ("creating", "broken"):
+                self._teardown(rec)
+                self.store.delete_sandbox(rec.id)
+                report["removed"] += 1
+            elif rec.state == "running":
+                if rec.init_pid and _process_start(rec.init_pid) == rec.init_start \
+                        and rec.init_pid in self.cgroups.pids(rec.id):
+                    self._runtime[rec.id] = _Runtime(rec.init_pid)
+                    report["adopted"] += 1
+                else:
+                    self.cgroups.kill_all(rec.id) if rec.id in self.cgroups.names() else None
+                    self._start_processes(rec)
+                    report["restarted"] += 1
+        report.update(self.store.reconcile_disk())
+        log.info("sandbox.reconciled", **report)
+        return report
+
+    async def shutdown(self) -> None:
+        """Stop every sandbox's processes and unmount its branch. Records stay
+        'running', so the next start restarts them (files kept, processes fresh)."""
+        if self._monitor:
+            self._monitor.cancel()
+        for sid in list(self._runtime):
+            rec = self.store.get_sandbox(sid)
+            await asyncio.to_thread(self._teardown, rec)
+        self._runtime.clear()
+
+    async def _watch_inits(self) -> None:
+        """Mark sandboxes whose init died as 'stopped' (and reap the init)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for sid, rt in list(self._runtime.items()):
+                if rt.lock.locked():
+                    continue
+                if not _alive(rt.init_pid):
+                    log.warning("sandbox.init_died", sandbox=sid, pid=rt.init_pid)
+                    self._runtime.pop(sid, None)
+                    await asyncio.to_thread(self.store.set_sandbox_state, sid, "stopped")
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def create(self, image: str, name: str = "", memory_bytes: int = 0, pids: int = 0,
+                     cpus: float = 0.0, network: str = "none", env: dict | None = None,
+                     hostname: str = "") -> SandboxRecord:
+        if memory_bytes < 0 or pids < 0 or cpus < 0:
+            raise InvalidArgument("limits must be >= 0")
+        if network not in ("none", "nat"):
+            raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
+        env = dict(env or {})
+        _check_env(env)
+        name = validate_name(name, "sandbox") if name else new_id("sbx").replace("sbx-", "s-")
+        hostname = validate_name(hostname or name, "host")
+        if memory_bytes and memory_bytes < 16 << 20:
+            raise InvalidArgument("memory limit must be at least 16 MiB")
+        spec = {"memory_bytes": memory_bytes or self.config.default_memory_bytes,
+                "pids": pids or self.config.default_pids, "cpus": cpus, "network": network,
+                "env": env, "hostname": hostname}
+        if network == "nat":
+            from deltabox import network as net  # noqa: F401  (fails early if unavailable)
+        rec = await asyncio.to_thread(self.store.create_sandbox, name, image, spec)
+        try:
+            await asyncio.to_thread(self._start_processes, rec)
+        except BaseException:
+            await asyncio.to_thread(self._teardown, rec)
+            await asyncio.to_thread(self.store.delete_sandbox, rec.id)
+            raise
+        log.info("sandbox.created", sandbox=rec.id, name=name, image=image)
+        return self.store.get_sandbox(rec.id)
+
+    def _start_processes(self, rec: SandboxRecord) -> None:
+        """Mount the branch, create the cgroup, launch init; record it 'running'."""
+        mnt = self.store.branch_mount(rec.branch_id)
+        Path(mnt.target).mkdir(exist_ok=True)
+        if not _linux.is_mountpoint(mnt.target):
+            _linux.mount(mnt.source, mnt.target, mnt.type, 0, mnt.data)
+        limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
+        procs = self.cgroups.create(rec.id, limits)
+        argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
+        for p in procs:
+            argv += ["--cgroup-procs", str(p)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise Internal(f"starting the sandbox's init failed: {res.stderr.strip()}")
+        pid = int(res.stdout.split()[0])
+        start = _process_start(pid)
+        if rec.spec.get("network") == "nat":
+            from deltabox import network as net
+            net.attach_nat(rec.id, pid)
+        self.store.set_sandbox_state(rec.id, "running", pid, start)
+        self._runtime[rec.id] = _Runtime(pid)
+
+    def _teardown(self, rec: SandboxRecord) -> None:
+        """Kill the sandbox's processes, remove its cgroup and network, unmount its branch."""
+        rt = self._runtime.pop(rec.id, None)
+        pid = rt.init_pid if rt else rec.init_pid
+        if rec.id in self.cgroups.names():
+            self.cgroups.kill_all(rec.id)
+            self.cgroups.remove(rec.id)
+        if pid:
+            try:  # the daemon is a subreaper: inits may be our children
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if rec.spec.get("network") == "nat":
+            from deltabox import network as net
+            net.detach_nat(rec.id)
+        target = self.store.mnt_dir / rec.branch_id
+        for m in _linux.mounts_under(target):
+            try:
+                _linux.umount(m)
+            except OSError:
+                _linux.umount(m, _linux.MNT_DETACH)
+
+    async def destroy(self, ref: str) -> None:
+        rec = self.get(ref)
+        rt = self._runtime.get(rec.id)
+        lock = rt.lock if rt else asyncio.Lock()
+        async with lock:
+            try:
+                await asyncio.to_thread(self._teardown, rec)
+            except Exception as e:
+                await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "broken")
+                raise Internal(f"destroying {rec.id} failed half way ({e}); it is marked broken, "
+                               "destroy it again or restart the daemon") from e
+            await asyncio.to_thread(self.store.delete_sandbox, rec.id)
+        log.info("sandbox.destroyed", sandbox=rec.id)
+
+    def get(self, ref: str) -> SandboxRecord:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidArgument("sandbox id or name is required")
+        return self.store.get_sandbox(ref)
+
+    def list(self) -> list[SandboxRecord]:
+        return self.store.list_sandboxes()
+
+    def _running(self, ref: str) -> tuple[SandboxRecord, _Runtime]:
+        rec = self.get(ref)
+        rt = self._runtime.get(rec.id)
+        if rec.state != "running" or rt is None:
+            raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
+        return rec, rt
+
+    def files(self, ref: str) -> SandboxFiles:
+        rec = self.get(ref)
+        root = self.store.mnt_dir / rec.branch_id
+        if not _linux.is_mountpoint(root):
+            raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}: its files are not "
+                                     "mounted")
+        return SandboxFiles(root, self.config.max_file_read_bytes)
+
+    def _env(self, rec: SandboxRecord, extra: dict | None) -> dict[str, str]:
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "xterm", "LANG": "C.UTF-8",
+               "HOSTNAME": rec.spec["hostname"]}
+        env.update(rec.spec.get("env", {}))
+        if extra:
+            _check_env(extra)
+            env.update(extra)
+        return env
+
+    # ---- exec ------------------------------------------------------------------------
+
+    async def exec(self, ref: str, argv: list[str], env: dict | None = None, cwd: str = "/",
+                   stdin: bytes = b"", timeout: float = 0.0,
+                   max_output: int = 0) -> AsyncIterator[ExecEvent]:
+        """Run argv in the sandbox; yields started, stdout/stderr chunks, then exit."""
+        if not argv or not argv[0]:
+            raise InvalidArgument("argv must not be empty")
+        if timeout < 0 or max_output < 0:
+            raise InvalidArgument("timeout and max_output_bytes must be >= 0")
+        rec, rt = self._running(ref)
+        max_output = max_output or self.config.max_output_bytes
+        conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/")
+        started = time.monotonic()
+        async with conv:
+            yield ExecEvent("started", pid=pid)
+            feeder = asyncio.create_task(_feed_stdin(conv, stdin))
+            timed_out = False
+            timer = None
+            if timeout:
+                async def expire() -> None:
+                    nonlocal timed_out
+                    await asyncio.sleep(timeout)
+                    timed_out = True
+                    await conv.send_signal(signal.SIGKILL)
+                timer = asyncio.create_task(expire())
+            sizes = {"stdout": 0, "stderr": 0}
+            truncated = {"stdout": False, "stderr": False}
+            try:
+                async for frame in conv.frames():
+                    if frame.type in (initproto.STDOUT, initproto.STDERR):
+                        stream = "stdout" if frame.type == initproto.STDOUT else "stderr"
+                        room = max_output - sizes[stream]
+                        data = frame.payload[:room]
+                        if len(data) < len(frame.payload):
+                            truncated[stream] = True
+                        if data:
+                            sizes[stream] += len(data)
+                            yield ExecEvent(stream, data=data)
+                    elif frame.type == initproto.EXIT:
+                        code, sig = _wait_status(int.from_bytes(frame.payload[:4], "little",
+                                                                signed=True))
+                        yield ExecEvent("exit", exit_code=code, signal=sig, timed_out=timed_out,
+                                        stdout_truncated=truncated["stdout"],
+                                        stderr_truncated=truncated["stderr"],
+                                        duration=time.monotonic() - started)
+                        return
+                    elif frame.type == initproto.FAIL:
+                        raise initproto.error_from_fail(frame.payload.decode(errors="replace"))
+                raise Internal("the sandbox's init closed the connection before the process "
+                               "exited (was the sandbox destroyed?)")
+            finally:
+                feeder.cancel()
+                if timer:
+                    timer.cancel()
+
+    # ---- sessions --------------------------------------------------------------------
+
+    async def open_session(self, ref: str, kind: str = "bash", name: str = "",
+                           env: dict | None = None, cwd: str = "/") -> tuple[str, int]:
+        if kind not in SESSION_KINDS:
+            raise InvalidArgument(f"session kind must be one of {SESSION_KINDS}")
+        name = validate_name(name, "session") if name else f"{kind}-{secrets.token_hex(3)}"
+        rec, rt = self._running(ref)
+        existing = await self._sessions(rt)
+        if name in existing:
+            raise FailedPrecondition(f"session {name!r} exists in {rec.name}")
+        argv = {"bash": ["bash", "--noprofile", "--norc"], "sh": ["sh"],
+                "python": ["python3", "-u", "-c", _PYTHON_DRIVER]}[kind]
+        conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/",
+                                           session=f"{kind}/{name}")
+        async with conv:
+            if kind != "python":
+                # A trap (unlike SIG_IGN) is reset on exec: SIGINT still stops the
+                # running command, while the shell itself survives to report.
+                await conv.send(initproto.STDIN, b"trap ':' INT\n")
+        log.info("session.opened", sandbox=rec.id, session=name, kind=kind, pid=pid)
+        return name, pid
+
+    async def _sessions(self, rt: _Runtime) -> dict[str, tuple[str, int]]:
+        """name -> (kind, pid) of live sessions, as init reports them."""
+        out = {}
+        for key, pid in (await rt.channel.list_sessions()).items():
+            kind, _, name = key.partition("/")
+            out[name] = (kind, pid)
+        return out
+
+    async def list_sessions(self, ref: str) -> list[tuple[str, str, int]]:
+        rec, rt = self._running(ref)
+        return [(name, kind, pid) for name, (kind, pid) in sorted((await self._sessions(rt))
+                                                                  .items())]
+
+    async def close_session(self, ref: str, name: str) -> None:
+        rec, rt = self._running(ref)
+        sessions = await self._sessions(rt)
+        if name not in sessions:
+            raise NotFound(f"no session {name!r} in {rec.name}")
+        conv, _ = await rt.channel.attach(f"{sessions[name][0]}/{name}")
+        async with conv:
+            await conv.send_signal(signal.SIGKILL)
+            async for frame in conv.frames():
+                if frame.type == initproto.EXIT:
+                    break
+
+    async def run_in_session(self, ref: str, name: str, code: str,
+                             timeout: float = 0.0) -> SessionResult:
+        rec, rt = self._running(ref)
+        if timeout < 0:
+            raise InvalidArgument("timeout must be >= 0")
+        sessions = await self._sessions(rt)
+        if name not in sessions:
+            raise NotFound(f"no session {name!r} in {rec.name}")
+        kind = sessions[name][0]
+        lock = rt.session_locks.setdefault(name, asyncio.Lock())
+        if lock.locked():
+            raise FailedPrecondition(f"session {name!r} is busy with another call")
+        async with lock:
+            return await self._run_locked(rt, kind, name, code, timeout)
+
+    async def _run_locked(self, rt: _Runtime, kind: str, name: str, code: str,
+                          timeout: float) -> SessionResult:
+        nonce = secrets.token_hex(8)
+        if kind == "python":
+            body = code.encode()
+            payload = f"{nonce} {len(body)}\n".encode() + body
+        else:
+            if f"__DBX_{nonce}__" in code:
+                raise InvalidArgument("code contains the session delimiter")
+            # eval of a quoted here-doc: the code runs in the shell itself (so its
+            # variables and cwd persist) and a syntax error cannot eat the sentinel.
+            payload = (f"eval \"$(cat <<'__DBX_{nonce}__'\n{code}\n__DBX_{nonce}__\n)\"\n"
+                       f"printf '\\036{nonce}:%d\\036' \"$?\"; printf '\\036{nonce}\\036' >&2\n"
+                       ).encode()
+        out_end = re_out = f"\x1e{nonce}:".encode()
+        err_end = f"\x1e{nonce}\x1e".encode()
+        out, err = bytearray(), bytearray()
+        started = time.monotonic()
+        conv, _ = await rt.channel.attach(f"{kind}/{name}")
+        async with conv:
+            await conv.send(initproto.STDIN, payload)
+
+            async def collect() -> int:
+                exit_code = None
+                async for frame in conv.frames():
+                    if frame.type == initproto.STDOUT:
+                        out.extend(frame.payload)
+                    elif frame.type == initproto.STDERR:
+                        err.extend(frame.payload)
+                    elif frame.type == initproto.EXIT:
+                        code_, sig = _wait_status(int.from_bytes(frame.payload[:4], "little",
+                                                                 signed=True))
+                        raise FailedPrecondition(
+                            f"session {name!r} ended (exit {code_}, signal {sig}) while running "
+                            f"the code; stdout: {bytes(out[-500:])!r} stderr: "
+                            f"{bytes(err[-500:])!r}")
+                    if len(out) + len(err) > self.config.max_output_bytes:
+                        raise ResourceExhausted(f"session {name!r} produced more than "
+                                                f"{self.config.max_output_bytes} bytes")
+                    i = out.find(re_out)
+                    if i >= 0 and exit_code is None:
+                        j = out.find(b"\x1e", i + len(re_out))
+                        if j >= 0:
+                            exit_code = int(out[i + len(re_out):j])
+                            del out[i:j + 1]
+                    if exit_code is not None and err.endswith(err_end):
+                        del err[-len(err_end):]
+                        return exit_code
+                raise Internal(f"session {name!r}: connection to init lost")
+
+            task = asyncio.ensure_future(collect())
+            try:
+                exit_code = await asyncio.wait_for(asyncio.shield(task), timeout or None)
+            except asyncio.TimeoutError:
+                await conv.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(task, 2.0)
+                    state = "interrupted (SIGINT); the session lives on"
+                except (asyncio.TimeoutError, Exception):
+                    await conv.send_signal(signal.SIGKILL)
+                    state = "killed: it did not stop on SIGINT"
+                raise DeadlineExceeded(f"session {name!r}: code ran past {timeout}s and was "
+                                       f"{state}")
+            finally:
+                task.cancel()
+        return SessionResult(bytes(out), bytes(err), exit_code, time.monotonic() - started)
+
+    # ---- interactive shell -------------------------------------------------------------
+
+    async def shell(self, ref: str, argv: list[str], env: dict | None, rows: int, cols: int,
+                    inputs: AsyncIterator[tuple[str, object]]) -> AsyncIterator[ExecEvent]:
+        """A pty-backed process; `inputs` yields ('stdin', bytes) or ('resize', (r, c))."""
+        rec, rt = self._running(ref)
+        if not argv:
+            argv = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; "
+                    "else exec sh -l; fi"]
+        conv, pid = await rt.channel.spawn(argv, self._env(rec, env), "/root", pty=True,
+                                           rows=rows or 24, cols=cols or 80)
+        started = time.monotonic()
+        async with conv:
+            async def pump() -> None:
+                async for kind, value in inputs:
+                    if kind == "stdin":
+                        await conv.send(initproto.STDIN, value)  # type: ignore[arg-type]
+                    elif kind == "resize":
+                        await conv.send_winsize(*value)  # type: ignore[misc]
+            pumper = asyncio.create_task(pump())
+            try:
+                async for frame in conv.frames():
+                    if frame.type in (initproto.STDOUT, initproto.STDERR):
+                        yield ExecEvent("stdout", data=frame.payload)
+                    elif frame.type == initproto.EXIT:
+                        code, sig = _wait_status(int.from_bytes(frame.payload[:4], "little",
+                                                                signed=True))
+                        yield ExecEvent("exit", exit_code=code, signal=sig,
+                                        duration=time.monotonic() - started)
+                        return
+            finally:
+                pumper.cancel()
+
+
+async def _feed_stdin(conv: initproto.Conversation, data: bytes) -> None:
+    if data:
+        await conv.send(initproto.STDIN, data)
+    await conv.send(initproto.STDIN_EOF)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaps it if it is our (subreaped) zombie
+    except ChildProcessError:
+        pass
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check_env(env: dict) -> None:
+    size = 0
+    for k, v in env.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k or "\0" in str(v):
+            raise InvalidArgument(f"invalid environment variable name {k!r}")
+        size += len(k) + len(str(v))
+    if size > MAX_ENV_BYTES:
+        raise InvalidArgument("environment too large")
+
+
+# Runs inside python sessions: reads "<nonce> <length>\n<code>" blocks from stdin,
+# executes each in one persistent namespace, then prints the sentinels.
+_PYTHON_DRIVER = r"""
+import sys, traceback
+g = {"__name__": "__main__", "__builtins__": __builtins__}
+inp = sys.stdin.buffer
+while True:
+    try:
+        header = inp.readline()
+        if not header:
+            break
+        nonce, n = header.split()
+        code = inp.read(int(n)).decode()
+        rc = 0
+        try:
+            exec(compile(code, "<session>", "exec"), g)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    sys.stdout.write("\x1e%s:%d\x1e" % (nonce.decode(), rc)); sys.stdout.flush()
+    sys.stderr.write("\x1e%s\x1e" % nonce.decode()); sys.stderr.flush()
+"""

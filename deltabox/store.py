@@ -1,0 +1,495 @@
+"""The store: immutable layers, images, branches and their metadata.
+
+Vocabulary
+----------
+layer
+    An immutable directory tree in overlayfs format (whiteouts are 0:0 char
+    devices, opaque dirs carry ``trusted.overlay.opaque=y``). Image layers come
+    from an import; checkpoint layers (DeltaFS) from sinking a branch's upper.
+    Once committed a layer never changes; it is deleted when nothing refers to it.
+image
+    A name for an ordered list of layers (bottom first).
+branch
+    A writable overlay: ``lower`` = a chain of layers, ``upper``/``work`` =
+    fresh directories. A sandbox runs on exactly one branch; rollback and fork
+    (DeltaFS) make new branches over a checkpoint's chain.
+checkpoint
+    (DeltaFS/DeltaCR issues) an immutable node of a sandbox's snapshot tree: a
+    layer chain, plus a process image in full mode.
+body double
+    (DeltaCR) a checkpoint restored ahead of time, stopped, on its own branch.
+
+Lifecycle and durability
+------------------------
+The SQLite database (WAL) is the truth. Every state transition is one
+transaction. New directories are built under ``tmp/new-XXXX`` and renamed into
+place inside the transaction; a deletion removes the row first, commits, and
+only then deletes the directory. At start-up `reconcile_disk` deletes anything
+on disk that the database does not know.
+
+The store returns mounts as data (`Mount`); callers perform them. So lineage
+and bookkeeping are testable without root.
+
+Layout under the store root (an XFS filesystem with reflink)::
+
+    meta.db                   metadata
+    layers/<layer-id>/        immutable layers
+    branches/<branch-id>/{upper,work}
+    mnt/<branch-id>/          where a branch's overlay is mounted
+    tmp/                      work in progress (new-XXXX), wiped at start-up
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from deltabox import _linux
+from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+__all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord",
+           "ensure_backing", "validate_name", "new_id"]
+
+log = structlog.get_logger("deltabox.store")
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def validate_name(name: str, what: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise InvalidArgument(f"invalid {what} name {name!r}: use 1-63 characters "
+                              "[a-z0-9_.-], starting with a letter or digit")
+    return name
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A mount described as data: what `mount(2)` would be called with."""
+    type: str
+    source: str
+    target: str
+    options: tuple[str, ...]
+
+    @property
+    def data(self) -> str:
+        return ",".join(self.options)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    layer_ids: tuple[str, ...]  # bottom first
+    created_at: float
+    source: str
+    source_format: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class BranchRecord:
+    id: str
+    lower: tuple[str, ...]  # layer ids, bottom first
+    created_at: float
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    name: str
+    image: str
+    state: str  # creating | running | stopped | broken
+    branch_id: str
+    created_at: float
+    spec: dict = field(default_factory=dict)  # limits, network, env, hostname
+    init_pid: int = 0
+    init_start: float = 0.0  # process start time: a pid alone may be reused
+
+
+# --------------------------------------------------------------------------------------
+# Backing filesystem
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backing:
+    root: Path        # the store root (on XFS with reflink)
+    kind: str         # "host-xfs" or "loop-image"
+    image: Path | None
+
+
+def _probe_reflink(directory: Path) -> None:
+    """FICLONE a probe file; raise with a clear message if the fs cannot."""
+    src = directory / ".reflink-probe-src"
+    dst = directory / ".reflink-probe-dst"
+    try:
+        src.write_bytes(b"deltabox reflink probe\n" * 200)
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            _linux.ficlone(s.fileno(), d.fileno())
+        if dst.read_bytes() != src.read_bytes():
+            raise OSError("reflinked copy differs from its source")
+    except OSError as e:
+        raise RuntimeError(f"{directory} does not support reflinks (FICLONE: {e}); DeltaBox "
+                           "needs XFS created with -m reflink=1 (or let it create its own "
+                           "loop-backed image by using a state dir on a non-XFS filesystem)") from e
+    finally:
+        for p in (src, dst):
+            p.unlink(missing_ok=True)
+
+
+def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
+    """Make `state_dir/store` an XFS-with-reflink directory and return it.
+
+    If `state_dir` is on XFS already, the store is a plain directory there.
+    Otherwise a sparse image file `state_dir/store.xfs` is created (once) with
+    `mkfs.xfs -m reflink=1 -n ftype=1` and loop-mounted on `state_dir/store`;
+    a mount left by a crashed daemon is reused.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    root = state_dir / "store"
+    root.mkdir(exist_ok=True)
+    if _linux.is_mountpoint(root):
+        kind, image = "loop-image", state_dir / "store.xfs"
+    elif _linux.filesystem_type(state_dir) == _linux.XFS_SUPER_MAGIC:
+        kind, image = "host-xfs", None
+    else:
+        kind, image = "loop-image", state_dir / "store.xfs"
+        if not image.exists():
+            tmp = state_dir / "store.xfs.new"
+            with open(tmp, "wb") as f:
+                f.truncate(_parse_size(image_size))
+            subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-n", "ftype=1",
+                            str(tmp)], check=True, capture_output=True)
+            tmp.rename(image)
+            log.info("store.image_created", image=str(image), size=image_size)
+        # "loop" makes mount(8) attach a loop device with autoclear: unmounting
+        # the store releases the device, so nothing is left behind.
+        res = subprocess.run(["mount", "-t", "xfs", "-o", "loop,noatime", str(image), str(root)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"mounting the store image {image} failed: {res.stderr.strip()}")
+        # Private, so overlay mounts under it do not propagate into other namespaces.
+        _linux.mount("none", root, None, _linux.MS_PRIVATE)
+    _probe_reflink(root)
+    return Backing(root=root, kind=kind, image=image)
+
+
+def release_backing(backing: Backing) -> None:
+    """Unmount the loop-backed store (detaching its loop device)."""
+    if backing.kind == "loop-image" and _linux.is_mountpoint(backing.root):
+        _linux.umount(backing.root)
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", text.strip(), re.I)
+    if not m:
+        raise InvalidArgument(f"invalid size {text!r} (e.g. 512M, 64G)")
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+
+
+# --------------------------------------------------------------------------------------
+# Store
+# --------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, size_bytes INTEGER NOT NULL,
+    origin TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY, layer_ids TEXT NOT NULL, created_at REAL NOT NULL,
+    source TEXT NOT NULL, source_format TEXT NOT NULL, size_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS branches (
+    id TEXT PRIMARY KEY, lower TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, image TEXT NOT NULL,
+    state TEXT NOT NULL, branch_id TEXT NOT NULL REFERENCES branches(id),
+    created_at REAL NOT NULL, spec TEXT NOT NULL,
+    init_pid INTEGER NOT NULL DEFAULT 0, init_start REAL NOT NULL DEFAULT 0);
+"""
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = root
+        self.layers_dir = root / "layers"
+        self.branches_dir = root / "branches"
+        self.mnt_dir = root / "mnt"
+        self.tmp_dir = root / "tmp"
+        for d in (self.layers_dir, self.branches_dir, self.mnt_dir, self.tmp_dir):
+            d.mkdir(exist_ok=True)
+        # One connection, serialised by a lock: callers run in a thread pool.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(root / "meta.db", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means durable
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._check_schema_version()
+
+    def _check_schema_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"store schema version {row[0]} is not {SCHEMA_VERSION}; "
+                               "refusing to touch it")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One state transition: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- new directories -------------------------------------------------------------
+
+    def new_tmp_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="new-", dir=self.tmp_dir))
+
+    def layer_path(self, layer_id: str) -> Path:
+        return self.layers_dir / layer_id
+
+    # ---- layers & images -------------------------------------------------------------
+
+    def commit_image(self, name: str, layer_dirs: list[Path], source: str,
+                     source_format: str, replace: bool = False) -> ImageRecord:
+        """Turn finished tmp dirs into layers and record the image, in one transaction."""
+        now = time.time()
+        layer_ids = [new_id("l") for _ in layer_dirs]
+        sizes = [_tree_size(d) for d in layer_dirs]
+        moved: list[tuple[Path, Path]] = []
+        old_layers: list[str] = []
+        try:
+            with self.transaction() as db:
+                row = db.execute("SELECT layer_ids FROM images WHERE name=?", (name,)).fetchone()
+                if row is not None:
+                    if not replace:
+                        raise AlreadyExists(f"image {name!r} exists (use replace)")
+                    if db.execute("SELECT 1 FROM sandboxes WHERE image=? LIMIT 1",
+                                  (name,)).fetchone():
+                        raise FailedPrecondition(f"image {name!r} is used by sandboxes")
+                    old_layers = json.loads(row[0])
+                    db.execute("DELETE FROM images WHERE name=?", (name,))
+                for lid, d, size in zip(layer_ids, layer_dirs, sizes):
+                    db.execute("INSERT INTO layers VALUES (?,?,?,?)", (lid, now, size,
+                                                                       f"image:{name}"))
+                    d.rename(self.layer_path(lid))
+                    moved.append((self.layer_path(lid), d))
+                db.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
+                           (name, json.dumps(layer_ids), now, source, source_format, sum(sizes)))
+                self._drop_unused_layers(db, old_layers)
+        except BaseException:
+            for dst, src in moved:  # the rows are gone: put the dirs back for clean-up
+                dst.rename(src)
+            raise
+        self.delete_unreferenced_layer_dirs()
+        return ImageRecord(name, tuple(layer_ids), now, source, source_format, sum(sizes))
+
+    def _drop_unused_layers(self, db: sqlite3.Connection, candidates: list[str]) -> None:
+        used = self._used_layers(db)
+        for lid in candidates:
+            if lid not in used:
+                db.execute("DELETE FROM layers WHERE id=?", (lid,))
+
+    @staticmethod
+    def _used_layers(db: sqlite3.Connection) -> set[str]:
+        used: set[str] = set()
+        for (ids,) in db.execute("SELECT layer_ids FROM images"):
+            used.update(json.loads(ids))
+        for (ids,) in db.execute("SELECT lower FROM branches"):
+            used.update(json.loads(ids))
+        return used
+
+    def delete_unreferenced_layer_dirs(self) -> None:
+        """Delete layer directories without a row (after a commit dropped them)."""
+        known = {r[0] for r in self._query("SELECT id FROM layers")}
+        for d in self.layers_dir.iterdir():
+            if d.name not in known:
+                _rmtree(d)
+
+    def get_image(self, name: str) -> ImageRecord:
+        rows = self._query("SELECT * FROM images WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"no image named {name!r}")
+        return _image(rows[0])
+
+    def list_images(self) -> list[ImageRecord]:
+        return [_image(r) for r in self._query("SELECT * FROM images ORDER BY name")]
+
+    def remove_image(self, name: str) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT layer_ids FROM images WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no image named {name!r}")
+            users = [r[0] for r in db.execute("SELECT name FROM sandboxes WHERE image=?", (name,))]
+            if users:
+                raise FailedPrecondition(f"image {name!r} is used by sandboxes: {', '.join(users)}")
+            db.execute("DELETE FROM images WHERE name=?", (name,))
+            self._drop_unused_layers(db, json.loads(row[0]))
+        self.delete_unreferenced_layer_dirs()
+
+    # ---- branches & sandboxes --------------------------------------------------------
+
+    def create_sandbox(self, name: str, image: str, spec: dict) -> SandboxRecord:
+        """Record a sandbox in state 'creating' with a fresh branch over the image."""
+        img = self.get_image(image)
+        tmp = self.new_tmp_dir()
+        (tmp / "upper").mkdir()
+        (tmp / "work").mkdir()
+        sbx = SandboxRecord(id=new_id("sbx"), name=name, image=image, state="creating",
+                            branch_id=new_id("br"), created_at=time.time(), spec=spec)
+        try:
+            with self.transaction() as db:
+                if db.execute("SELECT 1 FROM sandboxes WHERE name=?", (name,)).fetchone():
+                    raise AlreadyExists(f"a sandbox named {name!r} exists")
+                db.execute("INSERT INTO branches VALUES (?,?,?)",
+                           (sbx.branch_id, json.dumps(img.layer_ids), sbx.created_at))
+                db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec)"
+                           " VALUES (?,?,?,?,?,?,?)", (sbx.id, name, image, sbx.state,
+                                                       sbx.branch_id, sbx.created_at,
+                                                       json.dumps(spec)))
+                tmp.rename(self.branches_dir / sbx.branch_id)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        return sbx
+
+    def set_sandbox_state(self, sandbox_id: str, state: str, init_pid: int = 0,
+                          init_start: float = 0.0) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sandboxes SET state=?, init_pid=?, init_start=? WHERE id=?",
+                       (state, init_pid, init_start, sandbox_id))
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        """Forget a sandbox and its branch; then delete the branch's directories."""
+        with self.transaction() as db:
+            row = db.execute("SELECT branch_id FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is None:
+                return
+            db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+            lower = db.execute("SELECT lower FROM branches WHERE id=?", (row[0],)).fetchone()
+            db.execute("DELETE FROM branches WHERE id=?", (row[0],))
+            if lower:
+                # Image layers stay while their image exists; this matters for the
+                # checkpoint layers of later issues.
+                self._drop_unused_layers(db, json.loads(lower[0]))
+        _rmtree(self.branches_dir / row[0])
+        (self.mnt_dir / row[0]).rmdir() if (self.mnt_dir / row[0]).exists() else None
+        self.delete_unreferenced_layer_dirs()
+
+    def get_sandbox(self, ref: str) -> SandboxRecord:
+        rows = self._query("SELECT * FROM sandboxes WHERE id=? OR name=?", (ref, ref))
+        if not rows:
+            raise NotFound(f"no sandbox {ref!r}")
+        return _sandbox(rows[0])
+
+    def list_sandboxes(self) -> list[SandboxRecord]:
+        return [_sandbox(r) for r in self._query("SELECT * FROM sandboxes ORDER BY created_at")]
+
+    def get_branch(self, branch_id: str) -> BranchRecord:
+        rows = self._query("SELECT * FROM branches WHERE id=?", (branch_id,))
+        if not rows:
+            raise NotFound(f"no branch {branch_id!r}")
+        r = rows[0]
+        return BranchRecord(r[0], tuple(json.loads(r[1])), r[2])
+
+    def branch_mount(self, branch_id: str) -> Mount:
+        """The overlay mount of a branch, as data."""
+        br = self.get_branch(branch_id)
+        bdir = self.branches_dir / branch_id
+        # overlayfs lists lowerdirs top first.
+        lower = ":".join(str(self.layer_path(lid)) for lid in reversed(br.lower))
+        # index=off/xino=off: layers are shared by many branches and never
+        # exported, so overlay's inode index would only cost mount time.
+        opts = (f"lowerdir={lower}", f"upperdir={bdir / 'upper'}", f"workdir={bdir / 'work'}",
+                "index=off", "xino=off", "redirect_dir=on")
+        return Mount("overlay", "overlay", str(self.mnt_dir / branch_id), opts)
+
+    # ---- reconciliation --------------------------------------------------------------
+
+    def reconcile_disk(self) -> dict[str, int]:
+        """Delete directories the database does not know; return what was removed."""
+        removed = {"tmp": 0, "layers": 0, "branches": 0, "mnt": 0}
+        for d in self.tmp_dir.iterdir():
+            _rmtree(d)
+            removed["tmp"] += 1
+        known_layers = {r[0] for r in self._query("SELECT id FROM layers")}
+        for d in self.layers_dir.iterdir():
+            if d.name not in known_layers:
+                _rmtree(d)
+                removed["layers"] += 1
+        known_branches = {r[0] for r in self._query("SELECT id FROM branches")}
+        for d in self.branches_dir.iterdir():
+            if d.name not in known_branches:
+                _rmtree(d)
+                removed["branches"] += 1
+        for d in self.mnt_dir.iterdir():
+            if d.name not in known_branches and not _linux.is_mountpoint(d):
+                d.rmdir()
+                removed["mnt"] += 1
+        return removed
+
+
+def _image(r: tuple) -> ImageRecord:
+    return ImageRecord(r[0], tuple(json.loads(r[1])), r[2], r[3], r[4], r[5])
+
+
+def _sandbox(r: tuple) -> SandboxRecord:
+    return SandboxRecord(id=r[0], name=r[1], image=r[2], state=r[3], branch_id=r[4],
+                         created_at=r[5], spec=json.loads(r[6]), init_pid=r[7], init_start=r[8])
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree, refusing to cross into mounts (a stale mount is a bug, not data)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if _linux.mounts_under(path):
+        raise RuntimeError(f"refusing to delete {path}: mounts below it "
+                           f"{_linux.mounts_under(path)}")
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -1,0 +1,33 @@
+"""cffi build script for ``deltabox._native`` (API mode, compiled C).
+
+Declarations live here, the C lives in native/src. Run through native/build.py
+(or setup.py); never imported at runtime.
+"""
+
+from pathlib import Path
+
+import cffi
+
+SRC = Path(__file__).resolve().parent / "src"
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(
+    """
+    #define NATIVE_ABI_VERSION ...
+    int dbx_mount(const char *source, const char *target, const char *fstype,
+                  unsigned long flags, const char *data);
+    int dbx_umount2(const char *target, int flags);
+    int dbx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                    uint64_t resolve);
+    """
+)
+ffibuilder.set_source(
+    "deltabox._native",
+    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 1\n',
+    sources=[str(SRC / "dbx_native.c")],
+    include_dirs=[str(SRC)],
+    extra_compile_args=["-O2", "-Wall", "-Werror"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=False)

@@ -1,0 +1,14 @@
+/* Raw Linux calls the daemon needs and Python's stdlib lacks.
+ * Every function returns >= 0 on success and -errno on failure; the Python
+ * wrapper (deltabox/_linux.py) turns negative values into OSError. */
+#ifndef DBX_NATIVE_H
+#define DBX_NATIVE_H
+#include <stdint.h>
+
+int dbx_mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const char *data);
+int dbx_umount2(const char *target, int flags);
+/* openat2(2) with how.resolve = resolve; returns an fd. */
+int dbx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                uint64_t resolve);
+#endif
