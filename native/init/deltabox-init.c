@@ -32,7 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/sendfile.h>
 #include <sys/prctl.h>
@@ -812,10 +811,11 @@ static int conn_stdin_full(const struct conn *c)
     return c->proc && c->proc->stdin_buf.len >= STDIN_LIMIT;
 }
 
-/* Handle every complete frame in c->in, unless the child's stdin is full. */
-static void conn_process_frames(struct conn *c)
+/* Handle every complete frame in c->in, unless the child's stdin is full
+ * (`force`: the client is gone, take everything it sent). */
+static void conn_process_frames(struct conn *c, int force)
 {
-    while (!c->dead && !c->closing && !conn_stdin_full(c) && c->in.len >= FRAME_HDR) {
+    while (!c->dead && !c->closing && (force || !conn_stdin_full(c)) && c->in.len >= FRAME_HDR) {
         unsigned char *h = (unsigned char *)c->in.data + c->in.off;
         uint32_t n = get_u32le(h + 1);
         if (n > MAX_PAYLOAD) {
@@ -835,6 +835,21 @@ static int conn_wants_input(const struct conn *c)
     return !c->closing && c->in.len < FRAME_HDR + MAX_PAYLOAD && !conn_stdin_full(c);
 }
 
+/* The client closed (or half-closed) its end.  Take what it sent before
+ * closing (it may be stdin for a session), then close ours at once: CRIU
+ * cannot dump a socket whose peer is gone, so none may linger. */
+static void conn_hangup(struct conn *c)
+{
+    static char chunk[READ_CHUNK];
+    ssize_t n;
+
+    while (!c->closing && (n = read(c->fd, chunk, sizeof chunk)) > 0) {
+        buf_append(&c->in, chunk, (size_t)n);
+        conn_process_frames(c, 1);
+    }
+    conn_close(c);
+}
+
 static void conn_read(struct conn *c)
 {
     static char chunk[READ_CHUNK];
@@ -842,8 +857,10 @@ static void conn_read(struct conn *c)
 
     if (n > 0)
         buf_append(&c->in, chunk, (size_t)n);
-    else if (n == 0 || (errno != EAGAIN && errno != EINTR))
-        conn_close(c);  /* the client is gone (clients must not half-close) */
+    else if (n == 0)
+        conn_hangup(c);
+    else if (errno != EAGAIN && errno != EINTR)
+        conn_close(c);
 }
 
 static void conn_flush(struct conn *c)
@@ -992,10 +1009,10 @@ static void handle_event(size_t i)
     case W_CONN:
         if (c->dead)
             break;
-        if (rev & POLLIN)
+        if (rev & (POLLHUP | POLLERR))
+            conn_hangup(c);
+        else if (rev & POLLIN)
             conn_read(c);
-        else if (rev & (POLLHUP | POLLERR))
-            conn_close(c);
         if (!c->dead && (rev & POLLOUT))
             conn_flush(c);
         break;
@@ -1052,7 +1069,7 @@ static _Noreturn void event_loop(void)
         for (struct proc *p = procs; p; p = p->next)
             proc_check_done(p, now);
         for (struct conn *c = conns; c; c = c->next) {
-            conn_process_frames(c);   /* also resumes after stdin drained */
+            conn_process_frames(c, 0);    /* also resumes after stdin drained */
             if (!c->dead)
                 conn_flush(c);
         }
@@ -1130,7 +1147,12 @@ static void setup_proc_and_dev(void)
     ensure_dir("dev/shm", 01777, "mkdir /dev/shm");
     CHECK(chmod("dev/shm", 01777), "chmod /dev/shm");
     CHECK(mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"), "mount /dev/shm");
+    /* Our control directory: the socket and the copy of this binary that
+     * pid 1 runs from, so it must allow exec (the rest of /dev does not). */
     ensure_dir("dev/.deltabox", 0700, "mkdir " SOCK_DIR);
+    CHECK(mount("dev/.deltabox", "dev/.deltabox", NULL, MS_BIND, NULL), "bind " SOCK_DIR);
+    CHECK(mount(NULL, "dev/.deltabox", NULL, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV, NULL),
+          "remount " SOCK_DIR);
 
     /* /tmp stays on the overlay, so it is checkpointed with the rest. */
     ensure_dir("tmp", 01777, "mkdir /tmp");
@@ -1255,34 +1277,31 @@ struct options {
     int ncgroups;
 };
 
-#ifndef MFD_EXEC
-#define MFD_EXEC 0x0010U    /* kernel >= 6.3; older kernels exec memfds anyway */
-#endif
-
 #define SERVE_FLAG "--serve-as-pid1"
+#define INIT_COPY  SOCK_DIR "/deltabox-init"
 
-/* Re-execute ourselves from a sealed memfd.  The launcher's binary lives on
- * a host mount that the sandbox's mount namespace cannot see, and CRIU
- * cannot dump a mapping of a file it cannot find there; after this exec our
- * text is a memfd, which CRIU dumps with the image.  The copy also means a
- * daemon upgrade never invalidates the images of running sandboxes. */
-static _Noreturn void reexec_from_memfd(void)
+/* Re-execute ourselves from a copy inside the sandbox.  The launcher's
+ * binary lives on a host mount that the sandbox's mount namespace cannot
+ * see, and CRIU cannot dump a mapping of a file it cannot find there.  The
+ * copy sits on the /dev tmpfs, so CRIU dumps it with the image; a daemon
+ * upgrade therefore never invalidates the images of running sandboxes.
+ * (A memfd would hide it better, but CRIU 4.1 cannot restore a memfd exe.) */
+static _Noreturn void reexec_from_sandbox(void)
 {
     char fdarg[16];
     char *argv[] = {"deltabox-init", SERVE_FLAG, fdarg, NULL};
     char *envp[] = {NULL};
     struct stat st;
-    int exe, mfd;
+    int exe, copy;
 
     exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     CHECK(exe, "open /proc/self/exe");
     CHECK(fstat(exe, &st), "stat /proc/self/exe");
-    mfd = memfd_create("deltabox-init", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC);
-    if (mfd < 0 && errno == EINVAL)
-        mfd = memfd_create("deltabox-init", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    CHECK(mfd, "memfd_create");
+    unlink(INIT_COPY);
+    copy = open(INIT_COPY, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0500);
+    CHECK(copy, "create " INIT_COPY);
     for (off_t done = 0; done < st.st_size;) {
-        ssize_t n = sendfile(mfd, exe, NULL, (size_t)(st.st_size - done));
+        ssize_t n = sendfile(copy, exe, NULL, (size_t)(st.st_size - done));
         if (n <= 0) {
             if (n == 0)
                 errno = EIO;
@@ -1291,13 +1310,12 @@ static _Noreturn void reexec_from_memfd(void)
         done += n;
     }
     close(exe);
-    CHECK(fcntl(mfd, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE),
-          "seal memfd");
+    CHECK(close(copy), "write " INIT_COPY);
     /* The sync pipe is the one fd that must cross the exec. */
     CHECK(fcntl(sync_fd, F_SETFD, 0), "sync pipe cloexec");
     snprintf(fdarg, sizeof fdarg, "%d", sync_fd);
-    fexecve(mfd, argv, envp);
-    setup_fail("exec memfd");
+    execve(INIT_COPY, argv, envp);
+    setup_fail("exec " INIT_COPY);
 }
 
 /* pid 1 after the re-exec: serve the control socket. */
@@ -1308,7 +1326,6 @@ static _Noreturn void serve_pid1(const char *fdarg)
         fprintf(stderr, "deltabox-init: %s is internal\n", SERVE_FLAG);
         exit(2);
     }
-    prctl(PR_SET_NAME, "deltabox-init", 0, 0, 0);  /* not "memfd:deltabox-" */
     open_control_socket();
     setup_signals();
     clearenv();
@@ -1343,7 +1360,7 @@ static _Noreturn void run_pid1(const struct options *o)
     drop_capabilities();
     reset_fds();
     umask(022);
-    reexec_from_memfd();
+    reexec_from_sandbox();
 }
 
 /* ---------------------------------------------------------------- launcher */
