@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     for x in (so, sl, sc):
         x.set_defaults(func=cmd_session)
 
+    dm = sub.add_parser("demo", help="a guided tour on a throw-away daemon (as root)")
+    dm.set_defaults(func=lambda args: __import__("deltabox.demo").demo.main(), needs_client=False)
+
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="destroy sandboxes")
     rm.add_argument("sandboxes", nargs="+")

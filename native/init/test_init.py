@@ -126,6 +126,7 @@ class Sandbox:
         self.mounts = []
         self.cgroups = []
         self.pid = None
+        self.extra_pids = []      # restored copies, killed with the sandbox
 
     def mount(self, *args):
         subprocess.run(["mount", *args], check=True)
@@ -194,14 +195,15 @@ class Sandbox:
         return f"/proc/{self.pid}/root{path}"
 
     def destroy(self):
-        if self.pid:
+        pids = [p for p in [self.pid] + self.extra_pids if p]
+        for pid in pids:
             try:
-                os.kill(self.pid, 9)
+                os.kill(pid, 9)     # pid 1 dies: the kernel kills its namespace
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + 5
-            while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
-                time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
         for m in reversed(self.mounts):
             subprocess.run(["umount", "-l", m], check=False)
         self.mounts = []
@@ -564,12 +566,107 @@ def t_init_holds_nothing_from_host(sb):
     assert procs == ["1"], procs
 
 
+def find_criu():
+    for c in (os.environ.get("CRIU"), "/opt/deltabox/criu/sbin/criu", shutil.which("criu")):
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def quiesce(sb):
+    """The dump barrier: a LIST read to EOF proves init has closed every
+    connection whose client went away before it (see docs/init-protocol.md)."""
+    c = sb.connect()
+    c.send("L")
+    c.expect("l")
+    assert c.recv() is None
+
+
+def t_criu_dump_restore(sb):
+    """Dump the live sandbox with CRIU and restore a second copy on a new
+    overlay branch while the first keeps running (a body double)."""
+    criu = find_criu()
+    if not criu:
+        print("    SKIP: no criu (set CRIU=/path/to/criu)")
+        return
+    # state that must survive: a shell variable, a pty, a file, the hostname
+    c = sb.connect()
+    c.spawn(["sh"], session="ck")
+    c.send("I", b"Y=9; echo ready\n")
+    c.collect(until_text=b"ready\n")
+    c.close()
+    c = sb.connect()
+    c.spawn(["cat"], pty=True, session="ckpty")
+    c.close()
+    sb.run(["sh", "-c", "echo kept > /tmp/file"])
+    quiesce(sb)
+
+    img = os.path.join(sb.base, "img")
+    os.mkdir(img)
+    t0 = time.monotonic()
+    r = subprocess.run([criu, "dump", "-t", str(sb.pid), "-D", img, "--leave-running",
+                        "--root", sb.rootfs, "--external", "mnt[/]:root",
+                        "--network-lock", "skip", "-o", "dump.log", "-v4"],
+                       capture_output=True, text=True)
+    dump_ms = (time.monotonic() - t0) * 1000
+    assert r.returncode == 0, open(os.path.join(img, "dump.log")).read()[-3000:]
+
+    # the branch: the upper as of the dump becomes an immutable layer
+    layer = os.path.join(sb.base, "layer1")
+    subprocess.run(["cp", "-a", os.path.join(sb.base, "upper"), layer], check=True)
+    branch = os.path.join(sb.base, "branch")
+    for d in ("branch", "upper2", "work2"):
+        os.makedirs(os.path.join(sb.base, d))
+    sb.mount("-t", "overlay", "overlay", "-o",
+             f"lowerdir={layer}:{sb.base}/lower,upperdir={sb.base}/upper2,"
+             f"workdir={sb.base}/work2", branch)
+    pidfile = os.path.join(sb.base, "restored.pid")
+    t0 = time.monotonic()
+    r = subprocess.run([criu, "restore", "-D", img, "-d", "--pidfile", pidfile,
+                        "--root", branch, "--external", f"mnt[root]:{branch}",
+                        "-o", "restore.log", "-v4"], capture_output=True, text=True)
+    restore_ms = (time.monotonic() - t0) * 1000
+    assert r.returncode == 0, open(os.path.join(img, "restore.log")).read()[-3000:]
+    print(f"    criu dump {dump_ms:.0f} ms, restore {restore_ms:.0f} ms")
+
+    orig_pid = sb.pid
+    twin = Sandbox(sb.binary)
+    twin.pid = int(open(pidfile).read())
+    twin.sock_path = f"/proc/{twin.pid}/root/dev/.deltabox/init.sock"
+    sb.extra_pids.append(twin.pid)
+    assert twin.pid != orig_pid
+    for box in (sb, twin):
+        a = box.connect()
+        a.send("A", b"ck")
+        a.expect("P")
+        a.send("I", b"echo Y=$Y; exit 4\n")
+        out, _, st = a.collect()
+        assert out == b"Y=9\n" and exit_code(st) == 4, (out, st)
+        a = box.connect()
+        a.send("A", b"ckpty")
+        a.expect("P")
+        a.send("I", b"ping\n")
+        out, _, _ = a.collect(until_text=b"ping\r\nping\r\n")
+        a.send("K", struct.pack("<I", 9))
+        _, _, st = a.collect()
+        assert os.WTERMSIG(st) == 9
+        out, _, st = box.run(["sh", "-c", "cat /tmp/file; hostname"])
+        assert out == f"kept\n{HOSTNAME}\n".encode(), out
+        out, _, _ = box.run(["ls", "/proc"])
+        assert sorted(int(x) for x in out.split() if x.isdigit())[0] == 1
+    # the two copies are independent: a write in one is not seen in the other
+    twin.run(["sh", "-c", "echo twin > /tmp/file"])
+    assert sb.run(["cat", "/tmp/file"])[0] == b"kept\n"
+    assert twin.run(["cat", "/tmp/file"])[0] == b"twin\n"
+    t_init_holds_nothing_from_host(twin)
+
+
 TESTS = [
     t_launcher_reports_errors, t_hello, t_echo, t_exit_code_and_stderr, t_exec_missing,
     t_bad_cwd, t_env, t_stdin_relay, t_big_output, t_slow_reader_backpressure, t_signal,
     t_disconnect_kills, t_background_grandchild, t_session, t_session_exit_while_detached,
     t_pty, t_isolation, t_zombies_reaped, t_concurrent, t_protocol_errors,
-    t_init_holds_nothing_from_host,
+    t_init_holds_nothing_from_host, t_criu_dump_restore, t_init_holds_nothing_from_host,
 ]
 
 
@@ -596,7 +693,9 @@ def main():
                 print(f"FAIL {t.__name__}")
                 traceback.print_exc()
         sb.destroy()
-        assert not os.path.exists(f"/proc/{sb.pid}"), "init survived SIGKILL"
+        for pid in [sb.pid] + sb.extra_pids:
+            assert not os.path.exists(f"/proc/{pid}"), "init survived SIGKILL"
+        assert not any(m for m in open("/proc/self/mountinfo") if sb.base in m), "mounts left"
         print("PASS sandbox killed and unmounted")
     finally:
         sb.destroy()
