@@ -2,9 +2,12 @@
 
 Two backends behind one interface, chosen once at start-up:
 - v2 (unified hierarchy with the memory controller, e.g. Ubuntu 24.04):
-  /sys/fs/cgroup/deltabox/<id>
+  /sys/fs/cgroup/deltabox/<store-instance>/<sandbox-id>
 - v1 (hybrid hosts such as this project's VMs, where memory/pids/cpu/freezer are
-  v1 hierarchies): /sys/fs/cgroup/<controller>/deltabox/<id> for each.
+  v1 hierarchies): /sys/fs/cgroup/<controller>/deltabox/<store-instance>/<sandbox-id>.
+
+<store-instance> is a random id kept in the store's database, so daemons on
+different state dirs never touch (or "reconcile away") each other's sandboxes.
 """
 
 from __future__ import annotations
@@ -75,8 +78,14 @@ class CgroupDriver:
     def memory_events(self, name: str) -> dict[str, int]:
         raise NotImplementedError
 
+    def release_parents(self) -> None:
+        """Remove this instance's (empty) parent cgroups, e.g. at shutdown."""
+        raise NotImplementedError
+
     def kill_all(self, name: str, timeout: float = 5.0) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty."""
+        if not self.pids(name) and name not in self.names():
+            return
         deadline = time.monotonic() + timeout
         self.freeze(name)  # no forking while we kill
         try:
@@ -102,8 +111,11 @@ class CgroupV1(CgroupDriver):
     version = 1
     CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 
+    def __init__(self, instance: str):
+        self.instance = instance
+
     def _dir(self, controller: str, name: str | None = None) -> Path:
-        base = CGROUP_ROOT / controller / PARENT
+        base = CGROUP_ROOT / controller / PARENT / self.instance
         return base if name is None else base / name
 
     def create(self, name, limits):
@@ -168,17 +180,27 @@ class CgroupV1(CgroupDriver):
         for c in self.CONTROLLERS:
             self._dir(c).mkdir(parents=True, exist_ok=True)
 
+    def release_parents(self) -> None:
+        for c in self.CONTROLLERS:
+            try:
+                self._dir(c).rmdir()
+            except OSError:
+                pass
+
 
 class CgroupV2(CgroupDriver):
     version = 2
 
+    def __init__(self, instance: str):
+        self.instance = instance
+
     def _dir(self, name: str | None = None) -> Path:
-        base = CGROUP_ROOT / PARENT
+        base = CGROUP_ROOT / PARENT / self.instance
         return base if name is None else base / name
 
     def ensure_parents(self) -> None:
-        self._dir().mkdir(exist_ok=True)
-        for d in (CGROUP_ROOT, self._dir()):
+        self._dir().mkdir(parents=True, exist_ok=True)
+        for d in (CGROUP_ROOT, CGROUP_ROOT / PARENT, self._dir()):
             _write(d / "cgroup.subtree_control", "+memory +pids +cpu")
 
     def create(self, name, limits):
@@ -213,6 +235,12 @@ class CgroupV2(CgroupDriver):
     def thaw(self, name):
         self._freeze(name, "0")
 
+    def release_parents(self) -> None:
+        try:
+            self._dir().rmdir()
+        except OSError:
+            pass
+
     def kill_all(self, name, timeout=5.0):
         d = self._dir(name)
         if not d.exists():
@@ -244,13 +272,13 @@ def _kv(path: Path) -> dict[str, int]:
     return out
 
 
-def detect_driver() -> CgroupDriver:
+def detect_driver(instance: str) -> CgroupDriver:
     """v2 when the unified hierarchy at /sys/fs/cgroup offers memory, else v1."""
     controllers = CGROUP_ROOT / "cgroup.controllers"
     if controllers.exists() and "memory" in controllers.read_text().split():
-        driver: CgroupDriver = CgroupV2()
+        driver: CgroupDriver = CgroupV2(instance)
     elif (CGROUP_ROOT / "memory").is_dir() and (CGROUP_ROOT / "freezer").is_dir():
-        driver = CgroupV1()
+        driver = CgroupV1(instance)
     else:
         raise RuntimeError("no usable cgroup hierarchy: need cgroup2 with memory, "
                            "or v1 memory+pids+cpu+freezer")

@@ -366,9 +366,14 @@ class Daemon:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.backing = await asyncio.to_thread(ensure_backing, self.config.state_dir,
                                                self.config.store_size)
-        self.store = Store(self.backing.root)
-        self.manager = SandboxManager(self.config, self.store, detect_driver())
-        report = await self.manager.start()
+        try:
+            self.store = Store(self.backing.root)
+            self.manager = SandboxManager(self.config, self.store,
+                                          detect_driver(self.store.instance_id))
+            report = await self.manager.start()
+        except BaseException:
+            await asyncio.to_thread(release_backing, self.backing)  # leave no mount behind
+            raise
         self.criu_version = await asyncio.to_thread(_criu_version)
 
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),

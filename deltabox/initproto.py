@@ -69,7 +69,7 @@ def error_from_fail(message: str):
         return InvalidArgument(text)
     if "no such session" in text:
         return NotFound(text)
-    if "busy" in text or "exists" in text:
+    if code in (errno_mod.EBUSY, errno_mod.EEXIST):
         return FailedPrecondition(text)
     if code in (errno_mod.EAGAIN, errno_mod.ENOMEM):
         return FailedPrecondition(f"{text} (the sandbox is at its pids or memory limit)")

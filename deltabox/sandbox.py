@@ -98,6 +98,7 @@ class SandboxManager:
         self.cgroups = cgroups
         self._runtime: dict[str, _Runtime] = {}
         self._monitor: asyncio.Task | None = None
+        self._create_lock = asyncio.Lock()  # name and NAT subnet allocation
 
     # ---- start-up and shutdown -----------------------------------------------------
 
@@ -147,6 +148,7 @@ class SandboxManager:
             rec = self.store.get_sandbox(sid)
             await asyncio.to_thread(self._teardown, rec)
         self._runtime.clear()
+        await asyncio.to_thread(self.cgroups.release_parents)
 
     async def _watch_inits(self) -> None:
         """Mark sandboxes whose init died as 'stopped' (and reap the init)."""
@@ -178,9 +180,14 @@ class SandboxManager:
         spec = {"memory_bytes": memory_bytes or self.config.default_memory_bytes,
                 "pids": pids or self.config.default_pids, "cpus": cpus, "network": network,
                 "env": env, "hostname": hostname}
-        if network == "nat":
-            from deltabox import network as net  # noqa: F401  (fails early if unavailable)
-        rec = await asyncio.to_thread(self.store.create_sandbox, name, image, spec)
+        async with self._create_lock:
+            if network == "nat":
+                from deltabox import network as net
+                used = {r.spec["net_index"] for r in self.store.list_sandboxes()
+                        if "net_index" in r.spec}
+                spec["net_index"] = net.allocate_index(used)
+                spec["ip_address"] = net.addresses(spec["net_index"])[1]
+            rec = await asyncio.to_thread(self.store.create_sandbox, name, image, spec)
         try:
             await asyncio.to_thread(self._start_processes, rec)
         except BaseException:
@@ -209,7 +216,11 @@ class SandboxManager:
         start = _process_start(pid)
         if rec.spec.get("network") == "nat":
             from deltabox import network as net
-            net.attach_nat(rec.id, pid)
+            net.attach_nat(rec.id, pid, rec.spec["net_index"])
+            servers = net.host_nameservers()
+            if servers:
+                SandboxFiles(Path(mnt.target), 1 << 20).write(
+                    "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in servers).encode())
         self.store.set_sandbox_state(rec.id, "running", pid, start)
         self._runtime[rec.id] = _Runtime(pid)
 

@@ -252,6 +252,10 @@ class Store:
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"store schema version {row[0]} is not {SCHEMA_VERSION}; "
                                "refusing to touch it")
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('instance_id', ?)",
+                         (secrets.token_hex(4),))
+        self.instance_id = self._db.execute(
+            "SELECT value FROM meta WHERE key='instance_id'").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

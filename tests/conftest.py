@@ -100,10 +100,13 @@ def leftovers(state_dir: Path) -> dict[str, list]:
 
 
 def sandbox_cgroups() -> set[str]:
+    """Names of all sandbox cgroups of all daemons (deltabox/<instance>/<sandbox>)."""
     found = set()
     for base in (Path("/sys/fs/cgroup/freezer/deltabox"), Path("/sys/fs/cgroup/deltabox")):
         if base.is_dir():
-            found |= {p.name for p in base.iterdir() if p.is_dir()}
+            for inst in base.iterdir():
+                if inst.is_dir():
+                    found |= {p.name for p in inst.iterdir() if p.is_dir()}
     return found
 
 

@@ -7,14 +7,16 @@
  *
  * joins the given cgroups, unshares mnt/uts/ipc/net/pid namespaces and forks
  * the sandbox's pid 1, which builds /proc and /dev inside DIR, pivots into it,
- * drops capabilities and then serves the control socket
- * /dev/.deltabox/init.sock.  The launcher prints pid 1's host pid once the
- * socket is listening and exits; see docs/init-protocol.md for the protocol.
+ * drops capabilities, re-executes itself from a copy at /.deltabox/deltabox-init
+ * and then serves the control socket /dev/.deltabox/init.sock.  The launcher
+ * prints pid 1's host pid once the socket is listening and exits; see
+ * docs/init-protocol.md for the protocol.
  *
  * Everything here is shaped by one constraint: CRIU must be able to dump the
  * whole pid namespace while the daemon is NOT connected.  So pid 1 keeps no
- * fd from the host, no connection outlives a request conversation, and all
- * state lives in this process (a listening socket, a signalfd, pipes/ptys).
+ * fd from the host, maps no file from the host, no connection outlives a
+ * request conversation, and all state lives in this process (a listening
+ * socket, a signalfd, pipes/ptys).
  *
  * Build: gcc -std=c11 -O2 -static -Wall -Wextra -Werror (see Makefile).
  */
@@ -59,6 +61,7 @@
 #define DRAIN_LIMIT       (1u << 20)    /* last read pass when EOF never comes */
 #define EOF_GRACE_MS      100           /* wait for pipe EOF after the exit */
 #define READ_CHUNK        65536
+#define MAX_SESSION_NAME  255
 #define IDLE_BUF_CAP      65536         /* free emptied buffers bigger than this */
 
 /* ------------------------------------------------------------------ utils */
@@ -292,6 +295,7 @@ static void proc_destroy(struct proc *p)
     if (p->err_fd >= 0)
         close(p->err_fd);
     p->in_fd = p->out_fd = p->err_fd = -1;
+    accept_paused = 0;      /* fds were freed */
     buf_free(&p->stdin_buf);
     buf_free(&p->held_out);
     buf_free(&p->held_err);
@@ -447,8 +451,8 @@ static const char *parse_spawn(char *payload, size_t n, struct spawn_req *r)
         case 'c': r->cwd = val; break;
         case 't': r->use_pty = strcmp(val, "1") == 0; break;
         case 'n':
-            if (!*val)
-                return "empty session name";
+            if (!*val || strlen(val) > MAX_SESSION_NAME)
+                return "session name must be 1-255 bytes";
             r->session = val;
             break;
         case 'w': {
@@ -486,6 +490,16 @@ static _Noreturn void child_fail(int errpipe, const char *step, const char *arg)
     _exit(127);
 }
 
+/* Best effort: a kernel without the file simply keeps the default. */
+static void write_oom_score_adj(const char *value)
+{
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, value, strlen(value)) < 0) { /* nothing to do */ }
+        close(fd);
+    }
+}
+
 static _Noreturn void child_exec(const struct spawn_req *r, const int fds[3], int errpipe)
 {
     sigset_t none;
@@ -499,6 +513,9 @@ static _Noreturn void child_exec(const struct spawn_req *r, const int fds[3], in
 
     if (setsid() < 0)
         child_fail(errpipe, "setsid", NULL);
+    /* init shields itself from the OOM killer (-1000, inherited); children
+     * go back to the default so that a memory hog is what gets killed. */
+    write_oom_score_adj("0");
     if (r->use_pty && ioctl(fds[0], TIOCSCTTY, 0) < 0)
         child_fail(errpipe, "tiocsctty", NULL);
     for (int i = 0; i < 3; i++) {
@@ -664,7 +681,7 @@ static void handle_spawn(struct conn *c, char *payload, size_t n)
     if (bad)
         conn_fail(c, EINVAL, "spawn: %s", bad);
     else if (r.session && find_session(r.session))
-        conn_fail(c, EEXIST, "spawn %s: session name in use", r.session);
+        conn_fail(c, EEXIST, "spawn %s: session already exists", r.session);
     else {
         char **own_env = r.envp;
         if (!r.envp[0])
@@ -678,7 +695,7 @@ static void handle_spawn(struct conn *c, char *payload, size_t n)
 
 static void handle_attach(struct conn *c, const char *payload, size_t n)
 {
-    char name[256];
+    char name[MAX_SESSION_NAME + 1];
     struct proc *p;
 
     if (c->used) {
@@ -1147,12 +1164,7 @@ static void setup_proc_and_dev(void)
     ensure_dir("dev/shm", 01777, "mkdir /dev/shm");
     CHECK(chmod("dev/shm", 01777), "chmod /dev/shm");
     CHECK(mount("tmpfs", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"), "mount /dev/shm");
-    /* Our control directory: the socket and the copy of this binary that
-     * pid 1 runs from, so it must allow exec (the rest of /dev does not). */
     ensure_dir("dev/.deltabox", 0700, "mkdir " SOCK_DIR);
-    CHECK(mount("dev/.deltabox", "dev/.deltabox", NULL, MS_BIND, NULL), "bind " SOCK_DIR);
-    CHECK(mount(NULL, "dev/.deltabox", NULL, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV, NULL),
-          "remount " SOCK_DIR);
 
     /* /tmp stays on the overlay, so it is checkpointed with the rest. */
     ensure_dir("tmp", 01777, "mkdir /tmp");
@@ -1278,28 +1290,54 @@ struct options {
 };
 
 #define SERVE_FLAG "--serve-as-pid1"
-#define INIT_COPY  SOCK_DIR "/deltabox-init"
+#define INIT_DIR   "/.deltabox"
+#define INIT_COPY  INIT_DIR "/deltabox-init"
+#define INIT_TMP   INIT_DIR "/.deltabox-init.new"
 
-/* Re-execute ourselves from a copy inside the sandbox.  The launcher's
- * binary lives on a host mount that the sandbox's mount namespace cannot
- * see, and CRIU cannot dump a mapping of a file it cannot find there.  The
- * copy sits on the /dev tmpfs, so CRIU dumps it with the image; a daemon
- * upgrade therefore never invalidates the images of running sandboxes.
- * (A memfd would hide it better, but CRIU 4.1 cannot restore a memfd exe.) */
-static _Noreturn void reexec_from_sandbox(void)
+/* 1 if the two files hold the same bytes. */
+static int same_content(int a, int b)
 {
-    char fdarg[16];
-    char *argv[] = {"deltabox-init", SERVE_FLAG, fdarg, NULL};
-    char *envp[] = {NULL};
+    static char ba[READ_CHUNK], bb[READ_CHUNK];
+    struct stat sa, sb;
+    ssize_t na, nb;
+
+    if (fstat(a, &sa) < 0 || fstat(b, &sb) < 0 || sa.st_size != sb.st_size)
+        return 0;
+    for (;;) {
+        na = read(a, ba, sizeof ba);
+        nb = read(b, bb, sizeof bb);
+        if (na != nb || na < 0)
+            return 0;
+        if (na == 0)
+            return 1;
+        if (memcmp(ba, bb, (size_t)na) != 0)
+            return 0;
+    }
+}
+
+/* Make INIT_COPY a copy of the running binary (unless it already is). */
+static void install_self_copy(void)
+{
     struct stat st;
-    int exe, copy;
+    int exe, old, copy;
 
     exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     CHECK(exe, "open /proc/self/exe");
+    old = open(INIT_COPY, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (old >= 0) {
+        int same = same_content(exe, old);
+        close(old);
+        if (same) {
+            close(exe);
+            return;
+        }
+        CHECK(lseek(exe, 0, SEEK_SET), "seek /proc/self/exe");
+    }
     CHECK(fstat(exe, &st), "stat /proc/self/exe");
-    unlink(INIT_COPY);
-    copy = open(INIT_COPY, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0500);
-    CHECK(copy, "create " INIT_COPY);
+    ensure_dir(INIT_DIR, 0700, "mkdir " INIT_DIR);
+    unlink(INIT_TMP);
+    copy = open(INIT_TMP, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0500);
+    CHECK(copy, "create " INIT_TMP);
     for (off_t done = 0; done < st.st_size;) {
         ssize_t n = sendfile(copy, exe, NULL, (size_t)(st.st_size - done));
         if (n <= 0) {
@@ -1310,7 +1348,25 @@ static _Noreturn void reexec_from_sandbox(void)
         done += n;
     }
     close(exe);
-    CHECK(close(copy), "write " INIT_COPY);
+    CHECK(close(copy), "write " INIT_TMP);
+    /* rename: a running init elsewhere keeps its (old) inode */
+    CHECK(rename(INIT_TMP, INIT_COPY), "rename " INIT_COPY);
+}
+
+/* Re-execute ourselves from a copy inside the sandbox's root filesystem.
+ * The launcher's binary lives on a host mount the sandbox cannot see, and
+ * CRIU cannot dump a mapping of a file it cannot find in the dumped mount
+ * namespace.  On the overlay the copy costs a dump nothing (a tmpfs copy
+ * would be tar+gzipped into every image, a memfd exe CRIU 4.1 cannot
+ * restore), and it is checkpointed with the layers, so the binary in a
+ * branch always matches the process images taken on it, across upgrades. */
+static _Noreturn void reexec_from_sandbox(void)
+{
+    char fdarg[16];
+    char *argv[] = {"deltabox-init", SERVE_FLAG, fdarg, NULL};
+    char *envp[] = {NULL};
+
+    install_self_copy();
     /* The sync pipe is the one fd that must cross the exec. */
     CHECK(fcntl(sync_fd, F_SETFD, 0), "sync pipe cloexec");
     snprintf(fdarg, sizeof fdarg, "%d", sync_fd);
@@ -1343,6 +1399,9 @@ static _Noreturn void run_pid1(const struct options *o)
     /* Our own session: CRIU refuses a tree whose session leader is
      * outside the pid namespace (the launcher's session is). */
     CHECK(setsid(), "setsid");
+    /* The sandbox's memory limit must kill the hog, never its init (while we
+     * still hold CAP_SYS_RESOURCE, needed to go below 0). */
+    write_oom_score_adj("-1000");
     umask(0);
     CHECK(mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), "make mounts private");
     CHECK(chdir(o->rootfs), "chdir rootfs");

@@ -120,12 +120,14 @@ class SpawnFailed(Exception):
 # ----------------------------------------------------------------- the sandbox
 
 class Sandbox:
-    def __init__(self, binary):
+    def __init__(self, binary, pid=None):
+        """A new sandbox to build(), or (pid=...) a handle on a running one."""
         self.binary = binary
-        self.base = tempfile.mkdtemp(prefix="dbx-init-test-")
+        self.base = None if pid else tempfile.mkdtemp(prefix="dbx-init-test-")
         self.mounts = []
         self.cgroups = []
-        self.pid = None
+        self.pid = pid
+        self.sock_path = f"/proc/{pid}/root/dev/.deltabox/init.sock" if pid else None
         self.extra_pids = []      # restored copies, killed with the sandbox
 
     def mount(self, *args):
@@ -215,7 +217,9 @@ class Sandbox:
                 except OSError:
                     time.sleep(0.05)
         self.cgroups = []
-        shutil.rmtree(self.base, ignore_errors=True)
+        if self.base:
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
 
 
 def wait_for(cond, timeout=3.0, what="condition"):
@@ -400,7 +404,7 @@ def t_session(sb):
         d.spawn(["sh"], session="s1")
         raise AssertionError("duplicate session name accepted")
     except SpawnFailed as e:
-        assert e.frame == ("F", b"errno=17 spawn s1: session name in use"), e.frame
+        assert e.frame == ("F", b"errno=17 spawn s1: session already exists"), e.frame
 
     a = sb.connect()
     a.send("A", b"s1")
@@ -419,6 +423,72 @@ def t_session(sb):
     n = sb.connect()
     n.send("A", b"s1")
     assert n.expect("F") == b"errno=2 attach s1: no such session"
+
+
+def t_detached_output_is_bounded(sb):
+    """A detached session never blocks; init keeps only the newest 1 MiB."""
+    c = sb.connect()
+    c.spawn(["sh"], session="loud")
+    c.send("I", b"cat /data/big; echo END\n")
+    c.close()
+    time.sleep(1.0)
+    a = sb.connect()
+    a.send("A", b"loud")
+    a.expect("P")
+    held = a.expect("O")
+    assert len(held) == 1 << 20, len(held)
+    assert held == (sb.big + b"END\n")[-(1 << 20):]
+    a.send("I", b"exit\n")
+    _, _, st = a.collect()
+    assert st == 0
+
+
+def t_stdin_backpressure(sb):
+    """A child that does not read stdin: init buffers a bounded amount and
+    then stops reading the client, so the client's writes block."""
+    c = sb.connect()
+    c.spawn(["sh", "-c", "sleep 1; wc -c"])
+    data = b"x" * (6 * 1000 * 1000)
+    sent = threading.Event()
+
+    def sender():
+        for i in range(0, len(data), 100 * 1000):
+            c.send("I", data[i:i + 100 * 1000])
+        c.send("i")
+        sent.set()
+    t = threading.Thread(target=sender)
+    t.start()
+    time.sleep(0.5)
+    rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{sb.pid}/status").read()).group(1))
+    assert not sent.is_set(), "init swallowed 6 MB of stdin nobody reads"
+    assert rss < 8 * 1024, f"init RSS {rss} kB"
+    t.join()
+    out, _, st = c.collect()
+    assert out.strip() == b"6000000" and st == 0, out
+
+
+def t_dump_barrier(sb):
+    """After clients close, one LIST read to EOF proves init closed them all."""
+    conns = []
+    for _ in range(20):
+        c = sb.connect()
+        c.send("H")
+        c.expect("h")
+        conns.append(c)
+    c = sb.connect()
+    c.spawn(["sleep", "100"], session="bar")
+    conns.append(c)
+    for c in conns:
+        c.close()
+    quiesce(sb)
+    fds = os.listdir(f"/proc/{sb.pid}/fd")
+    # 0-2, listening socket, signalfd, and the session's 3 pipes
+    assert len(fds) == 8, [os.readlink(f"/proc/{sb.pid}/fd/{f}") for f in fds]
+    k = sb.connect()
+    k.send("A", b"bar")
+    k.expect("P")
+    k.send("K", struct.pack("<I", 9))
+    k.collect()
 
 
 def t_session_exit_while_detached(sb):
@@ -496,6 +566,12 @@ def t_isolation(sb):
     # the host's root is not reachable
     out, _, _ = sb.run(["ls", "/"])
     assert b"merged" not in out and b"lower" not in out
+    # pid 1 runs from its copy on the overlay (CRIU must find its exe there)
+    assert os.readlink(f"/proc/{sb.pid}/exe") == "/.deltabox/deltabox-init"
+    with open(sb.inside("/.deltabox/deltabox-init"), "rb") as f, open(sb.binary, "rb") as g:
+        assert f.read() == g.read()
+    out, _, _ = sb.run(["cat", "/proc/1/cmdline"])
+    assert out.split(b"\0")[:2] == [b"deltabox-init", b"--serve-as-pid1"], out
     # cgroups were joined before the namespaces were made
     cg = open(f"/proc/{sb.pid}/cgroup").read()
     for path in sb.cgroups:
@@ -630,9 +706,7 @@ def t_criu_dump_restore(sb):
     print(f"    criu dump {dump_ms:.0f} ms, restore {restore_ms:.0f} ms")
 
     orig_pid = sb.pid
-    twin = Sandbox(sb.binary)
-    twin.pid = int(open(pidfile).read())
-    twin.sock_path = f"/proc/{twin.pid}/root/dev/.deltabox/init.sock"
+    twin = Sandbox(sb.binary, pid=int(open(pidfile).read()))
     sb.extra_pids.append(twin.pid)
     assert twin.pid != orig_pid
     for box in (sb, twin):
@@ -664,7 +738,8 @@ def t_criu_dump_restore(sb):
 TESTS = [
     t_launcher_reports_errors, t_hello, t_echo, t_exit_code_and_stderr, t_exec_missing,
     t_bad_cwd, t_env, t_stdin_relay, t_big_output, t_slow_reader_backpressure, t_signal,
-    t_disconnect_kills, t_background_grandchild, t_session, t_session_exit_while_detached,
+    t_disconnect_kills, t_background_grandchild, t_session, t_detached_output_is_bounded,
+    t_stdin_backpressure, t_dump_barrier, t_session_exit_while_detached,
     t_pty, t_isolation, t_zombies_reaped, t_concurrent, t_protocol_errors,
     t_init_holds_nothing_from_host, t_criu_dump_restore, t_init_holds_nothing_from_host,
 ]
@@ -678,6 +753,7 @@ def main():
     if not os.path.exists(BUSYBOX):
         sys.exit(f"{BUSYBOX} missing: apt-get install -y busybox-static")
     sb = Sandbox(os.path.abspath(sys.argv[1]))
+    base = sb.base
     failed = 0
     try:
         sb.build()
@@ -695,7 +771,8 @@ def main():
         sb.destroy()
         for pid in [sb.pid] + sb.extra_pids:
             assert not os.path.exists(f"/proc/{pid}"), "init survived SIGKILL"
-        assert not any(m for m in open("/proc/self/mountinfo") if sb.base in m), "mounts left"
+        assert not any(m for m in open("/proc/self/mountinfo") if base in m), "mounts left"
+        assert not os.path.exists(base), "temp dir left"
         print("PASS sandbox killed and unmounted")
     finally:
         sb.destroy()

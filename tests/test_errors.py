@@ -1,0 +1,418 @@
+"""Bad requests get clear gRPC errors: the right status code, a message naming the
+offending thing, no side effects -- checked with the typed client and with raw stubs
+(so the client cannot hide or invent a code). Plus the API surface around it: checkpoint
+RPCs answer UNIMPLEMENTED, gRPC health and reflection work, oversized messages are
+refused by gRPC without hurting the daemon.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import deltabox
+from conftest import TINY_TAR, sandbox_cgroups
+from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
+
+UNKNOWN = "no-such-sandbox-4242"
+MiB = 1 << 20
+DAEMON_LIMIT = 80 * MiB  # Config.max_message_bytes
+
+
+@pytest.fixture(scope="module")
+def channel(daemon):
+    """A raw channel that lets us send more than the daemon accepts."""
+    ch = grpc.insecure_channel(f"unix:{daemon.socket}", options=[
+        ("grpc.max_send_message_length", 200 * MiB),
+        ("grpc.max_receive_message_length", 200 * MiB)])
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="module")
+def stubs(channel):
+    class S:
+        images = pb_grpc.ImagesStub(channel)
+        sandboxes = pb_grpc.SandboxesStub(channel)
+        checkpoints = pb_grpc.CheckpointsStub(channel)
+        system = pb_grpc.SystemStub(channel)
+    return S
+
+
+def rpc_error(call) -> grpc.RpcError:
+    """Run `call()` (draining a stream) and return the RpcError it must raise."""
+    with pytest.raises(grpc.RpcError) as exc:
+        res = call()
+        if hasattr(res, "__iter__") and not hasattr(res, "SerializeToString"):
+            list(res)
+    return exc.value
+
+
+def assert_status(err: grpc.RpcError, code: grpc.StatusCode, *mentions: str) -> None:
+    assert err.code() == code, (err.code(), err.details())
+    details = err.details() or ""
+    assert details.strip(), f"empty message for {code}"
+    for m in mentions:
+        assert m.lower() in details.lower(), f"{m!r} not in {details!r}"
+
+
+def rpc_count(client, method: str) -> int:
+    """How many calls of `method` the daemon has seen (any status), from its metrics."""
+    text = client.stats().prometheus_text
+    return int(sum(float(v) for v in re.findall(
+        rf'^deltabox_rpc_seconds_count{{[^}}]*method="{method}"[^}}]*}} (\S+)$', text, re.M)))
+
+
+# ---- unknown objects -----------------------------------------------------------------------
+
+def _shell(s, sandbox):
+    return s.Shell(iter([pb.ShellInput(start=pb.ShellStart(sandbox=sandbox, argv=["true"]))]))
+
+
+SANDBOX_RPCS = {
+    "GetSandbox": lambda s, x: s.GetSandbox(pb.GetSandboxRequest(sandbox=x)),
+    "DestroySandbox": lambda s, x: s.DestroySandbox(pb.DestroySandboxRequest(sandbox=x)),
+    "Exec": lambda s, x: s.Exec(pb.ExecRequest(sandbox=x, argv=["true"])),
+    "Exec(shell)": lambda s, x: s.Exec(pb.ExecRequest(sandbox=x, shell="true")),
+    "OpenSession": lambda s, x: s.OpenSession(pb.OpenSessionRequest(sandbox=x)),
+    "RunInSession": lambda s, x: s.RunInSession(pb.RunInSessionRequest(
+        sandbox=x, session="s1", code="true")),
+    "ListSessions": lambda s, x: s.ListSessions(pb.ListSessionsRequest(sandbox=x)),
+    "CloseSession": lambda s, x: s.CloseSession(pb.CloseSessionRequest(sandbox=x, session="s1")),
+    "Shell": _shell,
+    "ReadFile": lambda s, x: s.ReadFile(pb.ReadFileRequest(sandbox=x, path="/etc/hostname")),
+    "WriteFile": lambda s, x: s.WriteFile(pb.WriteFileRequest(sandbox=x, path="/tmp/x",
+                                                              data=b"x")),
+    "ListDir": lambda s, x: s.ListDir(pb.ListDirRequest(sandbox=x, path="/")),
+    "StatPath": lambda s, x: s.StatPath(pb.StatPathRequest(sandbox=x, path="/")),
+    "RemovePath": lambda s, x: s.RemovePath(pb.RemovePathRequest(sandbox=x, path="/tmp/x")),
+    "MakeDir": lambda s, x: s.MakeDir(pb.MakeDirRequest(sandbox=x, path="/tmp/d")),
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(SANDBOX_RPCS))
+def test_unknown_sandbox_is_not_found_raw(stubs, rpc):
+    err = rpc_error(lambda: SANDBOX_RPCS[rpc](stubs.sandboxes, UNKNOWN))
+    assert_status(err, grpc.StatusCode.NOT_FOUND, UNKNOWN)
+
+
+@pytest.mark.parametrize("rpc", sorted(SANDBOX_RPCS))
+def test_empty_sandbox_ref_is_invalid_raw(stubs, rpc):
+    err = rpc_error(lambda: SANDBOX_RPCS[rpc](stubs.sandboxes, ""))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "sandbox")
+
+
+def test_unknown_sandbox_is_not_found_client(client):
+    with pytest.raises(deltabox.NotFound, match=UNKNOWN):
+        client.get(UNKNOWN)
+    ghost = deltabox.Sandbox(client, pb.Sandbox(id=UNKNOWN))
+    calls = {
+        "destroy": ghost.destroy, "exec": lambda: ghost.exec(["true"]),
+        "exec_stream": lambda: list(ghost.exec_stream("true")),
+        "open_session": lambda: ghost.open_session("sh"), "list_sessions": ghost.list_sessions,
+        "session": lambda: ghost.session("s1"),
+        "read_file": lambda: ghost.read_file("/etc/hostname"),
+        "write_file": lambda: ghost.write_file("/tmp/x", b"x"), "list_dir": ghost.list_dir,
+        "stat": lambda: ghost.stat("/"), "remove": lambda: ghost.remove("/tmp/x"),
+        "mkdir": lambda: ghost.mkdir("/tmp/d"), "refresh": ghost.refresh,
+    }
+    for what, call in calls.items():
+        with pytest.raises(deltabox.NotFound) as exc:
+            call()
+        assert UNKNOWN in exc.value.message, (what, exc.value.message)
+        assert exc.value.code == "NOT_FOUND"
+
+
+def test_unknown_session_is_not_found(tiny, stubs):
+    for call in (lambda: stubs.sandboxes.RunInSession(pb.RunInSessionRequest(
+                     sandbox=tiny.id, session="ghost-session", code="true")),
+                 lambda: stubs.sandboxes.CloseSession(pb.CloseSessionRequest(
+                     sandbox=tiny.id, session="ghost-session"))):
+        assert_status(rpc_error(call), grpc.StatusCode.NOT_FOUND, "ghost-session")
+    with pytest.raises(deltabox.NotFound, match="ghost-session"):
+        tiny.session("ghost-session")
+
+
+def test_unknown_image(client, stubs):
+    before = {s.id for s in client.list()}
+    cgroups = sandbox_cgroups()
+    with pytest.raises(deltabox.NotFound, match="no-such-image"):
+        client.create("no-such-image")
+    err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(
+        pb.CreateSandboxRequest(image="no-such-image", name="orphan")))
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "no-such-image")
+    assert {s.id for s in client.list()} == before, "a failed create left a record"
+    assert sandbox_cgroups() <= cgroups
+    err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(pb.CreateSandboxRequest()))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "image")
+    with pytest.raises(deltabox.NotFound, match="no-such-image"):
+        client.remove_image("no-such-image")
+    err = rpc_error(lambda: stubs.images.ImportImage(pb.ImportImageRequest(name="x")))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "source")
+
+
+# ---- invalid arguments on create -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["UPPER", "a/b", "../x", "x" * 200, "-lead", "a b", "é",
+                                  "a\0b"])
+def test_invalid_sandbox_names(client, stubs, name):
+    before = {s.id for s in client.list()}
+    with pytest.raises(deltabox.InvalidArgument) as exc:
+        client.create("tiny", name=name)
+    assert repr(name) in exc.value.message
+    err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(
+        pb.CreateSandboxRequest(image="tiny", name=name)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, repr(name))
+    assert {s.id for s in client.list()} == before
+
+
+def test_empty_name_is_generated_and_taken_name_is_refused(client):
+    """`name` is optional (the proto): '' gets a generated, valid name."""
+    with client.create("tiny", name="") as sbx:
+        assert re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", sbx.name), sbx.name
+        with pytest.raises(deltabox.AlreadyExists, match=re.escape(sbx.name)):
+            client.create("tiny", name=sbx.name)
+
+
+def test_invalid_hostname(client):
+    with pytest.raises(deltabox.InvalidArgument, match="Bad_Host!"):
+        client.create("tiny", hostname="Bad_Host!")
+
+
+@pytest.mark.parametrize("limits,mention", [
+    ({"memory": -1}, "limit"), ({"pids": -1}, "limit"), ({"cpus": -0.5}, "limit"),
+    ({"memory": 1 * MiB}, "memory"),
+    ({"cpus": math.nan}, "cpu"), ({"cpus": math.inf}, "cpu"),
+])
+def test_invalid_limits(client, stubs, limits, mention):
+    before = {s.id for s in client.list()}
+    cgroups = sandbox_cgroups()
+    try:
+        with pytest.raises(deltabox.InvalidArgument) as exc:
+            client.create("tiny", **limits)
+        assert mention in exc.value.message.lower()
+        raw = pb.Limits(memory_bytes=limits.get("memory", 0), pids=limits.get("pids", 0),
+                        cpus=limits.get("cpus", 0.0))
+        err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(
+            pb.CreateSandboxRequest(image="tiny", limits=raw)))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, mention)
+        assert {s.id for s in client.list()} == before
+        assert sandbox_cgroups() <= cgroups
+    finally:  # a sandbox wrongly accepted must not outlive the test
+        for s in client.list():
+            if s.id not in before:
+                s.destroy()
+
+
+def test_unknown_network_enum(client, stubs):
+    before = {s.id for s in client.list()}
+    err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(
+        pb.CreateSandboxRequest(image="tiny", network=99)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "network")
+    assert {s.id for s in client.list()} == before
+    with pytest.raises(ValueError, match="network"):
+        client.create("tiny", network="bogus")
+
+
+@pytest.mark.parametrize("env,mention", [
+    ({"A=B": "x"}, "A=B"), ({"": "x"}, "environment"), ({"A\0B": "x"}, "environment"),
+    ({"GOOD": "x\0y"}, "GOOD"),
+])
+def test_invalid_env_on_create_and_exec(client, tiny, stubs, env, mention):
+    before = {s.id for s in client.list()}
+    with pytest.raises(deltabox.InvalidArgument) as exc:
+        client.create("tiny", env=env)
+    assert mention in exc.value.message
+    assert {s.id for s in client.list()} == before
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(sandbox=tiny.id,
+                                                                argv=["true"], env=env)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, mention)
+    err = rpc_error(lambda: stubs.sandboxes.OpenSession(pb.OpenSessionRequest(
+        sandbox=tiny.id, kind=pb.SESSION_KIND_SH, env=env)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, mention)
+    assert tiny.list_sessions() == []
+
+
+# ---- invalid exec / session requests -------------------------------------------------------
+
+def test_exec_argv_errors(tiny, stubs):
+    for argv in ([], [""]):
+        with pytest.raises(deltabox.InvalidArgument, match="argv"):
+            tiny.exec(argv)
+        err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(sandbox=tiny.id,
+                                                                    argv=argv)))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "argv")
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(
+        sandbox=tiny.id, argv=["echo", "a"], shell="echo b")))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "argv", "shell")
+    with pytest.raises(deltabox.InvalidArgument, match="NUL"):
+        tiny.exec(["echo", "a\0b"])
+    with pytest.raises(deltabox.InvalidArgument, match="NUL"):
+        tiny.exec(["true"], cwd="/tmp\0x")
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(sandbox=tiny.id, argv=["true"],
+                                                                timeout_seconds=-1)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "timeout")
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(sandbox=tiny.id, argv=["true"],
+                                                                max_output_bytes=-5)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "max_output")
+    # none of it left a process behind
+    assert tiny.exec("ps -o comm | grep -c echo || true").stdout.strip() == b"0"
+
+
+def test_session_kind_and_name_errors(tiny, stubs):
+    err = rpc_error(lambda: stubs.sandboxes.OpenSession(pb.OpenSessionRequest(
+        sandbox=tiny.id, kind=99)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "kind", "99")
+    err = rpc_error(lambda: stubs.sandboxes.OpenSession(pb.OpenSessionRequest(
+        sandbox=tiny.id, kind=pb.SESSION_KIND_SH, name="Bad/Name")))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "Bad/Name")
+    assert tiny.list_sessions() == []
+
+
+def test_shell_first_message_must_be_start(tiny, stubs):
+    err = rpc_error(lambda: stubs.sandboxes.Shell(iter([pb.ShellInput(stdin=b"ls\n")])))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "start")
+
+
+def test_shell_without_any_message(stubs):
+    """A client that opens Shell and closes its side at once sent a malformed request."""
+    err = rpc_error(lambda: stubs.sandboxes.Shell(iter([])))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "start")
+
+
+def test_file_path_errors(tiny):
+    with pytest.raises(deltabox.NotFound, match="/no/such/file"):
+        tiny.read_file("/no/such/file")
+    with pytest.raises(deltabox.InvalidArgument, match="/etc"):
+        tiny.read_file("/etc")
+    with pytest.raises(deltabox.InvalidArgument, match="path"):
+        tiny.read_file("")
+    with pytest.raises(deltabox.InvalidArgument):
+        tiny.read_file("/etc/\0passwd")
+    with pytest.raises(deltabox.InvalidArgument, match="offset"):
+        tiny.read_file("/etc/passwd", offset=-1)
+
+
+# ---- payload limits ------------------------------------------------------------------------
+
+def test_oversized_messages_are_refused_and_daemon_stays_healthy(client, tiny, stubs):
+    # within the limit: a 64 MiB write goes through
+    assert tiny.write_file("/tmp/big-ok", b"a" * (64 * MiB)) == 64 * MiB
+    assert tiny.stat("/tmp/big-ok").size == 64 * MiB
+    tiny.remove("/tmp/big-ok")
+    too_big = b"b" * (DAEMON_LIMIT + MiB)
+    # the daemon's gRPC server refuses it (our raw channel would send up to 200 MiB)
+    err = rpc_error(lambda: stubs.sandboxes.WriteFile(pb.WriteFileRequest(
+        sandbox=tiny.id, path="/tmp/big", data=too_big)))
+    assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(
+        sandbox=tiny.id, argv=["cat"], stdin=too_big)))
+    assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    # the typed client stops it before sending (same limit)
+    with pytest.raises(deltabox.ResourceExhausted):
+        tiny.write_file("/tmp/big", too_big)
+    del too_big
+    # nothing was written, and the daemon and the sandbox carry on
+    with pytest.raises(deltabox.NotFound):
+        tiny.stat("/tmp/big")
+    assert client.status().sandboxes >= 1
+    assert tiny.exec(["echo", "alive"]).stdout == b"alive\n"
+    with client.create("tiny") as other:
+        assert other.exec("echo fresh").stdout == b"fresh\n"
+
+
+# ---- the client's own checks ---------------------------------------------------------------
+
+def test_wrong_types_raise_type_error_before_sending(client, tiny):
+    cases = {
+        "CreateSandbox": [lambda: client.create(123), lambda: client.create("tiny", name=5),
+                          lambda: client.create("tiny", memory="1G"),
+                          lambda: client.create("tiny", env={"A": 1}),
+                          lambda: client.create("tiny", hostname=7)],
+        "GetSandbox": [lambda: client.get(5)],
+        "Exec": [lambda: tiny.exec([1, 2]), lambda: tiny.exec(["true"], env={"A": 1}),
+                 lambda: tiny.exec(["true"], cwd=5), lambda: tiny.exec(["cat"], stdin=5),
+                 lambda: tiny.exec(["true"], timeout="1")],
+        "WriteFile": [lambda: tiny.write_file("/tmp/x", 123),
+                      lambda: tiny.write_file(5, b"x")],
+        "ReadFile": [lambda: tiny.read_file(5), lambda: tiny.read_file("/x", offset="1")],
+        "ImportImage": [lambda: client.import_image(5, TINY_TAR),
+                        lambda: client.import_image("x", 5)],
+        "RemoveImage": [lambda: client.remove_image(5)],
+    }
+    seen = {m: rpc_count(client, m) for m in cases}
+    for method, calls in cases.items():
+        for call in calls:
+            with pytest.raises(TypeError):
+                call()
+    assert {m: rpc_count(client, m) for m in cases} == seen, "a call reached the daemon"
+
+
+def test_client_rejects_unknown_choices_with_value_error(tiny):
+    """`network` and session `kind` are the client's string enums; a wrong one should be a
+    ValueError naming the choices, as create(network=...) does."""
+    with pytest.raises(ValueError, match="network"):
+        tiny._client.create("tiny", network="bridge")
+    with pytest.raises(ValueError, match="fish"):
+        tiny.open_session("fish")
+
+
+# ---- checkpoints, health, reflection -------------------------------------------------------
+
+CHECKPOINT_RPCS = {
+    "Checkpoint": lambda s, x: s.Checkpoint(pb.CheckpointRequest(sandbox=x, label="l")),
+    "Rollback": lambda s, x: s.Rollback(pb.RollbackRequest(sandbox=x, checkpoint="cp-1")),
+    "Fork": lambda s, x: s.Fork(pb.ForkRequest(checkpoint="cp-1", n=2)),
+    "ListCheckpoints": lambda s, x: s.ListCheckpoints(pb.ListCheckpointsRequest(sandbox=x)),
+    "Diff": lambda s, x: s.Diff(pb.DiffRequest(**{"from": "cp-1", "to": x})),
+    "DeleteCheckpoint": lambda s, x: s.DeleteCheckpoint(
+        pb.DeleteCheckpointRequest(checkpoint="cp-1")),
+    "PinCheckpoint": lambda s, x: s.PinCheckpoint(pb.PinCheckpointRequest(checkpoint="cp-1",
+                                                                          pinned=True)),
+}
+
+
+def test_checkpoint_rpcs_are_unimplemented(tiny, stubs):
+    assert set(CHECKPOINT_RPCS) == set(pb.DESCRIPTOR.services_by_name["Checkpoints"]
+                                       .methods_by_name)
+    for rpc, call in CHECKPOINT_RPCS.items():
+        err = rpc_error(lambda: call(stubs.checkpoints, tiny.id))
+        assert_status(err, grpc.StatusCode.UNIMPLEMENTED, "checkpoint")
+    with pytest.raises(deltabox.Unimplemented, match="checkpoint"):
+        tiny.checkpoint("x")
+    assert tiny.exec("echo ok").stdout == b"ok\n"  # unharmed
+
+
+def test_health_serving(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "deltabox.v1.Sandboxes", "deltabox.v1.Images", "deltabox.v1.System",
+                    "deltabox.v1.Checkpoints"):
+        r = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING, service
+    err = rpc_error(lambda: health.Check(health_pb2.HealthCheckRequest(service="no.such.Svc")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_services(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = list(stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="deltabox.v1.Sandboxes"),
+    ])))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"deltabox.v1.Images", "deltabox.v1.Sandboxes", "deltabox.v1.Checkpoints",
+            "deltabox.v1.System", "grpc.health.v1.Health"} <= names
+    files = replies[1].file_descriptor_response.file_descriptor_proto
+    assert files and any(b"deltabox.v1" in f for f in files)
+
+
+def test_unknown_method_is_unimplemented(channel):
+    call = channel.unary_unary("/deltabox.v1.Sandboxes/NoSuchMethod")
+    err = rpc_error(lambda: call(b""))
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
