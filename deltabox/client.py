@@ -134,6 +134,12 @@ class _ExecCollector:
                           x.duration_seconds, self.pid)
 
 
+def _session_kind(kind: str) -> int:
+    if kind not in _SESSION_KIND:
+        raise ValueError(f"session kind must be one of {sorted(_SESSION_KIND)}, not {kind!r}")
+    return _SESSION_KIND[kind]
+
+
 def _session_result(r: pb.RunInSessionResponse) -> SessionResult:
     return SessionResult(r.exit_code, r.stdout, r.stderr, r.duration_seconds)
 
@@ -267,7 +273,7 @@ class Sandbox:
     def open_session(self, kind: str = "bash", name: str = "", *, env: dict | None = None,
                      cwd: str = "") -> "Session":
         info = self._client._call(_Op("sandboxes", "OpenSession", pb.OpenSessionRequest(
-            sandbox=self.info.id, name=name, kind=_SESSION_KIND[kind], env=env or {},
+            sandbox=self.info.id, name=name, kind=_session_kind(kind), env=env or {},
             cwd=cwd)))
         return Session(self, info)
 
@@ -437,7 +443,7 @@ class AsyncSandbox:
     async def open_session(self, kind: str = "bash", name: str = "", *,
                            env: dict | None = None, cwd: str = "") -> "AsyncSession":
         info = await self._client._call(_Op("sandboxes", "OpenSession", pb.OpenSessionRequest(
-            sandbox=self.info.id, name=name, kind=_SESSION_KIND[kind], env=env or {},
+            sandbox=self.info.id, name=name, kind=_session_kind(kind), env=env or {},
             cwd=cwd)))
         return AsyncSession(self, info)
 

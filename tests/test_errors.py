@@ -189,7 +189,8 @@ def test_invalid_hostname(client):
     ({"memory": -1}, "limit"), ({"pids": -1}, "limit"), ({"cpus": -0.5}, "limit"),
     ({"memory": 1 * MiB}, "memory"),
     ({"cpus": math.nan}, "cpu"), ({"cpus": math.inf}, "cpu"),
-])
+], ids=["memory-negative", "pids-negative", "cpus-negative", "memory-1MiB", "cpus-nan",
+        "cpus-inf"])
 def test_invalid_limits(client, stubs, limits, mention):
     before = {s.id for s in client.list()}
     cgroups = sandbox_cgroups()
