@@ -16,14 +16,14 @@ from pathlib import Path
 from deltabox import _native
 
 __all__ = [
-    "mount", "umount", "openat2", "ficlone", "is_mountpoint", "mounts_under",
+    "mount", "mount_overlay", "umount", "openat2", "ficlone", "is_mountpoint", "mounts_under",
     "filesystem_type", "HAS_OPENAT2", "RESOLVE_IN_ROOT", "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_BENEATH", "MS_BIND", "MS_REC", "MS_PRIVATE", "MS_RDONLY", "MS_REMOUNT",
     "MNT_DETACH",
 ]
 
 _lib = _native.lib
-NATIVE_ABI_VERSION = 1
+NATIVE_ABI_VERSION = 2
 if _lib.NATIVE_ABI_VERSION != NATIVE_ABI_VERSION:  # stale build
     raise ImportError(f"deltabox._native ABI {_lib.NATIVE_ABI_VERSION} != {NATIVE_ABI_VERSION}; "
                       "rebuild with `python native/build.py`")
@@ -60,6 +60,20 @@ def mount(source: str, target: str | os.PathLike, fstype: str | None, flags: int
     _check(_lib.dbx_mount(source.encode(), os.fsencode(target),
                           fstype.encode() if fstype else ffi.NULL, flags,
                           data.encode() if data else ffi.NULL), f"mount {fstype or ''}", target)
+
+
+def mount_overlay(target: str | os.PathLike, lowers: list[str], upper: str | None = None,
+                  work: str | None = None, options: tuple[str, ...] = (),
+                  readonly: bool = False) -> None:
+    """Mount overlayfs; `lowers` bottom first. One fsconfig("lowerdir+") per layer,
+    so there is no limit on the length of the chain's paths (up to 500 layers)."""
+    ffi = _native.ffi
+    keep = [ffi.new("char[]", os.fsencode(p)) for p in reversed(lowers)]
+    opts = [ffi.new("char[]", o.encode()) for o in options]
+    _check(_lib.dbx_mount_overlay(
+        os.fsencode(target), ffi.new("char *[]", keep), len(keep),
+        os.fsencode(upper) if upper else ffi.NULL, os.fsencode(work) if work else ffi.NULL,
+        ffi.new("char *[]", opts), len(opts), int(readonly)), "mount overlay", target)
 
 
 def umount(target: str | os.PathLike, flags: int = 0) -> None:

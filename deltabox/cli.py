@@ -85,6 +85,8 @@ def cmd_daemon(args) -> int:
     if args.daemon_socket or args.socket:
         cfg.socket = Path(args.daemon_socket or args.socket)
     cfg.store_size = args.store_size
+    cfg.durable = args.durable
+    cfg.standby = not args.no_standby
     cfg.tcp_address = args.tcp
     cfg.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     cfg.tls_key = Path(args.tls_key) if args.tls_key else None
@@ -281,25 +283,80 @@ def cmd_stats(args, client) -> int:
     return 0
 
 
-def cmd_checkpoint_family(args, client) -> int:
-    """snapshot / restore / fork / tree / diff: the checkpoint API (DeltaFS, DeltaCR)."""
-    from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-    from deltabox.client import _Op
-    op = {
-        "snapshot": lambda: _Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
-            sandbox=args.sandbox, label=args.m or "",
-            mode=pb.CHECKPOINT_MODE_FULL if args.full else pb.CHECKPOINT_MODE_FS)),
-        "restore": lambda: _Op("checkpoints", "Rollback", pb.RollbackRequest(
-            sandbox=args.sandbox, checkpoint=args.checkpoint)),
-        "fork": lambda: _Op("checkpoints", "Fork", pb.ForkRequest(checkpoint=args.checkpoint,
-                                                                  n=args.n)),
-        "tree": lambda: _Op("checkpoints", "ListCheckpoints",
-                            pb.ListCheckpointsRequest(sandbox=args.sandbox)),
-        "diff": lambda: _Op("checkpoints", "Diff", pb.DiffRequest(**{"from": args.a,
-                                                                      "to": args.b})),
-    }[args.command]()
-    reply = client._call(op)
-    _out(args, reply, lambda: str(reply))
+def _timings(t: dict) -> str:
+    return ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in sorted(t.items()))
+
+
+def cmd_snapshot(args, client) -> int:
+    ck = client.get(args.sandbox).checkpoint(args.m or "", full=args.full)
+    if args.json:
+        _out(args, ck)
+    else:
+        print(ck.id)
+        print(f"({_timings(dict(ck.timings_ms))})", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args, client) -> int:
+    res = client.get(args.sandbox).rollback(args.checkpoint)
+    _out(args, {"sandbox": res.sandbox.id, "path": res.path, "timings_ms": res.timings_ms},
+         lambda: f"{res.sandbox.name} rolled back to {args.checkpoint} via {res.path} "
+                 f"({_timings(res.timings_ms)})")
+    return 0
+
+
+def cmd_fork(args, client) -> int:
+    children = client.fork(args.checkpoint, args.n)
+    rows = [{"sandbox": c.sandbox.id if c.sandbox else "",
+             "error": f"{type(c.error).__name__}: {c.error.message}" if c.error else ""}
+            for c in children]
+    _out(args, rows, lambda: "\n".join(r["sandbox"] or r["error"] for r in rows))
+    return 0 if all(c.sandbox for c in children) else 1
+
+
+def cmd_tree(args, client) -> int:
+    sbx = client.get(args.sandbox)
+    ckpts = sbx.checkpoints()
+    if args.json:
+        _out(args, ckpts)
+        return 0
+    from rich.console import Console
+    from rich.tree import Tree
+    import datetime
+    head = sbx.info
+    children: dict[str, list] = {}
+    ids = {c.id for c in ckpts}
+    for c in ckpts:
+        children.setdefault(c.parent_id if c.parent_id in ids else "", []).append(c)
+    root = Tree(f"[bold]{head.name}[/] ({head.id}, image {head.image})")
+
+    def add(node, parent_id):
+        for c in children.get(parent_id, []):
+            when = datetime.datetime.fromtimestamp(c.created_at).strftime("%H:%M:%S")
+            pin = " [pinned]" if c.pinned else ""
+            label = f" {c.label!r}" if c.label else ""
+            add(node.add(f"{c.id}{label} {when} depth {len(c.layer_ids)}{pin}"), c.id)
+    add(root, "")
+    Console().print(root)
+    return 0
+
+
+def cmd_diff(args, client) -> int:
+    entries = client.diff(args.a, args.b)
+    _out(args, [{"path": p, "change": c} for p, c in entries],
+         lambda: "\n".join(f"{ {'added': 'A', 'modified': 'M', 'deleted': 'D'}[c]} {p}"
+                           for p, c in entries) or "(no changes)")
+    return 0
+
+
+def cmd_checkpoint(args, client) -> int:
+    if args.checkpoint_cmd == "rm":
+        for cid in args.checkpoints:
+            client.delete_checkpoint(cid, cascade=args.cascade)
+        _out(args, {"deleted": args.checkpoints}, lambda: "deleted " + " ".join(args.checkpoints))
+    else:
+        info = client.pin_checkpoint(args.checkpoint, pinned=not args.unpin)
+        _out(args, info, lambda: f"{info.id} {'pinned' if info.pinned else 'unpinned'}")
     return 0
 
 
@@ -316,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--state-dir")
     d.add_argument("--socket", dest="daemon_socket", help="where to listen")
     d.add_argument("--store-size", default="64G", help="size of the loop-backed XFS image")
+    d.add_argument("--durable", action="store_true",
+                   help="fsync every commit and layer (survives power loss; slower)")
+    d.add_argument("--no-standby", action="store_true",
+                   help="do not keep a ready incarnation for fast rollback")
     d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert/--tls-key/--token)")
     d.add_argument("--tls-cert")
     d.add_argument("--tls-key")
@@ -398,11 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("-n", type=int, default=1)
     tr = sub.add_parser("tree", help="a sandbox's checkpoint tree")
     tr.add_argument("sandbox")
-    df = sub.add_parser("diff", help="paths changed between two checkpoints")
+    df = sub.add_parser("diff", help="paths changed between two checkpoints (or a sandbox)")
     df.add_argument("a")
     df.add_argument("b")
-    for x in (sn, rs, fk, tr, df):
-        x.set_defaults(func=cmd_checkpoint_family)
+    for x, f in ((sn, cmd_snapshot), (rs, cmd_restore), (fk, cmd_fork), (tr, cmd_tree),
+                 (df, cmd_diff)):
+        x.set_defaults(func=f)
+    ck = sub.add_parser("checkpoint", help="delete or pin checkpoints").add_subparsers(
+        dest="checkpoint_cmd", required=True)
+    ckr = ck.add_parser("rm", help="delete checkpoints (layers are freed when unused)")
+    ckr.add_argument("checkpoints", nargs="+")
+    ckr.add_argument("--cascade", action="store_true", help="also delete descendants")
+    ckp = ck.add_parser("pin", help="pin (or --unpin) a checkpoint")
+    ckp.add_argument("checkpoint")
+    ckp.add_argument("--unpin", action="store_true")
+    for x in (ckr, ckp):
+        x.set_defaults(func=cmd_checkpoint)
     return p
 
 

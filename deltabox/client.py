@@ -26,7 +26,7 @@ from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from deltabox.errors import DeltaboxError, error_for_code
 
 __all__ = ["Client", "AsyncClient", "Sandbox", "AsyncSandbox", "Session", "AsyncSession",
-           "ExecResult", "SessionResult", "default_target"]
+           "ExecResult", "SessionResult", "RollbackResult", "ForkChild", "default_target"]
 
 _NETWORK = {"none": pb.NETWORK_MODE_NONE, "nat": pb.NETWORK_MODE_NAT}
 _SESSION_KIND = {"bash": pb.SESSION_KIND_BASH, "sh": pb.SESSION_KIND_SH,
@@ -134,6 +134,50 @@ class _ExecCollector:
                           x.duration_seconds, self.pid)
 
 
+@dataclass
+class RollbackResult:
+    sandbox: pb.Sandbox
+    path: str                 # "standby" (ready incarnation), "fresh", later "double"/"restore"
+    timings_ms: dict
+
+
+@dataclass
+class ForkChild:
+    """One child of a fork: `sandbox` on success, else `error` (a DeltaboxError)."""
+    sandbox: Any = None
+    error: DeltaboxError | None = None
+
+
+def _checkpoint_op(sandbox: str, label: str, full: bool) -> _Op:
+    return _Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
+        sandbox=sandbox, label=label,
+        mode=pb.CHECKPOINT_MODE_FULL if full else pb.CHECKPOINT_MODE_FS))
+
+
+def _rollback_op(sandbox: str, checkpoint: str) -> _Op:
+    return _Op("checkpoints", "Rollback", pb.RollbackRequest(
+        sandbox=sandbox, checkpoint=_ckpt_id(checkpoint)),
+        lambda r: RollbackResult(r.sandbox, r.path, dict(r.timings_ms)))
+
+
+def _ckpt_id(checkpoint) -> str:
+    return checkpoint.id if isinstance(checkpoint, pb.CheckpointInfo) else checkpoint
+
+
+def _fork_op(checkpoint, n: int) -> _Op:
+    return _Op("checkpoints", "Fork", pb.ForkRequest(checkpoint=_ckpt_id(checkpoint), n=n))
+
+
+def _fork_children(reply: pb.ForkResponse, wrap) -> list[ForkChild]:
+    return [ForkChild(sandbox=wrap(c.sandbox)) if not c.error_code
+            else ForkChild(error=error_for_code(c.error_code, c.error)) for c in reply.children]
+
+
+def _diff_op(a, b) -> _Op:
+    return _Op("checkpoints", "Diff", pb.DiffRequest(**{"from": _ckpt_id(a), "to": _ckpt_id(b)}),
+               lambda r: [(e.path, e.change) for e in r.entries])
+
+
 def _session_kind(kind: str) -> int:
     if kind not in _SESSION_KIND:
         raise ValueError(f"session kind must be one of {sorted(_SESSION_KIND)}, not {kind!r}")
@@ -224,6 +268,24 @@ class Client:
 
     def status(self) -> pb.StatusResponse:
         return self._call(_Op("system", "Status", pb.StatusRequest()))
+
+    # checkpoints
+    def fork(self, checkpoint, n: int = 1) -> list[ForkChild]:
+        """n new sandboxes from a checkpoint; one ForkChild per child."""
+        return _fork_children(self._call(_fork_op(checkpoint, n)),
+                              lambda info: Sandbox(self, info))
+
+    def diff(self, a, b) -> list[tuple[str, str]]:
+        """(path, added|modified|deleted) between checkpoints (or a live sandbox)."""
+        return self._call(_diff_op(a, b))
+
+    def delete_checkpoint(self, checkpoint, cascade: bool = False) -> None:
+        self._call(_Op("checkpoints", "DeleteCheckpoint", pb.DeleteCheckpointRequest(
+            checkpoint=_ckpt_id(checkpoint), cascade=cascade)))
+
+    def pin_checkpoint(self, checkpoint, pinned: bool = True) -> pb.CheckpointInfo:
+        return self._call(_Op("checkpoints", "PinCheckpoint", pb.PinCheckpointRequest(
+            checkpoint=_ckpt_id(checkpoint), pinned=pinned)))
 
     def stats(self) -> pb.StatsResponse:
         return self._call(_Op("system", "Stats", pb.StatsRequest()))
@@ -319,9 +381,24 @@ class Sandbox:
 
     # checkpoints (DeltaFS / DeltaCR)
     def checkpoint(self, label: str = "", full: bool = False) -> pb.CheckpointInfo:
-        return self._client._call(_Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
-            sandbox=self.info.id, label=label,
-            mode=pb.CHECKPOINT_MODE_FULL if full else pb.CHECKPOINT_MODE_FS)))
+        """An immutable checkpoint of the sandbox; it keeps running undisturbed."""
+        return self._client._call(_checkpoint_op(self.info.id, label, full))
+
+    def rollback(self, checkpoint) -> RollbackResult:
+        """Back to a checkpoint of this sandbox's tree (same id, limits and network)."""
+        res = self._client._call(_rollback_op(self.info.id, checkpoint))
+        self.info = res.sandbox
+        return res
+
+    def checkpoints(self) -> list[pb.CheckpointInfo]:
+        """This sandbox's checkpoint tree (with ancestors), oldest first."""
+        return self._client._call(_Op("checkpoints", "ListCheckpoints",
+                                      pb.ListCheckpointsRequest(sandbox=self.info.id),
+                                      lambda r: list(r.checkpoints)))
+
+    def diff(self, checkpoint) -> list[tuple[str, str]]:
+        """What changed in the live sandbox since `checkpoint`."""
+        return self._client.diff(checkpoint, self.info.id)
 
 
 class Session:
@@ -409,6 +486,13 @@ class AsyncClient:
     async def status(self) -> pb.StatusResponse:
         return await self._call(_Op("system", "Status", pb.StatusRequest()))
 
+    async def fork(self, checkpoint, n: int = 1) -> list[ForkChild]:
+        return _fork_children(await self._call(_fork_op(checkpoint, n)),
+                              lambda info: AsyncSandbox(self, info))
+
+    async def diff(self, a, b) -> list[tuple[str, str]]:
+        return await self._call(_diff_op(a, b))
+
 
 class AsyncSandbox:
     def __init__(self, client: AsyncClient, info: pb.Sandbox):
@@ -439,6 +523,14 @@ class AsyncSandbox:
         async for ev in self.exec_stream(cmd, **kw):
             col.add(ev)
         return col.result()
+
+    async def checkpoint(self, label: str = "", full: bool = False) -> pb.CheckpointInfo:
+        return await self._client._call(_checkpoint_op(self.info.id, label, full))
+
+    async def rollback(self, checkpoint) -> RollbackResult:
+        res = await self._client._call(_rollback_op(self.info.id, checkpoint))
+        self.info = res.sandbox
+        return res
 
     async def open_session(self, kind: str = "bash", name: str = "", *,
                            env: dict | None = None, cwd: str = "") -> "AsyncSession":

@@ -36,4 +36,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token: str | None = None             # bearer token required on TCP
+    durable: bool = False                # fsync every commit (power-loss safe), slower
+    standby: bool = True                 # keep a ready incarnation for fast rollback
+    max_chain_depth: int = 32            # squash checkpoint chains deeper than this
+    max_fork: int = 256
     extra: dict = field(default_factory=dict)

@@ -32,7 +32,7 @@ from deltabox.cgroups import detect_driver
 from deltabox.config import CRIU_PREFIX, Config
 from deltabox.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                               SESSION_KIND_PB, image_pb, sandbox_pb)
-from deltabox.errors import DeltaboxError, InvalidArgument, PermissionDenied, Unimplemented
+from deltabox.errors import DeltaboxError, InvalidArgument, PermissionDenied
 from deltabox.images import import_image
 from deltabox.metrics import Metrics
 from deltabox.sandbox import ExecEvent, SandboxManager
@@ -296,14 +296,59 @@ def _file_info_pb(info) -> pb.FileInfo:
                        mtime=info.mtime, link_target=info.link_target)
 
 
+_MODE_PB = {"fs": pb.CHECKPOINT_MODE_FS, "full": pb.CHECKPOINT_MODE_FULL}
+_MODE_FROM_PB = {pb.CHECKPOINT_MODE_UNSPECIFIED: "fs", pb.CHECKPOINT_MODE_FS: "fs",
+                 pb.CHECKPOINT_MODE_FULL: "full"}
+
+
+def _checkpoint_pb(c) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        id=c.id, sandbox_id=c.sandbox_id, parent_id=c.parent_id, label=c.label,
+        mode=_MODE_PB.get(c.mode, 0), created_at=c.created_at, layer_ids=list(c.mount_layers),
+        pinned=c.pinned, timings_ms={k: float(v) for k, v in c.stats.items()
+                                     if k.endswith("_ms")})
+
+
 class CheckpointsServicer(pb_grpc.CheckpointsServicer):
-    """The checkpoint surface (DeltaFS/DeltaCR issues); not implemented by this daemon yet."""
+    def __init__(self, daemon: "Daemon"):
+        self.m = daemon.manager
 
-    async def _unimplemented(self, request, context):
-        raise Unimplemented("checkpoints are not implemented by this daemon version yet")
+    async def Checkpoint(self, request, context):
+        mode = _MODE_FROM_PB.get(request.mode)
+        if mode is None:
+            raise InvalidArgument(f"unknown checkpoint mode {request.mode}")
+        return _checkpoint_pb(await self.m.checkpoint(request.sandbox, request.label, mode))
 
-    Checkpoint = Rollback = Fork = ListCheckpoints = Diff = _unimplemented
-    DeleteCheckpoint = PinCheckpoint = _unimplemented
+    async def Rollback(self, request, context):
+        rec, path, timings = await self.m.rollback(request.sandbox, request.checkpoint)
+        return pb.RollbackResponse(sandbox=sandbox_pb(rec), path=path, timings_ms=timings)
+
+    async def Fork(self, request, context):
+        results = await self.m.fork(request.checkpoint, request.n)
+        out = []
+        for r in results:
+            if isinstance(r, Exception):
+                code, message = _status_for(r)
+                out.append(pb.ForkResult(error=message, error_code=code.name))
+            else:
+                out.append(pb.ForkResult(sandbox=sandbox_pb(r)))
+        return pb.ForkResponse(children=out)
+
+    async def ListCheckpoints(self, request, context):
+        return pb.ListCheckpointsResponse(checkpoints=[
+            _checkpoint_pb(c) for c in self.m.list_checkpoints(request.sandbox)])
+
+    async def Diff(self, request, context):
+        entries = await self.m.diff(getattr(request, "from"), request.to)
+        return pb.DiffResponse(entries=[pb.DiffEntry(path="/" + p, change=c)
+                                        for p, c in entries])
+
+    async def DeleteCheckpoint(self, request, context):
+        await self.m.delete_checkpoint(request.checkpoint, request.cascade)
+        return pb.DeleteCheckpointResponse()
+
+    async def PinCheckpoint(self, request, context):
+        return _checkpoint_pb(self.m.pin_checkpoint(request.checkpoint, request.pinned))
 
 
 class SystemServicer(pb_grpc.SystemServicer):
@@ -367,7 +412,7 @@ class Daemon:
         self.backing = await asyncio.to_thread(ensure_backing, self.config.state_dir,
                                                self.config.store_size)
         try:
-            self.store = Store(self.backing.root)
+            self.store = Store(self.backing.root, durable=self.config.durable)
             self.manager = SandboxManager(self.config, self.store,
                                           detect_driver(self.store.instance_id))
             report = await self.manager.start()
@@ -382,7 +427,7 @@ class Daemon:
             interceptors=[ErrorInterceptor(self.metrics, self.config.token)], options=opts)
         pb_grpc.add_ImagesServicer_to_server(ImagesServicer(self), self.server)
         pb_grpc.add_SandboxesServicer_to_server(SandboxesServicer(self), self.server)
-        pb_grpc.add_CheckpointsServicer_to_server(CheckpointsServicer(), self.server)
+        pb_grpc.add_CheckpointsServicer_to_server(CheckpointsServicer(self), self.server)
         pb_grpc.add_SystemServicer_to_server(SystemServicer(self), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else \
             health.HealthServicer()

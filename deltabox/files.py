@@ -112,10 +112,13 @@ class SandboxFiles:
         _split(path)
         if offset < 0 or length < 0:
             raise InvalidArgument("offset and length must be >= 0")
-        with self._fd(path, os.O_RDONLY) as fd:
+        # O_NONBLOCK: opening a FIFO the sandbox made must not block a daemon thread.
+        with self._fd(path, os.O_RDONLY | os.O_NONBLOCK) as fd:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise InvalidArgument(f"{path}: is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{path}: not a regular file")
             want = length or max(st.st_size - offset, 0)
             if want > self.max_read:
                 raise ResourceExhausted(f"{path}: reading {want} bytes exceeds the limit of "
@@ -135,7 +138,10 @@ class SandboxFiles:
             self.mkdir(str(PurePosixPath("/") / path) + "/..", parents=True, exist_ok=True)
         mode = mode or 0o644
         if append:
-            with self._fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode) as fd:
+            with self._fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
+                          mode) as fd:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InvalidArgument(f"{path}: not a regular file")
                 os.write(fd, data) if data else None
                 return os.fstat(fd).st_size
         parent_cm, name = self._parent(path)
@@ -237,8 +243,14 @@ class SandboxFiles:
                 except FileExistsError:
                     if last and not (exist_ok or parents):
                         raise AlreadyExists(f"{p}: exists") from None
-                    st = os.stat(comp[-1], dir_fd=pfd)  # follows: symlinked dirs are fine
-                    if not stat.S_ISDIR(st.st_mode):
+                    # Follow a symlink only inside the sandbox root (openat2), never
+                    # with a plain stat, which would resolve it against the host.
+                    try:
+                        with self._fd("/" + "/".join(comp), os.O_PATH) as efd:
+                            is_dir = stat.S_ISDIR(os.fstat(efd).st_mode)
+                    except NotFound:
+                        is_dir = False
+                    if not is_dir:
                         raise AlreadyExists(f"/{'/'.join(comp)}: exists and is not a "
                                             "directory") from None
                 except OSError as e:

@@ -27,13 +27,14 @@ from typing import AsyncIterator
 import psutil
 import structlog
 
-from deltabox import _linux, initproto
+from deltabox import _linux, deltafs, initproto
 from deltabox.cgroups import CgroupDriver, Limits
 from deltabox.config import Config, init_binary
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
-                             NotFound, ResourceExhausted)
+                             NotFound, ResourceExhausted, Unimplemented)
 from deltabox.files import SandboxFiles
-from deltabox.store import SandboxRecord, Store, new_id, validate_name
+from deltabox.store import (CheckpointRecord, Mount, SandboxRecord, Store, _rmtree, new_id,
+                            validate_name)
 
 __all__ = ["SandboxManager", "ExecEvent", "SessionResult", "SESSION_KINDS"]
 
@@ -66,11 +67,25 @@ class SessionResult:
 
 
 @dataclass
+class _Standby:
+    branch_id: str
+    checkpoint_id: str
+    init_pid: int
+    init_start: float
+
+
+@dataclass
 class _Runtime:
     """What the daemon keeps in memory about a running sandbox."""
     init_pid: int
+    branch_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # lifecycle changes
     session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    own_layers: list[str] = field(default_factory=list)  # sunk by this branch
+    manifest: deltafs.Manifest | None = None  # the upper at the last checkpoint
+    standby: _Standby | None = None
+    standby_task: asyncio.Task | None = None
+    standby_target: str = ""
 
     @property
     def channel(self) -> initproto.InitChannel:
@@ -99,6 +114,13 @@ class SandboxManager:
         self._runtime: dict[str, _Runtime] = {}
         self._monitor: asyncio.Task | None = None
         self._create_lock = asyncio.Lock()  # name and NAT subnet allocation
+        self._background: set[asyncio.Task] = set()
+        self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
+
+    def _spawn_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- start-up and shutdown -----------------------------------------------------
 
@@ -113,40 +135,63 @@ class SandboxManager:
                   "stray_cgroups": 0}
         records = {r.id: r for r in self.store.list_sandboxes()}
         branches = {r.branch_id for r in records.values()}
+        # Anything not on a recorded branch (e.g. a standby of a crashed daemon) goes.
         for target in _linux.mounts_under(self.store.mnt_dir):
             if target != str(self.store.mnt_dir) and Path(target).name not in branches:
                 _linux.umount(target, _linux.MNT_DETACH)
                 report["stray_mounts"] += 1
-        for name in self.cgroups.names() - set(records):
+        for name in self.cgroups.names() - branches:
             self.cgroups.kill_all(name)
             self.cgroups.remove(name)
             report["stray_cgroups"] += 1
         for rec in records.values():
             if rec.state in ("creating", "broken"):
-                self._teardown(rec)
+                self._kill_incarnation(rec.branch_id, rec.init_pid, rec)
                 self.store.delete_sandbox(rec.id)
                 report["removed"] += 1
             elif rec.state == "running":
+                rt = _Runtime(rec.init_pid, rec.branch_id)
                 if rec.init_pid and _process_start(rec.init_pid) == rec.init_start \
-                        and rec.init_pid in self.cgroups.pids(rec.id):
-                    self._runtime[rec.id] = _Runtime(rec.init_pid)
+                        and rec.init_pid in self.cgroups.pids(rec.branch_id):
                     report["adopted"] += 1
                 else:
-                    self.cgroups.kill_all(rec.id) if rec.id in self.cgroups.names() else None
-                    self._start_processes(rec)
+                    self.cgroups.kill_all(rec.branch_id)
+                    rt.init_pid, start = self._launch(rec, self.store.branch_mount(rec.branch_id))
+                    self.store.set_sandbox_state(rec.id, "running", rt.init_pid, start)
                     report["restarted"] += 1
+                self._recover_manifest(rec, rt)
+                self._runtime[rec.id] = rt
         report.update(self.store.reconcile_disk())
+        self.store.gc_layers()
         log.info("sandbox.reconciled", **report)
         return report
+
+    def _recover_manifest(self, rec: SandboxRecord, rt: _Runtime) -> None:
+        """After a restart: which layers this branch sank, and a manifest naming
+        their paths (keys unknown, so the next checkpoint re-sinks the upper)."""
+        lower = self.store.get_branch(rec.branch_id).lower
+        if rec.head:
+            layers = self.store.get_checkpoint(rec.head).layers
+            if layers[:len(lower)] == lower:
+                rt.own_layers = list(layers[len(lower):])
+        rt.manifest = deltafs.manifest_from_layers(
+            self.store.layer_path(lid) for lid in rt.own_layers)
 
     async def shutdown(self) -> None:
         """Stop every sandbox's processes and unmount its branch. Records stay
         'running', so the next start restarts them (files kept, processes fresh)."""
         if self._monitor:
             self._monitor.cancel()
-        for sid in list(self._runtime):
-            rec = self.store.get_sandbox(sid)
-            await asyncio.to_thread(self._teardown, rec)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for rt in self._runtime.values():
+            await self._drop_standby(rt)
+        # Every recorded sandbox, running or not (a stopped one is still mounted).
+        for rec in await asyncio.to_thread(self.store.list_sandboxes):
+            rt = self._runtime.get(rec.id)
+            await asyncio.to_thread(self._kill_incarnation, rec.branch_id,
+                                    rt.init_pid if rt else rec.init_pid, rec)
         self._runtime.clear()
         await asyncio.to_thread(self.cgroups.release_parents)
 
@@ -160,7 +205,67 @@ class SandboxManager:
                 if not _alive(rt.init_pid):
                     log.warning("sandbox.init_died", sandbox=sid, pid=rt.init_pid)
                     self._runtime.pop(sid, None)
+                    await self._drop_standby(rt)
                     await asyncio.to_thread(self.store.set_sandbox_state, sid, "stopped")
+
+    # ---- incarnations: a branch mounted, a cgroup, an init ------------------------------
+
+    def _launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True) -> tuple[int, float]:
+        """Mount a branch, create its cgroup, launch init; (pid, start time).
+
+        The cgroup is named after the branch: every rollback makes a new branch,
+        so an incarnation being torn down never shares a cgroup with its successor.
+        """
+        branch_id = Path(mnt.target).name
+        Path(mnt.target).mkdir(exist_ok=True)
+        if not _linux.is_mountpoint(mnt.target):
+            mnt.mount()
+        limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
+        procs = self.cgroups.create(branch_id, limits)
+        argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
+        for p in procs:
+            argv += ["--cgroup-procs", str(p)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise Internal(f"starting the sandbox's init failed: {res.stderr.strip()}")
+        pid = int(res.stdout.split()[0])
+        if network and rec.spec.get("network") == "nat":
+            self._attach_network(rec, pid, Path(mnt.target))
+        return pid, _process_start(pid)
+
+    def _attach_network(self, rec: SandboxRecord, pid: int, root: Path) -> None:
+        from deltabox import network as net
+        net.attach_nat(rec.id, pid, rec.spec["net_index"])
+        servers = net.host_nameservers()
+        if servers:
+            SandboxFiles(root, 1 << 20).write(
+                "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in servers).encode())
+
+    def _kill_incarnation(self, branch_id: str, init_pid: int,
+                          rec: SandboxRecord | None = None) -> None:
+        """Kill an incarnation's processes, remove its cgroup, unmount its branch."""
+        self.cgroups.kill_all(branch_id)
+        self.cgroups.remove(branch_id)
+        if init_pid:
+            try:  # the daemon is a subreaper: inits may be our children
+                os.waitpid(init_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if rec is not None and rec.spec.get("network") == "nat" \
+                and rec.branch_id == branch_id:
+            from deltabox import network as net
+            net.detach_nat(rec.id)
+        for m in _linux.mounts_under(self.store.mnt_dir / branch_id):
+            try:
+                _linux.umount(m)
+            except OSError:
+                _linux.umount(m, _linux.MNT_DETACH)
+
+    def _retire_branch(self, branch_id: str, init_pid: int) -> None:
+        """Tear down a branch that no record refers to any more, and delete it."""
+        self._kill_incarnation(branch_id, init_pid)
+        self.store.delete_branch_dirs(branch_id)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -173,78 +278,41 @@ class SandboxManager:
             raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
         env = dict(env or {})
         _check_env(env)
-        name = validate_name(name, "sandbox") if name else new_id("sbx").replace("sbx-", "s-")
+        name = validate_name(name, "sandbox") if name else _auto_name()
         hostname = validate_name(hostname or name, "host")
         if memory_bytes and memory_bytes < 16 << 20:
             raise InvalidArgument("memory limit must be at least 16 MiB")
         spec = {"memory_bytes": memory_bytes or self.config.default_memory_bytes,
                 "pids": pids or self.config.default_pids, "cpus": cpus, "network": network,
                 "env": env, "hostname": hostname}
+        return await self._create_from(image, name, spec, "")
+
+    async def _create_from(self, image: str, name: str, spec: dict,
+                           checkpoint_id: str) -> SandboxRecord:
+        spec = dict(spec)
         async with self._create_lock:
-            if network == "nat":
+            if spec["network"] == "nat":
                 from deltabox import network as net
                 used = {r.spec["net_index"] for r in self.store.list_sandboxes()
                         if "net_index" in r.spec}
                 spec["net_index"] = net.allocate_index(used)
                 spec["ip_address"] = net.addresses(spec["net_index"])[1]
-            rec = await asyncio.to_thread(self.store.create_sandbox, name, image, spec)
+            rec = await asyncio.to_thread(self.store.create_sandbox, name, image, spec,
+                                          checkpoint_id)
+        rt = _Runtime(0, rec.branch_id)
         try:
-            await asyncio.to_thread(self._start_processes, rec)
+            rt.init_pid, start = await asyncio.to_thread(
+                self._launch, rec, self.store.branch_mount(rec.branch_id))
+            await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "running",
+                                    rt.init_pid, start)
         except BaseException:
-            await asyncio.to_thread(self._teardown, rec)
+            await asyncio.to_thread(self._kill_incarnation, rec.branch_id, rt.init_pid, rec)
             await asyncio.to_thread(self.store.delete_sandbox, rec.id)
             raise
-        log.info("sandbox.created", sandbox=rec.id, name=name, image=image)
+        self._runtime[rec.id] = rt
+        log.info("sandbox.created", sandbox=rec.id, name=name, image=image,
+                 checkpoint=checkpoint_id or None)
         return self.store.get_sandbox(rec.id)
-
-    def _start_processes(self, rec: SandboxRecord) -> None:
-        """Mount the branch, create the cgroup, launch init; record it 'running'."""
-        mnt = self.store.branch_mount(rec.branch_id)
-        Path(mnt.target).mkdir(exist_ok=True)
-        if not _linux.is_mountpoint(mnt.target):
-            _linux.mount(mnt.source, mnt.target, mnt.type, 0, mnt.data)
-        limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
-        procs = self.cgroups.create(rec.id, limits)
-        argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
-        for p in procs:
-            argv += ["--cgroup-procs", str(p)]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                             stdin=subprocess.DEVNULL)
-        if res.returncode != 0:
-            raise Internal(f"starting the sandbox's init failed: {res.stderr.strip()}")
-        pid = int(res.stdout.split()[0])
-        start = _process_start(pid)
-        if rec.spec.get("network") == "nat":
-            from deltabox import network as net
-            net.attach_nat(rec.id, pid, rec.spec["net_index"])
-            servers = net.host_nameservers()
-            if servers:
-                SandboxFiles(Path(mnt.target), 1 << 20).write(
-                    "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in servers).encode())
-        self.store.set_sandbox_state(rec.id, "running", pid, start)
-        self._runtime[rec.id] = _Runtime(pid)
-
-    def _teardown(self, rec: SandboxRecord) -> None:
-        """Kill the sandbox's processes, remove its cgroup and network, unmount its branch."""
-        rt = self._runtime.pop(rec.id, None)
-        pid = rt.init_pid if rt else rec.init_pid
-        if rec.id in self.cgroups.names():
-            self.cgroups.kill_all(rec.id)
-            self.cgroups.remove(rec.id)
-        if pid:
-            try:  # the daemon is a subreaper: inits may be our children
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        if rec.spec.get("network") == "nat":
-            from deltabox import network as net
-            net.detach_nat(rec.id)
-        target = self.store.mnt_dir / rec.branch_id
-        for m in _linux.mounts_under(target):
-            try:
-                _linux.umount(m)
-            except OSError:
-                _linux.umount(m, _linux.MNT_DETACH)
 
     async def destroy(self, ref: str) -> None:
         rec = self.get(ref)
@@ -252,13 +320,261 @@ class SandboxManager:
         lock = rt.lock if rt else asyncio.Lock()
         async with lock:
             try:
-                await asyncio.to_thread(self._teardown, rec)
+                if rt is not None:
+                    await self._drop_standby(rt)
+                await asyncio.to_thread(self._kill_incarnation, rec.branch_id,
+                                        rt.init_pid if rt else rec.init_pid, rec)
             except Exception as e:
                 await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "broken")
                 raise Internal(f"destroying {rec.id} failed half way ({e}); it is marked broken, "
                                "destroy it again or restart the daemon") from e
+            self._runtime.pop(rec.id, None)
             await asyncio.to_thread(self.store.delete_sandbox, rec.id)
         log.info("sandbox.destroyed", sandbox=rec.id)
+
+    # ---- checkpoints (DeltaFS) ---------------------------------------------------------
+
+    async def checkpoint(self, ref: str, label: str = "", mode: str = "fs") -> CheckpointRecord:
+        if mode == "full":
+            raise Unimplemented("full (process) checkpoints are not implemented yet (DeltaCR)")
+        if len(label) > 1024 or "\0" in label:
+            raise InvalidArgument("label must be at most 1024 characters without NUL")
+        rec, rt = self._running(ref)
+        async with rt.lock:
+            rec = self.store.get_sandbox(rec.id)
+            t0 = time.perf_counter()
+            tmp, manifest, stats, frozen_ms = await asyncio.to_thread(self._sink, rec, rt)
+            t1 = time.perf_counter()
+            lower = self.store.get_branch(rec.branch_id).lower
+            base = lower + tuple(rt.own_layers)
+            # What to mount: the head's chain (squashed, once it is) plus the new layer.
+            base_mount = self.store.get_checkpoint(rec.head).mount_layers \
+                if rec.head and rt.own_layers else lower
+            try:
+                ckpt = await asyncio.to_thread(
+                    self.store.commit_checkpoint, rec, label, mode, base, base_mount, tmp,
+                    {"changed": stats.changed, "whiteouts": stats.whiteouts,
+                     "cloned_bytes": stats.cloned_bytes})
+            except BaseException:
+                if tmp is not None:
+                    await asyncio.to_thread(_rmtree_quiet, tmp)
+                raise
+            t2 = time.perf_counter()
+            if tmp is not None:
+                rt.own_layers.append(ckpt.layers[-1])
+            rt.manifest = manifest
+        ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
+                           "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
+        log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
+                 layers=len(ckpt.layers), **ckpt.stats)
+        self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
+        self._spawn_background(self._maybe_squash(ckpt.id))
+        return ckpt
+
+    def _sink(self, rec: SandboxRecord, rt: _Runtime):
+        """Freeze, sink the upper's changes into a new tmp layer dir, thaw.
+
+        Returns (tmp dir or None if nothing changed, new manifest, stats, ms frozen)."""
+        upper = self.store.branches_dir / rec.branch_id / "upper"
+        manifest = rt.manifest or deltafs.Manifest()
+        tmp = self.store.new_tmp_dir()
+        t0 = time.perf_counter()
+        self.cgroups.freeze(rec.branch_id)
+        try:
+            stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
+        except BaseException:
+            self.cgroups.thaw(rec.branch_id)
+            _rmtree_quiet(tmp)
+            raise
+        self.cgroups.thaw(rec.branch_id)
+        frozen_ms = 1000 * (time.perf_counter() - t0)
+        if stats.changed == 0 and stats.whiteouts == 0:
+            _rmtree_quiet(tmp)
+            tmp = None
+        return tmp, new_manifest, stats, frozen_ms
+
+    def _check_in_tree(self, rec: SandboxRecord, ckpt: CheckpointRecord) -> None:
+        if ckpt.sandbox_id == rec.id:
+            return
+        if rec.head and self.store.tree_root(rec.head) == self.store.tree_root(ckpt.id):
+            return
+        raise FailedPrecondition(f"checkpoint {ckpt.id} is not in the tree of sandbox "
+                                 f"{rec.name}; fork it instead")
+
+    async def rollback(self, ref: str, checkpoint_id: str) -> tuple[SandboxRecord, str, dict]:
+        """Roll the sandbox back to a checkpoint: (record, path taken, timings in ms)."""
+        ckpt = self.store.get_checkpoint(checkpoint_id)
+        rec = self.get(ref)
+        self._check_in_tree(rec, ckpt)
+        rt = self._runtime.get(rec.id)
+        if rt is None:
+            raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        async with rt.lock:
+            rec = self.store.get_sandbox(rec.id)
+            if rt.standby_task is not None and not rt.standby_task.done() \
+                    and rt.standby_target == ckpt.id:
+                await asyncio.shield(rt.standby_task)  # almost ready: cheaper than a launch
+            old_branch, old_pid = rt.branch_id, rt.init_pid
+            standby = rt.standby if rt.standby and rt.standby.checkpoint_id == ckpt.id else None
+            if standby is not None:
+                rt.standby = None
+                path = "standby"
+                new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
+                self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
+                                         start)
+                # SIGKILL to the old init ends its whole pid namespace; unmounting
+                # and deleting its branch happen in the background.
+                _kill_quiet(old_pid)
+                if rec.spec.get("network") == "nat":
+                    await asyncio.to_thread(self._attach_network, rec, pid,
+                                            self.store.mnt_dir / new_branch)
+            else:
+                path = "fresh"
+                await self._drop_standby(rt)
+                await asyncio.to_thread(self._kill_incarnation, old_branch, old_pid, rec)
+                timings["kill_ms"] = 1000 * (time.perf_counter() - t0)
+                new_branch = new_id("br")
+                await asyncio.to_thread(self.store.new_branch_dirs, new_branch)
+                try:
+                    pid, start = await asyncio.to_thread(
+                        self._launch, rec, self.store.branch_mount_for(new_branch,
+                                                                       ckpt.mount_layers))
+                except BaseException:
+                    await asyncio.to_thread(self._retire_branch, new_branch, 0)
+                    await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "stopped")
+                    self._runtime.pop(rec.id, None)
+                    raise
+                await asyncio.to_thread(self.store.switch_branch, rec, new_branch,
+                                        ckpt.mount_layers, ckpt.id, pid, start)
+            rt.init_pid, rt.branch_id = pid, new_branch
+            rt.own_layers, rt.manifest = [], deltafs.Manifest()
+            rt.session_locks.clear()
+        timings["total_ms"] = 1000 * (time.perf_counter() - t0)
+        self._spawn_background(asyncio.to_thread(self._retire_branch, old_branch, old_pid))
+        self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
+        log.info("sandbox.rolled_back", sandbox=rec.id, checkpoint=ckpt.id, path=path,
+                 **timings)
+        return self.store.get_sandbox(rec.id), path, timings
+
+    # A standby is the checkpoint's filesystem mounted on its own fresh branch with
+    # an init already running on it (the filesystem-mode "body double"): rolling
+    # back to that checkpoint then only swaps records and kills the old tree.
+
+    async def _prepare_standby(self, sandbox_id: str, checkpoint_id: str) -> None:
+        rt = self._runtime.get(sandbox_id)
+        if rt is None or not self.config.standby:
+            return
+        if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
+            return
+        if rt.standby_task is not None and not rt.standby_task.done():
+            if rt.standby_target == checkpoint_id:
+                return
+            await asyncio.gather(rt.standby_task, return_exceptions=True)
+        rt.standby_target = checkpoint_id
+        rt.standby_task = asyncio.ensure_future(self._build_standby(sandbox_id, rt,
+                                                                    checkpoint_id))
+        await asyncio.gather(rt.standby_task, return_exceptions=True)
+
+    async def _build_standby(self, sandbox_id: str, rt: _Runtime, checkpoint_id: str) -> None:
+        await self._drop_standby(rt)
+        try:
+            rec = self.store.get_sandbox(sandbox_id)
+            ckpt = self.store.get_checkpoint(checkpoint_id)
+        except NotFound:
+            return
+        branch_id = new_id("br")
+        await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
+        mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
+        try:
+            # The network is attached when (if) the standby is promoted.
+            pid, start = await asyncio.to_thread(self._launch, rec, mnt, False)
+        except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
+            log.warning("standby.failed", sandbox=sandbox_id, error=str(e))
+            await asyncio.to_thread(self._retire_branch, branch_id, 0)
+            return
+        if self._runtime.get(sandbox_id) is not rt:
+            await asyncio.to_thread(self._retire_branch, branch_id, pid)
+            return
+        rt.standby = _Standby(branch_id, checkpoint_id, pid, start)
+
+    async def _drop_standby(self, rt: _Runtime) -> None:
+        standby, rt.standby = rt.standby, None
+        if standby is not None:
+            await asyncio.to_thread(self._retire_branch, standby.branch_id, standby.init_pid)
+
+    async def fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
+        """n new sandboxes from a checkpoint; one result (record or error) per child."""
+        if not 1 <= n <= self.config.max_fork:
+            raise InvalidArgument(f"n must be between 1 and {self.config.max_fork}")
+        ckpt = self.store.get_checkpoint(checkpoint_id)
+        spec = {k: v for k, v in ckpt.spec.items() if k not in ("net_index", "ip_address")}
+
+        async def one(i: int) -> SandboxRecord:
+            name = _auto_name()
+            child = dict(spec, hostname=name, env={**spec.get("env", {}),
+                                                   "DELTABOX_FORK_INDEX": str(i)})
+            return await self._create_from(ckpt.image, name, child, ckpt.id)
+        results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+        log.info("checkpoint.forked", checkpoint=ckpt.id, n=n,
+                 failed=sum(isinstance(r, Exception) for r in results))
+        return list(results)  # type: ignore[arg-type]
+
+    def list_checkpoints(self, ref: str) -> list[CheckpointRecord]:
+        return self.store.checkpoint_tree(self.get(ref))
+
+    def _chain_for(self, ref: str) -> list[Path]:
+        """Layer dirs of a checkpoint, or of a live sandbox (its lower + its upper)."""
+        if ref.startswith("ck-"):
+            ckpt = self.store.get_checkpoint(ref)
+            return [self.store.layer_path(lid) for lid in ckpt.mount_layers]
+        rec = self.get(ref)
+        lower = self.store.get_branch(rec.branch_id).lower
+        return [self.store.layer_path(lid) for lid in lower] + [
+            self.store.branches_dir / rec.branch_id / "upper"]
+
+    async def diff(self, a: str, b: str) -> list[tuple[str, str]]:
+        if not a or not b:
+            raise InvalidArgument("diff needs two checkpoints (or sandboxes)")
+        chain_a, chain_b = self._chain_for(a), self._chain_for(b)
+        return await asyncio.to_thread(deltafs.diff_chains, chain_a, chain_b)
+
+    async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:
+        self.store.get_checkpoint(checkpoint_id)
+        for rt in self._runtime.values():  # a standby may sit on it
+            if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
+                await self._drop_standby(rt)
+        return await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id, cascade)
+
+    def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
+        return self.store.set_pinned(checkpoint_id, pinned)
+
+    async def _maybe_squash(self, checkpoint_id: str) -> None:
+        """Squash a deep chain into one layer (reflinks) so lookups stay flat."""
+        try:
+            ckpt = self.store.get_checkpoint(checkpoint_id)
+        except NotFound:
+            return
+        if len(ckpt.mount_layers) <= self.config.max_chain_depth or ckpt.squashed:
+            return
+        async with self._squash_lock:
+            tmp = self.store.new_tmp_dir()
+            try:
+                chain = [self.store.layer_path(lid) for lid in ckpt.mount_layers]
+                t0 = time.perf_counter()
+                n = await asyncio.to_thread(deltafs.squash_chain, chain, tmp / "layer")
+                await asyncio.to_thread(self.store.set_squashed, checkpoint_id, tmp / "layer")
+                log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(chain),
+                         entries=n, ms=round(1000 * (time.perf_counter() - t0), 1))
+            except NotFound:
+                pass
+            finally:
+                await asyncio.to_thread(_rmtree_quiet, tmp)
+            await asyncio.to_thread(self.store.gc_layers)
 
     def get(self, ref: str) -> SandboxRecord:
         if not isinstance(ref, str) or not ref:
@@ -510,6 +826,26 @@ class SandboxManager:
                         return
             finally:
                 pumper.cancel()
+
+
+def _auto_name() -> str:
+    return "s-" + secrets.token_hex(6)
+
+
+def _rmtree_quiet(path: Path) -> None:
+    try:
+        _rmtree(path)
+    except OSError as e:
+        log.warning("cleanup.failed", path=str(path), error=str(e))
+
+
+def _kill_quiet(pid: int) -> None:
+    """SIGKILL a sandbox's init: the kernel then kills its whole pid namespace."""
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 async def _feed_stdin(conv: initproto.Conversation, data: bytes) -> None:

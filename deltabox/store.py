@@ -61,7 +61,7 @@ import structlog
 from deltabox import _linux
 from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
-__all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord",
+__all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
            "ensure_backing", "validate_name", "new_id"]
 
 log = structlog.get_logger("deltabox.store")
@@ -83,15 +83,16 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Mount:
-    """A mount described as data: what `mount(2)` would be called with."""
-    type: str
-    source: str
+    """An overlay mount described as data; `mount()` performs it."""
     target: str
+    lowers: tuple[str, ...]   # bottom first
+    upper: str | None
+    work: str | None
     options: tuple[str, ...]
 
-    @property
-    def data(self) -> str:
-        return ",".join(self.options)
+    def mount(self) -> None:
+        _linux.mount_overlay(self.target, list(self.lowers), self.upper, self.work,
+                             self.options, readonly=self.upper is None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,29 @@ class SandboxRecord:
     spec: dict = field(default_factory=dict)  # limits, network, env, hostname
     init_pid: int = 0
     init_start: float = 0.0  # process start time: a pid alone may be reused
+    head: str = ""  # the checkpoint the sandbox's state descends from ("" = the image)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    id: str
+    sandbox_id: str         # the sandbox it was taken of
+    parent_id: str          # "" for the first checkpoint of an image-based sandbox
+    label: str
+    mode: str               # "fs" or "full"
+    created_at: float
+    layers: tuple[str, ...]  # the chain as sunk, bottom first (older ids may be freed)
+    mount: tuple[str, ...]   # an equal chain to mount: a squashed parent's layer + the rest
+    squashed: str           # a single layer equal to the chain, once squashed
+    pinned: bool
+    stats: dict
+    image: str
+    spec: dict              # the sandbox's spec at checkpoint time (for fork)
+
+    @property
+    def mount_layers(self) -> tuple[str, ...]:
+        """What a branch over this checkpoint mounts: the squashed layer if any."""
+        return (self.squashed,) if self.squashed else self.mount
 
 
 # --------------------------------------------------------------------------------------
@@ -222,13 +246,23 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, image TEXT NOT NULL,
     state TEXT NOT NULL, branch_id TEXT NOT NULL REFERENCES branches(id),
     created_at REAL NOT NULL, spec TEXT NOT NULL,
-    init_pid INTEGER NOT NULL DEFAULT 0, init_start REAL NOT NULL DEFAULT 0);
+    init_pid INTEGER NOT NULL DEFAULT 0, init_start REAL NOT NULL DEFAULT 0,
+    head TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY, sandbox_id TEXT NOT NULL, parent_id TEXT NOT NULL,
+    label TEXT NOT NULL, mode TEXT NOT NULL, created_at REAL NOT NULL,
+    layers TEXT NOT NULL, mount TEXT NOT NULL, squashed TEXT NOT NULL DEFAULT '',
+    pinned INTEGER NOT NULL DEFAULT 0, stats TEXT NOT NULL DEFAULT '{}',
+    image TEXT NOT NULL, spec TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_parent ON checkpoints(parent_id);
+CREATE INDEX IF NOT EXISTS checkpoints_sandbox ON checkpoints(sandbox_id);
 """
 
 
 class Store:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, durable: bool = False):
         self.root = root
+        self.durable = durable
         self.layers_dir = root / "layers"
         self.branches_dir = root / "branches"
         self.mnt_dir = root / "mnt"
@@ -240,7 +274,9 @@ class Store:
         self._db = sqlite3.connect(root / "meta.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means durable
+        # WAL + NORMAL: a commit survives a crash of the daemon (the promise we
+        # make); FULL (durable=True) also fsyncs each commit against power loss.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._check_schema_version()
@@ -334,6 +370,15 @@ class Store:
             used.update(json.loads(ids))
         for (ids,) in db.execute("SELECT lower FROM branches"):
             used.update(json.loads(ids))
+        for ids, squashed in db.execute("SELECT mount, squashed FROM checkpoints"):
+            used.update(json.loads(ids))
+            if squashed:
+                used.add(squashed)
+        # A live branch's own checkpoint layers name the paths its next sink
+        # must whiteout after a restart (see SandboxManager._recover_manifest).
+        for (ids,) in db.execute("SELECT c.layers FROM checkpoints c JOIN sandboxes s "
+                                 "ON s.head = c.id"):
+            used.update(json.loads(ids))
         return used
 
     def delete_unreferenced_layer_dirs(self) -> None:
@@ -366,24 +411,33 @@ class Store:
 
     # ---- branches & sandboxes --------------------------------------------------------
 
-    def create_sandbox(self, name: str, image: str, spec: dict) -> SandboxRecord:
-        """Record a sandbox in state 'creating' with a fresh branch over the image."""
-        img = self.get_image(image)
+    def create_sandbox(self, name: str, image: str, spec: dict,
+                       from_checkpoint: str = "") -> SandboxRecord:
+        """Record a sandbox in state 'creating' with a fresh branch over the image
+        (or over a checkpoint's chain, for a fork)."""
+        if from_checkpoint:
+            lower = self.get_checkpoint(from_checkpoint).mount_layers
+        else:
+            lower = self.get_image(image).layer_ids
         tmp = self.new_tmp_dir()
         (tmp / "upper").mkdir()
         (tmp / "work").mkdir()
         sbx = SandboxRecord(id=new_id("sbx"), name=name, image=image, state="creating",
-                            branch_id=new_id("br"), created_at=time.time(), spec=spec)
+                            branch_id=new_id("br"), created_at=time.time(), spec=spec,
+                            head=from_checkpoint)
         try:
             with self.transaction() as db:
                 if db.execute("SELECT 1 FROM sandboxes WHERE name=?", (name,)).fetchone():
                     raise AlreadyExists(f"a sandbox named {name!r} exists")
+                if from_checkpoint and not db.execute(
+                        "SELECT 1 FROM checkpoints WHERE id=?", (from_checkpoint,)).fetchone():
+                    raise NotFound(f"checkpoint {from_checkpoint} was deleted")
                 db.execute("INSERT INTO branches VALUES (?,?,?)",
-                           (sbx.branch_id, json.dumps(img.layer_ids), sbx.created_at))
-                db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec)"
-                           " VALUES (?,?,?,?,?,?,?)", (sbx.id, name, image, sbx.state,
-                                                       sbx.branch_id, sbx.created_at,
-                                                       json.dumps(spec)))
+                           (sbx.branch_id, json.dumps(list(lower)), sbx.created_at))
+                db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec,"
+                           "head) VALUES (?,?,?,?,?,?,?,?)",
+                           (sbx.id, name, image, sbx.state, sbx.branch_id, sbx.created_at,
+                            json.dumps(spec), from_checkpoint))
                 tmp.rename(self.branches_dir / sbx.branch_id)
         except BaseException:
             _rmtree(tmp)
@@ -430,16 +484,198 @@ class Store:
         return BranchRecord(r[0], tuple(json.loads(r[1])), r[2])
 
     def branch_mount(self, branch_id: str) -> Mount:
-        """The overlay mount of a branch, as data."""
-        br = self.get_branch(branch_id)
+        """The overlay mount of a recorded branch, as data."""
+        return self.branch_mount_for(branch_id, self.get_branch(branch_id).lower)
+
+    def branch_mount_for(self, branch_id: str, layers: tuple[str, ...]) -> Mount:
+        """The overlay mount of branch dirs `branch_id` over `layers` (bottom first)."""
         bdir = self.branches_dir / branch_id
-        # overlayfs lists lowerdirs top first.
-        lower = ":".join(str(self.layer_path(lid)) for lid in reversed(br.lower))
         # index=off/xino=off: layers are shared by many branches and never
         # exported, so overlay's inode index would only cost mount time.
-        opts = (f"lowerdir={lower}", f"upperdir={bdir / 'upper'}", f"workdir={bdir / 'work'}",
-                "index=off", "xino=off", "redirect_dir=on")
-        return Mount("overlay", "overlay", str(self.mnt_dir / branch_id), opts)
+        # redirect_dir/metacopy off: layers hold plain files only (see deltafs).
+        return Mount(str(self.mnt_dir / branch_id),
+                     tuple(str(self.layer_path(lid)) for lid in layers),
+                     str(bdir / "upper"), str(bdir / "work"),
+                     ("index=off", "xino=off", "redirect_dir=off", "metacopy=off"))
+
+    # ---- checkpoints -----------------------------------------------------------------
+
+    def commit_checkpoint(self, sandbox: SandboxRecord, label: str, mode: str,
+                          base_layers: tuple[str, ...], base_mount: tuple[str, ...],
+                          new_layer_dir: Path | None, stats: dict) -> CheckpointRecord:
+        """Record a checkpoint (and its new layer, if anything changed) in one
+        transaction, and make it the sandbox's head.
+
+        `base_layers` is the branch's chain as sunk so far, `base_mount` an equal
+        chain to mount (shorter once an ancestor was squashed)."""
+        now = time.time()
+        layer_id = new_id("l") if new_layer_dir is not None else None
+        new = (layer_id,) if layer_id else ()
+        layers, mount = base_layers + new, base_mount + new
+        ckpt = CheckpointRecord(new_id("ck"), sandbox.id, sandbox.head, label, mode, now,
+                                tuple(layers), tuple(mount), "", False, stats, sandbox.image,
+                                sandbox.spec)
+        size = _tree_size(new_layer_dir) if new_layer_dir is not None else 0
+        if self.durable and new_layer_dir is not None:
+            _syncfs(new_layer_dir)
+        moved = False
+        try:
+            with self.transaction() as db:
+                row = db.execute("SELECT branch_id, head FROM sandboxes WHERE id=?",
+                                 (sandbox.id,)).fetchone()
+                if row is None or tuple(row) != (sandbox.branch_id, sandbox.head):
+                    raise FailedPrecondition(f"sandbox {sandbox.name} changed during the "
+                                             "checkpoint")
+                if layer_id:
+                    db.execute("INSERT INTO layers VALUES (?,?,?,?)",
+                               (layer_id, now, size, f"checkpoint:{ckpt.id}"))
+                    new_layer_dir.rename(self.layer_path(layer_id))
+                    moved = True
+                db.execute("INSERT INTO checkpoints (id,sandbox_id,parent_id,label,mode,created_at,"
+                           "layers,mount,stats,image,spec) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           (ckpt.id, ckpt.sandbox_id, ckpt.parent_id, label, mode, now,
+                            json.dumps(list(layers)), json.dumps(list(mount)),
+                            json.dumps(stats), sandbox.image, json.dumps(sandbox.spec)))
+                db.execute("UPDATE sandboxes SET head=? WHERE id=?", (ckpt.id, sandbox.id))
+        except BaseException:
+            if moved:
+                self.layer_path(layer_id).rename(new_layer_dir)
+            raise
+        sandbox.head = ckpt.id
+        return ckpt
+
+    def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
+        if not isinstance(checkpoint_id, str) or not checkpoint_id:
+            raise InvalidArgument("a checkpoint id is required")
+        rows = self._query("SELECT * FROM checkpoints WHERE id=?", (checkpoint_id,))
+        if not rows:
+            raise NotFound(f"no checkpoint {checkpoint_id!r}")
+        return _checkpoint(rows[0])
+
+    def checkpoint_tree(self, sandbox: SandboxRecord) -> list[CheckpointRecord]:
+        """The sandbox's checkpoints plus their ancestors (forks start in another
+        sandbox's tree), oldest first."""
+        found = {r[0]: _checkpoint(r) for r in self._query(
+            "SELECT * FROM checkpoints WHERE sandbox_id=?", (sandbox.id,))}
+        todo = [c.parent_id for c in found.values()] + [sandbox.head]
+        while todo:
+            cid = todo.pop()
+            if cid and cid not in found:
+                rows = self._query("SELECT * FROM checkpoints WHERE id=?", (cid,))
+                if rows:
+                    found[cid] = _checkpoint(rows[0])
+                    todo.append(found[cid].parent_id)
+        return sorted(found.values(), key=lambda c: c.created_at)
+
+    def tree_root(self, checkpoint_id: str) -> str:
+        cid = checkpoint_id
+        while True:
+            rows = self._query("SELECT parent_id FROM checkpoints WHERE id=?", (cid,))
+            if not rows or not rows[0][0]:
+                return cid
+            cid = rows[0][0]
+
+    def switch_branch(self, sandbox: SandboxRecord, new_branch_id: str,
+                      lower: tuple[str, ...], head: str, init_pid: int,
+                      init_start: float) -> str:
+        """Point the sandbox at a new running branch over `lower` (rollback), in one
+        transaction; returns the old branch id, whose row is gone and whose
+        directories the caller deletes."""
+        old = sandbox.branch_id
+        with self.transaction() as db:
+            if head and not db.execute("SELECT 1 FROM checkpoints WHERE id=?",
+                                       (head,)).fetchone():
+                raise NotFound(f"checkpoint {head} was deleted")
+            db.execute("INSERT INTO branches VALUES (?,?,?)",
+                       (new_branch_id, json.dumps(list(lower)), time.time()))
+            db.execute("UPDATE sandboxes SET branch_id=?, head=?, state='running', init_pid=?, "
+                       "init_start=? WHERE id=?",
+                       (new_branch_id, head, init_pid, init_start, sandbox.id))
+            db.execute("DELETE FROM branches WHERE id=?", (old,))
+        sandbox.branch_id, sandbox.head = new_branch_id, head
+        sandbox.state, sandbox.init_pid, sandbox.init_start = "running", init_pid, init_start
+        return old
+
+    def new_branch_dirs(self, branch_id: str) -> Path:
+        """Create branches/<id>/{upper,work} (no row yet: see `switch_branch`)."""
+        tmp = self.new_tmp_dir()
+        (tmp / "upper").mkdir()
+        (tmp / "work").mkdir()
+        target = self.branches_dir / branch_id
+        tmp.rename(target)
+        return target
+
+    def delete_branch_dirs(self, branch_id: str) -> None:
+        _rmtree(self.branches_dir / branch_id)
+        target = self.mnt_dir / branch_id
+        if target.exists() and not _linux.is_mountpoint(target):
+            target.rmdir()
+
+    def set_pinned(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
+        with self.transaction() as db:
+            if db.execute("UPDATE checkpoints SET pinned=? WHERE id=?",
+                          (int(pinned), checkpoint_id)).rowcount == 0:
+                raise NotFound(f"no checkpoint {checkpoint_id!r}")
+        return self.get_checkpoint(checkpoint_id)
+
+    def delete_checkpoint(self, checkpoint_id: str, cascade: bool = False) -> list[str]:
+        """Delete a checkpoint (and with cascade its descendants); free unused layers.
+        Returns the deleted ids."""
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone():
+                raise NotFound(f"no checkpoint {checkpoint_id!r}")
+            doomed, todo = [], [checkpoint_id]
+            while todo:
+                cid = todo.pop()
+                doomed.append(cid)
+                children = [r[0] for r in db.execute(
+                    "SELECT id FROM checkpoints WHERE parent_id=?", (cid,))]
+                if children and not cascade:
+                    raise FailedPrecondition(f"checkpoint {cid} has children "
+                                             f"({', '.join(children)}); use cascade")
+                todo.extend(children)
+            marks = ",".join("?" * len(doomed))
+            pinned = [r[0] for r in db.execute(
+                f"SELECT id FROM checkpoints WHERE pinned=1 AND id IN ({marks})", doomed)]
+            if pinned:
+                raise FailedPrecondition(f"checkpoint(s) {', '.join(pinned)} are pinned")
+            heads = [r[0] for r in db.execute(
+                f"SELECT name FROM sandboxes WHERE head IN ({marks})", doomed)]
+            if heads:
+                raise FailedPrecondition(f"sandbox(es) {', '.join(heads)} run on top of it; "
+                                         "roll them back elsewhere or destroy them first")
+            layers: set[str] = set()
+            for (ids, mount, squashed) in db.execute(
+                    f"SELECT layers, mount, squashed FROM checkpoints WHERE id IN ({marks})",
+                    doomed):
+                layers.update(json.loads(ids) + json.loads(mount))
+                if squashed:
+                    layers.add(squashed)
+            db.execute(f"DELETE FROM checkpoints WHERE id IN ({marks})", doomed)
+            self._drop_unused_layers(db, sorted(layers))
+        self.delete_unreferenced_layer_dirs()
+        return doomed
+
+    def set_squashed(self, checkpoint_id: str, layer_dir: Path) -> str | None:
+        """Record `layer_dir` as the squashed equal of the checkpoint's chain."""
+        layer_id = new_id("l")
+        now = time.time()
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM checkpoints WHERE id=? AND squashed=''",
+                              (checkpoint_id,)).fetchone():
+                return None
+            db.execute("INSERT INTO layers VALUES (?,?,?,?)",
+                       (layer_id, now, _tree_size(layer_dir), f"squash:{checkpoint_id}"))
+            layer_dir.rename(self.layer_path(layer_id))
+            db.execute("UPDATE checkpoints SET squashed=? WHERE id=?", (layer_id, checkpoint_id))
+        return layer_id
+
+    def gc_layers(self) -> None:
+        """Drop layer rows nothing refers to any more, then their directories."""
+        with self.transaction() as db:
+            all_ids = [r[0] for r in db.execute("SELECT id FROM layers")]
+            self._drop_unused_layers(db, all_ids)
+        self.delete_unreferenced_layer_dirs()
 
     # ---- reconciliation --------------------------------------------------------------
 
@@ -472,7 +708,25 @@ def _image(r: tuple) -> ImageRecord:
 
 def _sandbox(r: tuple) -> SandboxRecord:
     return SandboxRecord(id=r[0], name=r[1], image=r[2], state=r[3], branch_id=r[4],
-                         created_at=r[5], spec=json.loads(r[6]), init_pid=r[7], init_start=r[8])
+                         created_at=r[5], spec=json.loads(r[6]), init_pid=r[7], init_start=r[8],
+                         head=r[9])
+
+
+def _checkpoint(r: tuple) -> CheckpointRecord:
+    return CheckpointRecord(id=r[0], sandbox_id=r[1], parent_id=r[2], label=r[3], mode=r[4],
+                            created_at=r[5], layers=tuple(json.loads(r[6])),
+                            mount=tuple(json.loads(r[7])), squashed=r[8], pinned=bool(r[9]),
+                            stats=json.loads(r[10]), image=r[11], spec=json.loads(r[12]))
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the store's filesystem (durable mode: layers survive power loss)."""
+    import ctypes
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def _tree_size(path: Path) -> int:

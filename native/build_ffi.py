@@ -19,11 +19,14 @@ ffibuilder.cdef(
     int dbx_umount2(const char *target, int flags);
     int dbx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                     uint64_t resolve);
+    int dbx_mount_overlay(const char *target, const char *const *lowers, int nlowers,
+                          const char *upper, const char *work, const char *const *opts,
+                          int nopts, int rdonly);
     """
 )
 ffibuilder.set_source(
     "deltabox._native",
-    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 1\n',
+    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 2\n',
     sources=[str(SRC / "dbx_native.c")],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Werror"],

@@ -492,7 +492,7 @@ def test_fork_bomb_is_contained(make_sandbox, client, daemon):
         t0 = time.monotonic()
         client.status()
         assert ok(other, "echo ok") == b"ok\n"
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 5.0
 
         # exec into the bombed sandbox answers (fails clearly or runs), no hang
         with fresh_client(daemon, 15) as c2:

@@ -23,7 +23,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/audit.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <net/if.h>
 #include <poll.h>
 #include <sched.h>
@@ -1142,6 +1146,10 @@ static void setup_proc_and_dev(void)
     CHECK(mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL), "mount /proc");
     ro_bind("proc/sys", "bind /proc/sys");
     ro_bind("proc/sysrq-trigger", "bind /proc/sysrq-trigger");
+    /* Host-wide knobs and device config under /proc (as Docker's readonlyPaths). */
+    ro_bind("proc/irq", "bind /proc/irq");
+    ro_bind("proc/bus", "bind /proc/bus");
+    ro_bind("proc/fs", "bind /proc/fs");
 
     /* A private /dev made of fresh nodes: bind-mounted host nodes would
      * break CRIU dumps and leak host devices. */
@@ -1213,6 +1221,8 @@ static int read_cap_last_cap(void)
     return last > 0 ? last : 63;
 }
 
+static void install_seccomp(void);
+
 static void drop_capabilities(void)
 {
     struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
@@ -1234,6 +1244,33 @@ static void drop_capabilities(void)
     }
     CHECK(syscall(SYS_capset, &hdr, data), "capset");
     CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs");
+    install_seccomp();
+}
+
+/* A new user namespace would give its creator every capability again (inside
+ * it), undoing the drop above and exposing far more of the kernel. Refuse
+ * unshare/clone with CLONE_NEWUSER (EPERM) and clone3, whose flags live in
+ * memory a filter cannot read (ENOSYS: libc then falls back to clone). */
+static void install_seccomp(void)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),  /* other arches: see docs */
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone3, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_unshare, 1, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone, 0, 3),
+        /* unshare(flags) and clone(flags, ...): flags are argument 0 */
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_NEWUSER, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof filter / sizeof filter[0], .filter = filter};
+
+    CHECK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0), "seccomp");
 }
 
 /* Keep nothing from the host: fds 0-2 become the sandbox's /dev/null. */

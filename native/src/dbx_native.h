@@ -11,4 +11,8 @@ int dbx_umount2(const char *target, int flags);
 /* openat2(2) with how.resolve = resolve; returns an fd. */
 int dbx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                 uint64_t resolve);
+/* Overlay via fsopen/fsconfig("lowerdir+")/fsmount/move_mount; lowers top first. */
+int dbx_mount_overlay(const char *target, const char *const *lowers, int nlowers,
+                      const char *upper, const char *work, const char *const *opts,
+                      int nopts, int rdonly);
 #endif

@@ -1,0 +1,430 @@
+"""DeltaFS: sink a branch's upper directory into immutable layers; look up, diff, squash.
+
+How a checkpoint works without patching overlayfs
+-------------------------------------------------
+A running sandbox's overlay cannot switch its upper directory, so the upper
+keeps growing for the branch's whole life. A checkpoint therefore sinks only
+what changed *since the previous checkpoint of the same branch*:
+
+- `scan_upper` lists every entry of the upper with a change key
+  (inode, ctime, mode); ctime moves on every write, chmod, chown, xattr change,
+  link and rename, so an unchanged key means an unchanged entry.
+- `sink_upper_into_layer` compares with the previous scan (the `Manifest`) and
+  writes a new layer holding the changed entries -- regular files as reflinks
+  (FICLONE: metadata only, no data copied), everything else recreated with the
+  same metadata and xattrs -- plus their parent directories, and a whiteout
+  for every entry that disappeared from the upper (it lives on in an earlier
+  checkpoint layer and must be hidden there).
+
+The checkpoint's chain is the branch's lower chain plus the layers of all its
+checkpoints so far; stacked by overlayfs it shows exactly the upper's view.
+Cost grows with the number of changed entries (plus a stat per upper entry),
+not with the image or the data size.
+
+Overlay-format layers: a whiteout is a 0:0 character device, an opaque
+directory carries trusted.overlay.opaque=y. Other trusted.overlay.* xattrs
+(origin, impure, ...) describe the live mount's lower layers and are dropped.
+Branches mount with redirect_dir=off, so renaming a directory that came from a
+lower layer fails with EXDEV and tools fall back to copying -- as with
+Docker's overlay2 -- and no layer ever holds a redirect.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from deltabox import _linux
+
+__all__ = ["Manifest", "SinkStats", "scan_upper", "sink_upper_into_layer", "lookup",
+           "diff_chains", "manifest_from_layers", "squash_chain", "is_whiteout"]
+
+OVERLAY_XATTR_PREFIX = "trusted.overlay."
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+# (inode, ctime_ns, st_mode): what `scan_upper` records per entry.
+EntryKey = tuple[int, int, int]
+
+
+@dataclass
+class Manifest:
+    """The upper directory as it was at the branch's last checkpoint.
+
+    `entries` maps a relative path ("" is the root, "a/b" a child) to its key;
+    a key of None means "unknown" (after a daemon restart), which makes the
+    next sink treat the entry as changed -- always correct, only slower.
+    """
+    entries: dict[str, EntryKey | None] = field(default_factory=dict)
+
+
+@dataclass
+class SinkStats:
+    changed: int = 0
+    whiteouts: int = 0
+    cloned_bytes: int = 0
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _key(st: os.stat_result) -> EntryKey:
+    return (st.st_ino, st.st_ctime_ns, st.st_mode)
+
+
+def scan_upper(upper: Path) -> dict[str, tuple[EntryKey, os.stat_result]]:
+    """Every entry of `upper` (relative path -> (key, lstat)), parents before children."""
+    out: dict[str, tuple[EntryKey, os.stat_result]] = {}
+    root_st = os.lstat(upper)
+    out[""] = (_key(root_st), root_st)
+    stack = [("", str(upper))]
+    while stack:
+        rel, path = stack.pop()
+        with os.scandir(path) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                out[child] = (_key(st), st)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((child, entry.path))
+    return out
+
+
+def _parent(rel: str) -> str:
+    return rel.rpartition("/")[0]
+
+
+def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
+                          scan: dict[str, tuple[EntryKey, os.stat_result]] | None = None
+                          ) -> tuple[SinkStats, Manifest]:
+    """Write into the empty directory `layer` what changed in `upper` since `manifest`.
+
+    Returns the stats and the new manifest. The caller freezes the sandbox
+    around this call so that the upper does not change underneath.
+    """
+    scan = scan if scan is not None else scan_upper(upper)
+    stats = SinkStats()
+    prev = manifest.entries
+    changed = [rel for rel, (key, _) in scan.items() if rel and prev.get(rel, 0) != key]
+    # Gone from the upper but present in an earlier checkpoint layer: hide it,
+    # unless its parent is gone too (the parent's own whiteout hides it).
+    gone = [rel for rel in prev if rel and rel not in scan and _parent(rel) in scan
+            and stat.S_ISDIR(scan[_parent(rel)][1].st_mode)]
+
+    needed_dirs: set[str] = set()
+    for rel in changed + gone:
+        p = _parent(rel)
+        while p and p not in needed_dirs:
+            needed_dirs.add(p)
+            p = _parent(p)
+    for rel in changed:
+        if stat.S_ISDIR(scan[rel][1].st_mode):
+            needed_dirs.add(rel)
+
+    layer_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # Directories first (parents before children), metadata after contents.
+        dirs = sorted(needed_dirs, key=lambda r: r.count("/"))
+        for rel in dirs:
+            os.mkdir(rel, 0o700, dir_fd=layer_fd)
+        links: dict[tuple[int, int], str] = {}
+        for rel in changed:
+            st = scan[rel][1]
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            stats.changed += 1
+            ident = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and ident in links:
+                os.link(links[ident], rel, src_dir_fd=layer_fd, dst_dir_fd=layer_fd,
+                        follow_symlinks=False)
+                continue
+            _copy_entry(upper_fd, layer_fd, rel, st, stats)
+            if st.st_nlink > 1:
+                links[ident] = rel
+        for rel in gone:
+            os.mknod(rel, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=layer_fd)
+            stats.whiteouts += 1
+        stats.changed += sum(1 for r in changed if r in needed_dirs)
+        # Root and directories get their metadata last: creating children
+        # changed their mtimes. Deepest first, so a parent's mtime is final.
+        for rel in sorted(needed_dirs | {""}, key=lambda r: r.count("/"), reverse=True):
+            st = scan[rel][1]
+            # An opaque mark hides every layer below, including this branch's
+            # earlier checkpoint layers: keep it only for a directory that is
+            # new since the last checkpoint (a recreated one has a new inode).
+            old = prev.get(rel)
+            is_new = rel != "" and (old is None or old == 0 or old[0] != st.st_ino)
+            _copy_metadata(upper_fd, layer_fd, rel or ".", st, keep_opaque=is_new)
+    finally:
+        os.close(layer_fd)
+        os.close(upper_fd)
+    return stats, Manifest({rel: key for rel, (key, _) in scan.items()})
+
+
+def _copy_entry(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
+                stats: SinkStats) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        src = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
+        try:
+            dst = os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=layer_fd)
+            try:
+                if st.st_size:
+                    _linux.ficlone(src, dst)
+                    stats.cloned_bytes += st.st_size
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(rel, dir_fd=upper_fd), rel, dir_fd=layer_fd)
+    else:  # whiteouts, devices, fifos, sockets (as inodes)
+        os.mknod(rel, mode, st.st_rdev, dir_fd=layer_fd)
+    _copy_metadata(upper_fd, layer_fd, rel, st)
+
+
+def _copy_metadata(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
+                   keep_opaque: bool = True) -> None:
+    is_link = stat.S_ISLNK(st.st_mode)
+    os.chown(rel, st.st_uid, st.st_gid, dir_fd=layer_fd, follow_symlinks=False)
+    if not is_link:
+        os.chmod(rel, stat.S_IMODE(st.st_mode), dir_fd=layer_fd)
+    _copy_xattrs(upper_fd, layer_fd, rel, is_link, keep_opaque)
+    os.utime(rel, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=layer_fd,
+             follow_symlinks=False)
+
+
+def _proc_path(dir_fd: int, rel: str) -> str:
+    return f"/proc/self/fd/{dir_fd}/{rel}"
+
+
+def _copy_xattrs(upper_fd: int, layer_fd: int, rel: str, is_link: bool,
+                 keep_opaque: bool) -> None:
+    src, dst = _proc_path(upper_fd, rel), _proc_path(layer_fd, rel)
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if name.startswith(OVERLAY_XATTR_PREFIX) and not (name == OPAQUE_XATTR and keep_opaque):
+            continue
+        if is_link and name.startswith("user."):
+            continue  # user xattrs are not allowed on symlinks
+        os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
+                    follow_symlinks=False)
+
+
+# ---- reading a chain -------------------------------------------------------------------
+
+def _entry_stat(layer: Path, rel: str) -> os.stat_result | None:
+    try:
+        return os.lstat(layer / rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _is_opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def lookup(chain: list[Path], rel: str) -> tuple[Path, os.stat_result] | None:
+    """Resolve `rel` in a stack of layers (bottom first) as overlayfs would.
+
+    Returns (layer, lstat) of the entry that is visible, or None.
+    """
+    parts = rel.split("/") if rel else []
+    for layer in reversed(chain):
+        # An ancestor that is a whiteout or a non-directory hides the path from
+        # this layer down; an opaque ancestor stops the search below this layer.
+        blocked = stop_below = False
+        for i in range(1, len(parts)):
+            st = _entry_stat(layer, "/".join(parts[:i]))
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                blocked = True
+                break
+            if _is_opaque(layer / "/".join(parts[:i])):
+                stop_below = True
+        if blocked:
+            return None
+        st = _entry_stat(layer, rel)
+        if st is not None:
+            return None if is_whiteout(st) else (layer, st)
+        if stop_below:
+            return None
+    return None
+
+
+def _layer_paths(layer: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(layer):
+        base = os.path.relpath(dirpath, layer)
+        base = "" if base == "." else base
+        for n in dirnames + filenames:
+            yield f"{base}/{n}" if base else n
+
+
+def manifest_from_layers(layers: Iterable[Path]) -> Manifest:
+    """A manifest with unknown keys for every path the given layers touch.
+
+    Used after a daemon restart: the branch's own checkpoint layers name
+    every path its upper held at the last checkpoint.
+    """
+    entries: dict[str, EntryKey | None] = {"": None}
+    for layer in layers:
+        for rel in _layer_paths(layer):
+            entries[rel] = None
+    return Manifest(entries)
+
+
+def _same(a: tuple[Path, os.stat_result], b: tuple[Path, os.stat_result], rel: str) -> bool:
+    (la, sa), (lb, sb) = a, b
+    if la == lb:
+        return True
+    fields = ("st_mode", "st_uid", "st_gid", "st_rdev")
+    if any(getattr(sa, f) != getattr(sb, f) for f in fields):
+        return False
+    if stat.S_ISDIR(sa.st_mode):
+        return True  # a directory's own change shows as changes of its entries
+    if sa.st_size != sb.st_size or sa.st_mtime_ns != sb.st_mtime_ns:
+        return False
+    if stat.S_ISLNK(sa.st_mode):
+        return os.readlink(la / rel) == os.readlink(lb / rel)
+    if stat.S_ISREG(sa.st_mode):
+        return filecmp.cmp(la / rel, lb / rel, shallow=False)
+    return True
+
+
+def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
+    """(path, 'added'|'modified'|'deleted') from chain a to chain b, sorted by path.
+
+    Only layers the chains do not share can differ, so only their paths are
+    examined: the cost follows the distance between a and b, not tree size.
+    """
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    candidates: set[str] = set()
+    for layer in a[common:] + b[common:]:
+        candidates.update(_layer_paths(layer))
+    out = []
+    for rel in sorted(candidates):
+        ea, eb = lookup(a, rel), lookup(b, rel)
+        if ea is None and eb is None:
+            continue
+        if ea is None:
+            out.append((rel, "added"))
+        elif eb is None:
+            out.append((rel, "deleted"))
+        elif not _same(ea, eb, rel):
+            out.append((rel, "modified"))
+    return out
+
+
+def _merged_entries(dirs: list[Path]) -> dict[str, list[Path]]:
+    """The visible entries of one merged directory.
+
+    `dirs` are the instances of the directory in the layers, top first, already
+    cut after the first opaque one. Returns name -> the instances of that entry
+    (top first) that overlayfs merges: just one for a non-directory; for a
+    directory, the directory instances down to an opaque one, a non-directory
+    or a whiteout, which end the merge.
+    """
+    result: dict[str, list[Path]] = {}
+    decided: set[str] = set()  # names whose lower instances no longer matter
+    for d in dirs:
+        for name in os.listdir(d):
+            if name in decided:
+                continue
+            p = d / name
+            st = os.lstat(p)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if name not in result:  # the top-most instance decides what it is
+                if is_whiteout(st):
+                    decided.add(name)
+                    continue
+                result[name] = [p]
+                if not is_dir or _is_opaque(p):
+                    decided.add(name)
+            elif is_dir:
+                result[name].append(p)
+                if _is_opaque(p):
+                    decided.add(name)
+            else:
+                decided.add(name)
+    return result
+
+
+def squash_chain(chain: list[Path], layer: Path) -> int:
+    """Flatten a chain (bottom first) into the new directory `layer`; returns entries.
+
+    Resolves whiteouts and opaque directories as overlayfs does and reflinks
+    regular files from the layer that shows them, so no file data is copied.
+    Hardlinks inside one source layer stay hardlinks.
+    """
+    layer.mkdir()
+    count = 0
+    links: dict[tuple[int, int], Path] = {}
+    stack: list[tuple[Path, list[Path]]] = [(layer, list(reversed(chain)))]
+    top_dirs = []
+    while stack:
+        dst_dir, src_dirs = stack.pop()
+        top_dirs.append((dst_dir, src_dirs[0]))
+        for name, instances in _merged_entries(src_dirs).items():
+            src, dst = instances[0], dst_dir / name
+            st = os.lstat(src)
+            count += 1
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(dst, 0o700)
+                stack.append((dst, instances))
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and ident in links:
+                os.link(links[ident], dst, follow_symlinks=False)
+                continue
+            src_fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dst_fd = os.open(dst_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _copy_entry(src_fd, dst_fd, name, st, SinkStats())
+            finally:
+                os.close(src_fd)
+                os.close(dst_fd)
+            if st.st_nlink > 1:
+                links[ident] = dst
+    # Directory metadata last (children changed the mtimes), deepest first; an
+    # opaque mark is meaningless in a single layer and is not copied.
+    for dst_dir, src_dir in reversed(top_dirs):
+        st = os.lstat(src_dir)
+        pfd = os.open(src_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dfd = os.open(dst_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _copy_dir_meta(pfd, src_dir.name, dfd, dst_dir.name, st)
+        finally:
+            os.close(pfd)
+            os.close(dfd)
+    return count
+
+
+def _copy_dir_meta(src_parent: int, src_name: str, dst_parent: int, dst_name: str,
+                   st: os.stat_result) -> None:
+    os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_parent, follow_symlinks=False)
+    os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_parent)
+    src, dst = _proc_path(src_parent, src_name), _proc_path(dst_parent, dst_name)
+    for name in os.listxattr(src, follow_symlinks=False):
+        if not name.startswith(OVERLAY_XATTR_PREFIX):
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
+                        follow_symlinks=False)
+    os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_parent,
+             follow_symlinks=False)
