@@ -168,9 +168,17 @@ def _fork_op(checkpoint, n: int) -> _Op:
     return _Op("checkpoints", "Fork", pb.ForkRequest(checkpoint=_ckpt_id(checkpoint), n=n))
 
 
-def _fork_children(reply: pb.ForkResponse, wrap) -> list[ForkChild]:
-    return [ForkChild(sandbox=wrap(c.sandbox)) if not c.error_code
-            else ForkChild(error=error_for_code(c.error_code, c.error)) for c in reply.children]
+class ForkResult(list):
+    """The children of a fork (a list of ForkChild), plus the daemon's timings."""
+    timings_ms: dict = {}
+
+
+def _fork_children(reply: pb.ForkResponse, wrap) -> ForkResult:
+    out = ForkResult(ForkChild(sandbox=wrap(c.sandbox)) if not c.error_code
+                     else ForkChild(error=error_for_code(c.error_code, c.error))
+                     for c in reply.children)
+    out.timings_ms = dict(reply.timings_ms)
+    return out
 
 
 def _diff_op(a, b) -> _Op:
@@ -270,7 +278,7 @@ class Client:
         return self._call(_Op("system", "Status", pb.StatusRequest()))
 
     # checkpoints
-    def fork(self, checkpoint, n: int = 1) -> list[ForkChild]:
+    def fork(self, checkpoint, n: int = 1) -> "ForkResult":
         """n new sandboxes from a checkpoint; one ForkChild per child."""
         return _fork_children(self._call(_fork_op(checkpoint, n)),
                               lambda info: Sandbox(self, info))

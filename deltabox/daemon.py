@@ -324,7 +324,9 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
         return pb.RollbackResponse(sandbox=sandbox_pb(rec), path=path, timings_ms=timings)
 
     async def Fork(self, request, context):
+        t0 = time.perf_counter()
         results = await self.m.fork(request.checkpoint, request.n)
+        total_ms = 1000 * (time.perf_counter() - t0)
         out = []
         for r in results:
             if isinstance(r, Exception):
@@ -332,7 +334,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
                 out.append(pb.ForkResult(error=message, error_code=code.name))
             else:
                 out.append(pb.ForkResult(sandbox=sandbox_pb(r)))
-        return pb.ForkResponse(children=out)
+        return pb.ForkResponse(children=out, timings_ms={"total_ms": total_ms})
 
     async def ListCheckpoints(self, request, context):
         return pb.ListCheckpointsResponse(checkpoints=[

@@ -506,7 +506,7 @@ class SandboxManager:
 
     async def fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
         """n new sandboxes from a checkpoint; one result (record or error) per child."""
-        if not 1 <= n <= self.config.max_fork:
+        if not isinstance(n, int) or not 1 <= n <= self.config.max_fork:
             raise InvalidArgument(f"n must be between 1 and {self.config.max_fork}")
         ckpt = self.store.get_checkpoint(checkpoint_id)
         spec = {k: v for k, v in ckpt.spec.items() if k not in ("net_index", "ip_address")}
