@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 _lib = _native.lib
-NATIVE_ABI_VERSION = 2
+NATIVE_ABI_VERSION = 3
 if _lib.NATIVE_ABI_VERSION != NATIVE_ABI_VERSION:  # stale build
     raise ImportError(f"deltabox._native ABI {_lib.NATIVE_ABI_VERSION} != {NATIVE_ABI_VERSION}; "
                       "rebuild with `python native/build.py`")
@@ -74,6 +74,22 @@ def mount_overlay(target: str | os.PathLike, lowers: list[str], upper: str | Non
         os.fsencode(target), ffi.new("char *[]", keep), len(keep),
         os.fsencode(upper) if upper else ffi.NULL, os.fsencode(work) if work else ffi.NULL,
         ffi.new("char *[]", opts), len(opts), int(readonly)), "mount overlay", target)
+
+
+def clone_entry(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result) -> None:
+    """Recreate upper/rel (not a directory) as layer/rel with its metadata;
+    regular files are reflinked. See native/src/dbx_native.c."""
+    _check(_lib.dbx_clone_entry(upper_fd, layer_fd, os.fsencode(rel), st.st_mode, st.st_rdev,
+                                st.st_size, st.st_uid, st.st_gid, st.st_atime_ns,
+                                st.st_mtime_ns), "clone entry", rel)
+
+
+def copy_meta(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
+              keep_opaque: bool) -> None:
+    """Owner, mode, xattrs (overlay's own only the opaque mark, if asked) and times."""
+    _check(_lib.dbx_copy_meta(upper_fd, layer_fd, os.fsencode(rel), st.st_mode, st.st_uid,
+                              st.st_gid, st.st_atime_ns, st.st_mtime_ns, int(keep_opaque)),
+           "copy metadata", rel)
 
 
 def umount(target: str | os.PathLike, flags: int = 0) -> None:

@@ -67,6 +67,7 @@ class SinkStats:
     changed: int = 0
     whiteouts: int = 0
     cloned_bytes: int = 0
+    phases_ms: dict = field(default_factory=dict)  # filled in by the caller
 
 
 def is_whiteout(st: os.stat_result) -> bool:
@@ -169,58 +170,18 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
 
 def _copy_entry(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
                 stats: SinkStats) -> None:
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        src = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_fd)
-        try:
-            dst = os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=layer_fd)
-            try:
-                if st.st_size:
-                    _linux.ficlone(src, dst)
-                    stats.cloned_bytes += st.st_size
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(rel, dir_fd=upper_fd), rel, dir_fd=layer_fd)
-    else:  # whiteouts, devices, fifos, sockets (as inodes)
-        os.mknod(rel, mode, st.st_rdev, dir_fd=layer_fd)
-    _copy_metadata(upper_fd, layer_fd, rel, st)
+    _linux.clone_entry(upper_fd, layer_fd, rel, st)
+    if stat.S_ISREG(st.st_mode):
+        stats.cloned_bytes += st.st_size
 
 
 def _copy_metadata(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
                    keep_opaque: bool = True) -> None:
-    is_link = stat.S_ISLNK(st.st_mode)
-    os.chown(rel, st.st_uid, st.st_gid, dir_fd=layer_fd, follow_symlinks=False)
-    if not is_link:
-        os.chmod(rel, stat.S_IMODE(st.st_mode), dir_fd=layer_fd)
-    _copy_xattrs(upper_fd, layer_fd, rel, is_link, keep_opaque)
-    os.utime(rel, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=layer_fd,
-             follow_symlinks=False)
+    _linux.copy_meta(upper_fd, layer_fd, rel, st, keep_opaque)
 
 
 def _proc_path(dir_fd: int, rel: str) -> str:
     return f"/proc/self/fd/{dir_fd}/{rel}"
-
-
-def _copy_xattrs(upper_fd: int, layer_fd: int, rel: str, is_link: bool,
-                 keep_opaque: bool) -> None:
-    src, dst = _proc_path(upper_fd, rel), _proc_path(layer_fd, rel)
-    try:
-        names = os.listxattr(src, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM):
-            return
-        raise
-    for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX) and not (name == OPAQUE_XATTR and keep_opaque):
-            continue
-        if is_link and name.startswith("user."):
-            continue  # user xattrs are not allowed on symlinks
-        os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
-                    follow_symlinks=False)
 
 
 # ---- reading a chain -------------------------------------------------------------------

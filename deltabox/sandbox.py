@@ -341,34 +341,40 @@ class SandboxManager:
             raise InvalidArgument("label must be at most 1024 characters without NUL")
         rec, rt = self._running(ref)
         async with rt.lock:
-            rec = self.store.get_sandbox(rec.id)
-            t0 = time.perf_counter()
-            tmp, manifest, stats, frozen_ms = await asyncio.to_thread(self._sink, rec, rt)
-            t1 = time.perf_counter()
-            lower = self.store.get_branch(rec.branch_id).lower
-            base = lower + tuple(rt.own_layers)
-            # What to mount: the head's chain (squashed, once it is) plus the new layer.
-            base_mount = self.store.get_checkpoint(rec.head).mount_layers \
-                if rec.head and rt.own_layers else lower
-            try:
-                ckpt = await asyncio.to_thread(
-                    self.store.commit_checkpoint, rec, label, mode, base, base_mount, tmp,
-                    {"changed": stats.changed, "whiteouts": stats.whiteouts,
-                     "cloned_bytes": stats.cloned_bytes})
-            except BaseException:
-                if tmp is not None:
-                    await asyncio.to_thread(_rmtree_quiet, tmp)
-                raise
-            t2 = time.perf_counter()
-            if tmp is not None:
-                rt.own_layers.append(ckpt.layers[-1])
-            rt.manifest = manifest
-        ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
-                           "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
+            ckpt = await asyncio.to_thread(self._checkpoint_fs, rec.id, rt, label, mode)
         log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
                  layers=len(ckpt.layers), **ckpt.stats)
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
         self._spawn_background(self._maybe_squash(ckpt.id))
+        return ckpt
+
+    def _checkpoint_fs(self, sandbox_id: str, rt: _Runtime, label: str,
+                       mode: str) -> CheckpointRecord:
+        """Sink and record, in one worker thread (one hop off the event loop)."""
+        rec = self.store.get_sandbox(sandbox_id)
+        t0 = time.perf_counter()
+        tmp, manifest, stats, frozen_ms = self._sink(rec, rt)
+        t1 = time.perf_counter()
+        lower = self.store.get_branch(rec.branch_id).lower
+        base = lower + tuple(rt.own_layers)
+        # What to mount: the head's chain (squashed, once it is) plus the new layer.
+        base_mount = self.store.get_checkpoint(rec.head).mount_layers \
+            if rec.head and rt.own_layers else lower
+        try:
+            ckpt = self.store.commit_checkpoint(
+                rec, label, mode, base, base_mount, tmp,
+                {"changed": stats.changed, "whiteouts": stats.whiteouts,
+                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms})
+        except BaseException:
+            if tmp is not None:
+                _rmtree_quiet(tmp)
+            raise
+        t2 = time.perf_counter()
+        if tmp is not None:
+            rt.own_layers.append(ckpt.layers[-1])
+        rt.manifest = manifest
+        ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
+                           "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
         return ckpt
 
     def _sink(self, rec: SandboxRecord, rt: _Runtime):
@@ -380,14 +386,19 @@ class SandboxManager:
         tmp = self.store.new_tmp_dir()
         t0 = time.perf_counter()
         self.cgroups.freeze(rec.branch_id)
+        t1 = time.perf_counter()
         try:
             stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
         except BaseException:
             self.cgroups.thaw(rec.branch_id)
             _rmtree_quiet(tmp)
             raise
+        t2 = time.perf_counter()
         self.cgroups.thaw(rec.branch_id)
-        frozen_ms = 1000 * (time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        frozen_ms = 1000 * (t3 - t0)
+        stats.phases_ms = {"freeze_ms": 1000 * (t1 - t0), "copy_ms": 1000 * (t2 - t1),
+                           "thaw_ms": 1000 * (t3 - t2)}
         if stats.changed == 0 and stats.whiteouts == 0:
             _rmtree_quiet(tmp)
             tmp = None

@@ -515,7 +515,7 @@ class Store:
         ckpt = CheckpointRecord(new_id("ck"), sandbox.id, sandbox.head, label, mode, now,
                                 tuple(layers), tuple(mount), "", False, stats, sandbox.image,
                                 sandbox.spec)
-        size = _tree_size(new_layer_dir) if new_layer_dir is not None else 0
+        size = int(stats.get("cloned_bytes", 0))  # shared with the upper via reflinks
         if self.durable and new_layer_dir is not None:
             _syncfs(new_layer_dir)
         moved = False

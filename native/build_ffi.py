@@ -22,11 +22,17 @@ ffibuilder.cdef(
     int dbx_mount_overlay(const char *target, const char *const *lowers, int nlowers,
                           const char *upper, const char *work, const char *const *opts,
                           int nopts, int rdonly);
+    int dbx_clone_entry(int upper_fd, int layer_fd, const char *rel, uint32_t mode,
+                        uint64_t rdev, uint64_t size, uint32_t uid, uint32_t gid,
+                        int64_t atime_ns, int64_t mtime_ns);
+    int dbx_copy_meta(int upper_fd, int layer_fd, const char *rel, uint32_t mode,
+                      uint32_t uid, uint32_t gid, int64_t atime_ns, int64_t mtime_ns,
+                      int keep_opaque);
     """
 )
 ffibuilder.set_source(
     "deltabox._native",
-    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 2\n',
+    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 3\n',
     sources=[str(SRC / "dbx_native.c")],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Werror"],

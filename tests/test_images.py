@@ -12,9 +12,10 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
+import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -190,10 +191,13 @@ def sources(tmp_path_factory):
     out["tar"].write_bytes(base)
     out["tgz"] = d / "rootfs.tar.gz"
     out["tgz"].write_bytes(gzip.compress(base))
+    out["txz"] = d / "rootfs.tar.xz"
+    out["txz"].write_bytes(lzma.compress(base))
+    out["tzst"] = d / "rootfs.tar.zst"
+    subprocess.run(["zstd", "-q", "-f", str(out["tar"]), "-o", str(out["tzst"])], check=True)
     out["dir"] = d / "rootfs-dir"
     out["dir"].mkdir()
     # GNU tar as root restores owners, modes, hardlinks and the device node
-    import subprocess
     subprocess.run(["tar", "-x", "-f", str(out["tar"]), "-C", str(out["dir"]),
                     "--numeric-owner", "--same-permissions", "--same-owner"], check=True)
     out["docker"] = d / "docker-save.tar"
@@ -261,7 +265,8 @@ def check_base_tree(sbx) -> None:
 
 # ---- formats -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt,expected_format", [("tar", "tar"), ("tgz", "tar"), ("dir", "dir")])
+@pytest.mark.parametrize("fmt,expected_format", [("tar", "tar"), ("tgz", "tar"), ("txz", "tar"),
+                                                 ("tzst", "tar"), ("dir", "dir")])
 def test_import_single_layer_sources(client, images, sources, fmt, expected_format):
     name = f"t-{fmt}"
     img = client.import_image(name, sources[fmt])
@@ -336,12 +341,12 @@ def test_progress_is_streamed(client, images, sources):
 
 def test_list_and_remove_frees_layers(client, daemon, images, sources):
     before = layer_dirs(daemon)
-    img = client.import_image("t-listrm", sources["oci-dir"])
+    img = client.import_image("t-listrm", sources["docker"])
     images.append("t-listrm")
     listed = {i.name: i for i in client.list_images()}
     assert "t-listrm" in listed and "tiny" in listed
     assert list(listed["t-listrm"].layer_ids) == list(img.layer_ids)
-    assert listed["t-listrm"].source_format == "oci"
+    assert listed["t-listrm"].source_format == "docker-archive"
     assert layer_dirs(daemon) == before | set(img.layer_ids)
     client.remove_image("t-listrm")
     assert "t-listrm" not in {i.name for i in client.list_images()}
@@ -393,7 +398,7 @@ def test_replace_while_in_use_is_refused(client, daemon, images, sources):
     with client.create("t-replace-busy") as sbx:
         before = layer_dirs(daemon)
         with pytest.raises(deltabox.FailedPrecondition, match="t-replace-busy"):
-            client.import_image("t-replace-busy", sources["oci-tar"], replace=True)
+            client.import_image("t-replace-busy", sources["docker"], replace=True)
         assert layer_dirs(daemon) == before
         assert not tmp_dirs(daemon)
         listed = {i.name: i for i in client.list_images()}["t-replace-busy"]

@@ -15,4 +15,11 @@ int dbx_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
 int dbx_mount_overlay(const char *target, const char *const *lowers, int nlowers,
                       const char *upper, const char *work, const char *const *opts,
                       int nopts, int rdonly);
+/* DeltaFS sink: recreate a non-directory entry of an upper dir in a layer
+ * (reflink for files), and copy metadata (owner, mode, xattrs, times). */
+int dbx_clone_entry(int upper_fd, int layer_fd, const char *rel, uint32_t mode, uint64_t rdev,
+                    uint64_t size, uint32_t uid, uint32_t gid, int64_t atime_ns,
+                    int64_t mtime_ns);
+int dbx_copy_meta(int upper_fd, int layer_fd, const char *rel, uint32_t mode, uint32_t uid,
+                  uint32_t gid, int64_t atime_ns, int64_t mtime_ns, int keep_opaque);
 #endif
