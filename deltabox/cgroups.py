@@ -75,6 +75,9 @@ class CgroupDriver:
     def pids(self, name: str) -> list[int]:
         raise NotImplementedError
 
+    def can_freeze(self, name: str) -> bool:
+        return True
+
     def freeze(self, name: str) -> None:
         raise NotImplementedError
 
@@ -99,6 +102,13 @@ class CgroupDriver:
     def kill_all(self, name: str, timeout: float = 5.0) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty."""
         if not self.pids(name) and name not in self.names():
+            return
+        if not self.can_freeze(name):  # a half-removed cgroup: plain SIGKILLs
+            for pid in self.pids(name):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
             return
         deadline = time.monotonic() + timeout
         self.freeze(name)  # no forking while we kill
@@ -152,11 +162,17 @@ class CgroupV1(CgroupDriver):
         return procs
 
     def pids(self, name):
-        try:
-            text = (self._dir("freezer", name) / "cgroup.procs").read_text()
-        except FileNotFoundError:
-            return []
-        return [int(x) for x in text.split()]
+        found: set[int] = set()
+        for c in self.CONTROLLERS:  # any of them: a stray may lack some
+            try:
+                found.update(int(x) for x in (self._dir(c, name) / "cgroup.procs")
+                             .read_text().split())
+            except FileNotFoundError:
+                pass
+        return sorted(found)
+
+    def can_freeze(self, name):
+        return (self._dir("freezer", name) / "freezer.state").exists()
 
     def _freezer_state(self, name: str, state: str) -> None:
         path = self._dir("freezer", name) / "freezer.state"

@@ -94,8 +94,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     check_token(context)
                     reply = await inner_uu(request, context)
-                except (DeltaboxError, OSError, ValueError, TypeError, RuntimeError,
-                        TimeoutError) as e:
+                except Exception as e:  # noqa: BLE001 - every error becomes a status
                     await fail(context, e, started)
                 metrics.observe(method, "OK", time.monotonic() - started)
                 return reply
@@ -109,8 +108,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 check_token(context)
                 async for item in inner(request_or_iterator, context):
                     yield item
-            except (DeltaboxError, OSError, ValueError, TypeError, RuntimeError,
-                    TimeoutError) as e:
+            except Exception as e:  # noqa: BLE001 - every error becomes a status
                 await fail(context, e, started)
             metrics.observe(method, "OK", time.monotonic() - started)
 
@@ -236,8 +234,11 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         return pb.CloseSessionResponse()
 
     async def Shell(self, request_iterator, context):
-        first = await request_iterator.__anext__()
-        if first.WhichOneof("input") != "start":
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is None or first.WhichOneof("input") != "start":
             raise InvalidArgument("the first Shell message must be `start`")
         start = first.start
 
@@ -409,18 +410,33 @@ class Daemon:
         if os.geteuid() != 0:
             raise SystemExit("deltabox daemon must run as root (it mounts, creates "
                              "namespaces and cgroups)")
+        self._check_tcp_config()  # refuse bad flags before touching anything
         # Orphaned sandbox inits are re-parented to us, so we can reap them.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.backing = await asyncio.to_thread(ensure_backing, self.config.state_dir,
                                                self.config.store_size)
+        self.store = self.manager = None
         try:
-            self.store = Store(self.backing.root, durable=self.config.durable)
-            self.manager = SandboxManager(self.config, self.store,
-                                          detect_driver(self.store.instance_id))
-            report = await self.manager.start()
+            await self._start_serving()
         except BaseException:
-            await asyncio.to_thread(release_backing, self.backing)  # leave no mount behind
+            # Leave nothing behind: sandboxes reconcile restarted, mounts, the loop.
+            if self.manager is not None:
+                await self.manager.shutdown()
+            if self.store is not None:
+                self.store.close()
+            await asyncio.to_thread(release_backing, self.backing)
             raise
+
+    def _check_tcp_config(self) -> None:
+        cfg = self.config
+        if cfg.tcp_address and not (cfg.tls_cert and cfg.tls_key and cfg.token):
+            raise SystemExit("TCP needs --tls-cert, --tls-key and --token (no plaintext TCP)")
+
+    async def _start_serving(self) -> None:
+        self.store = Store(self.backing.root, durable=self.config.durable)
+        self.manager = SandboxManager(self.config, self.store,
+                                      detect_driver(self.store.instance_id))
+        report = await self.manager.start()
         self.criu_version = await asyncio.to_thread(_criu_version)
 
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -453,8 +469,6 @@ class Daemon:
 
     def _add_tcp_port(self, opts) -> None:
         cfg = self.config
-        if not (cfg.tls_cert and cfg.tls_key and cfg.token):
-            raise SystemExit("TCP needs --tls-cert, --tls-key and --token (no plaintext TCP)")
         creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(),
                                               cfg.tls_cert.read_bytes())])
         # Calls arriving over TCP must carry the bearer token (see ErrorInterceptor).

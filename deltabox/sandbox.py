@@ -15,6 +15,7 @@ inside the namespaces and the cgroup -- and can be checkpointed later.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -141,9 +142,12 @@ class SandboxManager:
                 _linux.umount(target, _linux.MNT_DETACH)
                 report["stray_mounts"] += 1
         for name in self.cgroups.names() - branches:
-            self.cgroups.kill_all(name)
-            self.cgroups.remove(name)
-            report["stray_cgroups"] += 1
+            try:
+                self.cgroups.kill_all(name)
+                self.cgroups.remove(name)
+                report["stray_cgroups"] += 1
+            except (OSError, TimeoutError) as e:  # one bad stray must not stop start-up
+                log.error("reconcile.stray_cgroup_failed", cgroup=name, error=str(e))
         for rec in records.values():
             if rec.state in ("creating", "broken"):
                 self._kill_incarnation(rec.branch_id, rec.init_pid, rec)
@@ -274,6 +278,8 @@ class SandboxManager:
                      hostname: str = "") -> SandboxRecord:
         if memory_bytes < 0 or pids < 0 or cpus < 0:
             raise InvalidArgument("limits must be >= 0")
+        if not math.isfinite(cpus):
+            raise InvalidArgument(f"cpus limit must be a finite number, not {cpus}")
         if network not in ("none", "nat"):
             raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
         env = dict(env or {})

@@ -215,10 +215,27 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
     return Backing(root=root, kind=kind, image=image)
 
 
-def release_backing(backing: Backing) -> None:
-    """Unmount the loop-backed store (detaching its loop device)."""
-    if backing.kind == "loop-image" and _linux.is_mountpoint(backing.root):
-        _linux.umount(backing.root)
+def release_backing(backing: Backing, wait: float = 3.0) -> None:
+    """Unmount the loop-backed store; its loop device (autoclear) then detaches,
+    which the kernel does asynchronously: wait for it, so that "stopped" means
+    nothing is left."""
+    if backing.kind != "loop-image" or not _linux.is_mountpoint(backing.root):
+        return
+    _linux.umount(backing.root)
+    deadline = time.monotonic() + wait
+    while _loop_devices_for(backing.image) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _loop_devices_for(image: Path | None) -> list[str]:
+    found = []
+    for backing_file in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing_file.read_text().strip() == str(image):
+                found.append(backing_file.parent.parent.name)
+        except OSError:
+            pass
+    return found
 
 
 def _parse_size(text: str) -> int:
@@ -278,8 +295,12 @@ class Store:
         # make); FULL (durable=True) also fsyncs each commit against power loss.
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._check_schema_version()
+        try:
+            self._db.executescript(_SCHEMA)
+            self._check_schema_version()
+        except BaseException:
+            self._db.close()  # an open DB would keep the store busy (no unmount)
+            raise
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

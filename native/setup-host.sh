@@ -30,7 +30,7 @@ PACKAGES=(
     python3-protobuf libgnutls28-dev libaio-dev libnftables-dev libprotobuf-dev protobuf-compiler
     uuid-dev libdrm-dev
     # runtime / tooling
-    iproute2 iptables util-linux xz-utils ca-certificates curl libffi-dev python3-venv
+    iproute2 iptables util-linux xz-utils zstd ca-certificates curl libffi-dev python3-venv
 )
 
 export DEBIAN_FRONTEND=noninteractive

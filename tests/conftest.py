@@ -87,16 +87,31 @@ class DaemonProcess:
                                *args], capture_output=True, input=input, timeout=120)
 
 
+def sandbox_inits(state_dir: Path) -> list[int]:
+    """deltabox-init processes whose mounts come from this daemon's store."""
+    sd = str(state_dir)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "deltabox-init":
+                continue
+            if sd in (proc / "mountinfo").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
 def leftovers(state_dir: Path) -> dict[str, list]:
-    """What of a daemon is still in the kernel: mounts, loop devices, cgroups, inits."""
+    """What of a daemon is still in the kernel: mounts, loop devices, inits."""
     sd = str(state_dir)
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f if sd in line.split()[4]]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     loops = [line for line in loops.splitlines() if sd in line]
-    inits = [p for p in subprocess.run(["pgrep", "-af", "deltabox-init"], capture_output=True,
-                                       text=True).stdout.splitlines() if sd in p]
-    return {"mounts": mounts, "loops": loops, "inits": inits}
+    return {"mounts": mounts, "loops": loops, "inits": sandbox_inits(state_dir)}
 
 
 def sandbox_cgroups() -> set[str]:
