@@ -78,6 +78,10 @@ class CgroupDriver:
     def can_freeze(self, name: str) -> bool:
         return True
 
+    def freezer_path(self, name: str) -> Path:
+        """The cgroup CRIU's --freeze-cgroup takes."""
+        raise NotImplementedError
+
     def freeze(self, name: str) -> None:
         raise NotImplementedError
 
@@ -174,6 +178,9 @@ class CgroupV1(CgroupDriver):
     def can_freeze(self, name):
         return (self._dir("freezer", name) / "freezer.state").exists()
 
+    def freezer_path(self, name):
+        return self._dir("freezer", name)
+
     def _freezer_state(self, name: str, state: str) -> None:
         path = self._dir("freezer", name) / "freezer.state"
         _write(path, state)
@@ -264,6 +271,9 @@ class CgroupV2(CgroupDriver):
             self._dir().rmdir()
         except OSError:
             pass
+
+    def freezer_path(self, name):
+        return self._dir(name)
 
     def kill_all(self, name, timeout=5.0):
         d = self._dir(name)

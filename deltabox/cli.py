@@ -438,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="a guided tour on a throw-away daemon (as root)")
     dm.set_defaults(func=lambda args: __import__("deltabox.demo").demo.main(), needs_client=False)
 
+    bn = sub.add_parser("bench", help="benchmarks on a throw-away daemon (as root)")
+    bsub = bn.add_subparsers(dest="bench_cmd", required=True)
+    bf = bsub.add_parser("fs", help="DeltaFS checkpoint, rollback and fork vs copytree, cp, tar")
+    bf.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bf.add_argument("--quick", action="store_true", help="a reduced matrix (well under 2 min)")
+    bf.add_argument("--iterations", type=int, help="samples per cell (default 20, quick 5)")
+    bf.add_argument("--tree", action="append", help="django, mono (>= 20,000 files), "
+                    "synthetic:N or sdist:NAME==VERSION[,...]; repeatable")
+    bf.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_fs(args),
+                    needs_client=False)
+
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="destroy sandboxes")
     rm.add_argument("sandboxes", nargs="+")

@@ -307,7 +307,9 @@ def _checkpoint_pb(c) -> pb.CheckpointInfo:
         id=c.id, sandbox_id=c.sandbox_id, parent_id=c.parent_id, label=c.label,
         mode=_MODE_PB.get(c.mode, 0), created_at=c.created_at, layer_ids=list(c.mount_layers),
         pinned=c.pinned, timings_ms={k: float(v) for k, v in c.stats.items()
-                                     if k.endswith("_ms")})
+                                     if k.endswith("_ms")},
+        image_bytes=int(c.stats.get("image_bytes", 0)),
+        layer_bytes=int(c.stats.get("cloned_bytes", 0)))
 
 
 class CheckpointsServicer(pb_grpc.CheckpointsServicer):

@@ -68,6 +68,7 @@ class SinkStats:
     whiteouts: int = 0
     cloned_bytes: int = 0
     phases_ms: dict = field(default_factory=dict)  # filled in by the caller
+    image_bytes: int = 0  # process images (full checkpoints), filled in by the caller
 
 
 def is_whiteout(st: os.stat_result) -> bool:

@@ -188,6 +188,13 @@ class InitChannel:
                 raise Internal("sandbox init did not answer HELLO")
             return frame.payload.decode()
 
+    async def barrier(self) -> None:
+        """Return once init has closed every earlier connection (needed before a
+        CRIU dump: a connection to the host cannot be dumped). Init handles
+        connections in order and closes this one after its reply, so reading it
+        to the end is the barrier."""
+        await self.list_sessions()
+
     async def list_sessions(self) -> dict[str, int]:
         async with await self.connect() as conv:
             await conv.send(LIST)
@@ -195,6 +202,8 @@ class InitChannel:
             if frame is None or frame.type != LIST_REPLY:
                 raise Internal("sandbox init did not answer LIST")
             parts = frame.payload.split(b"\0")
+            while await conv.recv() is not None:  # to the end: see barrier()
+                pass
             return {parts[i].decode(): int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
 
     async def spawn(self, argv: list[str], env: dict[str, str], cwd: str = "/",

@@ -15,6 +15,7 @@ inside the namespaces and the cgroup -- and can be checkpointed later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import secrets
@@ -31,6 +32,7 @@ import structlog
 from deltabox import _linux, deltafs, initproto
 from deltabox.cgroups import CgroupDriver, Limits
 from deltabox.config import Config, init_binary
+from deltabox.criu import Criu, find_criu
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                              NotFound, ResourceExhausted, Unimplemented)
 from deltabox.files import SandboxFiles
@@ -87,6 +89,15 @@ class _Runtime:
     standby: _Standby | None = None
     standby_task: asyncio.Task | None = None
     standby_target: str = ""
+    active: int = 0  # conversations with init in flight (exec, session code, shell)
+
+    @contextlib.contextmanager
+    def busy(self):
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     @property
     def channel(self) -> initproto.InitChannel:
@@ -115,6 +126,8 @@ class SandboxManager:
         self._runtime: dict[str, _Runtime] = {}
         self._monitor: asyncio.Task | None = None
         self._create_lock = asyncio.Lock()  # name and NAT subnet allocation
+        criu_binary = find_criu()
+        self.criu = Criu(criu_binary) if criu_binary else None
         self._background: set[asyncio.Task] = set()
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
 
@@ -214,11 +227,15 @@ class SandboxManager:
 
     # ---- incarnations: a branch mounted, a cgroup, an init ------------------------------
 
-    def _launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True) -> tuple[int, float]:
-        """Mount a branch, create its cgroup, launch init; (pid, start time).
+    def _launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True,
+                restore_from: Path | None = None, stopped: bool = False) -> tuple[int, float]:
+        """Mount a branch, create its cgroup, start the sandbox; (pid, start time).
 
-        The cgroup is named after the branch: every rollback makes a new branch,
-        so an incarnation being torn down never shares a cgroup with its successor.
+        It starts with a fresh init, or -- `restore_from` a checkpoint's process
+        images (DeltaCR) -- with the checkpoint's processes, left stopped if
+        `stopped` (a body double). The cgroup is named after the branch: every
+        rollback makes a new branch, so an incarnation being torn down never
+        shares a cgroup with its successor.
         """
         branch_id = Path(mnt.target).name
         Path(mnt.target).mkdir(exist_ok=True)
@@ -226,6 +243,9 @@ class SandboxManager:
             mnt.mount()
         limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
         procs = self.cgroups.create(branch_id, limits)
+        if restore_from is not None:
+            pid = self._require_criu().restore(restore_from, Path(mnt.target), procs, stopped)
+            return pid, _process_start(pid)
         argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
         for p in procs:
             argv += ["--cgroup-procs", str(p)]
@@ -237,6 +257,23 @@ class SandboxManager:
         if network and rec.spec.get("network") == "nat":
             self._attach_network(rec, pid, Path(mnt.target))
         return pid, _process_start(pid)
+
+    def _require_criu(self) -> Criu:
+        if self.criu is None:
+            raise FailedPrecondition("full checkpoints need CRIU >= 4 (native/setup-host.sh "
+                                     "criu installs it into /opt/deltabox/criu)")
+        return self.criu
+
+    def _images_for(self, ckpt: CheckpointRecord) -> Path | None:
+        return self.store.images_path(ckpt.id) if ckpt.mode == "full" else None
+
+    def _resume(self, branch_id: str) -> None:
+        """SIGCONT every process of a body double (restored with leave_stopped)."""
+        for pid in self.cgroups.pids(branch_id):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _attach_network(self, rec: SandboxRecord, pid: int, root: Path) -> None:
         from deltabox import network as net
@@ -293,8 +330,9 @@ class SandboxManager:
                 "env": env, "hostname": hostname}
         return await self._create_from(image, name, spec, "")
 
-    async def _create_from(self, image: str, name: str, spec: dict,
-                           checkpoint_id: str) -> SandboxRecord:
+    async def _create_from(self, image: str, name: str, spec: dict, checkpoint_id: str,
+                           restore_from: Path | None = None,
+                           fork_index: int = -1) -> SandboxRecord:
         spec = dict(spec)
         async with self._create_lock:
             if spec["network"] == "nat":
@@ -308,7 +346,9 @@ class SandboxManager:
         rt = _Runtime(0, rec.branch_id)
         try:
             rt.init_pid, start = await asyncio.to_thread(
-                self._launch, rec, self.store.branch_mount(rec.branch_id))
+                self._launch, rec, self.store.branch_mount(rec.branch_id), True, restore_from)
+            if restore_from is not None and fork_index >= 0:
+                await self._reseed(rt, fork_index)
             await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "running",
                                     rt.init_pid, start)
         except BaseException:
@@ -341,25 +381,42 @@ class SandboxManager:
     # ---- checkpoints (DeltaFS) ---------------------------------------------------------
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = "fs") -> CheckpointRecord:
-        if mode == "full":
-            raise Unimplemented("full (process) checkpoints are not implemented yet (DeltaCR)")
+        if mode not in ("fs", "full"):
+            raise InvalidArgument(f"checkpoint mode must be 'fs' or 'full', not {mode!r}")
         if len(label) > 1024 or "\0" in label:
             raise InvalidArgument("label must be at most 1024 characters without NUL")
         rec, rt = self._running(ref)
         async with rt.lock:
-            ckpt = await asyncio.to_thread(self._checkpoint_fs, rec.id, rt, label, mode)
+            if mode == "full":
+                self._require_criu()
+                if rec.spec.get("network") == "nat":
+                    raise FailedPrecondition("full checkpoints of NAT sandboxes are not supported "
+                                             "yet (the veth to the host cannot be restored)")
+                if rt.active:
+                    raise FailedPrecondition(
+                        f"{rt.active} call(s) are running in sandbox {rec.name} (exec, session "
+                        "code or shell); a full checkpoint needs them finished, because their "
+                        "connections to the daemon cannot be restored. Idle sessions are fine.")
+                await rt.channel.barrier()
+            ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label, mode)
         log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
                  layers=len(ckpt.layers), **ckpt.stats)
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
         self._spawn_background(self._maybe_squash(ckpt.id))
         return ckpt
 
-    def _checkpoint_fs(self, sandbox_id: str, rt: _Runtime, label: str,
-                       mode: str) -> CheckpointRecord:
-        """Sink and record, in one worker thread (one hop off the event loop)."""
+    def _checkpoint_blocking(self, sandbox_id: str, rt: _Runtime, label: str,
+                             mode: str) -> CheckpointRecord:
+        """Sink (and dump), then record, in one worker thread (one hop off the loop)."""
         rec = self.store.get_sandbox(sandbox_id)
         t0 = time.perf_counter()
-        tmp, manifest, stats, frozen_ms = self._sink(rec, rt)
+        images = self.store.new_tmp_dir() if mode == "full" else None
+        try:
+            tmp, manifest, stats, frozen_ms = self._sink(rec, rt, images)
+        except BaseException:
+            if images is not None:
+                _rmtree_quiet(images)
+            raise
         t1 = time.perf_counter()
         lower = self.store.get_branch(rec.branch_id).lower
         base = lower + tuple(rt.own_layers)
@@ -370,10 +427,11 @@ class SandboxManager:
             ckpt = self.store.commit_checkpoint(
                 rec, label, mode, base, base_mount, tmp,
                 {"changed": stats.changed, "whiteouts": stats.whiteouts,
-                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms})
+                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms}, images)
         except BaseException:
-            if tmp is not None:
-                _rmtree_quiet(tmp)
+            for d in (tmp, images):
+                if d is not None:
+                    _rmtree_quiet(d)
             raise
         t2 = time.perf_counter()
         if tmp is not None:
@@ -383,8 +441,9 @@ class SandboxManager:
                            "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
         return ckpt
 
-    def _sink(self, rec: SandboxRecord, rt: _Runtime):
-        """Freeze, sink the upper's changes into a new tmp layer dir, thaw.
+    def _sink(self, rec: SandboxRecord, rt: _Runtime, images: Path | None = None):
+        """Freeze, sink the upper's changes into a new tmp layer dir, (dump the
+        processes into `images`: the same frozen instant), thaw.
 
         Returns (tmp dir or None if nothing changed, new manifest, stats, ms frozen)."""
         upper = self.store.branches_dir / rec.branch_id / "upper"
@@ -395,6 +454,14 @@ class SandboxManager:
         t1 = time.perf_counter()
         try:
             stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
+            t_sink = time.perf_counter()
+            if images is not None:
+                dump = self._require_criu().dump(
+                    rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
+                    self.cgroups.freezer_path(rec.branch_id))
+                stats.phases_ms["dump_ms"] = dump.ms
+                stats.phases_ms["sink_fs_ms"] = 1000 * (t_sink - t1)
+                stats.phases_ms["image_bytes"] = dump.image_bytes
         except BaseException:
             self.cgroups.thaw(rec.branch_id)
             _rmtree_quiet(tmp)
@@ -403,8 +470,8 @@ class SandboxManager:
         self.cgroups.thaw(rec.branch_id)
         t3 = time.perf_counter()
         frozen_ms = 1000 * (t3 - t0)
-        stats.phases_ms = {"freeze_ms": 1000 * (t1 - t0), "copy_ms": 1000 * (t2 - t1),
-                           "thaw_ms": 1000 * (t3 - t2)}
+        stats.phases_ms.update({"freeze_ms": 1000 * (t1 - t0), "copy_ms": 1000 * (t2 - t1),
+                                "thaw_ms": 1000 * (t3 - t2)})
         if stats.changed == 0 and stats.whiteouts == 0:
             _rmtree_quiet(tmp)
             tmp = None
@@ -437,18 +504,20 @@ class SandboxManager:
             standby = rt.standby if rt.standby and rt.standby.checkpoint_id == ckpt.id else None
             if standby is not None:
                 rt.standby = None
-                path = "standby"
+                path = "double" if ckpt.mode == "full" else "standby"
                 new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
                 self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
                                          start)
                 # SIGKILL to the old init ends its whole pid namespace; unmounting
                 # and deleting its branch happen in the background.
                 _kill_quiet(old_pid)
+                if ckpt.mode == "full":
+                    self._resume(new_branch)  # the body double wakes up
                 if rec.spec.get("network") == "nat":
                     await asyncio.to_thread(self._attach_network, rec, pid,
                                             self.store.mnt_dir / new_branch)
             else:
-                path = "fresh"
+                path = "restore" if ckpt.mode == "full" else "fresh"
                 await self._drop_standby(rt)
                 await asyncio.to_thread(self._kill_incarnation, old_branch, old_pid, rec)
                 timings["kill_ms"] = 1000 * (time.perf_counter() - t0)
@@ -457,7 +526,8 @@ class SandboxManager:
                 try:
                     pid, start = await asyncio.to_thread(
                         self._launch, rec, self.store.branch_mount_for(new_branch,
-                                                                       ckpt.mount_layers))
+                                                                       ckpt.mount_layers),
+                        True, self._images_for(ckpt))
                 except BaseException:
                     await asyncio.to_thread(self._retire_branch, new_branch, 0)
                     await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "stopped")
@@ -468,6 +538,8 @@ class SandboxManager:
             rt.init_pid, rt.branch_id = pid, new_branch
             rt.own_layers, rt.manifest = [], deltafs.Manifest()
             rt.session_locks.clear()
+            if ckpt.mode == "full" and rec.spec.get("network") == "nat":
+                pass  # refused at checkpoint time
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
         self._spawn_background(asyncio.to_thread(self._retire_branch, old_branch, old_pid))
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
@@ -505,8 +577,10 @@ class SandboxManager:
         await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
         mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
         try:
-            # The network is attached when (if) the standby is promoted.
-            pid, start = await asyncio.to_thread(self._launch, rec, mnt, False)
+            # The network is attached when (if) the standby is promoted. A full
+            # checkpoint's standby is its body double: restored, left stopped.
+            pid, start = await asyncio.to_thread(self._launch, rec, mnt, False,
+                                                 self._images_for(ckpt), True)
         except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
             log.warning("standby.failed", sandbox=sandbox_id, error=str(e))
             await asyncio.to_thread(self._retire_branch, branch_id, 0)
@@ -515,6 +589,18 @@ class SandboxManager:
             await asyncio.to_thread(self._retire_branch, branch_id, pid)
             return
         rt.standby = _Standby(branch_id, checkpoint_id, pid, start)
+
+    async def _reseed(self, rt: _Runtime, index: int) -> None:
+        """Clones of one process state share RNG state: tell each child its index
+        (/.deltabox/fork-index) and re-seed Python sessions' `random` from os.urandom."""
+        await asyncio.to_thread(
+            SandboxFiles(self.store.mnt_dir / rt.branch_id, 1 << 20).write,
+            "/.deltabox/fork-index", f"{index}\n".encode())
+        for key in (await rt.channel.list_sessions()):
+            kind, _, name = key.partition("/")
+            if kind == "python":
+                await self._run_locked(rt, kind, name, "import random as _r; _r.seed(); del _r",
+                                       10.0)
 
     async def _drop_standby(self, rt: _Runtime) -> None:
         standby, rt.standby = rt.standby, None
@@ -532,7 +618,8 @@ class SandboxManager:
             name = _auto_name()
             child = dict(spec, hostname=name, env={**spec.get("env", {}),
                                                    "DELTABOX_FORK_INDEX": str(i)})
-            return await self._create_from(ckpt.image, name, child, ckpt.id)
+            return await self._create_from(ckpt.image, name, child, ckpt.id,
+                                           self._images_for(ckpt), i)
         results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
@@ -637,6 +724,14 @@ class SandboxManager:
             raise InvalidArgument("timeout and max_output_bytes must be >= 0")
         rec, rt = self._running(ref)
         max_output = max_output or self.config.max_output_bytes
+        with rt.busy():
+            async for ev in self._exec_conversation(rt, rec, argv, env, cwd, stdin, timeout,
+                                                    max_output):
+                yield ev
+
+    async def _exec_conversation(self, rt: _Runtime, rec: SandboxRecord, argv: list[str],
+                                 env: dict | None, cwd: str, stdin: bytes, timeout: float,
+                                 max_output: int) -> AsyncIterator[ExecEvent]:
         conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/")
         started = time.monotonic()
         async with conv:
@@ -742,7 +837,8 @@ class SandboxManager:
         if lock.locked():
             raise FailedPrecondition(f"session {name!r} is busy with another call")
         async with lock:
-            return await self._run_locked(rt, kind, name, code, timeout)
+            with rt.busy():
+                return await self._run_locked(rt, kind, name, code, timeout)
 
     async def _run_locked(self, rt: _Runtime, kind: str, name: str, code: str,
                           timeout: float) -> SessionResult:
@@ -820,6 +916,11 @@ class SandboxManager:
         if not argv:
             argv = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; "
                     "else exec sh -l; fi"]
+        with rt.busy():
+            async for ev in self._shell_conversation(rt, rec, argv, env, rows, cols, inputs):
+                yield ev
+
+    async def _shell_conversation(self, rt, rec, argv, env, rows, cols, inputs):
         conv, pid = await rt.channel.spawn(argv, self._env(rec, env), "/root", pty=True,
                                            rows=rows or 24, cols=cols or 80)
         started = time.monotonic()

@@ -284,7 +284,9 @@ class Store:
         self.branches_dir = root / "branches"
         self.mnt_dir = root / "mnt"
         self.tmp_dir = root / "tmp"
-        for d in (self.layers_dir, self.branches_dir, self.mnt_dir, self.tmp_dir):
+        self.images_dir = root / "images"  # CRIU images of full checkpoints
+        for d in (self.layers_dir, self.branches_dir, self.mnt_dir, self.tmp_dir,
+                  self.images_dir):
             d.mkdir(exist_ok=True)
         # One connection, serialised by a lock: callers run in a thread pool.
         self._lock = threading.RLock()
@@ -521,9 +523,13 @@ class Store:
 
     # ---- checkpoints -----------------------------------------------------------------
 
+    def images_path(self, checkpoint_id: str) -> Path:
+        return self.images_dir / checkpoint_id
+
     def commit_checkpoint(self, sandbox: SandboxRecord, label: str, mode: str,
                           base_layers: tuple[str, ...], base_mount: tuple[str, ...],
-                          new_layer_dir: Path | None, stats: dict) -> CheckpointRecord:
+                          new_layer_dir: Path | None, stats: dict,
+                          images: Path | None = None) -> CheckpointRecord:
         """Record a checkpoint (and its new layer, if anything changed) in one
         transaction, and make it the sandbox's head.
 
@@ -558,6 +564,8 @@ class Store:
                             json.dumps(list(layers)), json.dumps(list(mount)),
                             json.dumps(stats), sandbox.image, json.dumps(sandbox.spec)))
                 db.execute("UPDATE sandboxes SET head=? WHERE id=?", (ckpt.id, sandbox.id))
+                if images is not None:
+                    images.rename(self.images_path(ckpt.id))
         except BaseException:
             if moved:
                 self.layer_path(layer_id).rename(new_layer_dir)
@@ -675,6 +683,8 @@ class Store:
             db.execute(f"DELETE FROM checkpoints WHERE id IN ({marks})", doomed)
             self._drop_unused_layers(db, sorted(layers))
         self.delete_unreferenced_layer_dirs()
+        for cid in doomed:
+            _rmtree(self.images_path(cid))
         return doomed
 
     def set_squashed(self, checkpoint_id: str, layer_dir: Path) -> str | None:
@@ -720,6 +730,12 @@ class Store:
             if d.name not in known_branches and not _linux.is_mountpoint(d):
                 d.rmdir()
                 removed["mnt"] += 1
+        known_checkpoints = {r[0] for r in self._query("SELECT id FROM checkpoints")}
+        removed["images"] = 0
+        for d in self.images_dir.iterdir():
+            if d.name not in known_checkpoints:
+                _rmtree(d)
+                removed["images"] += 1
         return removed
 
 

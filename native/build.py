@@ -54,7 +54,7 @@ def build_protos(package_dir: Path) -> None:
     # resolve against our own package; point them into deltabox._proto instead.
     for py in out.rglob("*.py"):
         text = py.read_text()
-        fixed = re.sub(r"^from deltabox\.v1 import", "from deltabox._proto.deltabox.v1 import",
+        fixed = re.sub(r"^from (deltabox\.v1|criu) import", r"from deltabox._proto.\1 import",
                        text, flags=re.M)
         py.write_text(fixed)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:

@@ -1,0 +1,174 @@
+"""CRIU driven through its RPC (`criu swrk`), for DeltaCR.
+
+Why the RPC and not libcriu through cffi: libcriu 4.1.1 has no setter for
+`leave_stopped`, which body doubles need, and its `criu_check()` fails on this
+kernel (the swrk child crashes; the CLI's `criu check` works). The RPC is the
+same protocol libcriu speaks -- one `criu_req`/`criu_resp` protobuf per
+SOCK_SEQPACKET message on a socketpair given to `criu swrk <fd>` -- with every
+option available, and no C to maintain. proto/criu/rpc.proto is CRIU's own
+(MIT), compiled by native/build.py.
+
+Each call runs one `criu swrk` process and is blocking: callers run it in a
+worker thread. Errors become `CriuError` with the lines of CRIU's log that say
+what failed (which process, which resource).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltabox._proto.criu import rpc_pb2 as rpc
+from deltabox.errors import FailedPrecondition
+
+__all__ = ["Criu", "CriuError", "DumpResult", "find_criu"]
+
+LOG_NAME = "criu.log"
+
+
+class CriuError(FailedPrecondition):
+    """A dump or restore failed; the message quotes CRIU's own error lines."""
+
+
+@dataclass
+class DumpResult:
+    ms: float
+    image_bytes: int
+
+
+def find_criu() -> Path | None:
+    from deltabox.config import CRIU_PREFIX
+    for candidate in (CRIU_PREFIX / "sbin" / "criu", Path("/usr/local/sbin/criu")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _error_lines(log: Path, limit: int = 6) -> str:
+    """The informative lines of a CRIU log (its 'Error' lines, deduplicated)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "(no CRIU log)"
+    lines: list[str] = []
+    for line in text.splitlines():
+        if "Error" in line:
+            msg = re.sub(r"^\(\s*\d+\.\d+\)\s*", "", line).strip()
+            if msg not in lines:
+                lines.append(msg)
+    if lines:
+        return "; ".join(lines[:limit])
+    tail = text.strip().splitlines()
+    return tail[-1] if tail else "(empty CRIU log)"
+
+
+@contextlib.contextmanager
+def _dir_fd(path: Path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class Criu:
+    def __init__(self, binary: Path):
+        self.binary = binary
+
+    def version(self) -> str:
+        res = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True)
+        m = re.search(r"Version:\s*(\S+)", res.stdout)
+        return m.group(1) if m else res.stdout.strip()
+
+    def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
+              ) -> rpc.criu_resp:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proc = None
+        try:
+            proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())],
+                                    pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    cwd="/")
+            child.close()
+            # A restored tree is forked by criu: put criu in the sandbox's cgroups
+            # first, so every restored process starts (and is charged) there.
+            for procs in join_cgroups:
+                with open(procs, "w") as f:
+                    f.write(str(proc.pid))
+            parent.sendall(req.SerializeToString())
+            while True:
+                data = parent.recv(1 << 20)
+                if not data:
+                    raise CriuError(f"criu exited without answering: "
+                                    f"{proc.stderr.read().decode(errors='replace')[-500:]}"
+                                    f" {_error_lines(log)}")
+                resp = rpc.criu_resp()
+                resp.ParseFromString(data)
+                if resp.type == rpc.NOTIFY:  # we use no notify scripts: acknowledge
+                    parent.sendall(rpc.criu_req(type=rpc.NOTIFY,
+                                                notify_success=True).SerializeToString())
+                    continue
+                return resp
+        finally:
+            parent.close()
+            child.close()
+            if proc is not None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def _opts(self, images_fd: int, log_name: str, **kw) -> rpc.criu_opts:
+        # CRIU finds the images dir through /proc/<our pid>/fd/<images_fd> (its
+        # `images_dir` string option is readlink()ed and fails on a plain path).
+        return rpc.criu_opts(images_dir_fd=images_fd, log_file=log_name, log_level=4,
+                             tcp_established=True, file_locks=True, network_lock=rpc.SKIP,
+                             **kw)
+
+    def dump(self, pid: int, images_dir: Path, root: Path, freeze_cgroup: Path | None,
+             leave_running: bool = True) -> DumpResult:
+        """Dump the process tree of `pid` (a sandbox's init) into `images_dir`.
+
+        The sandbox's root is the branch mount `root`, declared external so CRIU
+        does not try to dump it (DeltaFS sinks it). `freeze_cgroup`: the tree's
+        freezer cgroup, already frozen by the caller (one cut for files and
+        processes)."""
+        t0 = time.perf_counter()
+        with _dir_fd(images_dir) as fd:
+            opts = self._opts(fd, LOG_NAME, pid=pid, root=str(root),
+                              leave_running=leave_running, external=["mnt[/]:root"],
+                              freeze_cgroup=str(freeze_cgroup) if freeze_cgroup else None,
+                              manage_cgroups_mode=rpc.IGNORE)
+            resp = self._call(rpc.criu_req(type=rpc.DUMP, opts=opts), images_dir / LOG_NAME)
+        if not resp.success:
+            raise CriuError(f"CRIU dump of pid {pid} failed (errno {resp.cr_errno}): "
+                            f"{_error_lines(images_dir / LOG_NAME)}")
+        size = sum(p.stat().st_size for p in images_dir.iterdir()
+                   if p.is_file() and p.suffix == ".img")
+        return DumpResult(1000 * (time.perf_counter() - t0), size)
+
+    def restore(self, images_dir: Path, root: Path, cgroup_procs: list[Path],
+                leave_stopped: bool) -> int:
+        """Restore the tree in `images_dir` onto the branch mounted at `root`; returns
+        the host pid of its init. The tree starts in `cgroup_procs`' cgroups, as a
+        sibling of criu (a child of the daemon), stopped if `leave_stopped`."""
+        # Many restores of one image may run at once (fork): one log each.
+        log_name = f"restore-{Path(root).name}.log"
+        with _dir_fd(images_dir) as fd:
+            opts = self._opts(fd, log_name, root=str(root), rst_sibling=True,
+                              leave_stopped=leave_stopped, external=[f"mnt[root]:{root}"],
+                              manage_cgroups_mode=rpc.IGNORE)
+            resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
+                              images_dir / log_name, cgroup_procs)
+        if not resp.success:
+            raise CriuError(f"CRIU restore from {images_dir.name} failed (errno "
+                            f"{resp.cr_errno}): {_error_lines(images_dir / log_name)}")
+        (images_dir / log_name).unlink(missing_ok=True)
+        return resp.restore.pid
