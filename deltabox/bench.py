@@ -312,6 +312,8 @@ class Bench:
             time.sleep(0.02)
         else:
             self.unsettled += 1
+            if os.environ.get("DELTABOX_BENCH_DEBUG"):
+                self.log(f"unsettled: {self._branch_mounts()} branch mounts, want {mounts}")
         time.sleep(self.plan.pause_s)
 
     def step(self, sbx, tree: Tree, k: int, seed: int) -> None:

@@ -82,6 +82,10 @@ class CgroupDriver:
         """The cgroup CRIU's --freeze-cgroup takes."""
         raise NotImplementedError
 
+    def memory_usage(self, name: str) -> int:
+        """Bytes charged to the cgroup (0 if it is gone)."""
+        raise NotImplementedError
+
     def freeze(self, name: str) -> None:
         raise NotImplementedError
 
@@ -181,6 +185,12 @@ class CgroupV1(CgroupDriver):
     def freezer_path(self, name):
         return self._dir("freezer", name)
 
+    def memory_usage(self, name):
+        try:
+            return int((self._dir("memory", name) / "memory.usage_in_bytes").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
     def _freezer_state(self, name: str, state: str) -> None:
         path = self._dir("freezer", name) / "freezer.state"
         _write(path, state)
@@ -274,6 +284,12 @@ class CgroupV2(CgroupDriver):
 
     def freezer_path(self, name):
         return self._dir(name)
+
+    def memory_usage(self, name):
+        try:
+            return int((self._dir(name) / "memory.current").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def kill_all(self, name, timeout=5.0):
         d = self._dir(name)

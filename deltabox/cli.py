@@ -314,6 +314,13 @@ def cmd_fork(args, client) -> int:
     return 0 if all(c.sandbox for c in children) else 1
 
 
+def cmd_warm(args, client) -> int:
+    ready = client.warm(args.checkpoint, args.n, wait=args.wait)
+    _out(args, {"checkpoint": args.checkpoint, "ready": ready},
+         lambda: f"{ready} of {args.n} ready" + ("" if args.wait else " (more on the way)"))
+    return 0
+
+
 def cmd_tree(args, client) -> int:
     sbx = client.get(args.sandbox)
     ckpts = sbx.checkpoints()
@@ -468,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     fk = sub.add_parser("fork", help="new sandboxes from a checkpoint")
     fk.add_argument("checkpoint")
     fk.add_argument("-n", type=int, default=1)
+    wm = sub.add_parser("warm", help="prepare N incarnations of a checkpoint for a fork")
+    wm.add_argument("checkpoint")
+    wm.add_argument("-n", type=int, default=1)
+    wm.add_argument("--wait", action="store_true", help="return once they are ready")
+    wm.set_defaults(func=cmd_warm)
     tr = sub.add_parser("tree", help="a sandbox's checkpoint tree")
     tr.add_argument("sandbox")
     df = sub.add_parser("diff", help="paths changed between two checkpoints (or a sandbox)")

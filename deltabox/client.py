@@ -181,6 +181,11 @@ def _fork_children(reply: pb.ForkResponse, wrap) -> ForkResult:
     return out
 
 
+def _warm_op(checkpoint, n: int, wait: bool) -> _Op:
+    return _Op("checkpoints", "Warm", pb.WarmRequest(checkpoint=_ckpt_id(checkpoint), n=n,
+                                                     wait=wait), lambda r: r.ready)
+
+
 def _diff_op(a, b) -> _Op:
     return _Op("checkpoints", "Diff", pb.DiffRequest(**{"from": _ckpt_id(a), "to": _ckpt_id(b)}),
                lambda r: [(e.path, e.change) for e in r.entries])
@@ -282,6 +287,11 @@ class Client:
         """n new sandboxes from a checkpoint; one ForkChild per child."""
         return _fork_children(self._call(_fork_op(checkpoint, n)),
                               lambda info: Sandbox(self, info))
+
+    def warm(self, checkpoint, n: int, wait: bool = False) -> int:
+        """Hint: prepare n incarnations of a checkpoint for a coming fork; returns how
+        many are ready (all of them when `wait`)."""
+        return self._call(_warm_op(checkpoint, n, wait))
 
     def diff(self, a, b) -> list[tuple[str, str]]:
         """(path, added|modified|deleted) between checkpoints (or a live sandbox)."""
@@ -500,6 +510,9 @@ class AsyncClient:
 
     async def diff(self, a, b) -> list[tuple[str, str]]:
         return await self._call(_diff_op(a, b))
+
+    async def warm(self, checkpoint, n: int, wait: bool = False) -> int:
+        return await self._call(_warm_op(checkpoint, n, wait))
 
 
 class AsyncSandbox:

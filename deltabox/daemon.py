@@ -339,6 +339,10 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
                 out.append(pb.ForkResult(sandbox=sandbox_pb(r)))
         return pb.ForkResponse(children=out, timings_ms={"total_ms": total_ms})
 
+    async def Warm(self, request, context):
+        ready = await self.m.warm(request.checkpoint, request.n, request.wait)
+        return pb.WarmResponse(ready=ready)
+
     async def ListCheckpoints(self, request, context):
         return pb.ListCheckpointsResponse(checkpoints=[
             _checkpoint_pb(c) for c in self.m.list_checkpoints(request.sandbox)])

@@ -126,6 +126,9 @@ class SandboxManager:
         self._runtime: dict[str, _Runtime] = {}
         self._monitor: asyncio.Task | None = None
         self._create_lock = asyncio.Lock()  # name and NAT subnet allocation
+        self._pools: dict[str, list[_Standby]] = {}  # warm incarnations for forks
+        self._pool_used: dict[str, float] = {}      # checkpoint -> last use (LRU)
+        self._warm_sem = asyncio.Semaphore(2)        # restores in parallel (2 cores here)
         criu_binary = find_criu()
         self.criu = Criu(criu_binary) if criu_binary else None
         self._background: set[asyncio.Task] = set()
@@ -204,6 +207,8 @@ class SandboxManager:
         await asyncio.gather(*self._background, return_exceptions=True)
         for rt in self._runtime.values():
             await self._drop_standby(rt)
+        for cid in list(self._pools):
+            await self._drop_pool(cid)
         # Every recorded sandbox, running or not (a stopped one is still mounted).
         for rec in await asyncio.to_thread(self.store.list_sandboxes):
             rt = self._runtime.get(rec.id)
@@ -607,24 +612,117 @@ class SandboxManager:
         if standby is not None:
             await asyncio.to_thread(self._retire_branch, standby.branch_id, standby.init_pid)
 
+    # ---- fork, and warm pools for it -------------------------------------------------
+
+    def _child_spec(self, ckpt: CheckpointRecord) -> dict:
+        return {k: v for k, v in ckpt.spec.items() if k not in ("net_index", "ip_address")}
+
+    async def warm(self, checkpoint_id: str, n: int, wait: bool = False) -> int:
+        """Prepare up to n incarnations of a checkpoint for a coming fork (body doubles
+        for full checkpoints, inits on ready branches for fs ones). Returns how many
+        are ready (after preparing them, if `wait`)."""
+        if not isinstance(n, int) or not 0 <= n <= self.config.max_fork:
+            raise InvalidArgument(f"n must be between 0 and {self.config.max_fork}")
+        ckpt = self.store.get_checkpoint(checkpoint_id)
+        if ckpt.spec.get("network") == "nat":
+            raise FailedPrecondition("warm forks of NAT sandboxes are not supported yet")
+        pool = self._pools.setdefault(ckpt.id, [])
+        self._pool_used[ckpt.id] = time.monotonic()
+        missing = max(0, n - len(pool))
+        jobs = [self._warm_one(ckpt) for _ in range(missing)]
+        if wait:
+            await asyncio.gather(*jobs, return_exceptions=True)
+        else:
+            for job in jobs:
+                self._spawn_background(job)
+        return len(self._pools.get(ckpt.id, []))
+
+    async def _warm_one(self, ckpt: CheckpointRecord) -> None:
+        async with self._warm_sem:
+            if self._pool_bytes() > self.config.warm_budget_bytes:
+                await self._evict_pools(keep=ckpt.id)
+            branch_id = new_id("br")
+            await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
+            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
+            shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, self._child_spec(ckpt))
+            try:
+                pid, start = await asyncio.to_thread(self._launch, shell, mnt, False,
+                                                     self._images_for(ckpt), True)
+            except Exception as e:  # noqa: BLE001 - warming is an optimisation only
+                log.warning("warm.failed", checkpoint=ckpt.id, error=str(e))
+                await asyncio.to_thread(self._retire_branch, branch_id, 0)
+                return
+        if ckpt.id not in self._pools:  # dropped (deleted checkpoint) meanwhile
+            await asyncio.to_thread(self._retire_branch, branch_id, pid)
+            return
+        self._pools[ckpt.id].append(_Standby(branch_id, ckpt.id, pid, start))
+
+    def _pool_bytes(self) -> int:
+        total = 0
+        for pool in self._pools.values():
+            for sb in pool:
+                total += self.cgroups.memory_usage(sb.branch_id)
+        return total
+
+    async def _evict_pools(self, keep: str) -> None:
+        """Drop whole pools, least recently used first, until under the budget.
+        Pinned checkpoints keep theirs; an evicted checkpoint stays restorable
+        (its images are on the store): only the head start is lost."""
+        for cid in sorted(self._pools, key=lambda c: self._pool_used.get(c, 0)):
+            if self._pool_bytes() <= self.config.warm_budget_bytes:
+                return
+            if cid == keep:
+                continue
+            try:
+                if self.store.get_checkpoint(cid).pinned:
+                    continue
+            except NotFound:
+                pass
+            await self._drop_pool(cid)
+            log.info("warm.evicted", checkpoint=cid)
+
+    async def _drop_pool(self, checkpoint_id: str) -> None:
+        for sb in self._pools.pop(checkpoint_id, []):
+            await asyncio.to_thread(self._retire_branch, sb.branch_id, sb.init_pid)
+
     async def fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
-        """n new sandboxes from a checkpoint; one result (record or error) per child."""
+        """n new sandboxes from a checkpoint; one result (record or error) per child.
+
+        Warm incarnations (see `warm`) are adopted first, the rest start cold
+        (a fresh init, or a CRIU restore for a full checkpoint)."""
         if not isinstance(n, int) or not 1 <= n <= self.config.max_fork:
             raise InvalidArgument(f"n must be between 1 and {self.config.max_fork}")
         ckpt = self.store.get_checkpoint(checkpoint_id)
-        spec = {k: v for k, v in ckpt.spec.items() if k not in ("net_index", "ip_address")}
+        spec = self._child_spec(ckpt)
+        pool = self._pools.get(ckpt.id, [])
+        self._pool_used[ckpt.id] = time.monotonic()
+        warm = [pool.pop() for _ in range(min(n, len(pool)))]
 
-        async def one(i: int) -> SandboxRecord:
+        async def cold(i: int) -> SandboxRecord:
             name = _auto_name()
-            child = dict(spec, hostname=name, env={**spec.get("env", {}),
-                                                   "DELTABOX_FORK_INDEX": str(i)})
+            child = dict(spec, env={**spec.get("env", {}), "DELTABOX_FORK_INDEX": str(i)})
             return await self._create_from(ckpt.image, name, child, ckpt.id,
                                            self._images_for(ckpt), i)
-        results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+
+        async def adopt(i: int, sb: _Standby) -> SandboxRecord:
+            name = _auto_name()
+            child = dict(spec, env={**spec.get("env", {}), "DELTABOX_FORK_INDEX": str(i)})
+            rec = await asyncio.to_thread(self.store.adopt_sandbox, name, ckpt.image, child,
+                                          ckpt.id, sb.branch_id, ckpt.mount_layers,
+                                          sb.init_pid, sb.init_start)
+            rt = _Runtime(sb.init_pid, sb.branch_id)
+            self._runtime[rec.id] = rt
+            if ckpt.mode == "full":
+                self._resume(sb.branch_id)
+                await self._reseed(rt, i)
+            return rec
+        jobs = [adopt(i, sb) for i, sb in enumerate(warm)]
+        jobs += [cold(i) for i in range(len(warm), n)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
-        log.info("checkpoint.forked", checkpoint=ckpt.id, n=n,
+        log.info("checkpoint.forked", checkpoint=ckpt.id, n=n, warm=len(warm),
                  failed=sum(isinstance(r, Exception) for r in results))
         return list(results)  # type: ignore[arg-type]
 
@@ -649,10 +747,13 @@ class SandboxManager:
 
     async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:
         self.store.get_checkpoint(checkpoint_id)
-        for rt in self._runtime.values():  # a standby may sit on it
-            if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
-                await self._drop_standby(rt)
-        return await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id, cascade)
+        deleted = await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id, cascade)
+        for cid in deleted:  # standbys and warm pools sat on them
+            await self._drop_pool(cid)
+            for rt in self._runtime.values():
+                if rt.standby is not None and rt.standby.checkpoint_id == cid:
+                    await self._drop_standby(rt)
+        return deleted
 
     def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
         return self.store.set_pinned(checkpoint_id, pinned)

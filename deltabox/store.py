@@ -467,6 +467,26 @@ class Store:
             raise
         return sbx
 
+    def adopt_sandbox(self, name: str, image: str, spec: dict, from_checkpoint: str,
+                      branch_id: str, lower: tuple[str, ...], init_pid: int,
+                      init_start: float) -> SandboxRecord:
+        """Record a running sandbox on a prepared branch (a warm fork child), in one
+        transaction: its dirs exist already and its processes are started."""
+        sbx = SandboxRecord(id=new_id("sbx"), name=name, image=image, state="running",
+                            branch_id=branch_id, created_at=time.time(), spec=spec,
+                            init_pid=init_pid, init_start=init_start, head=from_checkpoint)
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM checkpoints WHERE id=?",
+                              (from_checkpoint,)).fetchone():
+                raise NotFound(f"checkpoint {from_checkpoint} was deleted")
+            db.execute("INSERT INTO branches VALUES (?,?,?)",
+                       (branch_id, json.dumps(list(lower)), sbx.created_at))
+            db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec,"
+                       "init_pid,init_start,head) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (sbx.id, name, image, "running", branch_id, sbx.created_at,
+                        json.dumps(spec), init_pid, init_start, from_checkpoint))
+        return sbx
+
     def set_sandbox_state(self, sandbox_id: str, state: str, init_pid: int = 0,
                           init_start: float = 0.0) -> None:
         with self.transaction() as db:
