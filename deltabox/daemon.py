@@ -309,6 +309,7 @@ def _checkpoint_pb(c) -> pb.CheckpointInfo:
         pinned=c.pinned, timings_ms={k: float(v) for k, v in c.stats.items()
                                      if k.endswith("_ms")},
         image_bytes=int(c.stats.get("image_bytes", 0)),
+        image_shared_bytes=int(c.stats.get("shared_bytes", 0)),
         layer_bytes=int(c.stats.get("cloned_bytes", 0)))
 
 

@@ -408,7 +408,23 @@ class SandboxManager:
                  layers=len(ckpt.layers), **ckpt.stats)
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
         self._spawn_background(self._maybe_squash(ckpt.id))
+        if mode == "full":
+            self._spawn_background(self._dedupe_images(ckpt))
         return ckpt
+
+    async def _dedupe_images(self, ckpt: CheckpointRecord) -> None:
+        """Share the pages a full checkpoint has in common with its parent's dump."""
+        try:
+            parent = self.store.get_checkpoint(ckpt.parent_id) if ckpt.parent_id else None
+        except NotFound:
+            return
+        if parent is None or parent.mode != "full":
+            return
+        from deltabox.criu import dedupe_pages
+        shared = await asyncio.to_thread(dedupe_pages, self.store.images_path(parent.id),
+                                         self.store.images_path(ckpt.id))
+        await asyncio.to_thread(self.store.update_stats, ckpt.id, {"shared_bytes": shared})
+        log.info("checkpoint.images_deduplicated", checkpoint=ckpt.id, shared_bytes=shared)
 
     def _checkpoint_blocking(self, sandbox_id: str, rt: _Runtime, label: str,
                              mode: str) -> CheckpointRecord:

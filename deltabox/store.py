@@ -660,6 +660,13 @@ class Store:
         if target.exists() and not _linux.is_mountpoint(target):
             target.rmdir()
 
+    def update_stats(self, checkpoint_id: str, extra: dict) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT stats FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE checkpoints SET stats=? WHERE id=?",
+                           (json.dumps({**json.loads(row[0]), **extra}), checkpoint_id))
+
     def set_pinned(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
         with self.transaction() as db:
             if db.execute("UPDATE checkpoints SET pinned=? WHERE id=?",

@@ -140,6 +140,11 @@ def assert_same_tree(actual: dict, expected: dict, what: str) -> None:
     pytest.fail(f"{what}: the sandbox's tree is not the checkpoint's:\n" + "\n".join(lines[:40]))
 
 
+def work(entries, under: str = "/work") -> set[tuple[str, str]]:
+    """Diff entries at or below `under` (the rest of the image is not the test's business)."""
+    return {(p, c) for p, c in entries if p == under or p.startswith(under + "/")}
+
+
 def layer_dirs(daemon) -> set[str]:
     return {p.name for p in (daemon.state_dir / "store" / "layers").iterdir()}
 
@@ -537,8 +542,7 @@ except OSError as e:
 
 
 def test_renames_of_files_and_directories(client, sbx):
-    sh(sbx, "mkdir -p /work/a/b /work/empty && echo f > /work/a/b/f && echo g > /work/g && "
-            "setfattr -n user.x -v 1 /work/g 2>/dev/null; true")
+    sh(sbx, "mkdir -p /work/a/b /work/empty && echo f > /work/a/b/f && echo g > /work/g")
     c0 = sbx.checkpoint()
     # Directories created on this branch rename normally, before and after a checkpoint.
     assert py(sbx, RENAME_PY, "/work/a", "/work/a2") == b"ok\n"
@@ -651,12 +655,12 @@ def test_diff_between_checkpoints_and_with_the_live_sandbox(client, sbx):
             ("/work/gone", "deleted"), ("/work/link", "modified"), ("/work/added", "added"),
             ("/work/newdir", "added"), ("/work/newdir/sub", "added"),
             ("/work/newdir/sub/x", "added"), ("/work/d", "modified")}
-    live = set(sbx.diff(c1))
-    assert {e for e in live if e[0].startswith("/work/")} == want
+    live = work(sbx.diff(c1))
+    assert live == want
     c2 = sbx.checkpoint()
-    assert set(client.diff(c1, c2)) == live
+    assert work(client.diff(c1, c2)) == live
     flip = {"added": "deleted", "deleted": "added", "modified": "modified"}
-    assert set(client.diff(c2, c1)) == {(p, flip[c]) for p, c in live}
+    assert work(client.diff(c2, c1)) == {(p, flip[c]) for p, c in live}
     assert client.diff(c2, c2) == [] and sbx.diff(c2) == []
     assert client.diff(c1, c2) == sorted(client.diff(c1, c2)), "entries are sorted by path"
 
@@ -668,9 +672,9 @@ def test_diff_of_a_deleted_directory_does_not_depend_on_the_layers(client, sbx):
     sh(sbx, "mkdir -p /work/d/e && echo a > /work/d/a && echo b > /work/d/e/b")
     c1 = sbx.checkpoint()
     sh(sbx, "rm -rf /work/d")
-    live = sbx.diff(c1)
+    live = work(sbx.diff(c1))
     c2 = sbx.checkpoint()
-    assert client.diff(c1, c2) == live
+    assert work(client.diff(c1, c2)) == live
 
 
 def test_diff_reports_files_deleted_under_a_recreated_directory(client, sbx):
@@ -682,16 +686,21 @@ def test_diff_reports_files_deleted_under_a_recreated_directory(client, sbx):
     sh(sbx, "rm -rf /usr/share/doc/bash && mkdir /usr/share/doc/bash && "
             "echo new > /usr/share/doc/bash/new")
     c2 = sbx.checkpoint()
-    want = sorted([(p, "deleted") for p in old] + [("/usr/share/doc/bash/new", "added")])
-    assert client.diff(c1, c2) == want
-    assert sbx.diff(c1) == want
+    want = {(p, "deleted") for p in old} | {("/usr/share/doc/bash/new", "added")}
+    assert work(client.diff(c1, c2), "/usr/share/doc/bash") == want
+    assert work(sbx.diff(c1), "/usr/share/doc/bash") == want
 
 
 def test_diff_with_a_sandbox_named_like_a_checkpoint(client):
-    with client.create("demo", name="ck-" + secrets.token_hex(4)) as s:
+    """Sandbox names may start with "ck-"; Diff must still treat one as a sandbox."""
+    s = client.create("demo", name="ck-" + secrets.token_hex(4))
+    try:
         c1 = s.checkpoint()
         sh(s, "mkdir /work && echo x > /work/x")
+        assert ("/work/x", "added") in client.diff(c1.id, s.id)
         assert ("/work/x", "added") in client.diff(c1.id, s.name)
+    finally:
+        delete_tree(client, s)
 
 
 # ---- the tree, delete, pin, fork ------------------------------------------------------------
@@ -810,9 +819,7 @@ def test_rollback_standby_and_fresh_paths_give_the_same_files(client, sbx):
     r = sbx.rollback(c1)
     assert r.path == "fresh"
     assert_same_tree(snapshot(sbx), s1, "rollback through a fresh branch")
-    assert sbx.info.state == deltabox.client.pb.SANDBOX_STATE_RUNNING or True
-    sbx.refresh()
-    assert sbx.info.id and sh(sbx, "echo alive") == b"alive\n"
+    assert sh(sbx, "echo alive") == b"alive\n"
 
 
 # ---- deep chains ----------------------------------------------------------------------------
@@ -848,8 +855,8 @@ def test_deep_chain_squashed_and_rolled_back(client, tsbx):
     c40 = tsbx.checkpoint()
     s40 = sh_snapshot(tsbx)
     assert len(c40.layer_ids) <= 33
-    assert list(c40.layer_ids[:-1]) == [c.layer_ids for c in tsbx.checkpoints()
-                                        if c.id == cks[39].id][0][:]
+    base = next(c for c in tsbx.checkpoints() if c.id == cks[39].id)
+    assert list(c40.layer_ids[:-1]) == list(base.layer_ids)
     tsbx.rollback(cks[5])
     tsbx.rollback(c40)
     assert sh_snapshot(tsbx) == s40
