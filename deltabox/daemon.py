@@ -442,7 +442,7 @@ class Daemon:
     async def _start_serving(self) -> None:
         self.store = Store(self.backing.root, durable=self.config.durable)
         self.manager = SandboxManager(self.config, self.store,
-                                      detect_driver(self.store.instance_id))
+                                      detect_driver(self.store.instance_id), self.metrics)
         report = await self.manager.start()
         self.criu_version = await asyncio.to_thread(_criu_version)
 

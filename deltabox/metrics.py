@@ -19,6 +19,20 @@ class Metrics:
                                  buckets=_BUCKETS, registry=self.registry)
         self.errors = Counter("deltabox_rpc_errors_total", "RPCs that failed",
                               ["method", "code"], registry=self.registry)
+        self.checkpoints = Counter("deltabox_checkpoints_total", "Checkpoints taken",
+                                   ["mode"], registry=self.registry)
+        self.frozen = Histogram("deltabox_checkpoint_frozen_seconds",
+                                "How long a checkpoint kept the sandbox frozen", ["mode"],
+                                buckets=_BUCKETS, registry=self.registry)
+        self.image_bytes = Counter("deltabox_checkpoint_image_bytes_total",
+                                   "Bytes of process images written", registry=self.registry)
+        self.rollbacks = Counter("deltabox_rollbacks_total", "Rollbacks by the path taken",
+                                 ["path"], registry=self.registry)
+        self.rollback_seconds = Histogram("deltabox_rollback_seconds",
+                                          "Rollback time in the daemon", ["path"],
+                                          buckets=_BUCKETS, registry=self.registry)
+        self.forked = Counter("deltabox_fork_children_total", "Fork children by how they "
+                              "started", ["start"], registry=self.registry)
         self._recent: dict[str, deque[float]] = {}
         self._window = window
         self._lock = threading.Lock()

@@ -36,6 +36,7 @@ from deltabox.criu import Criu, find_criu
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                              NotFound, ResourceExhausted, Unimplemented)
 from deltabox.files import SandboxFiles
+from deltabox.metrics import Metrics
 from deltabox.store import (CheckpointRecord, Mount, SandboxRecord, Store, _rmtree, new_id,
                             validate_name)
 
@@ -119,8 +120,10 @@ def _process_start(pid: int) -> float:
 
 
 class SandboxManager:
-    def __init__(self, config: Config, store: Store, cgroups: CgroupDriver):
+    def __init__(self, config: Config, store: Store, cgroups: CgroupDriver,
+                 metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.store = store
         self.cgroups = cgroups
         self._runtime: dict[str, _Runtime] = {}
@@ -404,6 +407,9 @@ class SandboxManager:
                         "connections to the daemon cannot be restored. Idle sessions are fine.")
                 await rt.channel.barrier()
             ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label, mode)
+        self.metrics.checkpoints.labels(mode).inc()
+        self.metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
+        self.metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
         log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
                  layers=len(ckpt.layers), **ckpt.stats)
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
@@ -564,6 +570,8 @@ class SandboxManager:
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
         self._spawn_background(asyncio.to_thread(self._retire_branch, old_branch, old_pid))
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
+        self.metrics.rollbacks.labels(path).inc()
+        self.metrics.rollback_seconds.labels(path).observe(timings["total_ms"] / 1000)
         log.info("sandbox.rolled_back", sandbox=rec.id, checkpoint=ckpt.id, path=path,
                  **timings)
         return self.store.get_sandbox(rec.id), path, timings
@@ -738,6 +746,8 @@ class SandboxManager:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
+        self.metrics.forked.labels("warm").inc(len(warm))
+        self.metrics.forked.labels("cold").inc(n - len(warm))
         log.info("checkpoint.forked", checkpoint=ckpt.id, n=n, warm=len(warm),
                  failed=sum(isinstance(r, Exception) for r in results))
         return list(results)  # type: ignore[arg-type]
