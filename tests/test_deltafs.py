@@ -15,17 +15,19 @@ The random-sequence model test is tests/test_deltafs_model.py.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 import deltabox
-from conftest import DEMO_TAR, TINY_TAR
+from conftest import DEMO_TAR, TINY_TAR, DaemonProcess, leftovers
 
 MiB = 1 << 20
 
@@ -54,7 +56,7 @@ def content(p, st):
             h.update(os.pread(fd, end - start, start))
             off = end
     return "segments:" + h.hexdigest()
-def visit(p):
+def visit(p, recurse=True):
     st = os.lstat(p)
     m = st.st_mode
     e = {"type": stat.filemode(m)[0], "mode": oct(stat.S_IMODE(m)), "uid": st.st_uid,
@@ -71,11 +73,13 @@ def visit(p):
     if not stat.S_ISDIR(m):
         e["ino"], e["nlink"] = st.st_ino, st.st_nlink
     out[p] = e
-    if stat.S_ISDIR(m):
+    if stat.S_ISDIR(m) and recurse:
         for n in sorted(os.listdir(p)):
             visit(os.path.join(p, n))
 for root in sys.argv[1:]:
-    if os.path.lexists(root):
+    if root.startswith("="):        # =PATH: that entry alone
+        visit(root[1:], False)
+    elif os.path.lexists(root):
         visit(root)
 print(json.dumps(out))
 """
@@ -95,8 +99,9 @@ def sh(sbx, script: str) -> bytes:
 
 
 def snapshot(sbx, *roots: str) -> dict:
-    """What the sandbox sees under `roots` (default /work). Inode numbers become hardlink
-    groups (the sorted paths sharing the inode), which must survive a checkpoint."""
+    """What the sandbox sees under `roots` (default /work; "=PATH" for PATH alone). Inode
+    numbers become hardlink groups (the sorted paths sharing the inode), which must survive
+    a checkpoint."""
     raw = json.loads(py(sbx, SNAPSHOT_PY, *(roots or ("/work",))))
     groups: dict[int, list[str]] = {}
     for p, e in raw.items():
@@ -155,6 +160,53 @@ def work(entries, under: str = "/work") -> set[tuple[str, str]]:
 
 def layer_dirs(daemon) -> set[str]:
     return {p.name for p in (daemon.state_dir / "store" / "layers").iterdir()}
+
+
+def branch_mounts(daemon) -> set[str]:
+    """Overlay mounts of the daemon's branches (sandboxes, standbys)."""
+    mnt = str(daemon.state_dir / "store" / "mnt") + "/"
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f if line.split()[4].startswith(mnt)}
+
+
+def start_daemon(workdir: Path, name: str) -> DaemonProcess:
+    d = DaemonProcess(workdir / f"{name}-{secrets.token_hex(3)}").start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        c.import_image("demo", DEMO_TAR)
+    return d
+
+
+def stop_daemon(d: DaemonProcess) -> None:
+    """Destroy all sandboxes and stop gracefully, leaving nothing in the kernel. Leaked
+    standby incarnations (see test_rapid_checkpoints_leave_no_standby_incarnations) make the
+    graceful stop fail to unmount the store; then restart once so that start-up
+    reconciliation removes them, and stop again."""
+    with d.client() as c:
+        for s in c.list():
+            s.destroy()
+    if d.stop() != 0:
+        warnings.warn(f"daemon {d.state_dir.name} did not stop cleanly; restarting it to "
+                      f"reconcile what it left behind:\n{d.log()[-1500:]}")
+        d.start()
+        assert d.stop() == 0, d.log()
+    left = leftovers(d.state_dir)
+    assert left == {"mounts": [], "loops": [], "inits": []}, left
+
+
+@pytest.fixture(scope="module")
+def dfs(workdir):
+    """This module's own daemon: DeltaFS tests leave checkpoints and layers behind, and
+    count layer directories and mounts, which other modules' work would disturb."""
+    d = start_daemon(workdir, "dfs")
+    yield d
+    stop_daemon(d)
+
+
+@pytest.fixture
+def client(dfs):
+    with dfs.client() as c:
+        yield c
 
 
 def delete_tree(client, sbx) -> None:
@@ -311,7 +363,7 @@ def test_every_kind_of_entry_survives_rollback_and_fork(client, sbx):
         child.destroy()
 
 
-def test_sparse_and_large_files(client, daemon, sbx):
+def test_sparse_and_large_files(client, dfs, sbx):
     py(sbx, r"""
 import os, random
 os.mkdir("/work")
@@ -334,7 +386,7 @@ print(json.dumps({"size": st.st_size, "allocated": st.st_blocks * 512, "probe": 
 """
     before = json.loads(py(sbx, describe))
     assert before["allocated"] < 16 * MiB
-    store = daemon.state_dir / "store"
+    store = dfs.state_dir / "store"
 
     def free_bytes() -> int:
         os.sync()
@@ -395,7 +447,7 @@ def _layer_tar(path: Path, entries: list[tuple]) -> None:
             else:
                 ti.type = tarfile.CHRTYPE if kind == "chr" else tarfile.BLKTYPE
                 ti.devmajor, ti.devminor = extra["dev"]
-            tf.addfile(ti, __import__("io").BytesIO(data) if data else None)
+            tf.addfile(ti, io.BytesIO(data) if data else None)
 
 
 def _oci_image(root: Path, layers: list[Path]) -> Path:
@@ -577,17 +629,17 @@ def test_renames_of_files_and_directories(client, sbx):
     assert_same_tree(snapshot(sbx), s2, "rollback after EXDEV renames")
 
 
-def test_unchanged_sandbox_still_gets_a_checkpoint(client, daemon, sbx):
+def test_unchanged_sandbox_still_gets_a_checkpoint(client, dfs, sbx):
     sh(sbx, "mkdir /work && echo x > /work/x")
     c1 = sbx.checkpoint("one")
     s1 = snapshot(sbx)
-    layers = layer_dirs(daemon)
+    layers = layer_dirs(dfs)
     c2 = sbx.checkpoint("two")
     c3 = sbx.checkpoint("three")
     assert len({c1.id, c2.id, c3.id}) == 3
     assert (c2.parent_id, c3.parent_id) == (c1.id, c2.id)
     assert list(c2.layer_ids) == list(c1.layer_ids) == list(c3.layer_ids)
-    assert layer_dirs(daemon) == layers, "an unchanged sandbox's checkpoint made a layer"
+    assert layer_dirs(dfs) == layers, "an unchanged sandbox's checkpoint made a layer"
     sh(sbx, "echo y > /work/x")
     sbx.rollback(c2)
     assert_same_tree(snapshot(sbx), s1, "rollback to an unchanged checkpoint")
@@ -597,10 +649,10 @@ def test_root_directory_metadata_alone_survives(sbx):
     """chmod/setxattr/utime of the sandbox's / are changes like any other."""
     py(sbx, "import os\nos.chmod('/', 0o751)\nos.setxattr('/', 'user.root', b'r')\n"
             "os.utime('/', ns=(7, 7_000_000_007))")
-    want = snapshot(sbx, "/")["/"]
+    want = snapshot(sbx, "=/")["/"]
     c1 = sbx.checkpoint()
     sbx.rollback(c1)
-    got = snapshot(sbx, "/")["/"]
+    got = snapshot(sbx, "=/")["/"]
     assert (got["mode"], got["xattrs"], got["mtime"]) == \
         (want["mode"], want["xattrs"], want["mtime"]), \
         "a checkpoint where only / changed kept nothing (the sink never counts the root)"
@@ -631,19 +683,19 @@ def test_many_xattrs_survive(sbx):
 
 
 def test_long_paths_survive(sbx):
-    """A path of ~4000 bytes is legal inside the sandbox (< PATH_MAX)."""
+    """A path of 4090 bytes is legal inside the sandbox (< PATH_MAX)."""
     path = py(sbx, r"""
 import os
 p = "/work"
 os.mkdir(p)
-while len(p) < 3700:
+while len(p) < 4090 - 256:
     p += "/" + "d" * 250
     os.mkdir(p)
-p += "/" + "f" * (4000 - len(p) - 1)
+p += "/" + "f" * (4090 - len(p) - 1)
 open(p, "w").write("deep")
 print(p)
 """).decode().strip()
-    assert len(path) == 4000
+    assert len(path) == 4090
     s1 = snapshot(sbx)
     c1 = sbx.checkpoint()  # fails: the sink addresses upper entries by absolute host paths
     sbx.rollback(c1)
@@ -736,8 +788,8 @@ def test_checkpoint_tree_lists_parent_links(client, sbx):
         child.destroy()
 
 
-def test_delete_pin_and_layers_freed(client, daemon, sbx):
-    store_layers = daemon.state_dir / "store" / "layers"
+def test_delete_pin_and_layers_freed(client, dfs, sbx):
+    store_layers = dfs.state_dir / "store" / "layers"
     sh(sbx, "mkdir /work && echo 1 > /work/f")
     c1 = sbx.checkpoint()
     sh(sbx, "echo 2 > /work/f")
@@ -765,16 +817,16 @@ def test_delete_pin_and_layers_freed(client, daemon, sbx):
         "a refused delete changed nothing"
 
     assert not client.pin_checkpoint(c2, False).pinned
-    before = layer_dirs(daemon)
+    before = layer_dirs(dfs)
     client.delete_checkpoint(c2)
-    assert layer_dirs(daemon) == before - {own[c2.id]}, "exactly c2's own layer is freed"
+    assert layer_dirs(dfs) == before - {own[c2.id]}, "exactly c2's own layer is freed"
     with pytest.raises(deltabox.NotFound):
         sbx.rollback(c2)
 
     sbx.rollback(c1)
-    before = layer_dirs(daemon)
+    before = layer_dirs(dfs)
     client.delete_checkpoint(c3, cascade=True)
-    assert layer_dirs(daemon) == before - {own[c3.id], own[c4.id]}
+    assert layer_dirs(dfs) == before - {own[c3.id], own[c4.id]}
     assert [c.id for c in sbx.checkpoints()] == [c1.id]
     assert sh(sbx, "cat /work/f") == b"1\n"
 
@@ -830,6 +882,28 @@ def test_rollback_standby_and_fresh_paths_give_the_same_files(client, sbx):
     assert sh(sbx, "echo alive") == b"alive\n"
 
 
+def test_rapid_checkpoints_leave_no_standby_incarnations(client, dfs):
+    """After every checkpoint the daemon builds a standby for the new head, replacing the
+    previous one. Checkpoints in quick succession must still leave at most one standby, and
+    none once the sandbox is destroyed."""
+    before = branch_mounts(dfs)
+    s = client.create("tiny")
+    sh(s, "mkdir /work")
+    for i in range(8):
+        sh(s, f"echo {i} > /work/f")
+        s.checkpoint()
+    time.sleep(1.0)
+    during = branch_mounts(dfs) - before
+    s.destroy()
+    deadline = time.monotonic() + 10
+    while branch_mounts(dfs) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = branch_mounts(dfs) - before
+    assert not left, (f"{len(left)} branch(es) still mounted after the sandbox was destroyed "
+                      f"({len(during)} while it ran: its own + standbys): {sorted(left)}")
+    assert len(during) <= 2
+
+
 # ---- deep chains ----------------------------------------------------------------------------
 
 def test_deep_chain_squashed_and_rolled_back(client, tsbx):
@@ -879,6 +953,15 @@ def _restartable(new_daemon):
     return d
 
 
+def _cleanly_stopped(d) -> None:
+    with d.client() as c:
+        for s in c.list():
+            s.destroy()
+    if d.stop() != 0:   # leaked standbys (see above): let start-up reconcile them
+        d.start()
+        d.stop()
+
+
 def test_graceful_restart_then_rollback_to_each_checkpoint(new_daemon):
     d = _restartable(new_daemon)
     with d.client() as c:
@@ -902,7 +985,7 @@ def test_graceful_restart_then_rollback_to_each_checkpoint(new_daemon):
         assert sh_snapshot(s) == s2
         s.rollback(c3)
         assert sh_snapshot(s) == s3
-        s.destroy()
+    _cleanly_stopped(d)
 
 
 def test_crash_between_checkpoint_and_rollback_keeps_deletions(new_daemon):
@@ -944,4 +1027,4 @@ def test_crash_between_checkpoint_and_rollback_keeps_deletions(new_daemon):
         assert sh_snapshot(s) == s3
         s.rollback(c4)
         assert sh_snapshot(s) == live, "a checkpoint after the crash lost deletions"
-        s.destroy()
+    _cleanly_stopped(d)

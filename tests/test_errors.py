@@ -381,6 +381,7 @@ CHECKPOINT_RPCS = {
         checkpoint=NO_CP)), NO_CP),
     "PinCheckpoint": (lambda s: s.PinCheckpoint(pb.PinCheckpointRequest(checkpoint=NO_CP,
                                                                         pinned=True)), NO_CP),
+    "Warm": (lambda s: s.Warm(pb.WarmRequest(checkpoint=NO_CP, n=1)), NO_CP),
 }
 
 
