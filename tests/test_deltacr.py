@@ -1,4 +1,4 @@
-import time, pytest
+import time, pytest, threading
 import deltabox
 
 LAUNCH = ("import subprocess, sys\n"
@@ -10,30 +10,53 @@ def spawn(sbx, *argv, log="/dev/null"):
     r = sbx.exec(["python3", "-c", LAUNCH, log, *argv]).check()
     return int(r.stdout)
 
-CASES = {
- "alg": "import socket,time\ns=socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET)\ns.bind(('hash','sha256'))\nprint('ok',flush=True)\ntime.sleep(1000)",
- "iouring": "import ctypes,time\nlibc=ctypes.CDLL(None,use_errno=True)\np=ctypes.create_string_buffer(120)\nfd=libc.syscall(425,8,p)\nprint('fd',fd,ctypes.get_errno(),flush=True)\ntime.sleep(1000)",
- "perf": "import ctypes,time\nlibc=ctypes.CDLL(None,use_errno=True)\na=ctypes.create_string_buffer(128)\nimport struct\nstruct.pack_into('IIQ',a,0,1,128,0)\nfd=libc.syscall(298,a,0,-1,-1,0)\nprint('fd',fd,ctypes.get_errno(),flush=True)\ntime.sleep(1000)",
- "packet": "import socket,time\ns=socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\nprint('ok',flush=True)\ntime.sleep(1000)",
- "uffd": "import ctypes,time\nlibc=ctypes.CDLL(None,use_errno=True)\nfd=libc.syscall(323,0)\nprint('fd',fd,ctypes.get_errno(),flush=True)\ntime.sleep(1000)",
- "vsock": "import socket,time\ns=socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\nprint('ok',flush=True)\ntime.sleep(1000)",
- "netlink_audit": "import socket,time\ns=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9)\nprint('ok',flush=True)\ntime.sleep(1000)",
- "pidfd": "import os,time\nfd=os.pidfd_open(1)\nprint('ok',fd,flush=True)\ntime.sleep(1000)",
- "bpf": "import ctypes,time,struct\nlibc=ctypes.CDLL(None,use_errno=True)\na=ctypes.create_string_buffer(struct.pack('IIII',2,4,4,1)+b'\\0'*100)\nfd=libc.syscall(321,0,a,120)\nprint('fd',fd,ctypes.get_errno(),flush=True)\ntime.sleep(1000)",
-}
+CONT = """
+import signal, time
+n = 0
+def h(*_):
+    global n; n += 1
+    open('/tmp/conts', 'w').write(str(n))
+signal.signal(signal.SIGCONT, h)
+while True: time.sleep(0.05)
+"""
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_probe(demo, case):
-    demo.write_file("/tmp/p.py", CASES[case])
-    pid = spawn(demo, "python3", "/tmp/p.py", log="/tmp/p.log")
-    time.sleep(0.5)
-    print(case, demo.read_file("/tmp/p.log"))
-    try:
-        ck = demo.checkpoint("x", full=True)
-        print(case, "CHECKPOINT OK")
-        time.sleep(0.5)
-        r = demo.rollback(ck)
-        print(case, "rollback", r.path)
-    except deltabox.DeltaboxError as e:
-        print(case, type(e).__name__, e)
-    print(case, "after:", demo.exec(f"ls -l /proc/{pid}/fd; echo alive").stdout)
+def st(demo, pid):
+    return demo.exec(["sh", "-c", f"cut -d' ' -f3 /proc/{pid}/stat; cat /tmp/conts 2>/dev/null"]).stdout
+
+def test_stopped(demo):
+    demo.write_file("/tmp/cont.py", CONT)
+    sl = spawn(demo, "sleep", "1000")
+    cp = spawn(demo, "python3", "/tmp/cont.py")
+    demo.exec(f"kill -STOP {sl}")
+    time.sleep(0.3)
+    print("before", st(demo, sl), st(demo, cp))
+    ck = demo.checkpoint("a", full=True)
+    print("after ck", st(demo, sl), st(demo, cp))
+    time.sleep(1)
+    r = demo.rollback(ck); print(r.path)
+    time.sleep(0.2)
+    print("after double", st(demo, sl), st(demo, cp))
+    demo.checkpoint("b", full=True)
+    r = demo.rollback(ck); print(r.path)
+    time.sleep(0.2)
+    print("after restore", st(demo, sl), st(demo, cp))
+
+def test_race(demo):
+    stop = False; errs = []; n = [0]
+    def loop():
+        while not stop:
+            try:
+                r = demo.exec("true"); assert r.exit_code == 0; n[0] += 1
+            except Exception as e:
+                errs.append(repr(e))
+    t = threading.Thread(target=loop); t.start()
+    res = []
+    for i in range(15):
+        try:
+            demo.checkpoint(f"c{i}", full=True); res.append("ok")
+        except deltabox.DeltaboxError as e:
+            res.append(str(e)[:300])
+        time.sleep(0.05)
+    stop = True; t.join()
+    print("execs", n[0], "errs", errs)
+    for x in res: print("CK", x)

@@ -1,0 +1,685 @@
+"""DeltaFS against a model (issue 3): a hypothesis state machine drives random sequences of
+file operations -- write (also sparse), append, truncate, mkdir, rename of files and
+directories, unlink, rmdir, rm -r, symlink, hardlink, chmod, chown, utime, setxattr,
+removexattr, mkfifo, bind a unix socket -- mixed with checkpoint, rollback to random
+checkpoints, fork, destroying forks, diff and deleting checkpoints, against an in-memory model
+of the expected tree. After every step the sandbox's visible tree under /work (type, mode,
+owner, size and sha256, symlink target, xattrs, hardlink groups, mtimes) must equal the model.
+
+Timestamps: the model knows an mtime when utime set it or when it observed it and nothing
+touched the entry since; a rollback or fork must then reproduce every mtime of the checkpoint.
+
+Directory renames: branches mount with redirect_dir=off, so renaming a directory that exists
+in a lower layer -- anything present at the last rollback or fork -- fails with EXDEV (tools
+such as mv fall back to copying). The model expects exactly that: EXDEV for such directories,
+success for directories created since (even over an empty lower directory).
+
+Diff: entries are compared as the API documents -- type, owner, mode and, for non-directories,
+size, mtime, content and symlink target (xattrs and a directory's mtime are not part of it).
+Whether the entries below an added or deleted directory (or one that changed type) are listed
+is left open: both sides are normalised to the top-most such entry.
+
+Run longer with DELTABOX_DELTAFS_PROFILE=deltafs-thorough (more and longer examples,
+shrinking on).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import json
+import os
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, assume, event, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition, rule,
+                                 run_state_machine_as_test)
+
+import deltabox
+from conftest import DEMO_TAR, DaemonProcess, leftovers
+
+settings.register_profile(
+    "deltafs-ci", max_examples=25, stateful_step_count=20, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                           HealthCheck.data_too_large],
+    # Each step drives real sandboxes: shrinking a failure can take many minutes, so CI
+    # reports the failing sequence as found (it is at most 20 steps, each noted below).
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
+settings.register_profile(
+    "deltafs-thorough", parent=settings.get_profile("deltafs-ci"), max_examples=200,
+    stateful_step_count=40, phases=list(Phase))
+PROFILE = os.environ.get("DELTABOX_DELTAFS_PROFILE", "deltafs-ci")
+
+W = "/work"
+NAMES = ("a", "b", "c", "dd")
+IDS = (0, 1, 1000, 65534, 123456)
+XATTRS = ("user.a", "user.bb", "user.c")
+MAX_BOXES = 3
+STATS: collections.Counter = collections.Counter()  # printed at the end (pytest -s)
+
+
+def count(what: str) -> None:
+    event(what)
+    STATS[what] += 1
+
+# ---- the driver that runs inside the sandbox ---------------------------------------------------
+
+DRIVER = r"""
+import errno, hashlib, json, os, shutil, socket, stat, sys
+os.umask(0)
+W = "/work"
+def P(rel):
+    return W + "/" + rel if rel else W
+def run(op):
+    k, a = op[0], op[1:]
+    if k == "write":
+        fd = os.open(P(a[0]), os.O_WRONLY | os.O_CREAT, a[3])
+        try:
+            os.pwrite(fd, bytes.fromhex(a[2]), a[1])
+        finally:
+            os.close(fd)
+    elif k == "append":
+        fd = os.open(P(a[0]), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, bytes.fromhex(a[1]))
+        finally:
+            os.close(fd)
+    elif k == "truncate":
+        os.truncate(P(a[0]), a[1])
+    elif k == "mkdir":
+        os.mkdir(P(a[0]), a[1])
+    elif k == "rename":
+        os.rename(P(a[0]), P(a[1]))
+    elif k == "unlink":
+        os.unlink(P(a[0]))
+    elif k == "rmdir":
+        os.rmdir(P(a[0]))
+    elif k == "rmtree":
+        shutil.rmtree(P(a[0]))
+    elif k == "symlink":
+        os.symlink(a[1], P(a[0]))
+    elif k == "link":
+        os.link(P(a[0]), P(a[1]), follow_symlinks=False)
+    elif k == "chmod":
+        os.chmod(P(a[0]), a[1])
+    elif k == "chown":
+        os.chown(P(a[0]), a[1], a[2], follow_symlinks=False)
+    elif k == "utime":
+        os.utime(P(a[0]), ns=(a[1], a[2]), follow_symlinks=False)
+    elif k == "setxattr":
+        os.setxattr(P(a[0]), a[1], bytes.fromhex(a[2]))
+    elif k == "removexattr":
+        os.removexattr(P(a[0]), a[1])
+    elif k == "mkfifo":
+        os.mkfifo(P(a[0]), a[1])
+    elif k == "mksock":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(P(a[0]))
+        s.close()
+    else:
+        raise ValueError(k)
+def dump():
+    out = {}
+    def visit(rel):
+        p = P(rel)
+        st = os.lstat(p)
+        m = st.st_mode
+        e = {"t": stat.filemode(m)[0], "mode": stat.S_IMODE(m), "uid": st.st_uid,
+             "gid": st.st_gid, "mtime": st.st_mtime_ns}
+        e["x"] = {n: os.getxattr(p, n, follow_symlinks=False).hex()
+                  for n in sorted(os.listxattr(p, follow_symlinks=False))}
+        if stat.S_ISREG(m):
+            with open(p, "rb") as f:
+                e["size"], e["sha"] = st.st_size, hashlib.sha256(f.read()).hexdigest()
+        elif stat.S_ISLNK(m):
+            e["target"] = os.readlink(p)
+        if not stat.S_ISDIR(m):
+            e["ino"], e["nlink"] = st.st_ino, st.st_nlink
+        out[rel] = e
+        if stat.S_ISDIR(m):
+            for n in sorted(os.listdir(p)):
+                visit(rel + "/" + n if rel else n)
+    visit("")
+    return out
+results = []
+for op in json.loads(sys.argv[1]):
+    try:
+        run(op)
+        results.append(None)
+    except OSError as e:
+        results.append(errno.errorcode.get(e.errno, str(e.errno)))
+print(json.dumps({"results": results, "tree": dump()}))
+"""
+
+# ---- the model ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Node:
+    """An inode: hardlinked paths share one Node."""
+    kind: str                      # "-" file, "d" dir, "l" symlink, "p" fifo, "s" socket
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    data: bytes = b""              # file content or symlink target
+    xattrs: dict = field(default_factory=dict)
+    mtime: int | None = None       # known mtime, None when something touched it
+    lower: bool = False            # a directory present in a lower layer of the branch
+
+
+def parent(rel: str) -> str:
+    return rel.rpartition("/")[0]
+
+
+def join(d: str, name: str) -> str:
+    return f"{d}/{name}" if d else name
+
+
+def inside(rel: str, top: str) -> bool:
+    return rel == top or rel.startswith(top + "/")
+
+
+def ancestors(rel: str) -> list[str]:
+    out = []
+    while rel:
+        rel = parent(rel)
+        out.append(rel)
+    return out
+
+
+class Tree:
+    def __init__(self):
+        self.paths: dict[str, Node] = {"": Node("d", 0o755)}
+
+    def dirs(self) -> list[str]:
+        return sorted(p for p, n in self.paths.items() if n.kind == "d")
+
+    def of_kind(self, *kinds: str) -> list[str]:
+        return sorted(p for p, n in self.paths.items() if n.kind in kinds and p)
+
+    def absent(self) -> list[str]:
+        return sorted(join(d, n) for d in self.dirs() for n in NAMES
+                      if join(d, n) not in self.paths)
+
+    def children(self, rel: str) -> list[str]:
+        return [p for p in self.paths if p and parent(p) == rel]
+
+    def touch_dir(self, rel: str) -> None:
+        self.paths[rel].mtime = None
+
+    def apply(self, op: list) -> str | None:
+        """Apply op to the model; the error the sandbox must report (None: success)."""
+        k, a = op[0], op[1:]
+        p = self.paths
+        if k == "write":
+            rel, off, data, mode = a[0], a[1], bytes.fromhex(a[2]), a[3]
+            if rel not in p:
+                p[rel] = Node("-", mode)
+                self.touch_dir(parent(rel))
+            n = p[rel]
+            buf = bytearray(n.data.ljust(off, b"\0"))
+            buf[off:off + len(data)] = data
+            n.data, n.mtime = bytes(buf), None
+        elif k == "append":
+            n = p[a[0]]
+            n.data, n.mtime = n.data + bytes.fromhex(a[1]), None
+        elif k == "truncate":
+            n = p[a[0]]
+            n.data, n.mtime = n.data[:a[1]].ljust(a[1], b"\0"), None
+        elif k == "mkdir":
+            p[a[0]] = Node("d", a[1])
+            self.touch_dir(parent(a[0]))
+        elif k == "rename":
+            src, dst = a
+            n = p[src]
+            if n.kind == "d" and n.lower:
+                return "EXDEV"
+            if p.get(dst) is n:          # two names of one inode: rename does nothing
+                return None
+            moved = {q: p.pop(q) for q in list(p) if inside(q, src)}
+            if dst in p:
+                del p[dst]               # a file, or an empty directory
+            for q, m in moved.items():
+                p[dst + q[len(src):]] = m
+            self.touch_dir(parent(src))
+            self.touch_dir(parent(dst))
+            if n.kind == "d":
+                n.mtime = None
+        elif k in ("unlink", "rmdir"):
+            del p[a[0]]
+            self.touch_dir(parent(a[0]))
+        elif k == "rmtree":
+            for q in [q for q in p if inside(q, a[0])]:
+                del p[q]
+            self.touch_dir(parent(a[0]))
+        elif k == "symlink":
+            p[a[0]] = Node("l", 0o777, data=a[1].encode())
+            self.touch_dir(parent(a[0]))
+        elif k == "link":
+            p[a[1]] = p[a[0]]
+            self.touch_dir(parent(a[1]))
+        elif k == "chmod":
+            p[a[0]].mode = a[1]
+        elif k == "chown":
+            p[a[0]].uid, p[a[0]].gid = a[1], a[2]
+        elif k == "utime":
+            p[a[0]].mtime = a[2]
+        elif k == "setxattr":
+            p[a[0]].xattrs[a[1]] = bytes.fromhex(a[2])
+        elif k == "removexattr":
+            del p[a[0]].xattrs[a[1]]
+        elif k in ("mkfifo", "mksock"):
+            p[a[0]] = Node("p", a[1]) if k == "mkfifo" else Node("s", 0o777)
+            self.touch_dir(parent(a[0]))
+        return None
+
+    def expected(self, rel: str) -> dict:
+        n = self.paths[rel]
+        e = {"t": n.kind, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+             "x": {k: v.hex() for k, v in sorted(n.xattrs.items())}}
+        if n.kind == "-":
+            e["size"], e["sha"] = len(n.data), hashlib.sha256(n.data).hexdigest()
+        elif n.kind == "l":
+            e["target"] = n.data.decode()
+        if n.mtime is not None:
+            e["mtime"] = n.mtime
+        return e
+
+    def groups(self) -> set[frozenset]:
+        by_node: dict[int, set] = {}
+        for rel, n in self.paths.items():
+            if n.kind != "d":
+                by_node.setdefault(id(n), set()).add(rel)
+        return {frozenset(g) for g in by_node.values()}
+
+    def adopt(self, observed: dict) -> None:
+        """Everything now matches what was observed: learn the mtimes."""
+        for rel, n in self.paths.items():
+            n.mtime = observed[rel]["mtime"]
+
+    def rolled_back(self) -> "Tree":
+        """A copy as a new branch over a checkpoint sees it: every directory is lower."""
+        t = copy.deepcopy(self)
+        for n in t.paths.values():
+            if n.kind == "d":
+                n.lower = True
+        return t
+
+
+def compare(tree: Tree, observed: dict, what: str) -> None:
+    problems = []
+    for rel in sorted(set(tree.paths) | set(observed)):
+        if rel not in observed:
+            problems.append(f"missing {rel!r}: expected {tree.expected(rel)}")
+            continue
+        if rel not in tree.paths:
+            problems.append(f"unexpected {rel!r}: {observed[rel]}")
+            continue
+        want = tree.expected(rel)
+        got = {k: v for k, v in observed[rel].items() if k in want}
+        if got != want:
+            problems.append(f"{rel!r}: " + "; ".join(
+                f"{k} expected {want[k]!r} got {got.get(k)!r}" for k in want
+                if want[k] != got.get(k)))
+    if not problems:
+        seen: dict[int, set] = {}
+        for rel, e in observed.items():
+            if "ino" in e:
+                seen.setdefault(e["ino"], set()).add(rel)
+        got_groups = {frozenset(g) for g in seen.values()}
+        if got_groups != tree.groups():
+            problems.append(f"hardlink groups: expected {sorted(map(sorted, tree.groups()))}, "
+                            f"got {sorted(map(sorted, got_groups))}")
+        for rel, e in observed.items():
+            if "nlink" in e and e["nlink"] != len(seen[e["ino"]]):
+                problems.append(f"{rel!r}: nlink {e['nlink']} but {len(seen[e['ino']])} names")
+    assert not problems, f"{what}:\n  " + "\n  ".join(problems[:30])
+
+
+# ---- diff ---------------------------------------------------------------------------------------
+
+def _differs(a: dict, b: dict) -> bool:
+    if a["t"] != b["t"]:
+        return True
+    keys = ("mode", "uid", "gid") if a["t"] == "d" else \
+        ("mode", "uid", "gid", "size", "sha", "target", "mtime")
+    return any(a.get(k) != b.get(k) for k in keys)
+
+
+def _normalised(entries: set, a: dict, b: dict) -> set:
+    """Drop entries below an added/deleted directory or one that changed type."""
+    def is_dir(tree, rel):
+        return rel in tree and tree[rel]["t"] == "d"
+    tops = {rel for rel, change in entries
+            if change in ("added", "deleted") or is_dir(a, rel) != is_dir(b, rel)}
+    return {(rel, c) for rel, c in entries if not any(x in tops for x in ancestors(rel))}
+
+
+def expected_diff(a: dict, b: dict) -> set:
+    out = set()
+    for rel in set(a) | set(b):
+        if rel not in a:
+            out.add((rel, "added"))
+        elif rel not in b:
+            out.add((rel, "deleted"))
+        elif _differs(a[rel], b[rel]):
+            out.add((rel, "modified"))
+    return _normalised(out, a, b)
+
+
+def actual_diff(entries: list, a: dict, b: dict) -> set:
+    out = set()
+    for path, change in entries:
+        if path == W or path.startswith(W + "/"):
+            out.add((path[len(W) + 1:], change))
+    return _normalised(out, a, b)
+
+
+# ---- the state machine --------------------------------------------------------------------------
+
+
+@dataclass
+class Box:
+    sbx: object
+    tree: Tree
+    observed: dict
+    head: str = ""                 # the checkpoint its state descends from
+    head_layers: tuple = ()
+    dirty: bool = True             # changed since its last checkpoint
+
+
+@dataclass
+class Ckpt:
+    id: str
+    parent: str
+    layers: tuple
+    tree: Tree
+    observed: dict
+
+
+HEX = st.binary(min_size=1, max_size=48).map(bytes.hex)
+MTIME = st.tuples(st.one_of(st.integers(0, (1 << 31) - 1), st.integers(-(1 << 31) + 1, -1),
+                            st.integers(1 << 31, 1 << 33)),
+                  st.integers(0, 999_999_999)).map(lambda t: t[0] * 1_000_000_000 + t[1])
+FILE_MODE = st.integers(0, 0o777)
+DIR_MODE = st.one_of(st.integers(0, 0o777), st.integers(0, 0o777).map(lambda m: m | 0o1000))
+
+
+class DeltaFSMachine(RuleBasedStateMachine):
+    client: deltabox.Client = None  # set by the test
+    layers_dir: Path = None
+
+    def __init__(self):
+        super().__init__()
+        self.boxes: list[Box] = []
+        self.ckpts: list[Ckpt] = []
+        self.layers_at_start = {p.name for p in self.layers_dir.iterdir()}
+
+    # -- helpers --
+
+    def _run(self, box: Box, ops: list) -> dict:
+        r = box.sbx.exec(["python3", "-B", "-c", DRIVER, json.dumps(ops)])
+        assert r.exit_code == 0, r.stderr.decode(errors="replace")
+        return json.loads(r.stdout)
+
+    def _observe(self, box: Box, what: str) -> None:
+        box.observed = self._run(box, [])["tree"]
+        compare(box.tree, box.observed, what)
+        box.tree.adopt(box.observed)
+
+    def _box(self, data) -> Box:
+        return self.boxes[data.draw(st.integers(0, len(self.boxes) - 1), label="box")]
+
+    def _draw_op(self, t: Tree, data) -> list:
+        files, dirs = t.of_kind("-"), t.of_kind("d")
+        kinds = ["create", "mkdir", "symlink", "special"]
+        if files:
+            kinds += ["write", "append", "truncate", "link"]
+        if len(t.paths) > 1:
+            kinds += ["chmod", "chown", "utime", "rename", "delete"]
+        kinds += ["setxattr"]
+        kind = data.draw(st.sampled_from(kinds), label="op")
+        absent = t.absent()
+        draw = data.draw
+        if kind in ("create", "mkdir", "symlink", "special", "link"):
+            assume(absent)
+            target = draw(st.sampled_from(absent), label="path")
+        if kind == "create":
+            return ["write", target, draw(st.sampled_from([0, 0, 3, 4096, 1 << 20])), draw(HEX),
+                    draw(FILE_MODE)]
+        if kind == "mkdir":
+            return ["mkdir", target, draw(DIR_MODE)]
+        if kind == "symlink":
+            return ["symlink", target, draw(st.sampled_from(["a", "../b", "/work/c", "nowhere",
+                                                             "dd/a", "x" * 300]))]
+        if kind == "special":
+            return draw(st.sampled_from([["mkfifo", target, draw(FILE_MODE)],
+                                         ["mksock", target]]))
+        if kind == "link":
+            return ["link", draw(st.sampled_from(files)), target]
+        if kind == "write":
+            return ["write", draw(st.sampled_from(files)),
+                    draw(st.sampled_from([0, 1, 10, 5000, 1 << 20])), draw(HEX), 0o644]
+        if kind == "append":
+            return ["append", draw(st.sampled_from(files)), draw(HEX)]
+        if kind == "truncate":
+            return ["truncate", draw(st.sampled_from(files)),
+                    draw(st.sampled_from([0, 1, 7, 100, 4097, 3 << 20]))]
+        anything = sorted(p for p in t.paths)
+        if kind == "chmod":
+            rel = draw(st.sampled_from([p for p in anything if t.paths[p].kind != "l"]))
+            return ["chmod", rel, draw(DIR_MODE if t.paths[rel].kind == "d" else FILE_MODE)]
+        if kind == "chown":
+            return ["chown", draw(st.sampled_from(anything)), draw(st.sampled_from(IDS)),
+                    draw(st.sampled_from(IDS))]
+        if kind == "utime":
+            return ["utime", draw(st.sampled_from(anything)), draw(MTIME), draw(MTIME)]
+        if kind == "setxattr":
+            rel = draw(st.sampled_from([p for p in anything if t.paths[p].kind in "-d"]))
+            present = sorted(t.paths[rel].xattrs)
+            if present and draw(st.booleans()):
+                return ["removexattr", rel, draw(st.sampled_from(present))]
+            return ["setxattr", rel, draw(st.sampled_from(XATTRS)),
+                    draw(st.binary(max_size=40).map(bytes.hex))]
+        if kind == "delete":
+            rel = draw(st.sampled_from([p for p in anything if p]))
+            n = t.paths[rel]
+            if n.kind != "d":
+                return ["unlink", rel]
+            if not t.children(rel) and draw(st.booleans()):
+                return ["rmdir", rel]
+            return ["rmtree", rel]
+        assert kind == "rename"
+        src = draw(st.sampled_from([p for p in anything if p]))
+        if t.paths[src].kind != "d":
+            dsts = [p for p in absent] + [p for p in anything
+                                           if p and p != src and t.paths[p].kind != "d"]
+        else:
+            dsts = [p for p in absent if not inside(p, src)] + [
+                p for p in dirs if not inside(p, src) and not inside(src, p)
+                and not t.children(p)]
+        assume(dsts)
+        return ["rename", src, draw(st.sampled_from(dsts))]
+
+    # -- rules --
+
+    @initialize()
+    def create_origin(self):
+        sbx = self.client.create("demo")
+        box = Box(sbx, Tree(), {})
+        self.boxes.append(box)
+        r = sbx.exec(["mkdir", "-m", "755", W])
+        assert r.exit_code == 0, r.stderr
+        self._observe(box, "the new sandbox")
+
+    def _file_ops(self, data):
+        box = self._box(data)
+        ops, want = [], []
+        for _ in range(data.draw(st.integers(1, 3), label="batch")):
+            op = self._draw_op(box.tree, data)
+            ops.append(op)
+            want.append(box.tree.apply(op))
+        note(f"box {self.boxes.index(box)}: {ops}")
+        out = self._run(box, ops)
+        box.dirty = True
+        for op, w, got in zip(ops, want, out["results"]):
+            count(f"op {op[0]}: {got or 'ok'}")
+            assert got == w, f"{op}: expected {w or 'success'}, the sandbox got {got}"
+        box.observed = out["tree"]
+        compare(box.tree, box.observed, f"after {ops}")
+        box.tree.adopt(box.observed)
+
+    @rule(data=st.data())
+    def file_ops(self, data):
+        self._file_ops(data)
+
+    @rule(data=st.data())
+    def more_file_ops(self, data):
+        self._file_ops(data)
+
+    @rule(data=st.data())
+    def checkpoint(self, data):
+        box = self._box(data)
+        ck = box.sbx.checkpoint()
+        count("checkpoint" + ("" if box.dirty else " (unchanged)"))
+        assert ck.parent_id == box.head, "a checkpoint's parent is the sandbox's head"
+        layers = tuple(ck.layer_ids)
+        if not box.dirty and box.head:
+            assert layers == box.head_layers, "an unchanged sandbox's checkpoint adds a layer"
+        self.ckpts.append(Ckpt(ck.id, box.head, layers, copy.deepcopy(box.tree),
+                               box.observed))
+        box.head, box.head_layers, box.dirty = ck.id, layers, False
+        note(f"box {self.boxes.index(box)}: checkpoint {ck.id} (#{len(self.ckpts) - 1})")
+
+    @precondition(lambda self: self.ckpts)
+    @rule(data=st.data())
+    def rollback(self, data):
+        box = self._box(data)
+        ck = data.draw(st.sampled_from(self.ckpts), label="checkpoint")
+        res = box.sbx.rollback(ck.id)
+        count(f"rollback: {res.path}")
+        note(f"box {self.boxes.index(box)}: rollback to #{self.ckpts.index(ck)} ({res.path})")
+        box.tree, box.head, box.head_layers, box.dirty = ck.tree.rolled_back(), ck.id, \
+            ck.layers, True
+        self._observe(box, f"after a rollback ({res.path}) to #{self.ckpts.index(ck)}")
+        assert self._same_but_inodes(box.observed, ck.observed), "the checkpoint's tree"
+
+    @staticmethod
+    def _same_but_inodes(a: dict, b: dict) -> bool:
+        strip = lambda t: {k: {f: v for f, v in e.items() if f != "ino"} for k, e in t.items()}
+        return strip(a) == strip(b)
+
+    @precondition(lambda self: self.ckpts and len(self.boxes) < MAX_BOXES)
+    @rule(data=st.data())
+    def fork(self, data):
+        ck = data.draw(st.sampled_from(self.ckpts), label="checkpoint")
+        child = self.client.fork(ck.id, 1)[0]
+        count("fork")
+        assert child.error is None, child.error
+        box = Box(child.sandbox, ck.tree.rolled_back(), {}, ck.id, ck.layers)
+        self.boxes.append(box)
+        note(f"box {len(self.boxes) - 1}: fork of #{self.ckpts.index(ck)}")
+        self._observe(box, f"a fork of #{self.ckpts.index(ck)}")
+        assert self._same_but_inodes(box.observed, ck.observed), "a fork shows the checkpoint"
+
+    @precondition(lambda self: len(self.boxes) > 1)
+    @rule(data=st.data())
+    def destroy_fork(self, data):
+        i = data.draw(st.integers(1, len(self.boxes) - 1), label="fork")
+        self.boxes.pop(i).sbx.destroy()
+        count("destroy fork")
+        note(f"destroyed box {i}")
+
+    @precondition(lambda self: self.ckpts)
+    @rule(data=st.data())
+    def diff(self, data):
+        a = data.draw(st.sampled_from(self.ckpts), label="from")
+        if data.draw(st.booleans(), label="live"):
+            box = self._box(data)
+            got = self.client.diff(a.id, box.sbx.id)
+            to, what = box.observed, f"box {self.boxes.index(box)} (live)"
+        else:
+            b = data.draw(st.sampled_from(self.ckpts), label="to")
+            got = self.client.diff(a.id, b.id)
+            to, what = b.observed, f"#{self.ckpts.index(b)}"
+        want = expected_diff(a.observed, to)
+        have = actual_diff(got, a.observed, to)
+        count("diff: " + ("live" if what.endswith("(live)") else "checkpoints"))
+        assert have == want, (f"diff #{self.ckpts.index(a)} -> {what}: missing "
+                              f"{sorted(want - have)}, unexpected {sorted(have - want)}")
+
+    def _deletable(self) -> list[Ckpt]:
+        parents = {c.parent for c in self.ckpts}
+        heads = {b.head for b in self.boxes}
+        return [c for c in self.ckpts if c.id not in parents and c.id not in heads]
+
+    @precondition(lambda self: self._deletable())
+    @rule(data=st.data())
+    def delete_checkpoint(self, data):
+        ck = data.draw(st.sampled_from(self._deletable()), label="leaf")
+        note(f"delete #{self.ckpts.index(ck)}")
+        self.client.delete_checkpoint(ck.id)
+        count("delete checkpoint")
+        self.ckpts.remove(ck)
+        still = {lid for c in self.ckpts for lid in c.layers}
+        on_disk = {p.name for p in self.layers_dir.iterdir()}
+        own = set(ck.layers) - still
+        assert not own & on_disk, f"layers of the deleted checkpoint left behind: {own & on_disk}"
+        assert still <= on_disk, "a layer another checkpoint uses was deleted"
+        with pytest.raises(deltabox.NotFound):
+            self.client.diff(ck.id, ck.id)
+
+    def teardown(self):
+        for box in self.boxes:
+            box.sbx.destroy()
+        # Every checkpoint descends from the origin's first one: delete that tree.
+        for c in self.ckpts:
+            if not c.parent:
+                self.client.delete_checkpoint(c.id, cascade=True)
+        left = {p.name for p in self.layers_dir.iterdir()} - self.layers_at_start
+        assert not left, f"layers left after destroying everything and deleting the tree: {left}"
+
+
+# ---- the test -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_daemon(workdir):
+    d = DaemonProcess(workdir / f"model-{secrets.token_hex(3)}").start()
+    with d.client() as c:
+        c.import_image("demo", DEMO_TAR)
+    yield d
+    with d.client() as c:
+        for s in c.list():
+            s.destroy()
+    if d.stop() != 0:
+        # A graceful stop fails while leaked standby incarnations keep the store busy (see
+        # test_deltafs.py::test_rapid_checkpoints_leave_no_standby_incarnations): restart
+        # once so that start-up reconciliation removes them, then stop.
+        warnings.warn(f"the model's daemon did not stop cleanly:\n{d.log()[-1500:]}")
+        d.start()
+        assert d.stop() == 0, d.log()
+    deadline = time.monotonic() + 10
+    while any((left := leftovers(d.state_dir)).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(left.values()), left
+
+
+def test_deltafs_against_the_model(model_daemon):
+    with model_daemon.client() as client:
+        DeltaFSMachine.client = client
+        DeltaFSMachine.layers_dir = model_daemon.state_dir / "store" / "layers"
+        STATS.clear()
+        t0 = time.monotonic()
+        try:
+            run_state_machine_as_test(DeltaFSMachine, settings=settings.get_profile(PROFILE))
+        finally:
+            print(f"\n{PROFILE}: {time.monotonic() - t0:.1f}s, steps:")
+            for what, n in sorted(STATS.items()):
+                print(f"  {n:5d}  {what}")
