@@ -171,22 +171,22 @@ def client(daemon):
         yield c
 
 
-@pytest.fixture
-def tiny(client):
-    """A fresh sandbox from the tiny image, destroyed afterwards."""
-    sbx = client.create("tiny")
+def _fresh_sandbox(client, image: str):
+    sbx = client.create(image)
     yield sbx
     try:
         sbx.destroy()
-    except deltabox.NotFound:
+    except deltabox.NotFound:  # the test destroyed it
         pass
+
+
+@pytest.fixture
+def tiny(client):
+    """A fresh sandbox from the tiny image (busybox), destroyed afterwards."""
+    yield from _fresh_sandbox(client, "tiny")
 
 
 @pytest.fixture
 def demo(client):
-    sbx = client.create("demo")
-    yield sbx
-    try:
-        sbx.destroy()
-    except deltabox.NotFound:
-        pass
+    """A fresh sandbox from the demo image (python3, bash, git), destroyed afterwards."""
+    yield from _fresh_sandbox(client, "demo")
