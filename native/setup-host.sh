@@ -24,7 +24,7 @@ CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 CRIU_SUITE=trixie
 
 PACKAGES=(
-    xfsprogs busybox-static debootstrap build-essential pkg-config
+    xfsprogs busybox-static debootstrap build-essential pkg-config patch
     # CRIU build dependencies (DESIGN.md); no asciidoc: we never build the man pages
     libprotobuf-c-dev protobuf-c-compiler libnl-3-dev libnet1-dev libcap-dev libbsd-dev
     python3-protobuf libgnutls28-dev libaio-dev libnftables-dev libprotobuf-dev protobuf-compiler
@@ -177,11 +177,24 @@ step_packages() {
 
 criu_bin() { printf '%s\n' "$CRIU_PREFIX/sbin/criu"; }
 
-# True when the prefix holds a working CRIU >= 4 with libcriu and its headers.
+# Our fixes on top of CRIU $CRIU_VERSION (native/criu-patches/*.patch, applied in order).
+# Their fingerprint is stored in the prefix, so changing a patch triggers a rebuild.
+PATCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
+patches_fingerprint() {
+    if compgen -G "$PATCH_DIR/*.patch" >/dev/null; then
+        cat "$PATCH_DIR"/*.patch | sha256sum | awk '{print $1}'
+    else
+        echo none
+    fi
+}
+
+# True when the prefix holds a working CRIU >= 4 with libcriu and its headers, built
+# with the current patch set.
 criu_ok() {
     local bin ver out
     bin=$(criu_bin)
     [[ -x $bin ]] || return 1
+    [[ $(cat "$CRIU_PREFIX/.deltabox-patches" 2>/dev/null) == "$(patches_fingerprint)" ]] || return 1
     [[ -e $CRIU_PREFIX/lib/libcriu.so && -f $CRIU_PREFIX/include/criu/criu.h ]] || return 1
     ver=$(LD_LIBRARY_PATH=$CRIU_PREFIX/lib "$bin" --version 2>/dev/null | awk '/^Version:/ { print $2 }')
     [[ -n $ver && ${ver%%.*} -ge 4 ]] || return 1
@@ -265,6 +278,12 @@ build_criu() {
     rm -rf "$srcdir"
     tar -C "$build" -xf "$src"
     [[ -f $srcdir/Makefile ]] || die "unexpected tarball layout: no $srcdir/Makefile"
+    local patch
+    for patch in "$PATCH_DIR"/*.patch; do
+        [[ -e $patch ]] || continue
+        log "criu: applying $(basename "$patch")"
+        patch -d "$srcdir" -p1 --quiet --forward <"$patch" || die "patch $(basename "$patch") failed"
+    done
 
     # PYTHON pinned to Debian's interpreter (pycriu codegen only); SKIP_PIP_INSTALL keeps
     # `install-lib` from pip-installing pycriu; LIBDIR overrides the multiarch default
@@ -289,6 +308,7 @@ build_criu() {
         mkdir -p "$new/sbin"
         ln -s ../bin/criu "$new/sbin/criu"
     fi
+    patches_fingerprint >"$new/.deltabox-patches"
     mkdir -p "$(dirname "$CRIU_PREFIX")"
     rm -rf "$CRIU_PREFIX.new" "$CRIU_PREFIX.old"
     mv "$new" "$CRIU_PREFIX.new"
