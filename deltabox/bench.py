@@ -9,7 +9,7 @@ How it measures
 * A daemon is started on a temporary state dir (a loop-backed XFS image), as
   `deltabox demo` does; everything is removed at the end.
 * Trees: Python projects unpacked from their PyPI sdists (fetched once with
-  pip into $DELTABOX_CACHE/bench, default /var/cache/deltabox/bench), or
+  pip into $DELTABOX_CACHE/bench/sdists, default /var/cache/deltabox/...), or
   `synthetic:N` (N generated small files, no network). Each tree is put under
   /work of the tiny busybox rootfs and imported as an image.
 * A "step that changes k files" is an exec inside the sandbox that appends a
@@ -23,13 +23,21 @@ How it measures
   daemon has prepared the standby incarnation; "fresh": alternately to c_d and
   c_(d-1), which is never the standby's target.
 * Fork(n) of c_d: until the RPC returns (all n children's inits run); the
-  children are destroyed afterwards, untimed.
-* "daemon" columns are the daemon's own timings_ms["total_ms"]; "gRPC" ones
-  the client's wall time around the blocking call.
+  children are destroyed afterwards, untimed. If the daemon has the Warm RPC,
+  "fork n (warm)" repeats it after Warm(n, wait=True) (untimed).
+* Three times per operation: "daemon" is the daemon's own
+  timings_ms["total_ms"]; "handler" the daemon's RPC interceptor time for that
+  one call (from Stats' histogram: adds the lock, the thread hop, logging);
+  "gRPC" the client's wall time around the blocking call. "GetSandbox (gRPC
+  floor)" is the cheapest RPC, for scale.
 * Before each timed operation the bench waits until the daemon's background
-  work (standby preparation, retiring old branches) is done.
+  work (standby preparation, retiring old branches) is done: the branch
+  mounts steady for 100 ms, then 100 ms more.
 * Baselines run on the host on the same XFS filesystem as the store, with a
   warm page cache like the sandbox operations.
+* Needs root. At the end the daemon is stopped and whatever it left behind
+  under the temporary state dir (leaked sandbox inits, cgroups, mounts) is
+  removed and reported.
 """
 
 from __future__ import annotations
@@ -83,22 +91,14 @@ class Plan:
     pause_s: float = 0.1        # quiet time before each timed operation
     notes: list[str] = field(default_factory=list)
 
-    def n_checkpoint(self, k: int, files: int) -> int:
-        n = self.iterations
-        if k >= 1000:
-            n = max(3, n // 2)
-        return n
+    def n_checkpoint(self, k: int) -> int:
+        return max(3, self.iterations // 2) if k >= 1000 else self.iterations
 
     def n_rollback(self, fresh: bool) -> int:
         return max(3, self.iterations // 2) if fresh else self.iterations
 
-    def n_fork(self, n: int, depth: int) -> int:
-        if n >= 64:
-            return max(2, self.iterations // 4) if depth == self.depths[0] else \
-                max(2, self.iterations // 8)
-        if n >= 16:
-            return max(3, self.iterations // 2)
-        return max(3, self.iterations // 2)
+    def n_fork(self, n: int) -> int:
+        return max(2, self.iterations // 6) if n >= 64 else max(3, self.iterations // 2)
 
     def n_baseline(self, files: int) -> int:
         return max(2, min(5, self.iterations // 4)) if files < LARGE_TREE_FILES else \
@@ -115,7 +115,7 @@ def make_plan(quick: bool, iterations: int | None, trees: list[str] | None) -> P
     plan.notes.append(
         f"iterations: {it} for checkpoints of 1/10/100-file steps and standby rollbacks; "
         f"{max(3, it // 2)} for 1,000-file steps, fresh rollbacks and fork(1/4/16); "
-        f"fork(64) {max(2, it // 4)} at the first depth and {max(2, it // 8)} deeper; "
+        f"fork(64) {max(2, it // 6)}; "
         f"baselines {max(2, min(5, it // 4))} (>= {LARGE_TREE_FILES:,}-file trees: "
         f"{max(2, min(3, it // 6))}). p95 of few samples is close to the maximum.")
     return plan
@@ -172,21 +172,15 @@ def _sdist(spec: str, cache: Path, log) -> Path:
     return found
 
 
-def _unpacked(archive: Path, cache: Path) -> Path:
-    """The sdist unpacked once under cache/src; returns its top directory."""
-    dest = cache / "src" / re.sub(r"\.(tar\.gz|tgz|zip|tar\.bz2)$", "", archive.name)
-    done = dest / ".deltabox-complete"
-    if not done.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        if archive.name.endswith(".zip"):
-            subprocess.run(["unzip", "-q", str(archive), "-d", str(dest)], check=True)
-        else:
-            subprocess.run(["tar", "xf", str(archive), "-C", str(dest), "--no-same-owner"],
-                           check=True)
-        done.write_text(archive.name)
-    tops = [p for p in dest.iterdir() if p.name != ".deltabox-complete"]
-    return tops[0] if len(tops) == 1 and tops[0].is_dir() else dest
+def _unpack(archive: Path, dest: Path) -> list[str]:
+    """Unpack an sdist into `dest`; returns the top-level names it added."""
+    before = set(os.listdir(dest))
+    if archive.name.endswith(".zip"):
+        subprocess.run(["unzip", "-q", str(archive), "-d", str(dest)], check=True)
+    else:
+        subprocess.run(["tar", "xf", str(archive), "-C", str(dest), "--no-same-owner"],
+                       check=True)
+    return sorted(set(os.listdir(dest)) - before)
 
 
 def _synthetic(work: Path, n: int) -> None:
@@ -237,9 +231,7 @@ def prepare_tree(spec: str, stage: Path, tiny_tar: Path, log) -> Tree:
                              "sdist:NAME==VERSION[,...]")
         sources = []
         for s in specs:
-            top = _unpacked(_sdist(s, CACHE / "bench" / "sdists", log), CACHE / "bench")
-            subprocess.run(["cp", "-a", str(top), str(work / top.name)], check=True)
-            sources.append(top.name)
+            sources += _unpack(_sdist(s, CACHE / "bench" / "sdists", log), work)
     # Owned by root and writable, as a checked-out tree is for its user.
     subprocess.run(["chown", "-R", "0:0", str(work)], check=True)
     subprocess.run(["chmod", "-R", "u+w", str(work)], check=True)
@@ -445,7 +437,7 @@ class Bench:
                                depth=None, mount_layers=None, n=None))
 
     def measure_checkpoint(self, client, sbx, tree: Tree, depth: int, base, k: int) -> None:
-        n = self.plan.n_checkpoint(k, len(tree.files))
+        n = self.plan.n_checkpoint(k)
         cell, prev = Cell(), None
         for i in range(n):
             sbx.rollback(base.id)
@@ -483,7 +475,7 @@ class Bench:
         with ThreadPoolExecutor(4) as pool:
             for n_children in self.plan.forks:
                 for warm in (False, True) if self.warm_api else (False,):
-                    n = self.plan.n_fork(n_children, depth)
+                    n = self.plan.n_fork(n_children)
                     cell = Cell()
                     try:
                         for _ in range(n):
@@ -628,6 +620,7 @@ class Bench:
         doc = {
             "benchmark": "deltabox bench fs",
             "version": 1,
+            "code": _revision(),
             "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
                      "loadavg_start": [round(x, 2) for x in load0],
                      "loadavg_end": [round(x, 2) for x in os.getloadavg()],
@@ -709,6 +702,19 @@ def _cleanup_leftovers(state: Path) -> str:
             f"unmounted {len(leftover_mounts)} branch mount(s)")
 
 
+def _revision() -> str:
+    """The git revision of the code under test (+dirty), if it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("+dirty" if rev and dirty else "")
+
+
 def _proc_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -765,7 +771,13 @@ def targets(doc: dict) -> list[dict]:
         if not rows:
             return None, ""
         r = max(rows, key=lambda r: r["daemon_ms"]["p50"])
-        return r["daemon_ms"]["p50"], f"{r['tree']}, depth {r['depth']}"
+        b = min(rows, key=lambda r: r["daemon_ms"]["p50"])
+        where = f"worst {r['tree']} depth {r['depth']}"
+        if len(rows) > 1:
+            where += f"; best {b['daemon_ms']['p50']:.2f} ({b['tree']} depth {b['depth']})"
+        where += f"; gRPC p50 {min(x['grpc_ms']['p50'] for x in rows):.2f}.." \
+                 f"{max(x['grpc_ms']['p50'] for x in rows):.2f}"
+        return r["daemon_ms"]["p50"], where
 
     def add(name: str, limit: str, value, where: str, met) -> None:
         out.append({"target": name, "limit": limit, "value": value, "where": where,
@@ -898,14 +910,18 @@ def render(doc: dict, console) -> None:
     console.print(tg)
     for n in doc["notes"]:
         console.print(f"note: {n}")
-    console.print(f"host: {doc['host']['cpus']} CPUs, kernel {doc['host']['kernel']}, load "
-                  f"{doc['host']['loadavg_start'][0]} -> {doc['host']['loadavg_end'][0]}; "
+    host = doc["host"]
+    console.print(f"code {doc.get('code') or '?'}; host: {host['cpus']} CPUs, kernel "
+                  f"{host['kernel']}, load {host['loadavg_start'][0]} -> "
+                  f"{host['loadavg_end'][0]} (1-min average; other work on the host shows here); "
                   f"total {doc['elapsed_s']} s")
 
 
 def main_fs(args) -> int:
     from rich.console import Console
     json_out = bool(getattr(args, "json", False))
+    if args.iterations is not None and args.iterations < 1:
+        raise SystemExit("--iterations must be >= 1")
     # Progress goes to stderr, so that --json leaves stdout a clean document.
     console = Console(stderr=True)
     plan = make_plan(args.quick, args.iterations, args.tree)

@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="benchmarks on a throw-away daemon (as root)")
     bsub = bn.add_subparsers(dest="bench_cmd", required=True)
     bf = bsub.add_parser("fs", help="DeltaFS checkpoint, rollback and fork vs copytree, cp, tar")
-    bf.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="a JSON document on stdout (progress on stderr)")
     bf.add_argument("--quick", action="store_true", help="a reduced matrix (well under 2 min)")
     bf.add_argument("--iterations", type=int, help="samples per cell (default 20, quick 5)")
     bf.add_argument("--tree", action="append", help="django, mono (>= 20,000 files), "

@@ -1,12 +1,14 @@
 """CRIU driven through its RPC (`criu swrk`), for DeltaCR.
 
-Why the RPC and not libcriu through cffi: libcriu 4.1.1 has no setter for
-`leave_stopped`, which body doubles need, and its `criu_check()` fails on this
-kernel (the swrk child crashes; the CLI's `criu check` works). The RPC is the
-same protocol libcriu speaks -- one `criu_req`/`criu_resp` protobuf per
-SOCK_SEQPACKET message on a socketpair given to `criu swrk <fd>` -- with every
-option available, and no C to maintain. proto/criu/rpc.proto is CRIU's own
-(MIT), compiled by native/build.py.
+Why the RPC and not libcriu through cffi: a restore must start in the
+sandbox's cgroup, so the `criu swrk` process is moved into it before it forks
+the tree -- libcriu spawns swrk itself and never exposes its pid; libcriu 4.1.1
+has no setter for `leave_stopped`, which body doubles need; and its
+`criu_check()` crashes on this kernel (the CLI's `criu check` works). The RPC
+is the protocol libcriu speaks anyway -- one `criu_req`/`criu_resp` protobuf
+per SOCK_SEQPACKET message on a socketpair given to `criu swrk <fd>` -- with
+every option available and no C to maintain. proto/criu/rpc.proto is CRIU's
+own (MIT), compiled by native/build.py.
 
 Each call runs one `criu swrk` process and is blocking: callers run it in a
 worker thread. Errors become `CriuError` with the lines of CRIU's log that say
@@ -52,18 +54,58 @@ def find_criu() -> Path | None:
     return None
 
 
+# Error lines CRIU prints on every run here, which explain nothing.
+_NOISE = ("RLIMIT_NOFILE", "Dumping FAILED", "Restoring FAILED")
+
+
+def _sandbox_pid(host_pid: int) -> str:
+    """'pid N (comm)' as the sandbox sees it (NSpid's last field)."""
+    try:
+        status = Path(f"/proc/{host_pid}/status").read_text()
+        comm = Path(f"/proc/{host_pid}/comm").read_text().strip()
+    except OSError:
+        return f"host pid {host_pid}"
+    nspid = next((ln.split()[-1] for ln in status.splitlines() if ln.startswith("NSpid:")),
+                 str(host_pid))
+    return f"pid {nspid} ({comm})"
+
+
+def _fd_kinds(host_pid: int) -> str:
+    """The unusual fds of a process (anon inodes, sockets), to name the resource."""
+    kinds = set()
+    try:
+        for fd in Path(f"/proc/{host_pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(("anon_inode:", "socket:")):
+                kinds.add(target.split(":")[0] if target.startswith("socket:")
+                          else target.split(":", 1)[1])
+    except OSError:
+        pass
+    return ", ".join(sorted(kinds))
+
+
 def _error_lines(log: Path, limit: int = 6) -> str:
-    """The informative lines of a CRIU log (its 'Error' lines, deduplicated)."""
+    """What a failed CRIU call says went wrong: its 'Error' lines without the
+    noise, and for "Dump files (pid: N)" the process as the sandbox sees it."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return "(no CRIU log)"
     lines: list[str] = []
     for line in text.splitlines():
-        if "Error" in line:
-            msg = re.sub(r"^\(\s*\d+\.\d+\)\s*", "", line).strip()
-            if msg not in lines:
-                lines.append(msg)
+        if "Error" not in line or any(n in line for n in _NOISE):
+            continue
+        msg = re.sub(r"^\(\s*\d+\.\d+\)\s*", "", line).strip()
+        m = re.search(r"\(pid: (\d+)\)", msg)
+        if m:
+            pid = int(m.group(1))
+            kinds = _fd_kinds(pid)
+            msg += f" [{_sandbox_pid(pid)}" + (f", holds {kinds}" if kinds else "") + "]"
+        if msg not in lines:
+            lines.append(msg)
     if lines:
         return "; ".join(lines[:limit])
     tail = text.strip().splitlines()
@@ -89,8 +131,13 @@ class Criu:
         return m.group(1) if m else res.stdout.strip()
 
     def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
-              ) -> rpc.criu_resp:
+              on_notify=None, timeout: float = 120.0) -> rpc.criu_resp:
+        """One request to a fresh `criu swrk`. `on_notify(script)` runs for each of
+        CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
+        takes longer than `timeout` kills criu and fails (CRIU can hang in the
+        kernel, e.g. attaching to a stopped task in a frozen cgroup)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.settimeout(timeout)
         proc = None
         try:
             proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())],
@@ -105,16 +152,27 @@ class Criu:
                     f.write(str(proc.pid))
             parent.sendall(req.SerializeToString())
             while True:
-                data = parent.recv(1 << 20)
+                try:
+                    data = parent.recv(1 << 20)
+                except socket.timeout:
+                    proc.kill()
+                    raise CriuError(f"criu did not finish within {timeout:.0f} s and was "
+                                    f"killed: {_error_lines(log)}") from None
                 if not data:
                     raise CriuError(f"criu exited without answering: "
                                     f"{proc.stderr.read().decode(errors='replace')[-500:]}"
                                     f" {_error_lines(log)}")
                 resp = rpc.criu_resp()
                 resp.ParseFromString(data)
-                if resp.type == rpc.NOTIFY:  # we use no notify scripts: acknowledge
+                if resp.type == rpc.NOTIFY:
+                    ok = True
+                    if on_notify is not None:
+                        try:
+                            on_notify(resp.notify.script)
+                        except Exception:  # noqa: BLE001 - CRIU then fails the call
+                            ok = False
                     parent.sendall(rpc.criu_req(type=rpc.NOTIFY,
-                                                notify_success=True).SerializeToString())
+                                                notify_success=ok).SerializeToString())
                     continue
                 return resp
         finally:
@@ -160,7 +218,11 @@ class Criu:
                 leave_stopped: bool) -> int:
         """Restore the tree in `images_dir` onto the branch mounted at `root`; returns
         the host pid of its init. The tree starts in `cgroup_procs`' cgroups, as a
-        sibling of criu (a child of the daemon), stopped if `leave_stopped`."""
+        sibling of criu (a child of the daemon); stopped (SIGSTOP) if `leave_stopped`.
+
+        (Freezing the cgroup from CRIU's "pre-resume" notification instead, to spare
+        the processes the SIGCONT that wakes them, deadlocks: CRIU still has to run
+        the restorer in those tasks after that point.)"""
         # Many restores of one image may run at once (fork): one log each.
         log_name = f"restore-{Path(root).name}.log"
         with _dir_fd(images_dir) as fd:

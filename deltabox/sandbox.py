@@ -88,13 +88,17 @@ class _Runtime:
     own_layers: list[str] = field(default_factory=list)  # sunk by this branch
     manifest: deltafs.Manifest | None = None  # the upper at the last checkpoint
     standby: _Standby | None = None
-    standby_task: asyncio.Task | None = None
-    standby_target: str = ""
+    standby_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one build at a time
+    standby_target: str = ""  # the checkpoint the newest standby request is for
     active: int = 0  # conversations with init in flight (exec, session code, shell)
+    # Closed while a full checkpoint dumps: new conversations wait for it.
+    gate: asyncio.Event = field(default_factory=lambda: _open_event())
+    closed: bool = False  # destroyed: background work must not attach anything
 
-    @contextlib.contextmanager
-    def busy(self):
-        self.active += 1
+    @contextlib.asynccontextmanager
+    async def busy(self):
+        await self.gate.wait()
+        self.active += 1  # no await between the gate and this: atomic for the loop
         try:
             yield
         finally:
@@ -135,6 +139,7 @@ class SandboxManager:
         criu_binary = find_criu()
         self.criu = Criu(criu_binary) if criu_binary else None
         self._background: set[asyncio.Task] = set()
+        self._stopping = False
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
 
     def _spawn_background(self, coro) -> None:
@@ -205,9 +210,17 @@ class SandboxManager:
         'running', so the next start restarts them (files kept, processes fresh)."""
         if self._monitor:
             self._monitor.cancel()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._stopping = True
+        for rt in self._runtime.values():
+            rt.closed = True
+        # Let background work (standbys, warm pools, squashes) finish rather than
+        # cancel it mid-restore: a cancelled task leaves its worker thread running
+        # and what it creates unretired. They are bounded by CRIU's timeout.
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        for rt in self._runtime.values():
+            async with rt.standby_lock:  # an in-flight build retires itself (closed)
+                pass
         for rt in self._runtime.values():
             await self._drop_standby(rt)
         for cid in list(self._pools):
@@ -276,12 +289,33 @@ class SandboxManager:
         return self.store.images_path(ckpt.id) if ckpt.mode == "full" else None
 
     def _resume(self, branch_id: str) -> None:
-        """SIGCONT every process of a body double (restored with leave_stopped)."""
+        """Wake a body double (restored with leave_stopped): SIGCONT to each of its
+        processes. Like after a job-control stop, a SIGCONT handler runs once."""
         for pid in self.cgroups.pids(branch_id):
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+    def _refuse_stopped(self, rec: SandboxRecord, branch_id: str) -> None:
+        """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs
+        in the kernel): refuse before freezing, naming the process."""
+        for pid in self.cgroups.pids(branch_id):
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                if state in ("T", "t"):
+                    from deltabox.criu import _sandbox_pid
+                    raise FailedPrecondition(
+                        f"{_sandbox_pid(pid)} in sandbox {rec.name} is stopped (SIGSTOP or "
+                        "job control); CRIU cannot checkpoint a stopped process in a frozen "
+                        "sandbox: continue it (kill -CONT) first")
 
     def _attach_network(self, rec: SandboxRecord, pid: int, root: Path) -> None:
         from deltabox import network as net
@@ -375,7 +409,9 @@ class SandboxManager:
         async with lock:
             try:
                 if rt is not None:
-                    await self._drop_standby(rt)
+                    rt.closed = True  # a standby still being built retires itself
+                    async with rt.standby_lock:
+                        await self._drop_standby(rt)
                 await asyncio.to_thread(self._kill_incarnation, rec.branch_id,
                                         rt.init_pid if rt else rec.init_pid, rec)
             except Exception as e:
@@ -400,13 +436,22 @@ class SandboxManager:
                 if rec.spec.get("network") == "nat":
                     raise FailedPrecondition("full checkpoints of NAT sandboxes are not supported "
                                              "yet (the veth to the host cannot be restored)")
-                if rt.active:
-                    raise FailedPrecondition(
-                        f"{rt.active} call(s) are running in sandbox {rec.name} (exec, session "
-                        "code or shell); a full checkpoint needs them finished, because their "
-                        "connections to the daemon cannot be restored. Idle sessions are fine.")
-                await rt.channel.barrier()
-            ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label, mode)
+                # Close the gate first: calls arriving from now on wait for the dump.
+                rt.gate.clear()
+            try:
+                if mode == "full":
+                    if rt.active:
+                        raise FailedPrecondition(
+                            f"{rt.active} call(s) are running in sandbox {rec.name} (exec, "
+                            "session code or shell); a full checkpoint needs them finished, "
+                            "because their connections to the daemon cannot be restored. Idle "
+                            "sessions are fine.")
+                    await asyncio.to_thread(self._refuse_stopped, rec, rt.branch_id)
+                    await rt.channel.barrier()
+                ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
+                                               mode)
+            finally:
+                rt.gate.set()
         self.metrics.checkpoints.labels(mode).inc()
         self.metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
         self.metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
@@ -524,9 +569,10 @@ class SandboxManager:
         t0 = time.perf_counter()
         async with rt.lock:
             rec = self.store.get_sandbox(rec.id)
-            if rt.standby_task is not None and not rt.standby_task.done() \
-                    and rt.standby_target == ckpt.id:
-                await asyncio.shield(rt.standby_task)  # almost ready: cheaper than a launch
+            if rt.standby_lock.locked() and rt.standby_target == ckpt.id \
+                    and (rt.standby is None or rt.standby.checkpoint_id != ckpt.id):
+                async with rt.standby_lock:  # almost ready: cheaper than a fresh start
+                    pass
             old_branch, old_pid = rt.branch_id, rt.init_pid
             standby = rt.standby if rt.standby and rt.standby.checkpoint_id == ckpt.id else None
             if standby is not None:
@@ -545,9 +591,11 @@ class SandboxManager:
                                             self.store.mnt_dir / new_branch)
             else:
                 path = "restore" if ckpt.mode == "full" else "fresh"
-                await self._drop_standby(rt)
-                await asyncio.to_thread(self._kill_incarnation, old_branch, old_pid, rec)
-                timings["kill_ms"] = 1000 * (time.perf_counter() - t0)
+                # End the old tree now (SIGKILL to its init ends its pid namespace);
+                # unmounting and deleting the old branch and the unused standby
+                # happen in the background, as on the standby path.
+                _kill_quiet(old_pid)
+                self._spawn_background(self._drop_standby(rt))
                 new_branch = new_id("br")
                 await asyncio.to_thread(self.store.new_branch_dirs, new_branch)
                 try:
@@ -565,8 +613,6 @@ class SandboxManager:
             rt.init_pid, rt.branch_id = pid, new_branch
             rt.own_layers, rt.manifest = [], deltafs.Manifest()
             rt.session_locks.clear()
-            if ckpt.mode == "full" and rec.spec.get("network") == "nat":
-                pass  # refused at checkpoint time
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
         self._spawn_background(asyncio.to_thread(self._retire_branch, old_branch, old_pid))
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
@@ -581,27 +627,37 @@ class SandboxManager:
     # back to that checkpoint then only swaps records and kills the old tree.
 
     async def _prepare_standby(self, sandbox_id: str, checkpoint_id: str) -> None:
-        rt = self._runtime.get(sandbox_id)
-        if rt is None or not self.config.standby:
-            return
-        if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
-            return
-        if rt.standby_task is not None and not rt.standby_task.done():
-            if rt.standby_target == checkpoint_id:
-                return
-            await asyncio.gather(rt.standby_task, return_exceptions=True)
-        rt.standby_target = checkpoint_id
-        rt.standby_task = asyncio.ensure_future(self._build_standby(sandbox_id, rt,
-                                                                    checkpoint_id))
-        await asyncio.gather(rt.standby_task, return_exceptions=True)
+        """Make the sandbox's standby an incarnation of `checkpoint_id` (its head).
 
-    async def _build_standby(self, sandbox_id: str, rt: _Runtime, checkpoint_id: str) -> None:
-        await self._drop_standby(rt)
+        One build at a time per sandbox (rt.standby_lock); a request superseded by a
+        newer one (rt.standby_target moved on), or for a sandbox destroyed meanwhile,
+        builds nothing or retires what it built -- nothing is ever left unowned."""
+        rt = self._runtime.get(sandbox_id)
+        if rt is None or rt.closed or self._stopping or not self.config.standby:
+            return
+        rt.standby_target = checkpoint_id
+        async with rt.standby_lock:
+            if rt.closed or rt.standby_target != checkpoint_id:
+                return
+            if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
+                return
+            await self._drop_standby(rt)
+            standby = await self._build_standby(sandbox_id, checkpoint_id)
+            if standby is None:
+                return
+            if rt.closed or rt.standby_target != checkpoint_id \
+                    or self._runtime.get(sandbox_id) is not rt:
+                await asyncio.to_thread(self._retire_branch, standby.branch_id,
+                                        standby.init_pid)
+                return
+            rt.standby = standby
+
+    async def _build_standby(self, sandbox_id: str, checkpoint_id: str) -> _Standby | None:
         try:
             rec = self.store.get_sandbox(sandbox_id)
             ckpt = self.store.get_checkpoint(checkpoint_id)
         except NotFound:
-            return
+            return None
         branch_id = new_id("br")
         await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
         mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
@@ -613,11 +669,8 @@ class SandboxManager:
         except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
             log.warning("standby.failed", sandbox=sandbox_id, error=str(e))
             await asyncio.to_thread(self._retire_branch, branch_id, 0)
-            return
-        if self._runtime.get(sandbox_id) is not rt:
-            await asyncio.to_thread(self._retire_branch, branch_id, pid)
-            return
-        rt.standby = _Standby(branch_id, checkpoint_id, pid, start)
+            return None
+        return _Standby(branch_id, checkpoint_id, pid, start)
 
     async def _reseed(self, rt: _Runtime, index: int) -> None:
         """Clones of one process state share RNG state: tell each child its index
@@ -628,8 +681,7 @@ class SandboxManager:
         for key in (await rt.channel.list_sessions()):
             kind, _, name = key.partition("/")
             if kind == "python":
-                await self._run_locked(rt, kind, name, "import random as _r; _r.seed(); del _r",
-                                       10.0)
+                await self._run_locked(rt, kind, name, "__import__('random').seed()", 10.0)
 
     async def _drop_standby(self, rt: _Runtime) -> None:
         standby, rt.standby = rt.standby, None
@@ -662,6 +714,8 @@ class SandboxManager:
         return len(self._pools.get(ckpt.id, []))
 
     async def _warm_one(self, ckpt: CheckpointRecord) -> None:
+        if self._stopping:
+            return
         async with self._warm_sem:
             if self._pool_bytes() > self.config.warm_budget_bytes:
                 await self._evict_pools(keep=ckpt.id)
@@ -676,7 +730,7 @@ class SandboxManager:
                 log.warning("warm.failed", checkpoint=ckpt.id, error=str(e))
                 await asyncio.to_thread(self._retire_branch, branch_id, 0)
                 return
-        if ckpt.id not in self._pools:  # dropped (deleted checkpoint) meanwhile
+        if ckpt.id not in self._pools or self._stopping:  # dropped meanwhile
             await asyncio.to_thread(self._retire_branch, branch_id, pid)
             return
         self._pools[ckpt.id].append(_Standby(branch_id, ckpt.id, pid, start))
@@ -851,7 +905,7 @@ class SandboxManager:
             raise InvalidArgument("timeout and max_output_bytes must be >= 0")
         rec, rt = self._running(ref)
         max_output = max_output or self.config.max_output_bytes
-        with rt.busy():
+        async with rt.busy():
             async for ev in self._exec_conversation(rt, rec, argv, env, cwd, stdin, timeout,
                                                     max_output):
                 yield ev
@@ -964,7 +1018,7 @@ class SandboxManager:
         if lock.locked():
             raise FailedPrecondition(f"session {name!r} is busy with another call")
         async with lock:
-            with rt.busy():
+            async with rt.busy():
                 return await self._run_locked(rt, kind, name, code, timeout)
 
     async def _run_locked(self, rt: _Runtime, kind: str, name: str, code: str,
@@ -1043,7 +1097,7 @@ class SandboxManager:
         if not argv:
             argv = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; "
                     "else exec sh -l; fi"]
-        with rt.busy():
+        async with rt.busy():
             async for ev in self._shell_conversation(rt, rec, argv, env, rows, cols, inputs):
                 yield ev
 
@@ -1071,6 +1125,12 @@ class SandboxManager:
                         return
             finally:
                 pumper.cancel()
+
+
+def _open_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
 
 
 def _auto_name() -> str:

@@ -46,7 +46,7 @@ import deltabox
 from conftest import DEMO_TAR, DaemonProcess, leftovers
 
 settings.register_profile(
-    "deltafs-ci", max_examples=25, stateful_step_count=20, deadline=None,
+    "deltafs-ci", max_examples=30, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.data_too_large],
     # Each step drives real sandboxes: shrinking a failure can take many minutes, so CI
@@ -393,15 +393,20 @@ class Box:
     head: str = ""                 # the checkpoint its state descends from
     head_layers: tuple = ()
     dirty: bool = True             # changed since its last checkpoint
+    base_paths: set = field(default_factory=set)  # paths at its last checkpoint/rollback/fork
 
 
-@dataclass
+@dataclass(repr=False)
 class Ckpt:
+    n: int                         # the n-th checkpoint of the example
     id: str
     parent: str
     layers: tuple
     tree: Tree
     observed: dict
+
+    def __repr__(self) -> str:     # what hypothesis prints for a drawn checkpoint
+        return f"#{self.n} {self.id}"
 
 
 HEX = st.binary(min_size=1, max_size=48).map(bytes.hex)
@@ -420,6 +425,7 @@ class DeltaFSMachine(RuleBasedStateMachine):
         super().__init__()
         self.boxes: list[Box] = []
         self.ckpts: list[Ckpt] = []
+        self.made = 0
         self.layers_at_start = {p.name for p in self.layers_dir.iterdir()}
 
     # -- helpers --
@@ -437,76 +443,91 @@ class DeltaFSMachine(RuleBasedStateMachine):
     def _box(self, data) -> Box:
         return self.boxes[data.draw(st.integers(0, len(self.boxes) - 1), label="box")]
 
-    def _draw_op(self, t: Tree, data) -> list:
+    def _draw_ops(self, box: Box, data) -> list[list]:
+        """One operation (two for "replace"), drawn against the box's current model. The
+        kinds are weighted towards what stresses the sink: deleting, renaming, and creating
+        again what the last checkpoint (or the lower layers) held."""
+        t, draw = box.tree, data.draw
         files, dirs = t.of_kind("-"), t.of_kind("d")
-        kinds = ["create", "mkdir", "symlink", "special"]
-        if files:
-            kinds += ["write", "append", "truncate", "link"]
-        if len(t.paths) > 1:
-            kinds += ["chmod", "chown", "utime", "rename", "delete"]
-        kinds += ["setxattr"]
-        kind = data.draw(st.sampled_from(kinds), label="op")
+        anything = sorted(t.paths)
         absent = t.absent()
-        draw = data.draw
-        if kind in ("create", "mkdir", "symlink", "special", "link"):
+        gone = sorted(p for p in box.base_paths - set(t.paths)
+                      if parent(p) in t.paths and t.paths[parent(p)].kind == "d")
+        lower = [p for p in dirs if t.paths[p].lower and t.children(p)]
+        kinds = ["create"] * 3 + ["mkdir"] * 3 + ["symlink", "special"]
+        if files:
+            kinds += ["write"] * 2 + ["append", "truncate", "link"]
+        if len(anything) > 1:
+            kinds += ["chmod", "chown", "utime", "setxattr"] + ["rename"] * 2 + ["delete"] * 2
+        if gone:
+            kinds += ["recreate"] * 3
+        if dirs:
+            kinds += ["replace"] * (3 if lower else 1)
+        kind = draw(st.sampled_from(kinds), label="op")
+        if kind == "recreate":
+            target = draw(st.sampled_from(gone), label="path")
+            kind = draw(st.sampled_from(["create", "mkdir", "symlink"]))
+        elif kind in ("create", "mkdir", "symlink", "special", "link"):
             assume(absent)
             target = draw(st.sampled_from(absent), label="path")
         if kind == "create":
-            return ["write", target, draw(st.sampled_from([0, 0, 3, 4096, 1 << 20])), draw(HEX),
-                    draw(FILE_MODE)]
+            return [["write", target, draw(st.sampled_from([0, 0, 3, 4096, 1 << 20])), draw(HEX),
+                     draw(FILE_MODE)]]
         if kind == "mkdir":
-            return ["mkdir", target, draw(DIR_MODE)]
+            return [["mkdir", target, draw(DIR_MODE)]]
         if kind == "symlink":
-            return ["symlink", target, draw(st.sampled_from(["a", "../b", "/work/c", "nowhere",
-                                                             "dd/a", "x" * 300]))]
+            return [["symlink", target, draw(st.sampled_from(["a", "../b", "/work/c", "nowhere",
+                                                              "dd/a", "x" * 300]))]]
         if kind == "special":
-            return draw(st.sampled_from([["mkfifo", target, draw(FILE_MODE)],
-                                         ["mksock", target]]))
+            return [["mkfifo", target, draw(FILE_MODE)] if draw(st.booleans()) else
+                    ["mksock", target]]
         if kind == "link":
-            return ["link", draw(st.sampled_from(files)), target]
+            return [["link", draw(st.sampled_from(files)), target]]
+        if kind == "replace":          # rm -rf d && mkdir d: an opaque directory if d is lower
+            d = draw(st.sampled_from(lower or dirs), label="dir")
+            if d in lower:
+                count("replace a lower directory")
+            return [["rmtree", d], ["mkdir", d, draw(DIR_MODE)]]
         if kind == "write":
-            return ["write", draw(st.sampled_from(files)),
-                    draw(st.sampled_from([0, 1, 10, 5000, 1 << 20])), draw(HEX), 0o644]
+            return [["write", draw(st.sampled_from(files)),
+                     draw(st.sampled_from([0, 1, 10, 5000, 1 << 20])), draw(HEX), 0o644]]
         if kind == "append":
-            return ["append", draw(st.sampled_from(files)), draw(HEX)]
+            return [["append", draw(st.sampled_from(files)), draw(HEX)]]
         if kind == "truncate":
-            return ["truncate", draw(st.sampled_from(files)),
-                    draw(st.sampled_from([0, 1, 7, 100, 4097, 3 << 20]))]
-        anything = sorted(p for p in t.paths)
+            return [["truncate", draw(st.sampled_from(files)),
+                     draw(st.sampled_from([0, 1, 7, 100, 4097, 3 << 20]))]]
         if kind == "chmod":
             rel = draw(st.sampled_from([p for p in anything if t.paths[p].kind != "l"]))
-            return ["chmod", rel, draw(DIR_MODE if t.paths[rel].kind == "d" else FILE_MODE)]
+            return [["chmod", rel, draw(DIR_MODE if t.paths[rel].kind == "d" else FILE_MODE)]]
         if kind == "chown":
-            return ["chown", draw(st.sampled_from(anything)), draw(st.sampled_from(IDS)),
-                    draw(st.sampled_from(IDS))]
+            return [["chown", draw(st.sampled_from(anything)), draw(st.sampled_from(IDS)),
+                     draw(st.sampled_from(IDS))]]
         if kind == "utime":
-            return ["utime", draw(st.sampled_from(anything)), draw(MTIME), draw(MTIME)]
+            return [["utime", draw(st.sampled_from(anything)), draw(MTIME), draw(MTIME)]]
         if kind == "setxattr":
             rel = draw(st.sampled_from([p for p in anything if t.paths[p].kind in "-d"]))
             present = sorted(t.paths[rel].xattrs)
             if present and draw(st.booleans()):
-                return ["removexattr", rel, draw(st.sampled_from(present))]
-            return ["setxattr", rel, draw(st.sampled_from(XATTRS)),
-                    draw(st.binary(max_size=40).map(bytes.hex))]
+                return [["removexattr", rel, draw(st.sampled_from(present))]]
+            return [["setxattr", rel, draw(st.sampled_from(XATTRS)),
+                     draw(st.binary(max_size=40).map(bytes.hex))]]
         if kind == "delete":
-            rel = draw(st.sampled_from([p for p in anything if p]))
-            n = t.paths[rel]
-            if n.kind != "d":
-                return ["unlink", rel]
+            rel = draw(st.sampled_from(anything[1:]))
+            if t.paths[rel].kind != "d":
+                return [["unlink", rel]]
             if not t.children(rel) and draw(st.booleans()):
-                return ["rmdir", rel]
-            return ["rmtree", rel]
+                return [["rmdir", rel]]
+            return [["rmtree", rel]]
         assert kind == "rename"
-        src = draw(st.sampled_from([p for p in anything if p]))
+        src = draw(st.sampled_from(anything[1:]))
         if t.paths[src].kind != "d":
-            dsts = [p for p in absent] + [p for p in anything
-                                           if p and p != src and t.paths[p].kind != "d"]
+            dsts = absent + [p for p in anything[1:] if p != src and t.paths[p].kind != "d"]
         else:
             dsts = [p for p in absent if not inside(p, src)] + [
                 p for p in dirs if not inside(p, src) and not inside(src, p)
                 and not t.children(p)]
         assume(dsts)
-        return ["rename", src, draw(st.sampled_from(dsts))]
+        return [["rename", src, draw(st.sampled_from(dsts))]]
 
     # -- rules --
 
@@ -517,15 +538,24 @@ class DeltaFSMachine(RuleBasedStateMachine):
         self.boxes.append(box)
         r = sbx.exec(["mkdir", "-m", "755", W])
         assert r.exit_code == 0, r.stderr
+        # A few directories with entries to start from: after a rollback they are lower
+        # directories, whose removal, recreation and renaming are the interesting cases.
+        seed = [["mkdir", "a", 0o755], ["mkdir", "a/b", 0o700], ["write", "a/c", 0, "63", 0o644],
+                ["write", "a/b/a", 0, "6161", 0o600], ["mkdir", "c", 0o755],
+                ["write", "c/a", 0, "78", 0o644], ["symlink", "dd", "a/c"]]
+        for op in seed:
+            box.tree.apply(op)
+        out = self._run(box, seed)
+        assert out["results"] == [None] * len(seed), out["results"]
         self._observe(box, "the new sandbox")
 
     def _file_ops(self, data):
         box = self._box(data)
         ops, want = [], []
-        for _ in range(data.draw(st.integers(1, 3), label="batch")):
-            op = self._draw_op(box.tree, data)
-            ops.append(op)
-            want.append(box.tree.apply(op))
+        for _ in range(data.draw(st.integers(1, 4), label="batch")):
+            for op in self._draw_ops(box, data):
+                ops.append(op)
+                want.append(box.tree.apply(op))
         note(f"box {self.boxes.index(box)}: {ops}")
         out = self._run(box, ops)
         box.dirty = True
@@ -536,16 +566,26 @@ class DeltaFSMachine(RuleBasedStateMachine):
         compare(box.tree, box.observed, f"after {ops}")
         box.tree.adopt(box.observed)
 
+    # Hypothesis orders rules by name and favours the first ones: file operations come first
+    # (apply_*). File operations, checkpoints and rollbacks are registered twice: they make
+    # the sequences that matter (change, checkpoint, roll back, change lower entries, ...).
     @rule(data=st.data())
-    def file_ops(self, data):
+    def apply_file_ops(self, data):
         self._file_ops(data)
 
     @rule(data=st.data())
-    def more_file_ops(self, data):
+    def apply_more_file_ops(self, data):
         self._file_ops(data)
 
     @rule(data=st.data())
-    def checkpoint(self, data):
+    def take_checkpoint(self, data):
+        self._checkpoint(data)
+
+    @rule(data=st.data())
+    def take_another_checkpoint(self, data):
+        self._checkpoint(data)
+
+    def _checkpoint(self, data):
         box = self._box(data)
         ck = box.sbx.checkpoint()
         count("checkpoint" + ("" if box.dirty else " (unchanged)"))
@@ -553,22 +593,45 @@ class DeltaFSMachine(RuleBasedStateMachine):
         layers = tuple(ck.layer_ids)
         if not box.dirty and box.head:
             assert layers == box.head_layers, "an unchanged sandbox's checkpoint adds a layer"
-        self.ckpts.append(Ckpt(ck.id, box.head, layers, copy.deepcopy(box.tree),
+        self.made += 1
+        self.ckpts.append(Ckpt(self.made, ck.id, box.head, layers, copy.deepcopy(box.tree),
                                box.observed))
         box.head, box.head_layers, box.dirty = ck.id, layers, False
-        note(f"box {self.boxes.index(box)}: checkpoint {ck.id} (#{len(self.ckpts) - 1})")
+        box.base_paths = set(box.tree.paths)
+        note(f"box {self.boxes.index(box)}: checkpoint {self.ckpts[-1]}")
+        # Check the new checkpoint at once, not only when a later step happens to roll back
+        # to it: a fork of it shows the tree as it was, and nothing differs from the live
+        # sandbox yet.
+        child = self.client.fork(ck.id, 1)[0]
+        assert child.error is None, child.error
+        try:
+            got = self._run(Box(child.sandbox, Tree(), {}), [])["tree"]
+        finally:
+            child.sandbox.destroy()
+        compare(self.ckpts[-1].tree, got, f"a fork of the new checkpoint {self.ckpts[-1]}")
+        live = actual_diff(self.client.diff(ck.id, box.sbx.id), box.observed, box.observed)
+        assert not live, f"diff of the new checkpoint {self.ckpts[-1]} with its sandbox: {live}"
 
     @precondition(lambda self: self.ckpts)
     @rule(data=st.data())
     def rollback(self, data):
+        self._rollback(data)
+
+    @precondition(lambda self: self.ckpts)
+    @rule(data=st.data())
+    def rollback_again(self, data):
+        self._rollback(data)
+
+    def _rollback(self, data):
         box = self._box(data)
         ck = data.draw(st.sampled_from(self.ckpts), label="checkpoint")
         res = box.sbx.rollback(ck.id)
         count(f"rollback: {res.path}")
-        note(f"box {self.boxes.index(box)}: rollback to #{self.ckpts.index(ck)} ({res.path})")
+        note(f"box {self.boxes.index(box)}: rollback to {ck} ({res.path})")
         box.tree, box.head, box.head_layers, box.dirty = ck.tree.rolled_back(), ck.id, \
             ck.layers, True
-        self._observe(box, f"after a rollback ({res.path}) to #{self.ckpts.index(ck)}")
+        box.base_paths = set(box.tree.paths)
+        self._observe(box, f"after a rollback ({res.path}) to {ck}")
         assert self._same_but_inodes(box.observed, ck.observed), "the checkpoint's tree"
 
     @staticmethod
@@ -583,10 +646,11 @@ class DeltaFSMachine(RuleBasedStateMachine):
         child = self.client.fork(ck.id, 1)[0]
         count("fork")
         assert child.error is None, child.error
-        box = Box(child.sandbox, ck.tree.rolled_back(), {}, ck.id, ck.layers)
+        box = Box(child.sandbox, ck.tree.rolled_back(), {}, ck.id, ck.layers,
+                  base_paths=set(ck.tree.paths))
         self.boxes.append(box)
-        note(f"box {len(self.boxes) - 1}: fork of #{self.ckpts.index(ck)}")
-        self._observe(box, f"a fork of #{self.ckpts.index(ck)}")
+        note(f"box {len(self.boxes) - 1}: fork of {ck}")
+        self._observe(box, f"a fork of {ck}")
         assert self._same_but_inodes(box.observed, ck.observed), "a fork shows the checkpoint"
 
     @precondition(lambda self: len(self.boxes) > 1)
@@ -608,11 +672,11 @@ class DeltaFSMachine(RuleBasedStateMachine):
         else:
             b = data.draw(st.sampled_from(self.ckpts), label="to")
             got = self.client.diff(a.id, b.id)
-            to, what = b.observed, f"#{self.ckpts.index(b)}"
+            to, what = b.observed, repr(b)
         want = expected_diff(a.observed, to)
         have = actual_diff(got, a.observed, to)
         count("diff: " + ("live" if what.endswith("(live)") else "checkpoints"))
-        assert have == want, (f"diff #{self.ckpts.index(a)} -> {what}: missing "
+        assert have == want, (f"diff {a} -> {what}: missing "
                               f"{sorted(want - have)}, unexpected {sorted(have - want)}")
 
     def _deletable(self) -> list[Ckpt]:
@@ -624,7 +688,7 @@ class DeltaFSMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_checkpoint(self, data):
         ck = data.draw(st.sampled_from(self._deletable()), label="leaf")
-        note(f"delete #{self.ckpts.index(ck)}")
+        note(f"delete {ck}")
         self.client.delete_checkpoint(ck.id)
         count("delete checkpoint")
         self.ckpts.remove(ck)
