@@ -87,6 +87,23 @@ class CgroupDriver:
         """Bytes charged to the cgroup (0 if it is gone)."""
         raise NotImplementedError
 
+    def move_to_own_cgroups(self, pid: int) -> None:
+        """Move `pid` into the cgroups of this (daemon) process, out of a sandbox's."""
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers.startswith("name="):
+                continue
+            if controllers == "":  # the unified hierarchy
+                base = CGROUP_ROOT if self.version == 2 else CGROUP_ROOT / "unified"
+            else:
+                base = CGROUP_ROOT / controllers.split(",")[0]
+            procs = base / path.lstrip("/") / "cgroup.procs"
+            if procs.exists():
+                try:
+                    _write(procs, str(pid))
+                except OSError:
+                    pass  # e.g. a v2 inner node: the process stays where it is
+
     def freeze(self, name: str) -> None:
         raise NotImplementedError
 

@@ -3,8 +3,9 @@
 Why the RPC and not libcriu through cffi: a restore must start in the
 sandbox's cgroup, so the `criu swrk` process is moved into it before it forks
 the tree -- libcriu spawns swrk itself and never exposes its pid; libcriu 4.1.1
-has no setter for `leave_stopped`, which body doubles need; and its
-`criu_check()` crashes on this kernel (the CLI's `criu check` works). The RPC
+cannot call back into Python between "restored" and "resumed", where a body
+double freezes its cgroup; and its `criu_check()` crashes on this kernel (the
+CLI's `criu check` works). The RPC
 is the protocol libcriu speaks anyway -- one `criu_req`/`criu_resp` protobuf
 per SOCK_SEQPACKET message on a socketpair given to `criu swrk <fd>` -- with
 every option available and no C to maintain. proto/criu/rpc.proto is CRIU's
@@ -168,7 +169,7 @@ class Criu:
                     ok = True
                     if on_notify is not None:
                         try:
-                            on_notify(resp.notify.script)
+                            on_notify(resp.notify.script, proc.pid)
                         except Exception:  # noqa: BLE001 - CRIU then fails the call
                             ok = False
                     parent.sendall(rpc.criu_req(type=rpc.NOTIFY,
@@ -215,22 +216,28 @@ class Criu:
         return DumpResult(1000 * (time.perf_counter() - t0), size)
 
     def restore(self, images_dir: Path, root: Path, cgroup_procs: list[Path],
-                leave_stopped: bool) -> int:
+                freeze=None) -> int:
         """Restore the tree in `images_dir` onto the branch mounted at `root`; returns
         the host pid of its init. The tree starts in `cgroup_procs`' cgroups, as a
-        sibling of criu (a child of the daemon); stopped (SIGSTOP) if `leave_stopped`.
+        sibling of criu (a child of the daemon).
 
-        (Freezing the cgroup from CRIU's "pre-resume" notification instead, to spare
-        the processes the SIGCONT that wakes them, deadlocks: CRIU still has to run
-        the restorer in those tasks after that point.)"""
+        `freeze(criu_pid)`, if given, runs at CRIU's "pre-resume" notification: a
+        body double moves criu out of the sandbox's cgroup (criu must keep running)
+        and freezes the cgroup, so the restored tasks stop before returning to
+        their code and run only when a rollback thaws them -- unlike CRIU's
+        leave_stopped, no SIGSTOP/SIGCONT is ever seen by them."""
         # Many restores of one image may run at once (fork): one log each.
         log_name = f"restore-{Path(root).name}.log"
+
+        def on_notify(script: str, criu_pid: int) -> None:
+            if script == "pre-resume" and freeze is not None:
+                freeze(criu_pid)
         with _dir_fd(images_dir) as fd:
             opts = self._opts(fd, log_name, root=str(root), rst_sibling=True,
-                              leave_stopped=leave_stopped, external=[f"mnt[root]:{root}"],
-                              manage_cgroups_mode=rpc.IGNORE)
+                              external=[f"mnt[root]:{root}"], manage_cgroups_mode=rpc.IGNORE,
+                              notify_scripts=freeze is not None)
             resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
-                              images_dir / log_name, cgroup_procs)
+                              images_dir / log_name, cgroup_procs, on_notify)
         if not resp.success:
             raise CriuError(f"CRIU restore from {images_dir.name} failed (errno "
                             f"{resp.cr_errno}): {_error_lines(images_dir / log_name)}")

@@ -265,7 +265,11 @@ class SandboxManager:
         limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
         procs = self.cgroups.create(branch_id, limits)
         if restore_from is not None:
-            pid = self._require_criu().restore(restore_from, Path(mnt.target), procs, stopped)
+            def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
+                self.cgroups.move_to_own_cgroups(criu_pid)
+                self.cgroups.freeze(branch_id)
+            pid = self._require_criu().restore(restore_from, Path(mnt.target), procs,
+                                               freeze if stopped else None)
             return pid, _process_start(pid)
         argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
         for p in procs:
@@ -289,13 +293,9 @@ class SandboxManager:
         return self.store.images_path(ckpt.id) if ckpt.mode == "full" else None
 
     def _resume(self, branch_id: str) -> None:
-        """Wake a body double (restored with leave_stopped): SIGCONT to each of its
-        processes. Like after a job-control stop, a SIGCONT handler runs once."""
-        for pid in self.cgroups.pids(branch_id):
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        """Thaw a body double: its processes go on exactly where the dump left them
+        (no signal is delivered to them)."""
+        self.cgroups.thaw(branch_id)
 
     def _refuse_stopped(self, rec: SandboxRecord, branch_id: str) -> None:
         """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs
