@@ -88,6 +88,13 @@ def _fd_kinds(host_pid: int) -> str:
     return ", ".join(sorted(kinds))
 
 
+def _family_name(m: re.Match) -> str:
+    try:
+        return f"(family {m.group(1)}: {socket.AddressFamily(int(m.group(1))).name})"
+    except ValueError:
+        return m.group(0)
+
+
 def _error_lines(log: Path, limit: int = 6) -> str:
     """What a failed CRIU call says went wrong: its 'Error' lines without the
     noise, and for "Dump files (pid: N)" the process as the sandbox sees it."""
@@ -100,6 +107,7 @@ def _error_lines(log: Path, limit: int = 6) -> str:
         if "Error" not in line or any(n in line for n in _NOISE):
             continue
         msg = re.sub(r"^\(\s*\d+\.\d+\)\s*", "", line).strip()
+        msg = re.sub(r"\(family (\d+)\)", _family_name, msg)
         m = re.search(r"\(pid: (\d+)\)", msg)
         if m:
             pid = int(m.group(1))

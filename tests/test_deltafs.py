@@ -57,7 +57,11 @@ def content(p, st):
             off = end
     return "segments:" + h.hexdigest()
 def visit(p, recurse=True):
-    st = os.lstat(p)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:   # listed by readdir, yet not there
+        out[p] = {"type": "phantom"}
+        return
     m = st.st_mode
     e = {"type": stat.filemode(m)[0], "mode": oct(stat.S_IMODE(m)), "uid": st.st_uid,
          "gid": st.st_gid, "mtime": st.st_mtime_ns}
@@ -638,6 +642,29 @@ def test_renames_of_files_and_directories(client, sbx):
                                      "/work/empty", "/work/g"]
     sbx.rollback(c2)
     assert_same_tree(snapshot(sbx), s2, "rollback after EXDEV renames")
+
+
+def test_recreated_directory_shows_no_phantom_entries(client, sbx):
+    """A lower directory removed and created again is an opaque directory. The checkpoint
+    that holds it must not also hold whiteouts inside it for what an earlier checkpoint of
+    the branch had there: overlayfs lists the entries of an opaque (unmerged) directory as
+    they are, so a rollback would show names that cannot be opened."""
+    sh(sbx, "mkdir -p /work/d")
+    c0 = sbx.checkpoint()
+    sbx.rollback(c0)                             # /work/d is now in a lower layer
+    sh(sbx, "echo x > /work/d/x && echo y > /work/d/y")
+    sbx.checkpoint()
+    sh(sbx, "rm -rf /work/d && mkdir /work/d && echo z > /work/d/z")
+    s2 = snapshot(sbx)
+    assert sorted(s2) == ["/work", "/work/d", "/work/d/z"]
+    c2 = sbx.checkpoint()
+    sbx.rollback(c2)
+    assert_same_tree(snapshot(sbx), s2, "rollback to the recreated directory")
+    child = forked(client, c2)
+    try:
+        assert_same_tree(snapshot(child), s2, "fork of the recreated directory")
+    finally:
+        child.destroy()
 
 
 def test_unchanged_sandbox_still_gets_a_checkpoint(client, dfs, sbx):
