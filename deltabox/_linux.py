@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 _lib = _native.lib
-NATIVE_ABI_VERSION = 3
+NATIVE_ABI_VERSION = 4
 if _lib.NATIVE_ABI_VERSION != NATIVE_ABI_VERSION:  # stale build
     raise ImportError(f"deltabox._native ABI {_lib.NATIVE_ABI_VERSION} != {NATIVE_ABI_VERSION}; "
                       "rebuild with `python native/build.py`")

@@ -291,8 +291,15 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         return pb.MakeDirResponse()
 
 
+def _printable(path: str) -> str:
+    """A file name for a protobuf string: bytes that are not UTF-8 (surrogate-escaped
+    by Python) become backslash escapes (\\xff)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _file_info_pb(info) -> pb.FileInfo:
-    return pb.FileInfo(path=info.path, name=info.name, type=FILE_TYPE_PB[info.type],
+    return pb.FileInfo(path=_printable(info.path), name=_printable(info.name),
+                       type=FILE_TYPE_PB[info.type],
                        size=info.size, mode=info.mode, uid=info.uid, gid=info.gid,
                        mtime=info.mtime, link_target=info.link_target)
 
@@ -350,7 +357,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
 
     async def Diff(self, request, context):
         entries = await self.m.diff(getattr(request, "from"), request.to)
-        return pb.DiffResponse(entries=[pb.DiffEntry(path="/" + p, change=c)
+        return pb.DiffResponse(entries=[pb.DiffEntry(path=_printable("/" + p), change=c)
                                         for p, c in entries])
 
     async def DeleteCheckpoint(self, request, context):

@@ -80,25 +80,91 @@ def _key(st: os.stat_result) -> EntryKey:
 
 
 def scan_upper(upper: Path) -> dict[str, tuple[EntryKey, os.stat_result]]:
-    """Every entry of `upper` (relative path -> (key, lstat)), parents before children."""
+    """Every entry of `upper` (relative path -> (key, lstat)), parents before children.
+
+    Walks with directory fds (one open per level), so paths longer than
+    PATH_MAX are fine."""
     out: dict[str, tuple[EntryKey, os.stat_result]] = {}
     root_st = os.lstat(upper)
     out[""] = (_key(root_st), root_st)
-    stack = [("", str(upper))]
-    while stack:
-        rel, path = stack.pop()
-        with os.scandir(path) as it:
+    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack: list[tuple[str, int, list[str]]] = []
+
+    def enter(rel: str, fd: int) -> None:
+        subdirs = []
+        with os.scandir(fd) as it:
             for entry in it:
                 st = entry.stat(follow_symlinks=False)
                 child = f"{rel}/{entry.name}" if rel else entry.name
                 out[child] = (_key(st), st)
                 if stat.S_ISDIR(st.st_mode):
-                    stack.append((child, entry.path))
+                    subdirs.append(entry.name)
+        stack.append((rel, fd, subdirs))
+
+    enter("", root_fd)
+    while stack:
+        rel, fd, subdirs = stack[-1]
+        if not subdirs:
+            os.close(fd)
+            stack.pop()
+            continue
+        name = subdirs.pop()
+        child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=fd)
+        enter(f"{rel}/{name}" if rel else name, child_fd)
     return out
+
+
+class _At:
+    """(dir fd, name) pairs for *at() calls on `rel` paths in two trees.
+
+    Short paths go straight to the roots' fds; one longer than *at() accepts
+    (PATH_MAX) is reached by opening its parent directories one by one."""
+
+    LIMIT = 3800
+
+    def __init__(self, upper_fd: int, layer_fd: int):
+        self.fds = (upper_fd, layer_fd)
+        self._cache: dict[tuple[int, str], int] = {}
+
+    def __call__(self, rel: str, tree: int) -> tuple[int, str]:
+        if len(rel) < self.LIMIT:
+            return self.fds[tree], rel
+        parent, _, name = rel.rpartition("/")
+        key = (tree, parent)
+        if key not in self._cache:
+            fd = self.fds[tree]
+            opened = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            for comp in parent.split("/"):
+                nxt = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=opened)
+                os.close(opened)
+                opened = nxt
+            self._cache[key] = opened
+        return self._cache[key], name
+
+    def both(self, rel: str) -> tuple[int, int, str]:
+        ufd, name = self(rel, 0)
+        lfd, _ = self(rel, 1)
+        return ufd, lfd, name
+
+    def close(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
 
 
 def _parent(rel: str) -> str:
     return rel.rpartition("/")[0]
+
+
+def _under(rel: str, dirs: set[str]) -> bool:
+    """Is `rel` strictly below one of `dirs`?"""
+    p = _parent(rel)
+    while p:
+        if p in dirs:
+            return True
+        p = _parent(p)
+    return False
 
 
 def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
@@ -130,11 +196,22 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
 
     layer_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    at = _At(upper_fd, layer_fd)
     try:
+        # An opaque mark hides every layer below, including this branch's earlier
+        # checkpoint layers: keep it only for a directory that is new since the
+        # last checkpoint (a recreated one usually has a new inode).
+        opaque = {rel for rel in needed_dirs
+                  if (prev.get(rel) in (None, 0) or prev[rel][0] != scan[rel][1].st_ino)
+                  and _is_opaque(upper / rel)}
+        # Whiteouts under a directory that is opaque in this layer are not needed,
+        # and overlayfs would list them as phantom entries (an opaque directory
+        # is read as a plain one).
+        gone = [rel for rel in gone if not _under(rel, opaque)]
         # Directories first (parents before children), metadata after contents.
-        dirs = sorted(needed_dirs, key=lambda r: r.count("/"))
-        for rel in dirs:
-            os.mkdir(rel, 0o700, dir_fd=layer_fd)
+        for rel in sorted(needed_dirs, key=lambda r: r.count("/")):
+            lfd, name = at(rel, 1)
+            os.mkdir(name, 0o700, dir_fd=lfd)
         links: dict[tuple[int, int], str] = {}
         for rel in changed:
             st = scan[rel][1]
@@ -143,27 +220,28 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
             stats.changed += 1
             ident = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and ident in links:
-                os.link(links[ident], rel, src_dir_fd=layer_fd, dst_dir_fd=layer_fd,
+                src_fd, src_name = at(links[ident], 1)
+                lfd, name = at(rel, 1)
+                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=lfd,
                         follow_symlinks=False)
                 continue
-            _copy_entry(upper_fd, layer_fd, rel, st, stats)
+            _copy_entry(*at.both(rel), st, stats)
             if st.st_nlink > 1:
                 links[ident] = rel
         for rel in gone:
-            os.mknod(rel, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=layer_fd)
+            lfd, name = at(rel, 1)
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=lfd)
             stats.whiteouts += 1
         stats.changed += sum(1 for r in changed if r in needed_dirs)
+        if prev.get("", 0) != scan[""][0]:
+            stats.changed += 1  # the root's own metadata (chmod /, ...)
         # Root and directories get their metadata last: creating children
         # changed their mtimes. Deepest first, so a parent's mtime is final.
         for rel in sorted(needed_dirs | {""}, key=lambda r: r.count("/"), reverse=True):
-            st = scan[rel][1]
-            # An opaque mark hides every layer below, including this branch's
-            # earlier checkpoint layers: keep it only for a directory that is
-            # new since the last checkpoint (a recreated one has a new inode).
-            old = prev.get(rel)
-            is_new = rel != "" and (old is None or old == 0 or old[0] != st.st_ino)
-            _copy_metadata(upper_fd, layer_fd, rel or ".", st, keep_opaque=is_new)
+            ufd, lfd, name = at.both(rel) if rel else (upper_fd, layer_fd, ".")
+            _copy_metadata(ufd, lfd, name, scan[rel][1], keep_opaque=rel in opaque)
     finally:
+        at.close()
         os.close(layer_fd)
         os.close(upper_fd)
     return stats, Manifest({rel: key for rel, (key, _) in scan.items()})
@@ -281,17 +359,59 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
     candidates: set[str] = set()
     for layer in a[common:] + b[common:]:
         candidates.update(_layer_paths(layer))
-    out = []
+    # A directory opaque in a non-shared layer hides everything below it in the
+    # layers under it, shared ones included: all of those paths may differ.
+    for layer in a[common:] + b[common:]:
+        for rel in [r for r in candidates if _is_opaque(layer / r)]:
+            candidates.update(_descendants(a, rel))
+            candidates.update(_descendants(b, rel))
+    changes: dict[str, str] = {}
     for rel in sorted(candidates):
         ea, eb = lookup(a, rel), lookup(b, rel)
         if ea is None and eb is None:
             continue
-        if ea is None:
-            out.append((rel, "added"))
-        elif eb is None:
-            out.append((rel, "deleted"))
+        if ea is None or eb is None or _is_dir(ea) != _is_dir(eb):
+            # Added or deleted (a type change is both): with everything below
+            # it, wherever in the chain that lives, so the answer does not
+            # depend on how the layers happen to be cut.
+            if ea is not None:
+                for sub in [rel, *_descendants(a, rel)]:
+                    changes[sub] = "deleted"
+            if eb is not None:
+                for sub in [rel, *_descendants(b, rel)]:
+                    changes[sub] = "modified" if changes.get(sub) == "deleted" else "added"
         elif not _same(ea, eb, rel):
-            out.append((rel, "modified"))
+            changes[rel] = "modified"
+    return sorted(changes.items())
+
+
+def _is_dir(entry: tuple[Path, os.stat_result]) -> bool:
+    return stat.S_ISDIR(entry[1].st_mode)
+
+
+def _descendants(chain: list[Path], rel: str) -> list[str]:
+    """Every visible path below directory `rel` in the merged view of `chain`."""
+    out: list[str] = []
+    stack = [rel]
+    while stack:
+        d = stack.pop()
+        instances = []
+        for layer in reversed(chain):  # top first, cut at an opaque or non-dir instance
+            st = _entry_stat(layer, d)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            instances.append(layer / d)
+            if _is_opaque(layer / d):
+                break
+        if not instances or lookup(chain, d) is None:
+            continue
+        for name, found in _merged_entries(instances).items():
+            child = f"{d}/{name}" if d else name
+            out.append(child)
+            if stat.S_ISDIR(os.lstat(found[0]).st_mode):
+                stack.append(child)
     return out
 
 

@@ -597,7 +597,7 @@ class SandboxManager:
                 _kill_quiet(old_pid)
                 self._spawn_background(self._drop_standby(rt))
                 new_branch = new_id("br")
-                await asyncio.to_thread(self.store.new_branch_dirs, new_branch)
+                await asyncio.to_thread(self.store.new_branch_dirs, new_branch, ckpt.mount_layers)
                 try:
                     pid, start = await asyncio.to_thread(
                         self._launch, rec, self.store.branch_mount_for(new_branch,
@@ -659,7 +659,7 @@ class SandboxManager:
         except NotFound:
             return None
         branch_id = new_id("br")
-        await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
+        await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers)
         mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
         try:
             # The network is attached when (if) the standby is promoted. A full
@@ -720,7 +720,7 @@ class SandboxManager:
             if self._pool_bytes() > self.config.warm_budget_bytes:
                 await self._evict_pools(keep=ckpt.id)
             branch_id = new_id("br")
-            await asyncio.to_thread(self.store.new_branch_dirs, branch_id)
+            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers)
             mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
             shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, self._child_spec(ckpt))
             try:
@@ -811,10 +811,15 @@ class SandboxManager:
 
     def _chain_for(self, ref: str) -> list[Path]:
         """Layer dirs of a checkpoint, or of a live sandbox (its lower + its upper)."""
-        if ref.startswith("ck-"):
+        try:
             ckpt = self.store.get_checkpoint(ref)
             return [self.store.layer_path(lid) for lid in ckpt.mount_layers]
-        rec = self.get(ref)
+        except NotFound:
+            pass
+        try:
+            rec = self.get(ref)
+        except NotFound:
+            raise NotFound(f"{ref!r} is neither a checkpoint nor a sandbox") from None
         lower = self.store.get_branch(rec.branch_id).lower
         return [self.store.layer_path(lid) for lid in lower] + [
             self.store.branches_dir / rec.branch_id / "upper"]

@@ -47,6 +47,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import threading
@@ -443,7 +444,7 @@ class Store:
         else:
             lower = self.get_image(image).layer_ids
         tmp = self.new_tmp_dir()
-        (tmp / "upper").mkdir()
+        self._init_upper(tmp / "upper", tuple(lower))
         (tmp / "work").mkdir()
         sbx = SandboxRecord(id=new_id("sbx"), name=name, image=image, state="creating",
                             branch_id=new_id("br"), created_at=time.time(), spec=spec,
@@ -645,10 +646,24 @@ class Store:
         sandbox.state, sandbox.init_pid, sandbox.init_start = "running", init_pid, init_start
         return old
 
-    def new_branch_dirs(self, branch_id: str) -> Path:
+    def _init_upper(self, upper: Path, lower: tuple[str, ...]) -> None:
+        """A fresh upper dir whose root looks like the chain's top root: the merged
+        root takes its owner, mode and times from the upper (chmod / survives)."""
+        upper.mkdir()
+        if lower:
+            src = self.layer_path(lower[-1])
+            top = os.lstat(src)
+            os.chown(upper, top.st_uid, top.st_gid)
+            os.chmod(upper, stat.S_IMODE(top.st_mode))
+            for name in os.listxattr(src):
+                if not name.startswith("trusted.overlay."):
+                    os.setxattr(upper, name, os.getxattr(src, name))
+            os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
+
+    def new_branch_dirs(self, branch_id: str, lower: tuple[str, ...] = ()) -> Path:
         """Create branches/<id>/{upper,work} (no row yet: see `switch_branch`)."""
         tmp = self.new_tmp_dir()
-        (tmp / "upper").mkdir()
+        self._init_upper(tmp / "upper", lower)
         (tmp / "work").mkdir()
         target = self.branches_dir / branch_id
         tmp.rename(target)

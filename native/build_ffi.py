@@ -32,7 +32,7 @@ ffibuilder.cdef(
 )
 ffibuilder.set_source(
     "deltabox._native",
-    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 3\n',
+    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 4\n',
     sources=[str(SRC / "dbx_native.c")],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Werror"],

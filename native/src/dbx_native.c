@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <linux/mount.h>
 #include <linux/openat2.h>
 #include <string.h>
@@ -108,28 +109,81 @@ out:
 
 /* Copy xattrs of upper/rel to layer/rel (both through /proc/self/fd paths so
  * that symlinks are not followed: l*xattr on the path of the entry itself). */
+/* The xattr names of `path` in a malloc'ed buffer (*len bytes), or NULL. */
+static char *list_xattrs(const char *path, ssize_t *len)
+{
+    for (;;) {
+        ssize_t need = llistxattr(path, NULL, 0);
+        if (need <= 0) {
+            *len = need;
+            return NULL;
+        }
+        char *names = malloc((size_t)need);
+        if (!names) {
+            errno = ENOMEM;
+            *len = -1;
+            return NULL;
+        }
+        *len = llistxattr(path, names, (size_t)need);
+        if (*len >= 0 || errno != ERANGE)
+            return names;
+        free(names); /* grew meanwhile: ask again */
+    }
+}
+
+/* Copy xattrs of upper/rel to layer/rel, through /proc/self/fd paths (l*xattr:
+ * a symlink's own). Buffers are sized from the kernel's answers, so any number
+ * of xattrs and values up to XATTR_SIZE_MAX work. */
 static int copy_xattrs(int upper_fd, int layer_fd, const char *rel, int keep_opaque,
                        int is_link)
 {
-    char src[PATH_MAX], dst[PATH_MAX], names[8192], value[65536];
-    snprintf(src, sizeof src, "/proc/self/fd/%d/%s", upper_fd, rel);
-    snprintf(dst, sizeof dst, "/proc/self/fd/%d/%s", layer_fd, rel);
-    ssize_t len = llistxattr(src, names, sizeof names);
+    char src[PATH_MAX + 64], dst[PATH_MAX + 64];
+    if ((size_t)snprintf(src, sizeof src, "/proc/self/fd/%d/%s", upper_fd, rel) >= sizeof src ||
+        (size_t)snprintf(dst, sizeof dst, "/proc/self/fd/%d/%s", layer_fd, rel) >= sizeof dst)
+        return -ENAMETOOLONG;
+    ssize_t len;
+    char *names = list_xattrs(src, &len);
     if (len < 0)
         return (errno == ENOTSUP) ? 0 : -errno;
-    for (char *name = names; name < names + len; name += strlen(name) + 1) {
+    int err = 0;
+    char *value = NULL;
+    for (char *name = names; name && name < names + len; name += strlen(name) + 1) {
         if (strncmp(name, OVL_PREFIX, strlen(OVL_PREFIX)) == 0 &&
             !(keep_opaque && strcmp(name, OVL_OPAQUE) == 0))
             continue;
         if (is_link && strncmp(name, "user.", 5) == 0)
             continue;
-        ssize_t vlen = lgetxattr(src, name, value, sizeof value);
-        if (vlen < 0)
-            return -errno;
-        if (lsetxattr(dst, name, value, (size_t)vlen, 0) < 0)
-            return -errno;
+        ssize_t vlen = lgetxattr(src, name, NULL, 0);
+        if (vlen < 0) {
+            err = -errno;
+            break;
+        }
+        free(value);
+        value = malloc((size_t)vlen + 1);
+        if (!value) {
+            err = -ENOMEM;
+            break;
+        }
+        vlen = lgetxattr(src, name, value, (size_t)vlen);
+        if (vlen < 0 || lsetxattr(dst, name, value, (size_t)vlen, 0) < 0) {
+            err = -errno;
+            break;
+        }
     }
-    return 0;
+    free(value);
+    free(names);
+    return err;
+}
+
+/* A timespec from nanoseconds since the epoch, negative ones included. */
+static struct timespec ts_from_ns(int64_t ns)
+{
+    int64_t sec = ns / 1000000000, nsec = ns % 1000000000;
+    if (nsec < 0) {
+        nsec += 1000000000;
+        sec -= 1;
+    }
+    return (struct timespec){.tv_sec = sec, .tv_nsec = nsec};
 }
 
 /* Set owner, mode, xattrs and times of layer/rel from `st` (the upper's). */
@@ -144,8 +198,7 @@ int dbx_copy_meta(int upper_fd, int layer_fd, const char *rel, uint32_t mode, ui
     int err = copy_xattrs(upper_fd, layer_fd, rel, keep_opaque, is_link);
     if (err)
         return err;
-    struct timespec ts[2] = {{atime_ns / 1000000000, atime_ns % 1000000000},
-                             {mtime_ns / 1000000000, mtime_ns % 1000000000}};
+    struct timespec ts[2] = {ts_from_ns(atime_ns), ts_from_ns(mtime_ns)};
     if (utimensat(layer_fd, rel, ts, AT_SYMLINK_NOFOLLOW) < 0)
         return -errno;
     return 0;
