@@ -449,6 +449,109 @@ def _merged_entries(dirs: list[Path]) -> dict[str, list[Path]]:
     return result
 
 
+def _delta_entries(dirs: list[Path]) -> dict[str, tuple[str, list[Path]]]:
+    """Like _merged_entries, for a stack of *delta* layers that will lie over
+    others: name -> (kind, instances top first), kind one of 'whiteout' (hides
+    what is below), 'file', 'dir' or 'opaque-dir' (hides what is below)."""
+    result: dict[str, tuple[str, list[Path]]] = {}
+    decided: set[str] = set()
+    for d in dirs:
+        for name in os.listdir(d):
+            if name in decided:
+                continue
+            p = d / name
+            st = os.lstat(p)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if name not in result:
+                if is_whiteout(st):
+                    result[name] = ("whiteout", [p])
+                    decided.add(name)
+                elif not is_dir:
+                    result[name] = ("file", [p])
+                    decided.add(name)
+                elif _is_opaque(p):
+                    result[name] = ("opaque-dir", [p])
+                    decided.add(name)
+                else:
+                    result[name] = ("dir", [p])
+                continue
+            kind, instances = result[name]
+            if is_dir and not is_whiteout(st):
+                instances.append(p)
+                if _is_opaque(p):
+                    result[name] = ("opaque-dir", instances)
+                    decided.add(name)
+            else:
+                # a whiteout or non-directory under a directory of the stack: the
+                # directory hid it, and must go on hiding what lies below
+                result[name] = ("opaque-dir", instances)
+                decided.add(name)
+    return result
+
+
+def squash_deltas(chain: list[Path], layer: Path) -> int:
+    """Flatten a stack of delta layers (bottom first) into one delta layer that,
+    over the same base, shows the same tree: whiteouts and opaque marks that hide
+    base content are kept. Files are reflinked. Returns the entries written.
+
+    This is what keeps squashing cheap: its cost follows what the sandbox
+    changed, not the size of the image below."""
+    layer.mkdir()
+    count = 0
+    links: dict[tuple[int, int], Path] = {}
+    stack: list[tuple[Path, list[Path]]] = [(layer, list(reversed(chain)))]
+    dirs_done: list[tuple[Path, Path, bool]] = []
+    while stack:
+        dst_dir, src_dirs = stack.pop()
+        for name, (kind, instances) in _delta_entries(src_dirs).items():
+            dst, src = dst_dir / name, instances[0]
+            count += 1
+            st = os.lstat(src)
+            if kind == "whiteout":
+                os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            elif kind in ("dir", "opaque-dir"):
+                os.mkdir(dst, 0o700)
+                stack.append((dst, instances))
+                dirs_done.append((dst, src, kind == "opaque-dir"))
+            else:
+                ident = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and ident in links:
+                    os.link(links[ident], dst, follow_symlinks=False)
+                    continue
+                _clone_path(src, dst_dir, name, st)
+                if st.st_nlink > 1:
+                    links[ident] = dst
+    top = list(reversed(chain))[0]
+    for dst_dir, src_dir, opaque in reversed(dirs_done + [(layer, top, False)]):
+        _copy_dir_meta_paths(src_dir, dst_dir, os.lstat(src_dir))
+        if opaque:
+            os.setxattr(dst_dir, OPAQUE_XATTR, b"y")
+    return count
+
+
+def _clone_path(src: Path, dst_dir: Path, name: str, st: os.stat_result) -> None:
+    src_fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dst_fd = os.open(dst_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if src.name == name:
+            _copy_entry(src_fd, dst_fd, name, st, SinkStats())
+        else:
+            raise ValueError(f"{src} != {name}")
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def _copy_dir_meta_paths(src_dir: Path, dst_dir: Path, st: os.stat_result) -> None:
+    pfd = os.open(src_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open(dst_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _copy_dir_meta(pfd, src_dir.name, dfd, dst_dir.name, st)
+    finally:
+        os.close(pfd)
+        os.close(dfd)
+
+
 def squash_chain(chain: list[Path], layer: Path) -> int:
     """Flatten a chain (bottom first) into the new directory `layer`; returns entries.
 

@@ -493,8 +493,7 @@ class SandboxManager:
         lower = self.store.get_branch(rec.branch_id).lower
         base = lower + tuple(rt.own_layers)
         # What to mount: the head's chain (squashed, once it is) plus the new layer.
-        base_mount = self.store.get_checkpoint(rec.head).mount_layers \
-            if rec.head and rt.own_layers else lower
+        base_mount = self._shortest_mount(rec.head) if rec.head and rt.own_layers else lower
         try:
             ckpt = self.store.commit_checkpoint(
                 rec, label, mode, base, base_mount, tmp,
@@ -512,6 +511,22 @@ class SandboxManager:
         ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
                            "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
         return ckpt
+
+    def _shortest_mount(self, checkpoint_id: str) -> tuple[str, ...]:
+        """The checkpoint's mount chain, rebased on its nearest squashed ancestor on
+        the same lineage: checkpoints taken while a squash ran mount the squashed
+        layer plus their newer layers as soon as it is there."""
+        head = self.store.get_checkpoint(checkpoint_id)
+        if len(head.mount_layers) <= self.config.max_chain_depth:
+            return head.mount_layers
+        anc = head
+        while anc.parent_id:
+            anc = self.store.get_checkpoint(anc.parent_id)
+            if head.layers[:len(anc.layers)] != anc.layers:
+                break  # another lineage (a rollback target's chain)
+            if anc.squashed:
+                return anc.mount_layers + head.layers[len(anc.layers):]
+        return head.mount_layers
 
     def _sink(self, rec: SandboxRecord, rt: _Runtime, images: Path | None = None):
         """Freeze, sink the upper's changes into a new tmp layer dir, (dump the
@@ -851,15 +866,28 @@ class SandboxManager:
             return
         if len(ckpt.mount_layers) <= self.config.max_chain_depth or ckpt.squashed:
             return
+        if self._squash_lock.locked():
+            return  # coalesce: the next checkpoint retries if its chain is still deep
         async with self._squash_lock:
             tmp = self.store.new_tmp_dir()
             try:
-                chain = [self.store.layer_path(lid) for lid in ckpt.mount_layers]
+                mount = ckpt.mount_layers
+                # Keep the image's layers and squash what the sandbox added above
+                # them (a delta squash: cost follows the changes, not the image).
+                try:
+                    image = self.store.get_image(ckpt.image).layer_ids
+                except NotFound:
+                    image = ()
+                base = image if mount[:len(image)] == image and image else ()
+                chain = [self.store.layer_path(lid) for lid in mount[len(base):]]
+                squash = deltafs.squash_deltas if base else deltafs.squash_chain
                 t0 = time.perf_counter()
-                n = await asyncio.to_thread(deltafs.squash_chain, chain, tmp / "layer")
-                await asyncio.to_thread(self.store.set_squashed, checkpoint_id, tmp / "layer")
-                log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(chain),
-                         entries=n, ms=round(1000 * (time.perf_counter() - t0), 1))
+                n = await asyncio.to_thread(squash, chain, tmp / "layer")
+                await asyncio.to_thread(self.store.set_squashed, checkpoint_id, base,
+                                        tmp / "layer", mount)
+                log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(mount),
+                         kept=len(base), entries=n,
+                         ms=round(1000 * (time.perf_counter() - t0), 1))
             except NotFound:
                 pass
             finally:

@@ -136,8 +136,8 @@ class CheckpointRecord:
     mode: str               # "fs" or "full"
     created_at: float
     layers: tuple[str, ...]  # the chain as sunk, bottom first (older ids may be freed)
-    mount: tuple[str, ...]   # an equal chain to mount: a squashed parent's layer + the rest
-    squashed: str           # a single layer equal to the chain, once squashed
+    mount: tuple[str, ...]   # an equal chain to mount (base + one squashed layer, once squashed)
+    squashed: str           # the squashed layer in `mount`, once squashed
     pinned: bool
     stats: dict
     image: str
@@ -145,8 +145,8 @@ class CheckpointRecord:
 
     @property
     def mount_layers(self) -> tuple[str, ...]:
-        """What a branch over this checkpoint mounts: the squashed layer if any."""
-        return (self.squashed,) if self.squashed else self.mount
+        """What a branch over this checkpoint mounts (shorter once squashed)."""
+        return self.mount
 
 
 # --------------------------------------------------------------------------------------
@@ -729,18 +729,22 @@ class Store:
             _rmtree(self.images_path(cid))
         return doomed
 
-    def set_squashed(self, checkpoint_id: str, layer_dir: Path) -> str | None:
-        """Record `layer_dir` as the squashed equal of the checkpoint's chain."""
+    def set_squashed(self, checkpoint_id: str, base: tuple[str, ...], layer_dir: Path,
+                     expect_mount: tuple[str, ...]) -> str | None:
+        """Make `base` + [layer_dir] the checkpoint's mount chain (equal to its
+        current one, `expect_mount`, which is checked: no race with another squash)."""
         layer_id = new_id("l")
         now = time.time()
         with self.transaction() as db:
-            if not db.execute("SELECT 1 FROM checkpoints WHERE id=? AND squashed=''",
-                              (checkpoint_id,)).fetchone():
+            row = db.execute("SELECT mount FROM checkpoints WHERE id=? AND squashed=''",
+                             (checkpoint_id,)).fetchone()
+            if row is None or tuple(json.loads(row[0])) != expect_mount:
                 return None
             db.execute("INSERT INTO layers VALUES (?,?,?,?)",
                        (layer_id, now, _tree_size(layer_dir), f"squash:{checkpoint_id}"))
             layer_dir.rename(self.layer_path(layer_id))
-            db.execute("UPDATE checkpoints SET squashed=? WHERE id=?", (layer_id, checkpoint_id))
+            db.execute("UPDATE checkpoints SET squashed=?, mount=? WHERE id=?",
+                       (layer_id, json.dumps(list(base) + [layer_id]), checkpoint_id))
         return layer_id
 
     def gc_layers(self) -> None:
