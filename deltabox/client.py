@@ -211,15 +211,37 @@ def _channel_options() -> list:
             ("grpc.max_send_message_length", _MAX_MESSAGE)]
 
 
+def _credentials(tls_ca: str | os.PathLike | None, token: str | None):
+    """TLS (+ bearer token) credentials for a TCP daemon, or None for the unix socket."""
+    if tls_ca is None:
+        if token:
+            raise ValueError("a token is only sent over TLS: give tls_ca too")
+        return None
+    creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    if token:
+        creds = grpc.composite_channel_credentials(
+            creds, grpc.access_token_call_credentials(token))
+    return creds
+
+
+def _open_channel(module, target: str, tls_ca, token):
+    creds = _credentials(tls_ca, token)
+    if creds is None:
+        return module.insecure_channel(target, options=_channel_options())
+    return module.secure_channel(target, creds, options=_channel_options())
+
+
 # ---- blocking client ---------------------------------------------------------------------
 
 class Client:
-    """Blocking client. `target`: a unix socket path (default) or host:port with TLS."""
+    """Blocking client. `socket`: a unix socket path (default), or host:port of a daemon
+    listening on TCP, which needs `tls_ca` (its certificate or CA) and its `token`."""
 
-    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None):
+    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None,
+                 tls_ca: str | os.PathLike | None = None, token: str | None = None):
         self.target = default_target(socket)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_channel_options())
+        self._channel = _open_channel(grpc, self.target, tls_ca, token)
         self._stubs = _stubs(self._channel)
 
     def _call(self, op: _Op):
@@ -451,10 +473,11 @@ class Session:
 class AsyncClient:
     """asyncio client with the same methods as `Client`, as coroutines."""
 
-    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None):
+    def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None,
+                 tls_ca: str | os.PathLike | None = None, token: str | None = None):
         self.target = default_target(socket)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target, options=_channel_options())
+        self._channel = _open_channel(grpc.aio, self.target, tls_ca, token)
         self._stubs = _stubs(self._channel)
 
     async def _call(self, op: _Op):

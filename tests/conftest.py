@@ -35,8 +35,9 @@ def pytest_configure(config):
 class DaemonProcess:
     """A `deltabox daemon` subprocess with its own state dir and socket."""
 
-    def __init__(self, state_dir: Path, store_size: str = "16G"):
+    def __init__(self, state_dir: Path, store_size: str = "16G", extra_args: tuple = ()):
         self.state_dir = state_dir
+        self.extra_args = tuple(extra_args)
         self.socket = state_dir / "deltabox.sock"
         self.store_size = store_size
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
@@ -47,7 +48,7 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deltabox.cli", "daemon", "--state-dir", str(self.state_dir),
-             "--socket", str(self.socket), "--store-size", self.store_size],
+             "--socket", str(self.socket), "--store-size", self.store_size, *self.extra_args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:

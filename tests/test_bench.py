@@ -1,4 +1,5 @@
-"""`deltabox bench fs`: the quick matrix on a small synthetic tree (no network).
+"""`deltabox bench fs` (the quick matrix on a small synthetic tree, no network) and
+`deltabox bench cr --quick` (DeltaCR on the demo image, 10 MB state).
 
 Checks the shape of the JSON document only -- timings depend on the machine and
 are never asserted here.
@@ -56,3 +57,44 @@ def test_bench_fs_quick_json():
     assert all(t["status"] in ("met", "NOT met", "n/a") for t in doc["targets"])
     # 300 files: the copytree target needs a tree of >= 2,000 files.
     assert any(t["status"] == "n/a" and "copytree" in t["target"] for t in doc["targets"])
+
+
+def test_bench_cr_quick_json():
+    """`deltabox bench cr --quick`: the 10 MB state only. Shape only, no timings."""
+    r = subprocess.run([sys.executable, "-m", "deltabox.cli", "bench", "cr", "--quick", "--json"],
+                       capture_output=True, timeout=90)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    doc = json.loads(r.stdout)
+    for key in ("host", "config", "states", "results", "baselines", "ratios", "targets", "notes",
+                "leaks", "elapsed_s"):
+        assert key in doc, key
+    assert doc["benchmark"] == "deltabox bench cr"
+    assert doc["config"]["quick"] is True and doc["config"]["rss_mb"] == [10]
+    assert [s["rss_mb"] for s in doc["states"]] == [10]
+    assert not any(n.startswith("FAILED") for n in doc["notes"]), doc["notes"]
+
+    ops = {r["op"] for r in doc["results"]}
+    want = {"exec true (idle)", "checkpoint (full)", "exec right after checkpoint returns",
+            "exec issued during checkpoint (at freeze)", "rollback (double)",
+            "rollback (restore)"}
+    want |= {f"fork {n} ({k})" for n in doc["config"]["forks"] for k in ("cold", "pre-warmed")}
+    assert want <= ops, want - ops
+    for r in doc["results"]:
+        assert r["rss_mb"] == 10 and r["iterations"] > 0, r
+        assert r["grpc_ms"]["p50"] <= r["grpc_ms"]["p95"], r
+        if r["op"] == "checkpoint (full)":
+            assert {"frozen_ms", "dump_ms", "commit_ms"} <= set(r["breakdown_p50_ms"]), r
+        if r["op"].startswith("rollback"):
+            assert sum(r["paths"].values()) == r["iterations"], r
+        if r["op"].startswith("fork"):
+            assert r["daemon_ms"]["p50"] > 0 and r.get("failed_children", 0) == 0, r
+
+    assert {b["op"] for b in doc["baselines"]} == {
+        "criu dump (CLI, --leave-running)", "shutil.copytree of the sandbox root",
+        "checkpoint: criu dump + copytree", "rollback: restore path + copytree"}
+    assert [r["rss_mb"] for r in doc["ratios"]] == [10]
+    assert {"vs_checkpoint", "vs_rollback_double", "vs_rollback_double_grpc"} <= set(
+        doc["ratios"][0])
+    assert len(doc["targets"]) >= 5
+    assert all(t["status"] in ("met", "NOT met", "n/a") for t in doc["targets"])
+    assert doc["leaks"] == []
