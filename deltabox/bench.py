@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["main_fs", "TREES"]
+__all__ = ["main_fs", "main_cr", "TREES"]
 
 CACHE = Path(os.environ.get("DELTABOX_CACHE", "/var/cache/deltabox"))
 
@@ -306,30 +306,158 @@ class Cell:
         return row
 
 
-class Bench:
-    def __init__(self, plan: Plan, console, json_out: bool):
+class DaemonBench:
+    """What every `deltabox bench` shares: a throw-away daemon on a temporary state
+    dir (a loop-backed XFS image, as `deltabox demo` does), RPC timing through the
+    daemon's own histogram, the JSON document's common part, and the clean-up of
+    whatever the daemon leaves behind. Subclasses implement `preflight`, `body`,
+    `document` and `analyse`."""
+
+    benchmark = ""
+
+    def __init__(self, plan, console, json_out: bool):
         self.plan = plan
         self.console = console
         self.json_out = json_out
         self.results: list[dict] = []
         self.baselines: list[dict] = []
-        self.trees: list[Tree] = []
-        self.squashes: list[dict] = []
         self.unsettled = 0
         self.leaks: list[dict] = []
-        self.warm_api = False
-        from deltabox.config import Config
-        self.max_chain_depth = Config().max_chain_depth
+        self.daemon_pid = 0
+        self.mnt_dir = Path("/nonexistent")
 
     def log(self, msg: str) -> None:
         self.console.log(msg)
 
-    # -- daemon state ---------------------------------------------------------------------
+    def record(self, **row) -> dict:
+        self.results.append(row)
+        return row
 
     def _branch_mounts(self) -> int:
         prefix = str(self.mnt_dir) + "/"
         with open("/proc/self/mountinfo") as f:
             return sum(1 for line in f if line.split()[4].startswith(prefix))
+
+    def rpc_totals(self, client, method: str) -> tuple[float, int]:
+        """(sum of seconds, count) of successful `method` calls, as the daemon's RPC
+        interceptor timed them (Stats' Prometheus histogram)."""
+        total, count = 0.0, 0
+        tag = f'method="{method}"'
+        for line in client.stats().prometheus_text.splitlines():
+            if tag in line and 'code="OK"' in line:
+                if line.startswith("deltabox_rpc_seconds_sum{"):
+                    total = float(line.rsplit(" ", 1)[1])
+                elif line.startswith("deltabox_rpc_seconds_count{"):
+                    count = int(float(line.rsplit(" ", 1)[1]))
+        return total, count
+
+    def timed(self, client, method: str, fn, then=None):
+        """(result, client wall ms, daemon handler ms or None) of one RPC. `then()`, if
+        given, runs right after the RPC returns (before the daemon's histogram is read
+        again, so it sees the daemon as the caller would)."""
+        s0 = self.rpc_totals(client, method)
+        t0 = time.perf_counter()
+        res = fn()
+        wall = 1000 * (time.perf_counter() - t0)
+        if then is not None:
+            then()
+        s1 = self.rpc_totals(client, method)
+        handler = 1000 * (s1[0] - s0[0]) if s1[1] - s0[1] == 1 else None
+        return res, wall, handler
+
+    def measure_floor(self, client, sbx, pause: float = 0.0, op: str = "GetSandbox (gRPC floor)",
+                      **keys) -> None:
+        """The cheapest RPC (GetSandbox: one SQLite read) -- the gRPC floor; `pause` s
+        of idleness before each call (waking idle CPUs and threads costs on a VM)."""
+        cell = Cell()
+        for _ in range(max(20, self.plan.iterations)):
+            time.sleep(pause)
+            _, wall, handler = self.timed(client, "GetSandbox", lambda: client.get(sbx.id))
+            cell.add(wall, handler, {})
+        self.record(**cell.row(op=op, **keys))
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Refuse early (missing images, tools)."""
+
+    def body(self, client, work: Path) -> None:
+        """The measurements; `work` is a scratch dir on the store's XFS."""
+        raise NotImplementedError
+
+    def document(self) -> dict:
+        """The benchmark's part of the JSON document (after "host")."""
+        raise NotImplementedError
+
+    def analyse(self, doc: dict) -> None:
+        """Add "ratios", "targets" and benchmark-specific notes to `doc`."""
+
+    # -- driver ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from deltabox.client import Client
+        from deltabox.demo import _start_daemon
+        if os.geteuid() != 0:
+            raise SystemExit("deltabox bench runs its own daemon, which needs root")
+        self.preflight()
+        started = time.time()
+        load0 = os.getloadavg()
+        base = Path(tempfile.mkdtemp(prefix="deltabox-bench-"))
+        state = base / "state"
+        state.mkdir()
+        proc = None
+        backing = ""
+        try:
+            self.log(f"starting a daemon on {state}")
+            proc = _start_daemon(state)
+            self.daemon_pid = proc.pid
+            self.mnt_dir = state / "store" / "mnt"
+            work = state / "store" / "bench"  # same XFS as the layers, unknown to the daemon
+            with Client(state / "deltabox.sock") as client:
+                st = client.status()
+                backing = st.store_backing
+                self.status = st
+                self.body(client, work)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            left = _cleanup_leftovers(state)
+            if left:
+                self.plan.notes.append(f"cleaned up after the daemon: {left}")
+            subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+        doc = {
+            "benchmark": self.benchmark,
+            "version": 1,
+            "code": _revision(),
+            "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                     "loadavg_start": [round(x, 2) for x in load0],
+                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                     "store_backing": backing},
+        }
+        doc.update(self.document())
+        doc["notes"] = list(self.plan.notes)
+        self.analyse(doc)
+        doc["elapsed_s"] = round(time.time() - started, 1)
+        return doc
+
+
+class Bench(DaemonBench):
+    benchmark = "deltabox bench fs"
+
+    def __init__(self, plan: Plan, console, json_out: bool):
+        super().__init__(plan, console, json_out)
+        self.trees: list[Tree] = []
+        self.squashes: list[dict] = []
+        self.warm_api = False
+        from deltabox.config import Config
+        self.max_chain_depth = Config().max_chain_depth
+
+    # -- daemon state ---------------------------------------------------------------------
 
     def settle(self, timeout: float = 5.0) -> int:
         """Wait for the daemon's background work (standbys being built, old branches
@@ -363,34 +491,7 @@ class Bench:
         if r.exit_code != 0:
             raise RuntimeError(f"step failed ({r.exit_code}): {r.stderr[-500:]!r}")
 
-    def record(self, **row) -> dict:
-        self.results.append(row)
-        return row
-
     # -- measurements -----------------------------------------------------------------------
-
-    def rpc_totals(self, client, method: str) -> tuple[float, int]:
-        """(sum of seconds, count) of successful `method` calls, as the daemon's RPC
-        interceptor timed them (Stats' Prometheus histogram)."""
-        total, count = 0.0, 0
-        tag = f'method="{method}"'
-        for line in client.stats().prometheus_text.splitlines():
-            if tag in line and 'code="OK"' in line:
-                if line.startswith("deltabox_rpc_seconds_sum{"):
-                    total = float(line.rsplit(" ", 1)[1])
-                elif line.startswith("deltabox_rpc_seconds_count{"):
-                    count = int(float(line.rsplit(" ", 1)[1]))
-        return total, count
-
-    def timed(self, client, method: str, fn):
-        """(result, client wall ms, daemon handler ms or None) of one RPC."""
-        s0 = self.rpc_totals(client, method)
-        t0 = time.perf_counter()
-        res = fn()
-        wall = 1000 * (time.perf_counter() - t0)
-        s1 = self.rpc_totals(client, method)
-        handler = 1000 * (s1[0] - s0[0]) if s1[1] - s0[1] == 1 else None
-        return res, wall, handler
 
     def build_chain(self, client, sbx, tree: Tree) -> tuple[dict[int, object], "Cell"]:
         """c0 (the sandbox as created) and c1..c_max, a 10-file step each; waits for
@@ -426,15 +527,6 @@ class Bench:
                     return c
             time.sleep(0.05)
         raise RuntimeError(f"checkpoint {ckpt_id} was not squashed within {timeout} s")
-
-    def measure_floor(self, client, sbx, tree: Tree) -> None:
-        """The cheapest RPC (GetSandbox: one SQLite read) -- the gRPC floor."""
-        cell = Cell()
-        for _ in range(max(20, self.plan.iterations)):
-            _, wall, handler = self.timed(client, "GetSandbox", lambda: client.get(sbx.id))
-            cell.add(wall, handler, {})
-        self.record(**cell.row(op="GetSandbox (gRPC floor)", tree=tree.name, step_files=None,
-                               depth=None, mount_layers=None, n=None))
 
     def measure_checkpoint(self, client, sbx, tree: Tree, depth: int, base, k: int) -> None:
         n = self.plan.n_checkpoint(k)
@@ -554,7 +646,8 @@ class Bench:
         self.warm_api = hasattr(client, "warm")
         sbx = client.create(image, name=f"bench-{len(self.trees)}")
         try:
-            self.measure_floor(client, sbx, tree)
+            self.measure_floor(client, sbx, tree=tree.name, step_files=None, depth=None,
+                               mount_layers=None, n=None)
             t0 = time.perf_counter()
             chain, cell = self.build_chain(client, sbx, tree)
             d_max = max(self.plan.depths)
@@ -581,50 +674,18 @@ class Bench:
                 self.log(f"  [red]{left} branch mount(s) left after destroying the only "
                          "sandbox (leaked incarnations)[/]")
 
-    def run(self) -> dict:
-        from deltabox.client import Client
-        from deltabox.demo import _start_daemon
-        if os.geteuid() != 0:
-            raise SystemExit("deltabox bench runs its own daemon, which needs root")
-        tiny_tar = CACHE / "images" / "tiny.tar"
-        if not tiny_tar.exists():
-            raise SystemExit(f"{tiny_tar} is missing: run `make setup` (native/setup-host.sh)")
-        started = time.time()
-        load0 = os.getloadavg()
-        base = Path(tempfile.mkdtemp(prefix="deltabox-bench-"))
-        state = base / "state"
-        state.mkdir()
-        proc = None
-        try:
-            self.log(f"starting a daemon on {state}")
-            proc = _start_daemon(state)
-            self.mnt_dir = state / "store" / "mnt"
-            work = state / "store" / "bench"  # same XFS as the layers, unknown to the daemon
-            with Client(state / "deltabox.sock") as client:
-                st = client.status()
-                backing = st.store_backing
-                for spec in self.plan.trees:
-                    self.run_tree(client, spec, work, tiny_tar)
-        finally:
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-            left = _cleanup_leftovers(state)
-            if left:
-                self.plan.notes.append(f"cleaned up after the daemon: {left}")
-            subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
-        doc = {
-            "benchmark": "deltabox bench fs",
-            "version": 1,
-            "code": _revision(),
-            "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                     "loadavg_start": [round(x, 2) for x in load0],
-                     "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                     "store_backing": backing},
+    def preflight(self) -> None:
+        self.tiny_tar = CACHE / "images" / "tiny.tar"
+        if not self.tiny_tar.exists():
+            raise SystemExit(f"{self.tiny_tar} is missing: run `make setup` "
+                             "(native/setup-host.sh)")
+
+    def body(self, client, work: Path) -> None:
+        for spec in self.plan.trees:
+            self.run_tree(client, spec, work, self.tiny_tar)
+
+    def document(self) -> dict:
+        return {
             "config": {"quick": self.plan.quick, "iterations": self.plan.iterations,
                        "trees": self.plan.trees, "steps": list(self.plan.steps),
                        "depths": list(self.plan.depths), "forks": list(self.plan.forks),
@@ -635,9 +696,11 @@ class Bench:
             "squashes": self.squashes,
             "leaks": self.leaks,
         }
+
+    def analyse(self, doc: dict) -> None:
+        notes = doc.pop("notes")
         doc["ratios"] = ratios(doc)
         doc["targets"] = targets(doc)
-        notes = list(self.plan.notes)
         if self.unsettled:
             notes.append(f"{self.unsettled} timed operations started before the daemon's "
                          "background work had settled (5 s timeout)")
@@ -646,8 +709,6 @@ class Bench:
                          f"inits and cgroups) were left after the {lk['tree']} run destroyed its "
                          "only sandbox: leaked standby incarnations")
         doc["notes"] = notes
-        doc["elapsed_s"] = round(time.time() - started, 1)
-        return doc
 
 
 def _cleanup_leftovers(state: Path) -> str:
@@ -901,6 +962,12 @@ def render(doc: dict, console) -> None:
             sq.add_row(s["tree"], str(s["depth"]), str(s["chain_layers"]), _fmt(s["seconds"]))
         console.print(sq)
 
+    render_targets_and_notes(doc, console)
+
+
+def render_targets_and_notes(doc: dict, console) -> None:
+    """The targets table, the notes and the host line (every `deltabox bench`)."""
+    from rich.table import Table
     tg = Table("target", "limit", "measured", "where", "status", title="targets", box=None,
                header_style="bold")
     for t in doc["targets"]:
@@ -917,17 +984,866 @@ def render(doc: dict, console) -> None:
                   f"total {doc['elapsed_s']} s")
 
 
-def main_fs(args) -> int:
+def _main(args, plan, bench_cls, render_fn) -> int:
     from rich.console import Console
     json_out = bool(getattr(args, "json", False))
-    if args.iterations is not None and args.iterations < 1:
-        raise SystemExit("--iterations must be >= 1")
     # Progress goes to stderr, so that --json leaves stdout a clean document.
     console = Console(stderr=True)
-    plan = make_plan(args.quick, args.iterations, args.tree)
-    doc = Bench(plan, console, json_out).run()
+    doc = bench_cls(plan, console, json_out).run()
     if json_out:
         print(json.dumps(doc, indent=2))
     else:
-        render(doc, Console(width=None if sys.stdout.isatty() else 200))
+        render_fn(doc, Console(width=None if sys.stdout.isatty() else 200))
     return 0
+
+
+def main_fs(args) -> int:
+    if args.iterations is not None and args.iterations < 1:
+        raise SystemExit("--iterations must be >= 1")
+    return _main(args, make_plan(args.quick, args.iterations, args.tree), Bench, render)
+
+
+# ==== `deltabox bench cr`: DeltaCR ===========================================================
+#
+# A sandbox from the demo image with a persistent bash session and a Python session
+# holding X MB (os.urandom: incompressible, every page distinct), X = 10 / 100 / 1000.
+# Per X, on that sandbox:
+# * "exec true (idle)": the cheapest call into the sandbox, for scale.
+# * checkpoint (full): an agent step (a line appended to a file by the bash session, a
+#   counter bumped in Python), then Checkpoint(full). daemon total_ms = until durable (the
+#   daemon acks after the commit); frozen_ms = how long the sandbox's processes were frozen.
+#   Alternate iterations measure the call an agent makes next: "exec right after
+#   checkpoint" (issued when the Checkpoint RPC has returned: it competes with the body
+#   double the daemon now restores in the background) and "exec issued during checkpoint"
+#   (from a second thread the moment the sandbox's cgroup starts freezing: it waits at the
+#   daemon's gate until the checkpoint is durable). "double ready" = from the Checkpoint's
+#   return until the new body double is restored (a new frozen init of the daemon).
+# * rollback (double): a step, then back to the head checkpoint once its double is ready.
+# * rollback (restore): a step, then alternately to the previous checkpoint and back to
+#   the head -- never the double's target, so CRIU restores from the store.
+# * fork N (cold): Fork(head, N) until the RPC returns (every child restored and its Python
+#   session re-seeded, i.e. running); children destroyed afterwards, untimed. The machine's
+#   CPU (/proc/stat) is sampled around it, minus the rate of other work measured just before.
+#   fork N (pre-warmed): Warm(head, N, wait) first -- the hint a tree search sends while its
+#   model proposes the N actions; the time it took is "warm" -- then Fork.
+# * baseline, on the same sandbox: `criu dump --leave-running` (the daemon's CRIU binary,
+#   its CLI) + shutil.copytree of the sandbox's root (without proc/dev/sys) into the store's
+#   XFS; the restore side is the daemon's own restore path (the "rollback (restore)"
+#   samples: branch mount + CRIU restore) plus the same copytree, paired by iteration.
+# Before each timed operation the bench waits until the daemon is idle: no criu child, its
+# branch mounts and frozen inits (body doubles) steady, its CPU time flat for 100 ms, and the
+# expected number of doubles ready; then 100 ms more.
+
+CR_TARGETS_MS = {"rollback_daemon": 1.0, "rollback_grpc": 2.0, "fork16_warm": 60.0}
+CR_BASELINE_SPEEDUP = 100.0
+CR_CPU_BOUND = 0.85            # fork "as fast as the machine allows": the CPUs this busy
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CRPlan:
+    rss_mb: tuple[int, ...] = (10, 100, 1000)
+    fork_rss_mb: tuple[int, ...] = (10, 100)   # 64 children of 1000 MB do not fit
+    forks: tuple[int, ...] = (1, 4, 16, 64)
+    iterations: int = 20
+    quick: bool = False
+    pause_s: float = 0.1
+    notes: list[str] = field(default_factory=list)
+
+    def n(self, op: str, mb: int, children: int = 0) -> int:
+        it, big = self.iterations, mb >= 1000
+        if op == "checkpoint":
+            return max(3, it // 4) if big else it
+        if op == "double":
+            return max(3, it // 2) if big else it
+        if op == "restore":
+            return max(2, it // 5) if big else max(3, it // 2)
+        if op == "fork":
+            return max(2, it // 10) if children >= 64 else max(2, it // 4)
+        if op == "baseline":
+            return 2 if big else max(2, min(3, it // 5))
+        return max(10, it)  # exec, GetSandbox
+
+
+def make_cr_plan(quick: bool, iterations: int | None) -> CRPlan:
+    if quick:
+        plan = CRPlan(rss_mb=(10,), fork_rss_mb=(10,), forks=(1, 16),
+                      iterations=iterations or 5, quick=True)
+    else:
+        plan = CRPlan(iterations=iterations or 20)
+    parts = []
+    for mb in plan.rss_mb:
+        parts.append(f"{mb} MB: checkpoint {plan.n('checkpoint', mb)} (half with the exec right "
+                     f"after, half with the exec during), rollback double "
+                     f"{plan.n('double', mb)}, restore {plan.n('restore', mb)}, baseline "
+                     f"{plan.n('baseline', mb)}")
+    forks = ", ".join(f"fork {k}: {plan.n('fork', 0, k)} cold + {plan.n('fork', 0, k)} "
+                      "pre-warmed" for k in plan.forks)
+    plan.notes.append("iterations: " + "; ".join(parts) + f"; {forks}. p95 of few samples is "
+                      "close to the maximum.")
+    big = [mb for mb in plan.rss_mb if mb not in plan.fork_rss_mb]
+    if big:
+        plan.notes.append(f"forks only for the {'/'.join(map(str, plan.fork_rss_mb))} MB "
+                          f"states: {max(plan.forks)} children of {big[0]} MB (plus the pool of "
+                          "doubles before them) would not fit in this VM's memory")
+    return plan
+
+
+# -- the daemon's processes, seen from /proc ----------------------------------------------------
+
+def _stat_fields(pid: int) -> tuple[str, list[str]] | None:
+    """(comm, fields from `state` on) of /proc/pid/stat."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    i, j = data.find("("), data.rfind(")")
+    return data[i + 1:j], data[j + 2:].split()
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of every thread of `pid` (/proc/PID/task/TID/children)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            out += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def _freezer_file(pid: int) -> tuple[Path, str] | None:
+    """The file that says whether pid's cgroup is (being) frozen, and its thawed value."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        if ctrl == "freezer":
+            return Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state", "THAWED"
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        if ctrl == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.freeze", "0"
+    return None
+
+
+def _frozen(pid: int) -> bool:
+    f = _freezer_file(pid)
+    if f is None:
+        return False
+    try:
+        value = f[0].read_text().strip()
+    except OSError:
+        return False
+    return value == "FROZEN" if f[1] == "THAWED" else value == "1"
+
+
+def _memcg_bytes(pid: int) -> int:
+    """Memory charged to pid's memory cgroup (v1 usage_in_bytes or v2 memory.current)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        if "memory" in ctrl.split(","):
+            f = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.usage_in_bytes"
+            break
+    else:
+        path = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), "")
+        f = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.current"
+    try:
+        return int(f.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs (busy: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    total = sum(v[:8])
+    return total - v[3] - v[4], total
+
+
+def _tree_bytes(root: Path) -> tuple[int, int]:
+    files = size = 0
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            files += 1
+            size += st.st_size
+    return files, size
+
+
+class CRBench(DaemonBench):
+    benchmark = "deltabox bench cr"
+
+    def __init__(self, plan: CRPlan, console, json_out: bool):
+        super().__init__(plan, console, json_out)
+        self.states: list[dict] = []
+        self.failures: list[str] = []
+        self.mb = 0
+        self.expect: dict[str, int] = {}   # checkpoint id -> the Python counter it holds
+        self.counter = 0
+        self.copy_info: dict = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        from deltabox.criu import find_criu
+        self.demo_tar = CACHE / "images" / "demo.tar"
+        if not self.demo_tar.exists():
+            raise SystemExit(f"{self.demo_tar} is missing: run `make setup` "
+                             "(native/setup-host.sh builds the demo image)")
+        self.criu_bin = find_criu()
+        if self.criu_bin is None:
+            raise SystemExit("deltabox bench cr needs CRIU (native/setup-host.sh)")
+
+    def body(self, client, work: Path) -> None:
+        if not self.status.criu_version:
+            raise SystemExit("the daemon found no CRIU: full checkpoints are unavailable")
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        img = client.import_image("demo", self.demo_tar)
+        self.image = {"name": "demo", "mib": round(img.size_bytes / 2**20),
+                      "import_s": round(time.perf_counter() - t0, 1)}
+        self.log(f"imported the demo image ({self.image['mib']} MiB) in "
+                 f"{self.image['import_s']} s")
+        for mb in self.plan.rss_mb:
+            self.run_state(client, mb, work)
+
+    # -- the daemon's background work -----------------------------------------------------
+
+    def _scan(self) -> tuple[int, set[int]]:
+        """(criu processes the daemon runs, pids of its frozen inits = body doubles)."""
+        criu, frozen = 0, set()
+        for pid in _children(self.daemon_pid):
+            st = _stat_fields(pid)
+            if st is None:
+                continue
+            if st[0] == "criu":
+                criu += 1
+            elif st[0] == "deltabox-init" and _frozen(pid):
+                frozen.add(pid)
+        return criu, frozen
+
+    def _daemon_cpu(self) -> int:
+        st = _stat_fields(self.daemon_pid)
+        return int(st[1][11]) + int(st[1][12]) if st else 0
+
+    def settle(self, doubles: int = 0) -> set[int]:
+        """Wait until the daemon is idle: no criu child, branch mounts and frozen inits
+        steady and at least `doubles` of them, its CPU time flat for 100 ms. Returns the
+        frozen inits' pids."""
+        deadline = time.monotonic() + 15 + self.mb * 0.03
+        last, quiet, cpu0, frozen = None, 0, self._daemon_cpu(), set()
+        while time.monotonic() < deadline:
+            time.sleep(0.025)
+            criu, frozen = self._scan()
+            cpu = self._daemon_cpu()
+            key = (self._branch_mounts(), frozenset(frozen))
+            if criu == 0 and key == last and len(frozen) >= doubles and cpu - cpu0 <= 1:
+                quiet += 1
+            else:
+                quiet, cpu0 = 0, cpu
+            last = key
+            if quiet >= 4:
+                break
+        else:
+            self.unsettled += 1
+        time.sleep(self.plan.pause_s)
+        return frozen
+
+    def _wait_new_double(self, before: set[int], t_ref: float) -> float | None:
+        """ms from t_ref until a frozen init not in `before` appears (the new double)."""
+        deadline = time.monotonic() + 15 + self.mb * 0.03
+        while time.monotonic() < deadline:
+            if self._scan()[1] - before:
+                return 1000 * (time.perf_counter() - t_ref)
+            time.sleep(0.005)
+        return None
+
+    # -- one state ------------------------------------------------------------------------
+
+    def step(self, sh, py) -> None:
+        """An agent step: the shell appends to a file, Python bumps its counter."""
+        r = sh.run('STEP=$((STEP+1)); echo "step $STEP" >> /root/notes.txt')
+        if r.exit_code != 0:
+            raise RuntimeError(f"bash step failed: {r.stderr[-300:]!r}")
+        r = py.run("counter += 1")
+        if r.exit_code != 0:
+            raise RuntimeError(f"python step failed: {r.stderr[-300:]!r}")
+        self.counter += 1
+
+    def checkpoint(self, sbx, label: str):
+        info = sbx.checkpoint(label, full=True)
+        self.expect[info.id] = self.counter
+        return info
+
+    def verify(self, py, ckpt, what: str) -> None:
+        """The Python session holds the checkpoint's counter (untimed)."""
+        got = py.run("print(counter, len(blob))").stdout.decode().split()
+        want = [str(self.expect[ckpt.id]), str(self.mb << 20)]
+        if got != want:
+            self.failures.append(f"{self.mb} MB, after {what}: Python session has counter/blob "
+                                 f"{got}, the checkpoint had {want}")
+        self.counter = self.expect[ckpt.id]
+
+    def guarded(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - report it, measure the rest
+            msg = f"{self.mb} MB: {what} failed: {type(e).__name__}: {str(e)[:500]}"
+            self.failures.append(msg)
+            self.log(f"[red]{msg}[/]")
+            return None
+
+    def run_state(self, client, mb: int, work: Path) -> None:
+        self.mb = mb
+        limit = (mb + 512) << 20
+        self.log(f"[bold]{mb} MB state[/]: sandbox from the demo image, memory limit "
+                 f"{limit >> 20} MiB")
+        t0 = time.perf_counter()
+        sbx = client.create("demo", name=f"cr-{mb}", memory=limit)
+        root = None
+        try:
+            sh = sbx.open_session("bash", name="shell")
+            py = sbx.open_session("python", name="py")
+            sh.run("cd /root && STEP=0 && export AGENT=bench")
+            r = py.run(f"import os\nblob = os.urandom({mb} << 20)\ncounter = 0\n"
+                       "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
+                       "if l.startswith('VmRSS')) >> 10)")
+            if r.exit_code != 0:
+                raise RuntimeError(f"python set-up failed: {r.stderr[-500:]!r}")
+            self.counter = 0
+            state = {"rss_mb": mb, "memory_limit_mb": limit >> 20,
+                     "python_vmrss_mb": int(r.stdout.split()[-1]),
+                     "setup_s": round(time.perf_counter() - t0, 1)}
+            self.states.append(state)
+            if len(self.states) == 1:
+                self.settle()
+                self.measure_floor(client, sbx, op="GetSandbox (gRPC floor, back to back)",
+                                   rss_mb=mb, n=None)
+                self.measure_floor(client, sbx, pause=self.plan.pause_s,
+                                   op=f"GetSandbox (gRPC floor, after "
+                                      f"{1000 * self.plan.pause_s:.0f} ms idle)",
+                                   rss_mb=mb, n=None)
+            self.measure_exec_idle(sbx)
+            root = self.checkpoint(sbx, "c0")
+            chain = self.guarded("checkpoints", self.measure_checkpoint, client, sbx, sh, py)
+            if not chain:
+                return
+            older, head = chain
+            self.guarded("rollbacks via the double", self.measure_rollback_double, client, sbx,
+                         sh, py, head)
+            restores = self.guarded("rollbacks via restore", self.measure_rollback_restore,
+                                    client, sbx, sh, py, head, older) or []
+            if mb in self.plan.fork_rss_mb:
+                self.guarded("forks", self.measure_fork, client, head)
+            self.guarded("baseline", self.baseline, client, sbx, work, restores)
+            self.settle(doubles=1)
+            full = [c for c in sbx.checkpoints() if c.image_bytes]
+            state["checkpoints"] = len(full)
+            state["image_mb_p50"] = round(pct([c.image_bytes / 2**20 for c in full], 50), 1)
+            shared = [c.image_shared_bytes / 2**20 for c in full if c.id != root.id]
+            state["image_shared_mb_p50"] = round(pct(shared, 50), 1) if shared else None
+        finally:
+            self.settle(doubles=1)  # a destroy racing the double's build leaks it
+            sbx.destroy()
+            self.settle()
+            left = self._branch_mounts()
+            kids: dict[str, int] = {}
+            for pid in _children(self.daemon_pid):
+                st = _stat_fields(pid)
+                if st is not None:
+                    what = f"{st[0]} ({'zombie' if st[1][0] == 'Z' else 'state ' + st[1][0]})"
+                    kids[what] = kids.get(what, 0) + 1
+            if left or kids:
+                self.leaks.append({"rss_mb": mb, "branch_mounts_left": left,
+                                   "daemon_children_left": kids})
+                self.log(f"  [red]left after destroying the only sandbox: {left} branch "
+                         f"mount(s), daemon children {kids}[/]")
+            if root is not None:
+                client.delete_checkpoint(root.id, cascade=True)  # frees the store
+
+    # -- measurements ---------------------------------------------------------------------
+
+    def measure_exec_idle(self, sbx) -> None:
+        self.settle()
+        cell = Cell()
+        for _ in range(self.plan.n("exec", self.mb)):
+            t0 = time.perf_counter()
+            sbx.exec(["true"]).check()
+            cell.add(1000 * (time.perf_counter() - t0), None, {})
+        self.record(**cell.row(op="exec true (idle)", rss_mb=self.mb, n=None))
+
+    def _exec_during(self, sbx, box: dict) -> None:
+        """In a second thread: poll the sandbox's freezer; the moment it starts freezing
+        (the checkpoint's gate is closed by then), run `exec true` and time it."""
+        f = _freezer_file(box["init_pid"])
+        if f is None:
+            return
+        path, thawed = f
+        deadline = time.monotonic() + 60
+        while not box.get("done") and time.monotonic() < deadline:
+            try:
+                value = path.read_text().strip()
+            except OSError:
+                return
+            if value != thawed:
+                t0 = time.perf_counter()
+                sbx.exec(["true"]).check()
+                box["exec_at"], box["exec_end"] = t0, time.perf_counter()
+                return
+            time.sleep(0.0002)
+
+    def measure_checkpoint(self, client, sbx, sh, py):
+        import threading
+        n = self.plan.n("checkpoint", self.mb)
+        self.log(f"  {n} full checkpoints")
+        cell, after, during, ready, images = Cell(), Cell(), Cell(), [], []
+        prev = head = None
+        for i in range(n):
+            self.step(sh, py)
+            before = self.settle(doubles=1)
+            box: dict = {}
+            if i % 2 == 0:
+                box["init_pid"] = client.get(sbx.id).info.init_pid
+                th = threading.Thread(target=self._exec_during, args=(sbx, box), daemon=True)
+                th.start()
+
+            def ck():
+                box["t0"] = time.perf_counter()
+                try:
+                    return self.checkpoint(sbx, f"c{i + 1}")
+                finally:
+                    box["t1"] = time.perf_counter()
+                    box["done"] = True
+
+            def exec_after():
+                if i % 2 == 1:
+                    t0 = time.perf_counter()
+                    sbx.exec(["true"]).check()
+                    after.add(1000 * (time.perf_counter() - t0), None, {})
+            info, wall, handler = self.timed(client, "Checkpoint", ck, then=exec_after)
+            if i % 2 == 0:
+                th.join(60)
+                if "exec_at" in box:
+                    during.add(1000 * (box["exec_end"] - box["exec_at"]), None, {
+                        "issued_after_ms": 1000 * (box["exec_at"] - box["t0"]),
+                        "waited_for_checkpoint_ms": max(0.0, 1000 * (box["t1"] - box["exec_at"])),
+                        "after_checkpoint_ms": 1000 * (box["exec_end"] - box["t1"])})
+            cell.add(wall, handler, info.timings_ms)
+            images.append(info.image_bytes / 2**20)
+            d = self._wait_new_double(before, box["t1"])
+            if d is not None:
+                ready.append(d)
+            prev, head = head, info
+        row = self.record(**cell.row(op="checkpoint (full)", rss_mb=self.mb, n=None))
+        row["image_mb"] = summary(images)
+        row["double_ready_ms"] = summary(ready) if ready else None
+        if after.grpc:
+            self.record(**after.row(op="exec right after checkpoint returns", rss_mb=self.mb,
+                                    n=None))
+        if during.grpc:
+            self.record(**during.row(op="exec issued during checkpoint (at freeze)",
+                                     rss_mb=self.mb, n=None))
+        return prev, head
+
+    def measure_rollback_double(self, client, sbx, sh, py, head) -> None:
+        n = self.plan.n("double", self.mb)
+        self.log(f"  {n} rollbacks via the body double")
+        cell = Cell()
+        for _ in range(n):
+            self.step(sh, py)
+            self.settle(doubles=1)
+            res, wall, handler = self.timed(client, "Rollback", lambda: sbx.rollback(head.id))
+            cell.add(wall, handler, res.timings_ms, res.path)
+            self.counter = self.expect[head.id]
+        self.record(**cell.row(op="rollback (double)", rss_mb=self.mb, n=None))
+        self.verify(py, head, "rollbacks via the double")
+
+    def measure_rollback_restore(self, client, sbx, sh, py, head, older) -> list[float]:
+        n = self.plan.n("restore", self.mb)
+        self.log(f"  {n} rollbacks via CRIU restore")
+        cell, target = Cell(), head
+        for i in range(n):
+            target = older if i % 2 == 0 else head
+            self.step(sh, py)
+            self.settle(doubles=1)
+            res, wall, handler = self.timed(client, "Rollback", lambda: sbx.rollback(target.id))
+            cell.add(wall, handler, res.timings_ms, res.path)
+            self.counter = self.expect[target.id]
+        self.record(**cell.row(op="rollback (restore)", rss_mb=self.mb, n=None))
+        self.verify(py, target, "rollbacks via restore")
+        if target is not head:
+            self.settle(doubles=1)
+            sbx.rollback(head.id)
+            self.counter = self.expect[head.id]
+        return list(cell.grpc)
+
+    def _destroy_all(self, children) -> int:
+        live = [c.sandbox for c in children if c.sandbox is not None]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: s.destroy(), live))
+        return len(children) - len(live)
+
+    def measure_fork(self, client, head) -> None:
+        for k in self.plan.forks:
+            n = self.plan.n("fork", self.mb, k)
+            self.log(f"  fork {k}: {n} cold, {n} pre-warmed")
+            cold, busy_pct, own_core_ms, daemon_pct = Cell(), [], [], []
+            for _ in range(n):
+                self.settle(doubles=1)
+                b0, t0 = _cpu_jiffies()       # the rate of other work on the host, just before
+                time.sleep(0.3)
+                b1, t1 = _cpu_jiffies()
+                bg_rate = (b1 - b0) / max(1, t1 - t0)
+                d0 = self._daemon_cpu()
+                children, wall, handler = self.timed(client, "Fork", lambda: client.fork(head, k))
+                b2, t2 = _cpu_jiffies()
+                d1 = self._daemon_cpu()
+                cold.add(wall, handler, children.timings_ms)
+                cold.failed += self._destroy_all(children)
+                busy = (b2 - b1) / max(1, t2 - t1)
+                busy_pct.append(100 * busy)
+                # core-ms the fork itself used: all busy time minus the earlier rate of others
+                own_core_ms.append(max(0.0, (b2 - b1) - bg_rate * (t2 - t1)) * 1000 / CLK_TCK)
+                daemon_pct.append(100 * (d1 - d0) / CLK_TCK / max(1e-6, wall / 1000))
+            row = self.record(**cold.row(op=f"fork {k} (cold)", rss_mb=self.mb, n=k))
+            row["cpu_busy_pct"] = round(pct(busy_pct, 50), 1)
+            row["fork_core_ms"] = round(pct(own_core_ms, 50), 1)
+            row["daemon_cpu_pct_of_core"] = round(pct(daemon_pct, 50), 1)
+
+            warm, prep, ready, pool_mib = Cell(), [], [], []
+            for _ in range(n):
+                self.settle(doubles=1)
+                t0 = time.perf_counter()
+                ready.append(client.warm(head, k, wait=True))
+                prep.append(1000 * (time.perf_counter() - t0))
+                frozen = self.settle(doubles=1 + k)
+                # the pool's memory: every double's cgroup, less the sandbox's own double
+                pool_mib.append(sum(_memcg_bytes(p) for p in frozen) / 2**20
+                                * max(0, len(frozen) - 1) / max(1, len(frozen)))
+                children, wall, handler = self.timed(client, "Fork", lambda: client.fork(head, k))
+                warm.add(wall, handler, children.timings_ms)
+                warm.failed += self._destroy_all(children)
+            row = self.record(**warm.row(op=f"fork {k} (pre-warmed)", rss_mb=self.mb, n=k))
+            row["warm_ms"] = summary(prep)
+            row["warm_ready_min"] = min(ready)
+            row["pool_mib"] = round(pct(pool_mib, 50))
+
+    def baseline(self, client, sbx, work: Path, restores: list[float]) -> None:
+        n = self.plan.n("baseline", self.mb)
+        self.log(f"  baseline: {n} x (copytree of the sandbox root + criu dump)")
+        dumps, copies, images = [], [], []
+        for i in range(n):
+            self.settle(doubles=1)
+            pid = client.get(sbx.id).info.init_pid
+            root = Path(f"/proc/{pid}/root")
+            dst = work / f"cr-baseline-{self.mb}-{i}"
+            dst.mkdir(parents=True)
+
+            def skip(d, names, top=str(root)):
+                return {"proc", "dev", "sys"} & set(names) if d == top else set()
+            t0 = time.perf_counter()
+            shutil.copytree(str(root), dst / "fs", symlinks=True, ignore=skip)
+            copies.append(1000 * (time.perf_counter() - t0))
+            if not self.copy_info:
+                files, size = _tree_bytes(dst / "fs")
+                self.copy_info = {"files": files, "mib": round(size / 2**20)}
+            img = dst / "img"
+            img.mkdir()
+            t0 = time.perf_counter()
+            r = subprocess.run([str(self.criu_bin), "dump", "-t", str(pid), "-D", str(img),
+                                "-o", "dump.log", "--root", str(root),
+                                "--external", "mnt[/]:root", "--leave-running",
+                                "--tcp-established", "--file-locks", "--network-lock", "skip",
+                                "--manage-cgroups=ignore"], capture_output=True, timeout=600)
+            dumps.append(1000 * (time.perf_counter() - t0))
+            if r.returncode != 0:
+                log = (img / "dump.log").read_text(errors="replace") \
+                    if (img / "dump.log").exists() else r.stderr.decode(errors="replace")
+                raise RuntimeError(f"criu dump exited {r.returncode}: "
+                                   + " | ".join(ln for ln in log.splitlines()
+                                                if "Error" in ln)[-800:])
+            images.append(sum(p.stat().st_size for p in img.glob("*.img")) / 2**20)
+            subprocess.run(["rm", "-rf", str(dst)], check=True)
+            subprocess.run(["sync", "-f", str(work)], check=False)
+        mb = self.mb
+        self.baselines += [
+            {"op": "criu dump (CLI, --leave-running)", "rss_mb": mb, "iterations": n,
+             "ms": summary(dumps), "image_mb": round(pct(images, 50), 1)},
+            {"op": "shutil.copytree of the sandbox root", "rss_mb": mb, "iterations": n,
+             "ms": summary(copies), **self.copy_info},
+            {"op": "checkpoint: criu dump + copytree", "rss_mb": mb, "iterations": n,
+             "ms": summary([d + c for d, c in zip(dumps, copies)])},
+        ]
+        if restores:
+            self.baselines.append(
+                {"op": "rollback: restore path + copytree", "rss_mb": mb,
+                 "iterations": len(restores),
+                 "ms": summary([r + copies[j % len(copies)] for j, r in enumerate(restores)])})
+
+    # -- document -------------------------------------------------------------------------
+
+    def document(self) -> dict:
+        return {
+            "config": {"quick": self.plan.quick, "iterations": self.plan.iterations,
+                       "rss_mb": list(self.plan.rss_mb),
+                       "fork_rss_mb": list(self.plan.fork_rss_mb),
+                       "forks": list(self.plan.forks),
+                       "criu": getattr(self, "status", None) and self.status.criu_version,
+                       "image": getattr(self, "image", None)},
+            "states": self.states,
+            "results": self.results,
+            "baselines": self.baselines,
+            "leaks": self.leaks,
+        }
+
+    def analyse(self, doc: dict) -> None:
+        notes = doc.pop("notes")
+        doc["ratios"] = cr_ratios(doc)
+        doc["targets"] = cr_targets(doc)
+        from deltabox.config import Config
+        budget = Config().warm_budget_bytes
+        for f in self.failures:
+            notes.append(f"FAILED: {f}")
+        if self.unsettled:
+            notes.append(f"{self.unsettled} timed operations started before the daemon's "
+                         "background work had settled (timeout)")
+        for lk in self.leaks:
+            kids = ", ".join(f"{v} x {k}" for k, v in lk["daemon_children_left"].items())
+            notes.append(f"daemon bug: {lk['branch_mounts_left']} branch mount(s) and daemon "
+                         f"child processes [{kids or 'none'}] were left after the "
+                         f"{lk['rss_mb']} MB run destroyed its only sandbox")
+        for r in doc["results"]:
+            paths = r.get("paths") or {}
+            want = {"rollback (double)": "double", "rollback (restore)": "restore"}.get(r["op"])
+            if want and set(paths) - {want}:
+                notes.append(f"{r['rss_mb']} MB {r['op']}: the daemon took paths {paths}")
+            if r["op"].startswith("fork") and r.get("failed_children"):
+                notes.append(f"{r['rss_mb']} MB {r['op']}: {r['failed_children']} children "
+                             "failed")
+            if r["op"].endswith("(pre-warmed)") and r.get("pool_mib", 0) << 20 > budget:
+                notes.append(f"{r['rss_mb']} MB {r['op']}: the pool of {r['n']} doubles held "
+                             f"{r['pool_mib']:,} MiB, over warm_budget_bytes "
+                             f"({budget >> 20:,} MiB): the budget only evicts other pools")
+            if r["op"].endswith("(pre-warmed)") and r.get("warm_ready_min", r["n"]) < r["n"]:
+                notes.append(f"{r['rss_mb']} MB {r['op']}: Warm({r['n']}) had only "
+                             f"{r['warm_ready_min']} doubles ready; the rest started cold")
+        notes.append("baseline restore side = the daemon's restore-path rollback (gRPC wall: "
+                     "branch mount + CRIU restore via its RPC) + the copytree measured on the "
+                     "checkpoint side, paired by iteration; no plain `criu restore` CLI run")
+        doc["notes"] = notes
+
+
+def _cr_find(doc: dict, op: str, mb: int) -> dict | None:
+    return next((r for r in doc["results"] if r["op"] == op and r["rss_mb"] == mb), None)
+
+
+def _cr_baseline(doc: dict, op: str, mb: int) -> dict | None:
+    return next((b for b in doc["baselines"] if b["op"] == op and b["rss_mb"] == mb), None)
+
+
+def cr_ratios(doc: dict) -> list[dict]:
+    """Baseline p50 / DeltaCR p50, per state."""
+    out = []
+    for st in doc["states"]:
+        mb = st["rss_mb"]
+        bc = _cr_baseline(doc, "checkpoint: criu dump + copytree", mb)
+        br = _cr_baseline(doc, "rollback: restore path + copytree", mb)
+        ck = _cr_find(doc, "checkpoint (full)", mb)
+        rb = _cr_find(doc, "rollback (double)", mb)
+        rs = _cr_find(doc, "rollback (restore)", mb)
+        fw = _cr_find(doc, "fork 16 (pre-warmed)", mb)
+        fc = _cr_find(doc, "fork 16 (cold)", mb)
+        row: dict = {"rss_mb": mb}
+        if bc:
+            row["baseline_checkpoint_p50_ms"] = bc["ms"]["p50"]
+            if ck:
+                row["vs_checkpoint"] = round(bc["ms"]["p50"] / ck["daemon_ms"]["p50"], 1)
+                row["vs_checkpoint_grpc"] = round(bc["ms"]["p50"] / ck["grpc_ms"]["p50"], 1)
+        if br:
+            b = br["ms"]["p50"]
+            row["baseline_rollback_p50_ms"] = b
+            if rb:
+                row["vs_rollback_double"] = round(b / rb["daemon_ms"]["p50"], 1)
+                row["vs_rollback_double_grpc"] = round(b / rb["grpc_ms"]["p50"], 1)
+            if rs:
+                row["vs_rollback_restore_grpc"] = round(b / rs["grpc_ms"]["p50"], 1)
+            if fw:  # 16 restored copies the plain way vs one fork of 16
+                row["vs_fork_16_warm_grpc"] = round(16 * b / fw["grpc_ms"]["p50"], 1)
+            if fc:
+                row["vs_fork_16_cold_grpc"] = round(16 * b / fc["grpc_ms"]["p50"], 1)
+        out.append(row)
+    return out
+
+
+def cr_targets(doc: dict) -> list[dict]:
+    res = doc["results"]
+    out: list[dict] = []
+    ncpu = doc["host"]["cpus"] or 1
+
+    def add(name: str, limit: str, value, where: str, met) -> None:
+        out.append({"target": name, "limit": limit, "value": value, "where": where,
+                    "status": "n/a" if met is None else ("met" if met else "NOT met")})
+
+    def by_state(rows: list[dict], key: str) -> str:
+        return ", ".join(f"{r['rss_mb']} MB {r[key]['p50']:.2f}" for r in rows)
+
+    floor = next((r for r in res if r["op"].startswith("GetSandbox (gRPC floor, after")), None)
+    rb = [r for r in res if r["op"] == "rollback (double)"]
+    if rb:
+        worst = max(rb, key=lambda r: r["daemon_ms"]["p50"])
+        v = worst["daemon_ms"]["p50"]
+        add("rollback via the double, p50 in the daemon (worst state)",
+            f"<= {CR_TARGETS_MS['rollback_daemon']} ms", v, by_state(rb, "daemon_ms"),
+            v <= CR_TARGETS_MS["rollback_daemon"])
+        worst = max(rb, key=lambda r: r["grpc_ms"]["p50"])
+        v = worst["grpc_ms"]["p50"]
+        where = by_state(rb, "grpc_ms")
+        if floor:
+            where += (f"; the gRPC floor (GetSandbox after the same idle pause) alone is "
+                      f"{floor['grpc_ms']['p50']:.2f}")
+        add("rollback via the double, p50 through gRPC (worst state)",
+            f"<= {CR_TARGETS_MS['rollback_grpc']} ms", v, where,
+            v <= CR_TARGETS_MS["rollback_grpc"])
+        if len(rb) >= 2:
+            p50s = [r["daemon_ms"]["p50"] for r in rb]
+            lo, hi = min(p50s), max(p50s)
+            add("rollback via the double flat in RSS (daemon p50: max vs min)",
+                "max <= 1.5 x min + 0.5 ms", round(hi / lo, 2) if lo else None,
+                f"{lo:.2f}..{hi:.2f} ms over {len(rb)} states", hi <= 1.5 * lo + 0.5)
+        else:
+            add("rollback via the double flat in RSS", "max <= 1.5 x min + 0.5 ms", None,
+                "needs two states", None)
+    else:
+        add("rollback via the double, p50 in the daemon", "<= 1 ms", None, "not measured", None)
+    rat = [r for r in doc["ratios"] if "vs_rollback_double_grpc" in r]
+    if rat:
+        w = min(rat, key=lambda r: r["vs_rollback_double_grpc"])
+        add("rollback via the double vs CRIU restore + copytree (gRPC p50 ratio, worst state)",
+            f">= {CR_BASELINE_SPEEDUP:.0f}x", w["vs_rollback_double_grpc"],
+            ", ".join(f"{r['rss_mb']} MB {r['vs_rollback_double_grpc']:,.0f}x (daemon "
+                      f"{r.get('vs_rollback_double', 0):,.0f}x)" for r in rat),
+            w["vs_rollback_double_grpc"] >= CR_BASELINE_SPEEDUP)
+    else:
+        add("rollback via the double vs CRIU restore + copytree", f">= {CR_BASELINE_SPEEDUP:.0f}x",
+            None, "no baseline", None)
+    fw = [r for r in res if r["op"] == "fork 16 (pre-warmed)"]
+    if fw:
+        worst = max(fw, key=lambda r: r["grpc_ms"]["p50"])
+        v = worst["grpc_ms"]["p50"]
+        add("fork 16 pre-warmed (Warm(16) before), gRPC p50 until all 16 run (worst state)",
+            f"<= {CR_TARGETS_MS['fork16_warm']} ms", v,
+            by_state(fw, "grpc_ms") + "; daemon " + by_state(fw, "daemon_ms"),
+            v <= CR_TARGETS_MS["fork16_warm"])
+    else:
+        add("fork 16 pre-warmed", f"<= {CR_TARGETS_MS['fork16_warm']} ms", None,
+            "not measured", None)
+    fc = [r for r in res if r["op"] == "fork 16 (cold)"]
+    if fc:
+        parts, ok = [], True
+        for r in fc:
+            one = _cr_find(doc, "fork 1 (cold)", r["rss_mb"])
+            per_child = r["fork_core_ms"] / 16
+            bound = max(one["grpc_ms"]["p50"] if one else 0.0, 16 * per_child / ncpu)
+            parts.append(f"{r['rss_mb']} MB: {r['grpc_ms']['p50']:.0f} ms, CPUs "
+                         f"{r['cpu_busy_pct']:.0f}% busy, {per_child:.0f} core-ms/child, "
+                         f"daemon {r['daemon_cpu_pct_of_core']:.0f}% of a core, bound "
+                         f"max(fork 1, 16 x core-ms/{ncpu} cores) = {bound:.0f} ms")
+            ok = ok and r["cpu_busy_pct"] >= 100 * CR_CPU_BOUND
+        worst = max(fc, key=lambda r: r["grpc_ms"]["p50"])
+        add("fork 16 cold as fast as the machine allows (CPU-bound), gRPC p50",
+            f"CPUs >= {100 * CR_CPU_BOUND:.0f}% busy", worst["grpc_ms"]["p50"],
+            "; ".join(parts), ok)
+    return out
+
+
+def render_cr(doc: dict, console) -> None:
+    from rich.table import Table
+    st = Table("RSS MB", "memory limit MiB", "Python VmRSS MiB", "full checkpoints",
+               "image MiB p50", "shared with parent MiB p50", "set-up s",
+               title=f"states (sandbox from the {((doc['config'].get('image') or {}).get('name'))}"
+                     " image: a bash session + a Python session holding RSS MB)",
+               box=None, header_style="bold")
+    for s in doc["states"]:
+        st.add_row(str(s["rss_mb"]), str(s["memory_limit_mb"]), str(s["python_vmrss_mb"]),
+                   _fmt(s.get("checkpoints")), _fmt(s.get("image_mb_p50")),
+                   _fmt(s.get("image_shared_mb_p50")), _fmt(s["setup_s"]))
+    console.print(st)
+
+    order = ["frozen_ms", "freeze_ms", "sink_fs_ms", "dump_ms", "thaw_ms", "commit_ms",
+             "issued_after_ms", "waited_for_checkpoint_ms", "after_checkpoint_ms"]
+    hide = {"copy_ms", "sink_ms"}  # sums of the parts shown
+    tab = Table("operation", "RSS MB", "iters", "daemon p50", "daemon p95", "handler p50",
+                "gRPC p50", "gRPC p95", "daemon breakdown p50 / notes", title="DeltaCR (ms)",
+                box=None, header_style="bold")
+    for r in doc["results"]:
+        parts = r.get("breakdown_p50_ms", {})
+        keys = [k for k in order if k in parts] + sorted(
+            k for k in parts if k not in order and k not in hide)
+        extra = [" ".join(f"{k.removesuffix('_ms')} {parts[k]:.1f}" for k in keys)]
+        if r.get("double_ready_ms"):
+            extra.append(f"double ready {r['double_ready_ms']['p50']:.0f} after")
+        if r.get("image_mb"):
+            extra.append(f"image {r['image_mb']['p50']:.0f} MiB")
+        if r.get("paths"):
+            extra.append("paths " + ", ".join(f"{k} {v}" for k, v in r["paths"].items()))
+        if "cpu_busy_pct" in r:
+            extra.append(f"CPUs {r['cpu_busy_pct']:.0f}% busy, fork used "
+                         f"{r['fork_core_ms']:.0f} core-ms, daemon "
+                         f"{r['daemon_cpu_pct_of_core']:.0f}% of a core")
+        if r.get("warm_ms"):
+            extra.append(f"Warm({r['n']}, wait) took {r['warm_ms']['p50']:.0f}, pool "
+                         f"{r.get('pool_mib', 0):,} MiB")
+        if r.get("failed_children"):
+            extra.append(f"{r['failed_children']} children FAILED")
+        d, h, g = r["daemon_ms"] or {}, r["handler_ms"] or {}, r["grpc_ms"]
+        tab.add_row(r["op"], _fmt(r["rss_mb"]), str(r["iterations"]), _fmt(d.get("p50")),
+                    _fmt(d.get("p95")), _fmt(h.get("p50")), _fmt(g["p50"]), _fmt(g["p95"]),
+                    "; ".join(x for x in extra if x))
+    console.print(tab)
+
+    bl = Table("baseline (host, store's XFS)", "RSS MB", "iters", "p50 ms", "p95 ms", "size",
+               title="baselines", box=None, header_style="bold")
+    for b in doc["baselines"]:
+        size = f"{b['image_mb']:.0f} MiB images" if "image_mb" in b else \
+            f"{b['files']:,} files, {b['mib']} MiB" if "files" in b else ""
+        bl.add_row(b["op"], str(b["rss_mb"]), str(b["iterations"]), _fmt(b["ms"]["p50"]),
+                   _fmt(b["ms"]["p95"]), size)
+    console.print(bl)
+
+    rt = Table("RSS MB", "ckpt baseline p50", "÷ checkpoint", "÷ checkpoint (gRPC)",
+               "rollback baseline p50", "÷ rollback double", "÷ double (gRPC)",
+               "÷ restore (gRPC)", "16 × baseline ÷ fork 16 warm", "… ÷ fork 16 cold",
+               title="speed-up: baseline p50 / DeltaCR p50 (daemon unless gRPC)", box=None,
+               header_style="bold")
+    for r in doc["ratios"]:
+        rt.add_row(str(r["rss_mb"]), _fmt(r.get("baseline_checkpoint_p50_ms")),
+                   *(f"{r[k]:,.0f}x" if k in r else "-" for k in (
+                       "vs_checkpoint", "vs_checkpoint_grpc")),
+                   _fmt(r.get("baseline_rollback_p50_ms")),
+                   *(f"{r[k]:,.0f}x" if k in r else "-" for k in (
+                       "vs_rollback_double", "vs_rollback_double_grpc",
+                       "vs_rollback_restore_grpc", "vs_fork_16_warm_grpc",
+                       "vs_fork_16_cold_grpc")))
+    console.print(rt)
+    render_targets_and_notes(doc, console)
+
+
+def main_cr(args) -> int:
+    if args.iterations is not None and args.iterations < 1:
+        raise SystemExit("--iterations must be >= 1")
+    return _main(args, make_cr_plan(args.quick, args.iterations), CRBench, render_cr)

@@ -87,6 +87,8 @@ def cmd_daemon(args) -> int:
     cfg.store_size = args.store_size
     cfg.durable = args.durable
     cfg.standby = not args.no_standby
+    if args.warm_budget is not None:
+        cfg.warm_budget_bytes = args.warm_budget
     cfg.tcp_address = args.tcp
     cfg.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     cfg.tls_key = Path(args.tls_key) if args.tls_key else None
@@ -382,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--store-size", default="64G", help="size of the loop-backed XFS image")
     d.add_argument("--durable", action="store_true",
                    help="fsync every commit and layer (survives power loss; slower)")
+    d.add_argument("--warm-budget", type=_parse_size, default=None,
+                   help="memory for body doubles and warm fork pools (default 4G)")
     d.add_argument("--no-standby", action="store_true",
                    help="do not keep a ready incarnation for fast rollback")
     d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert/--tls-key/--token)")
@@ -455,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--tree", action="append", help="django, mono (>= 20,000 files), "
                     "synthetic:N or sdist:NAME==VERSION[,...]; repeatable")
     bf.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_fs(args),
+                    needs_client=False)
+    bc = bsub.add_parser("cr", help="DeltaCR full checkpoint, rollback (double / restore) and "
+                         "fork at 10/100/1000 MB vs plain CRIU dump/restore + copytree")
+    bc.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="a JSON document on stdout (progress on stderr)")
+    bc.add_argument("--quick", action="store_true",
+                    help="10 MB only, fork 1 and 16, fewer iterations (about 2 min)")
+    bc.add_argument("--iterations", type=int,
+                    help="samples per cell (default 20, quick 5; fewer for 1000 MB, forks and "
+                    "baselines)")
+    bc.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_cr(args),
                     needs_client=False)
 
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)

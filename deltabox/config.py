@@ -40,5 +40,5 @@ class Config:
     standby: bool = True                 # keep a ready incarnation for fast rollback
     max_chain_depth: int = 32            # squash checkpoint chains deeper than this
     max_fork: int = 256
-    warm_budget_bytes: int = 4 << 30    # memory for warm fork pools (LRU-evicted beyond)
+    warm_budget_bytes: int = 4 << 30    # memory for body doubles + warm fork pools (LRU)
     extra: dict = field(default_factory=dict)

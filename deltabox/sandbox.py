@@ -657,6 +657,16 @@ class SandboxManager:
             if rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id:
                 return
             await self._drop_standby(rt)
+            # A double will hold about what the sandbox holds now.
+            need = self.cgroups.memory_usage(rt.branch_id)
+            if self._pool_bytes() + need > self.config.warm_budget_bytes:
+                await self._evict_pools(keep="")
+                if self._pool_bytes() + need > self.config.warm_budget_bytes:
+                    # Over the memory budget: no double; a rollback takes the
+                    # restore path (and prepares one again if there is room then).
+                    log.info("standby.skipped_over_budget", sandbox=sandbox_id,
+                             budget=self.config.warm_budget_bytes)
+                    return
             standby = await self._build_standby(sandbox_id, checkpoint_id)
             if standby is None:
                 return
@@ -732,8 +742,14 @@ class SandboxManager:
         if self._stopping:
             return
         async with self._warm_sem:
-            if self._pool_bytes() > self.config.warm_budget_bytes:
+            # A double holds about its images' pages (an fs incarnation: ~nothing).
+            need = int(ckpt.stats.get("image_bytes", 0))
+            if self._pool_bytes() + need > self.config.warm_budget_bytes:
                 await self._evict_pools(keep=ckpt.id)
+                if self._pool_bytes() + need > self.config.warm_budget_bytes:
+                    log.info("warm.skipped_over_budget", checkpoint=ckpt.id,
+                             budget=self.config.warm_budget_bytes)
+                    return
             branch_id = new_id("br")
             await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers)
             mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
@@ -751,10 +767,14 @@ class SandboxManager:
         self._pools[ckpt.id].append(_Standby(branch_id, ckpt.id, pid, start))
 
     def _pool_bytes(self) -> int:
+        """Memory held by prepared incarnations: warm pools and sandboxes' standbys."""
         total = 0
         for pool in self._pools.values():
             for sb in pool:
                 total += self.cgroups.memory_usage(sb.branch_id)
+        for rt in self._runtime.values():
+            if rt.standby is not None:
+                total += self.cgroups.memory_usage(rt.standby.branch_id)
         return total
 
     async def _evict_pools(self, keep: str) -> None:
