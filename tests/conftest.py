@@ -126,6 +126,18 @@ def sandbox_cgroups() -> set[str]:
     return found
 
 
+def no_new_cgroups(before: set[str], timeout: float = 15.0) -> bool:
+    """True once no sandbox cgroup exists that was not in `before`. Background work
+    of the daemon (a standby being built or retired) may hold one for a moment; a
+    leak holds it for good."""
+    deadline = time.monotonic() + timeout
+    while sandbox_cgroups() - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @pytest.fixture(scope="session")
 def workdir():
     d = Path(tempfile.mkdtemp(prefix="deltabox-pytest-"))

@@ -1047,6 +1047,33 @@ def test_deep_chain_squashed_and_rolled_back(client, tsbx):
     assert sh_snapshot(tsbx) == s40
 
 
+def test_squashed_chain_shows_no_phantom_entries(client, tsbx):
+    """A directory recreated after a rollback is opaque in its layer; a later layer whites
+    out a file it had. Squashed together, the whiteout must not end up inside the opaque
+    directory, where overlayfs lists it as a name that cannot be opened."""
+    sh(tsbx, "mkdir -p /work/d && echo old > /work/d/old")
+    c0 = tsbx.checkpoint()
+    tsbx.rollback(c0)                                    # /work/d is now lower
+    sh(tsbx, "rm -rf /work/d && mkdir /work/d && echo x > /work/d/x")
+    tsbx.checkpoint()
+    sh(tsbx, "rm /work/d/x")
+    cks, snaps = [], []
+    for i in range(34):                                  # deeper than max_chain_depth (32)
+        sh(tsbx, f"echo {i} > /work/counter")
+        cks.append(tsbx.checkpoint())
+        snaps.append(sh_snapshot(tsbx))
+    deadline = time.monotonic() + 60
+    while max((depth := {c.id: len(c.layer_ids) for c in tsbx.checkpoints()}).values()) > 32:
+        assert time.monotonic() < deadline, "the chain was not squashed"
+        time.sleep(0.2)
+    for i in (len(cks) - 1, min(i for i, c in enumerate(cks) if depth[c.id] <= 3)):
+        tsbx.rollback(cks[i])
+        r = tsbx.exec("ls -A /work/d")
+        assert (r.exit_code, r.stdout, r.stderr) == (0, b"", b""), \
+            f"/work/d after a rollback to squashed checkpoint {i}: {r.stdout!r} {r.stderr!r}"
+        assert sh_snapshot(tsbx) == snaps[i]
+
+
 # ---- daemon restarts ------------------------------------------------------------------------
 
 @pytest.fixture

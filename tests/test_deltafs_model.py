@@ -58,6 +58,9 @@ settings.register_profile(
     "deltafs-thorough", parent=settings.get_profile("deltafs-ci"), max_examples=200,
     stateful_step_count=40, phases=list(Phase))
 PROFILE = os.environ.get("DELTABOX_DELTAFS_PROFILE", "deltafs-ci")
+# Once per example, 33 checkpoints in a row so that the daemon squashes the chain (deeper
+# than max_chain_depth): ~2 s each time, so on by default only in the thorough profile.
+DEEP = os.environ.get("DELTABOX_DELTAFS_DEEP", "0" if PROFILE == "deltafs-ci" else "1") == "1"
 
 W = "/work"
 NAMES = ("a", "b", "c", "dd")
@@ -452,6 +455,7 @@ class DeltaFSMachine(RuleBasedStateMachine):
         self.boxes: list[Box] = []
         self.ckpts: list[Ckpt] = []
         self.made = 0
+        self.deepened = False   # chains were squashed: recorded layer lists are stale
         self.layers_at_start = {p.name for p in self.layers_dir.iterdir()}
 
     # -- helpers --
@@ -620,7 +624,7 @@ class DeltaFSMachine(RuleBasedStateMachine):
         count("checkpoint" + ("" if box.dirty else " (unchanged)"))
         assert ck.parent_id == box.head, "a checkpoint's parent is the sandbox's head"
         layers = tuple(ck.layer_ids)
-        if not box.dirty and box.head:
+        if not box.dirty and box.head and not self.deepened:  # (squashes rebase chains)
             assert layers == box.head_layers, "an unchanged sandbox's checkpoint adds a layer"
         self.made += 1
         self.ckpts.append(Ckpt(self.made, ck.id, box.head, layers, copy.deepcopy(box.tree),
@@ -722,13 +726,51 @@ class DeltaFSMachine(RuleBasedStateMachine):
         self.client.delete_checkpoint(ck.id)
         count("delete checkpoint")
         self.ckpts.remove(ck)
-        still = {lid for c in self.ckpts for lid in c.layers}
-        on_disk = {p.name for p in self.layers_dir.iterdir()}
-        own = set(ck.layers) - still
-        assert not own & on_disk, f"layers of the deleted checkpoint left behind: {own & on_disk}"
-        assert still <= on_disk, "a layer another checkpoint uses was deleted"
+        if not self.deepened:
+            still = {lid for c in self.ckpts for lid in c.layers}
+            on_disk = {p.name for p in self.layers_dir.iterdir()}
+            own = set(ck.layers) - still
+            assert not own & on_disk, f"the deleted checkpoint's layers remain: {own & on_disk}"
+            assert still <= on_disk, "a layer another checkpoint uses was deleted"
         with pytest.raises(deltabox.NotFound):
             self.client.diff(ck.id, ck.id)
+
+    @precondition(lambda self: DEEP and not self.deepened)
+    @rule(data=st.data())
+    def deepen_chain(self, data):
+        """33 checkpoints in a row (each ticks a file outside /work): the chain gets deeper
+        than max_chain_depth and the daemon squashes it in the background. Rollbacks, forks
+        and diffs of later steps then go through squashed layers."""
+        box = self._box(data)
+        self.deepened = True
+        count("deepen chain")
+        for i in range(33):
+            r = box.sbx.exec(["sh", "-c", f"echo {i} > /var/tmp/deltafs-tick"])
+            assert r.exit_code == 0, r.stderr
+            ck = box.sbx.checkpoint()
+            assert ck.parent_id == box.head
+            self.made += 1
+            self.ckpts.append(Ckpt(self.made, ck.id, box.head, tuple(ck.layer_ids),
+                                   copy.deepcopy(box.tree), box.observed))
+            box.head = ck.id
+        note(f"box {self.boxes.index(box)}: 33 checkpoints up to {self.ckpts[-1]}")
+        deadline = time.monotonic() + 60
+        while True:
+            infos = {c.id: tuple(c.layer_ids) for c in box.sbx.checkpoints()}
+            if max(len(v) for v in infos.values()) <= 32:
+                break
+            assert time.monotonic() < deadline, "the deep chain was not squashed"
+            time.sleep(0.2)
+        for c in self.ckpts:
+            c.layers = infos.get(c.id, c.layers)
+        box.head_layers, box.dirty = infos[box.head], False
+        child = self.client.fork(box.head, 1)[0]
+        assert child.error is None, child.error
+        try:
+            got = self._run(Box(child.sandbox, Tree(), {}), [])["tree"]
+        finally:
+            child.sandbox.destroy()
+        compare(self.ckpts[-1].tree, got, f"a fork of the squashed checkpoint {self.ckpts[-1]}")
 
     def teardown(self):
         for box in self.boxes:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import deltabox
-from conftest import TINY_TAR, sandbox_cgroups
+from conftest import TINY_TAR, no_new_cgroups, sandbox_cgroups
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 
@@ -148,7 +148,7 @@ def test_unknown_image(client, stubs):
         pb.CreateSandboxRequest(image="no-such-image", name="orphan")))
     assert_status(err, grpc.StatusCode.NOT_FOUND, "no-such-image")
     assert {s.id for s in client.list()} == before, "a failed create left a record"
-    assert sandbox_cgroups() <= cgroups
+    assert no_new_cgroups(cgroups), "a failed create left a cgroup"
     err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(pb.CreateSandboxRequest()))
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "image")
     with pytest.raises(deltabox.NotFound, match="no-such-image"):
@@ -204,7 +204,7 @@ def test_invalid_limits(client, stubs, limits, mention):
             pb.CreateSandboxRequest(image="tiny", limits=raw)))
         assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, mention)
         assert {s.id for s in client.list()} == before
-        assert sandbox_cgroups() <= cgroups
+        assert no_new_cgroups(cgroups), "a failed create left a cgroup"
     finally:  # a sandbox wrongly accepted must not outlive the test
         for s in client.list():
             if s.id not in before:
