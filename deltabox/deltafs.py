@@ -499,19 +499,24 @@ def squash_deltas(chain: list[Path], layer: Path) -> int:
     layer.mkdir()
     count = 0
     links: dict[tuple[int, int], Path] = {}
-    stack: list[tuple[Path, list[Path]]] = [(layer, list(reversed(chain)))]
+    # (dst, instances, under an opaque dir): whiteouts below an opaque directory
+    # hide nothing and overlayfs would list them as phantom entries.
+    stack: list[tuple[Path, list[Path], bool]] = [(layer, list(reversed(chain)), False)]
     dirs_done: list[tuple[Path, Path, bool]] = []
     while stack:
-        dst_dir, src_dirs = stack.pop()
+        dst_dir, src_dirs, hidden_below = stack.pop()
         for name, (kind, instances) in _delta_entries(src_dirs).items():
             dst, src = dst_dir / name, instances[0]
-            count += 1
             st = os.lstat(src)
             if kind == "whiteout":
-                os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-            elif kind in ("dir", "opaque-dir"):
+                if not hidden_below:
+                    os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+                    count += 1
+                continue
+            count += 1
+            if kind in ("dir", "opaque-dir"):
                 os.mkdir(dst, 0o700)
-                stack.append((dst, instances))
+                stack.append((dst, instances, hidden_below or kind == "opaque-dir"))
                 dirs_done.append((dst, src, kind == "opaque-dir"))
             else:
                 ident = (st.st_dev, st.st_ino)

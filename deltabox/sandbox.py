@@ -905,6 +905,8 @@ class SandboxManager:
                 n = await asyncio.to_thread(squash, chain, tmp / "layer")
                 await asyncio.to_thread(self.store.set_squashed, checkpoint_id, base,
                                         tmp / "layer", mount)
+                # Checkpoints taken while it ran extend it: rebase them on it.
+                await asyncio.to_thread(self.store.rebase_on_squashed, checkpoint_id)
                 log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(mount),
                          kept=len(base), entries=n,
                          ms=round(1000 * (time.perf_counter() - t0), 1))

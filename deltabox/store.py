@@ -747,6 +747,30 @@ class Store:
                        (layer_id, json.dumps(list(base) + [layer_id]), checkpoint_id))
         return layer_id
 
+    def rebase_on_squashed(self, checkpoint_id: str) -> int:
+        """Checkpoints that extend a squashed one's chain (taken while it was being
+        squashed) mount its squashed chain plus their own newer layers instead --
+        a metadata change, no data is copied. Returns how many were rebased."""
+        done = 0
+        with self.transaction() as db:
+            row = db.execute("SELECT layers, mount FROM checkpoints WHERE id=? AND squashed!=''",
+                             (checkpoint_id,)).fetchone()
+            if row is None:
+                return 0
+            base_layers, base_mount = json.loads(row[0]), json.loads(row[1])
+            for cid, layers, mount in db.execute(
+                    "SELECT id, layers, mount FROM checkpoints WHERE squashed='' AND id!=?",
+                    (checkpoint_id,)).fetchall():
+                layers, mount = json.loads(layers), json.loads(mount)
+                if layers[:len(base_layers)] != base_layers:
+                    continue
+                rebased = base_mount + layers[len(base_layers):]
+                if len(rebased) < len(mount):
+                    db.execute("UPDATE checkpoints SET mount=? WHERE id=?",
+                               (json.dumps(rebased), cid))
+                    done += 1
+        return done
+
     def gc_layers(self) -> None:
         """Drop layer rows nothing refers to any more, then their directories."""
         with self.transaction() as db:
