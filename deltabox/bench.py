@@ -4,8 +4,14 @@
 real source trees and compares it with what users do today on the same tree:
 `shutil.copytree`, `cp -a --reflink=always` and tar.
 
-How it measures
----------------
+`deltabox bench cr` measures DeltaCR -- full checkpoints, rollback via the body
+double and via CRIU restore, fork cold and pre-warmed -- on a demo-image sandbox
+whose Python session holds 10 / 100 / 1000 MB, against a plain `criu dump` +
+copytree on the same sandbox (how: the comment above `CRPlan` below). Both share
+`DaemonBench`: the throw-away daemon, RPC timing, the document and the clean-up.
+
+How `bench fs` measures
+-----------------------
 * A daemon is started on a temporary state dir (a loop-backed XFS image), as
   `deltabox demo` does; everything is removed at the end.
 * Trees: Python projects unpacked from their PyPI sdists (fetched once with
@@ -1021,6 +1027,9 @@ def main_fs(args) -> int:
 # * rollback (double): a step, then back to the head checkpoint once its double is ready.
 # * rollback (restore): a step, then alternately to the previous checkpoint and back to
 #   the head -- never the double's target, so CRIU restores from the store.
+# * rollback right after checkpoint: a checkpoint, a step, and at once back to it -- an
+#   action that failed fast, before the checkpoint's double is ready (the daemon waits for
+#   that double rather than restoring).
 # * fork N (cold): Fork(head, N) until the RPC returns (every child restored and its Python
 #   session re-seeded, i.e. running); children destroyed afterwards, untimed. The machine's
 #   CPU (/proc/stat) is sampled around it, minus the rate of other work measured just before.
@@ -1348,6 +1357,8 @@ class CRBench(DaemonBench):
                          sh, py, head)
             restores = self.guarded("rollbacks via restore", self.measure_rollback_restore,
                                     client, sbx, sh, py, head, older) or []
+            self.guarded("rollbacks right after a checkpoint", self.measure_rollback_early,
+                         client, sbx, sh, py)
             if mb in self.plan.fork_rss_mb:
                 self.guarded("forks", self.measure_fork, client, head)
             self.guarded("baseline", self.baseline, client, sbx, work, restores)
@@ -1492,6 +1503,24 @@ class CRBench(DaemonBench):
             self.counter = self.expect[head.id]
         return list(cell.grpc)
 
+    def measure_rollback_early(self, client, sbx, sh, py) -> None:
+        """A checkpoint, a step, and at once back to that checkpoint -- an action that
+        failed fast, before the daemon finished the checkpoint's double (it then waits
+        for that double rather than restoring)."""
+        n = self.plan.n("restore", self.mb)
+        self.log(f"  {n} rollbacks right after a checkpoint")
+        cell = Cell()
+        for i in range(n):
+            self.step(sh, py)
+            self.settle(doubles=1)
+            ck = self.checkpoint(sbx, f"early{i}")
+            self.step(sh, py)
+            res, wall, handler = self.timed(client, "Rollback", lambda: sbx.rollback(ck.id))
+            cell.add(wall, handler, res.timings_ms, res.path)
+            self.counter = self.expect[ck.id]
+        self.record(**cell.row(op="rollback right after checkpoint", rss_mb=self.mb, n=None))
+        self.verify(py, ck, "rollbacks right after a checkpoint")
+
     def _destroy_all(self, children) -> int:
         live = [c.sandbox for c in children if c.sandbox is not None]
         with ThreadPoolExecutor(4) as pool:
@@ -1502,7 +1531,7 @@ class CRBench(DaemonBench):
         for k in self.plan.forks:
             n = self.plan.n("fork", self.mb, k)
             self.log(f"  fork {k}: {n} cold, {n} pre-warmed")
-            cold, busy_pct, own_core_ms, daemon_pct = Cell(), [], [], []
+            cold, busy_pct, own_core_ms, daemon_pct, share = Cell(), [], [], [], []
             for _ in range(n):
                 self.settle(doubles=1)
                 b0, t0 = _cpu_jiffies()       # the rate of other work on the host, just before
@@ -1518,12 +1547,15 @@ class CRBench(DaemonBench):
                 busy = (b2 - b1) / max(1, t2 - t1)
                 busy_pct.append(100 * busy)
                 # core-ms the fork itself used: all busy time minus the earlier rate of others
-                own_core_ms.append(max(0.0, (b2 - b1) - bg_rate * (t2 - t1)) * 1000 / CLK_TCK)
+                own = max(0.0, (b2 - b1) - bg_rate * (t2 - t1))
+                own_core_ms.append(own * 1000 / CLK_TCK)
+                share.append(100 * own / max(1, b2 - b1))
                 daemon_pct.append(100 * (d1 - d0) / CLK_TCK / max(1e-6, wall / 1000))
             row = self.record(**cold.row(op=f"fork {k} (cold)", rss_mb=self.mb, n=k))
             row["cpu_busy_pct"] = round(pct(busy_pct, 50), 1)
             row["fork_core_ms"] = round(pct(own_core_ms, 50), 1)
             row["daemon_cpu_pct_of_core"] = round(pct(daemon_pct, 50), 1)
+            row["fork_share_of_busy_pct"] = round(pct(share, 50), 1)
 
             warm, prep, ready, pool_mib = Cell(), [], [], []
             for _ in range(n):
@@ -1531,7 +1563,7 @@ class CRBench(DaemonBench):
                 t0 = time.perf_counter()
                 ready.append(client.warm(head, k, wait=True))
                 prep.append(1000 * (time.perf_counter() - t0))
-                frozen = self.settle(doubles=1 + k)
+                frozen = self.settle(doubles=1 + min(k, ready[-1]))  # the budget may cap it
                 # the pool's memory: every double's cgroup, less the sandbox's own double
                 pool_mib.append(sum(_memcg_bytes(p) for p in frozen) / 2**20
                                 * max(0, len(frozen) - 1) / max(1, len(frozen)))
@@ -1624,12 +1656,14 @@ class CRBench(DaemonBench):
                          "background work had settled (timeout)")
         for lk in self.leaks:
             kids = ", ".join(f"{v} x {k}" for k, v in lk["daemon_children_left"].items())
-            notes.append(f"daemon bug: {lk['branch_mounts_left']} branch mount(s) and daemon "
-                         f"child processes [{kids or 'none'}] were left after the "
-                         f"{lk['rss_mb']} MB run destroyed its only sandbox")
+            notes.append(f"daemon bug: after the {lk['rss_mb']} MB run destroyed its only "
+                         f"sandbox, {lk['branch_mounts_left']} branch mount(s) and these daemon "
+                         f"children were left (cumulative since the daemon started): "
+                         f"{kids or 'none'}")
         for r in doc["results"]:
             paths = r.get("paths") or {}
-            want = {"rollback (double)": "double", "rollback (restore)": "restore"}.get(r["op"])
+            want = {"rollback (double)": "double", "rollback (restore)": "restore",
+                    "rollback right after checkpoint": "double"}.get(r["op"])
             if want and set(paths) - {want}:
                 notes.append(f"{r['rss_mb']} MB {r['op']}: the daemon took paths {paths}")
             if r["op"].startswith("fork") and r.get("failed_children"):
@@ -1759,10 +1793,13 @@ def cr_targets(doc: dict) -> list[dict]:
             one = _cr_find(doc, "fork 1 (cold)", r["rss_mb"])
             per_child = r["fork_core_ms"] / 16
             bound = max(one["grpc_ms"]["p50"] if one else 0.0, 16 * per_child / ncpu)
-            parts.append(f"{r['rss_mb']} MB: {r['grpc_ms']['p50']:.0f} ms, CPUs "
-                         f"{r['cpu_busy_pct']:.0f}% busy, {per_child:.0f} core-ms/child, "
-                         f"daemon {r['daemon_cpu_pct_of_core']:.0f}% of a core, bound "
-                         f"max(fork 1, 16 x core-ms/{ncpu} cores) = {bound:.0f} ms")
+            parts.append(f"{r['rss_mb']} MB: {r['grpc_ms']['p50']:.0f} ms; CPUs "
+                         f"{r['cpu_busy_pct']:.0f}% busy, {r['fork_share_of_busy_pct']:.0f}% of "
+                         f"that the fork's (the rest: other work on the host); "
+                         f"{per_child:.0f} core-ms per child; daemon "
+                         f"{r['daemon_cpu_pct_of_core']:.0f}% of a core; the fork alone on "
+                         f"{ncpu} cores: max(fork 1, 16 x {per_child:.0f} / {ncpu}) = "
+                         f"{bound:.0f} ms")
             ok = ok and r["cpu_busy_pct"] >= 100 * CR_CPU_BOUND
         worst = max(fc, key=lambda r: r["grpc_ms"]["p50"])
         add("fork 16 cold as fast as the machine allows (CPU-bound), gRPC p50",
@@ -1802,8 +1839,8 @@ def render_cr(doc: dict, console) -> None:
         if r.get("paths"):
             extra.append("paths " + ", ".join(f"{k} {v}" for k, v in r["paths"].items()))
         if "cpu_busy_pct" in r:
-            extra.append(f"CPUs {r['cpu_busy_pct']:.0f}% busy, fork used "
-                         f"{r['fork_core_ms']:.0f} core-ms, daemon "
+            extra.append(f"CPUs {r['cpu_busy_pct']:.0f}% busy ({r['fork_share_of_busy_pct']:.0f}% "
+                         f"of it the fork: {r['fork_core_ms']:.0f} core-ms), daemon "
                          f"{r['daemon_cpu_pct_of_core']:.0f}% of a core")
         if r.get("warm_ms"):
             extra.append(f"Warm({r['n']}, wait) took {r['warm_ms']['p50']:.0f}, pool "

@@ -140,6 +140,7 @@ class SandboxManager:
         self.criu = Criu(criu_binary) if criu_binary else None
         self._background: set[asyncio.Task] = set()
         self._stopping = False
+        self._to_reap: set[int] = set()  # killed inits not yet waited for
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
 
     def _spawn_background(self, coro) -> None:
@@ -233,10 +234,22 @@ class SandboxManager:
         self._runtime.clear()
         await asyncio.to_thread(self.cgroups.release_parents)
 
+    def _reap(self) -> None:
+        """waitpid() the killed inits that have exited (never -1: that would steal
+        the exit status of the daemon's other children, e.g. a launcher's)."""
+        for pid in list(self._to_reap):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not our child, or already reaped
+                done = pid
+            if done:
+                self._to_reap.discard(pid)
+
     async def _watch_inits(self) -> None:
         """Mark sandboxes whose init died as 'stopped' (and reap the init)."""
         while True:
             await asyncio.sleep(1.0)
+            self._reap()
             for sid, rt in list(self._runtime.items()):
                 if rt.lock.locked():
                     continue
@@ -331,10 +344,10 @@ class SandboxManager:
         self.cgroups.kill_all(branch_id)
         self.cgroups.remove(branch_id)
         if init_pid:
-            try:  # the daemon is a subreaper: inits may be our children
-                os.waitpid(init_pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+            # The daemon is a subreaper (and restores are its children): the
+            # killed init is ours to reap, once it has exited -- see _reap.
+            self._to_reap.add(init_pid)
+            self._reap()
         if rec is not None and rec.spec.get("network") == "nat" \
                 and rec.branch_id == branch_id:
             from deltabox import network as net

@@ -76,7 +76,7 @@ def test_bench_cr_quick_json():
     ops = {r["op"] for r in doc["results"]}
     want = {"exec true (idle)", "checkpoint (full)", "exec right after checkpoint returns",
             "exec issued during checkpoint (at freeze)", "rollback (double)",
-            "rollback (restore)"}
+            "rollback (restore)", "rollback right after checkpoint"}
     want |= {f"fork {n} ({k})" for n in doc["config"]["forks"] for k in ("cold", "pre-warmed")}
     assert want <= ops, want - ops
     for r in doc["results"]:
