@@ -424,29 +424,8 @@ def _merged_entries(dirs: list[Path]) -> dict[str, list[Path]]:
     directory, the directory instances down to an opaque one, a non-directory
     or a whiteout, which end the merge.
     """
-    result: dict[str, list[Path]] = {}
-    decided: set[str] = set()  # names whose lower instances no longer matter
-    for d in dirs:
-        for name in os.listdir(d):
-            if name in decided:
-                continue
-            p = d / name
-            st = os.lstat(p)
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if name not in result:  # the top-most instance decides what it is
-                if is_whiteout(st):
-                    decided.add(name)
-                    continue
-                result[name] = [p]
-                if not is_dir or _is_opaque(p):
-                    decided.add(name)
-            elif is_dir:
-                result[name].append(p)
-                if _is_opaque(p):
-                    decided.add(name)
-            else:
-                decided.add(name)
-    return result
+    return {name: instances for name, (kind, instances) in _delta_entries(dirs).items()
+            if kind != "whiteout"}
 
 
 def _delta_entries(dirs: list[Path]) -> dict[str, tuple[str, list[Path]]]:
