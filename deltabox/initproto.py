@@ -4,18 +4,27 @@ The init listens on /dev/.deltabox/init.sock inside the sandbox; the daemon
 reaches it through /proc/<init-pid>/root. Every conversation is one short-lived
 connection, so no connection to the host is open while the sandbox is
 checkpointed.
+
+Root inside the sandbox owns that path: it may replace any part of it with a
+symlink (to another sandbox's socket, or to a host socket) to redirect the
+daemon's connection, and with it the caller's argv and env. So the socket is
+resolved inside the init's root with no symlink followed, connected to through
+that resolved inode, and the peer must be the init itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno as errno_mod
+import os
 import re
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from deltabox import _linux
 from deltabox.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["InitChannel", "Conversation", "Frame", "SOCKET_IN_SANDBOX"]
@@ -165,15 +174,35 @@ class InitChannel:
     def __init__(self, init_pid: int):
         self.init_pid = init_pid
 
-    @property
-    def path(self) -> str:
-        return f"/proc/{self.init_pid}/root{SOCKET_IN_SANDBOX}"
+    def _open_socket_inode(self) -> int:
+        """An O_PATH fd of the init's socket, resolved inside the init's root with
+        no symlink (or magic link) followed."""
+        root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = _linux.openat2(root, SOCKET_IN_SANDBOX, os.O_PATH | os.O_NOFOLLOW,
+                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_SYMLINKS
+                                | _linux.RESOLVE_NO_MAGICLINKS)
+        finally:
+            os.close(root)
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno_mod.ENOTSOCK, "not a socket")
+        return fd
 
     async def connect(self) -> Conversation:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, self.path)
+            fd = self._open_socket_inode()
+            try:  # connect(2) through the magic link reaches exactly that inode
+                await asyncio.get_running_loop().sock_connect(sock, f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            peer_pid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+            if peer_pid != self.init_pid:
+                raise OSError(errno_mod.EACCES, f"the socket is served by pid {peer_pid}, "
+                              "not by the sandbox's init")
         except OSError as e:
             sock.close()
             raise Unavailable(f"the sandbox's init (pid {self.init_pid}) does not answer: "

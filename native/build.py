@@ -80,7 +80,8 @@ def build_native(package_dir: Path) -> None:
 def build_init(package_dir: Path) -> None:
     out = package_dir / "_bin" / "deltabox-init"
     init_dir = NATIVE_DIR / "init"
-    if _newer([out], [init_dir / "deltabox-init.c", init_dir / "Makefile"]):
+    inputs = ["deltabox-init.c", "Makefile", "seccomp-allow.txt", "gen_seccomp.py"]
+    if _newer([out], [init_dir / name for name in inputs]):
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["make", "-s", "-C", str(init_dir), f"OUT={out}"], check=True,

@@ -578,6 +578,47 @@ def t_isolation(sb):
         assert "/" + os.path.basename(path) in cg, cg
 
 
+def t_planted_symlinks(sb):
+    """A tree whose /tmp, /proc, /dev and /.deltabox are symlinks to host paths
+    (a hostile image, or root inside before a relaunch) must not make the
+    launcher touch the host: everything is prepared after pivot_root, and
+    those names are never followed."""
+    host = tempfile.mkdtemp(prefix="dbx-init-host-")
+    other = Sandbox(sb.binary)
+    try:
+        marker = os.path.join(host, "marker")
+        with open(marker, "w") as f:
+            f.write("host\n")
+        os.chmod(marker, 0o600)
+        os.chmod(host, 0o700)
+        other.build()
+        for name, target in (("tmp", marker), ("proc", host), ("dev", host),
+                             (".deltabox", host)):
+            path = os.path.join(other.rootfs, name)
+            if os.path.isdir(path):
+                os.rmdir(path)
+            os.symlink(target, path)
+        other.launch()
+        out, _, st = other.run(["sh", "-c", "cat /proc/1/comm; ls -a /dev; ls -ld /tmp"])
+        assert st == 0 and b"deltabox-init" in out and b"urandom" in out, out
+        assert out.rstrip().endswith(marker.encode()), out  # /tmp left as the link it is
+        assert sorted(os.listdir(host)) == ["marker"], os.listdir(host)
+        assert os.stat(marker).st_mode & 0o7777 == 0o600
+        assert os.stat(host).st_mode & 0o7777 == 0o700
+        assert open(marker).read() == "host\n"
+    finally:
+        other.destroy()
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def t_proc_masks(sb):
+    """Host-wide kernel state is masked as Docker masks it."""
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
+        if os.path.exists(path):
+            out, _, st = sb.run(["sh", "-c", f"head -c 64 {path} | wc -c"])
+            assert out.strip() == b"0", (path, out)
+
+
 def t_zombies_reaped(sb):
     out, _, st = sb.run(["sh", "-c", "sleep 0 & exec sleep 1"])
     assert st == 0
@@ -740,7 +781,7 @@ TESTS = [
     t_bad_cwd, t_env, t_stdin_relay, t_big_output, t_slow_reader_backpressure, t_signal,
     t_disconnect_kills, t_background_grandchild, t_session, t_detached_output_is_bounded,
     t_stdin_backpressure, t_dump_barrier, t_session_exit_while_detached,
-    t_pty, t_isolation, t_zombies_reaped, t_concurrent, t_protocol_errors,
+    t_pty, t_isolation, t_planted_symlinks, t_proc_masks, t_zombies_reaped, t_concurrent, t_protocol_errors,
     t_init_holds_nothing_from_host, t_criu_dump_restore, t_init_holds_nothing_from_host,
 ]
 
