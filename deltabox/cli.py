@@ -77,8 +77,13 @@ _STATE = {0: "?", 1: "creating", 2: "running", 3: "stopped", 4: "broken"}
 # ---- commands ----------------------------------------------------------------------------
 
 def cmd_daemon(args) -> int:
+    from deltabox.client import TOKEN_ENV, load_token
     from deltabox.config import Config
     from deltabox.daemon import run_daemon
+    if args.token is not None:
+        raise SystemExit("deltabox daemon: --token is refused: any host user can read it in "
+                         "/proc/<pid>/cmdline. Use --token-file PATH (a chmod-600 file) or "
+                         f"${TOKEN_ENV}")
     cfg = Config()
     if args.state_dir:
         cfg.state_dir = Path(args.state_dir)
@@ -92,7 +97,12 @@ def cmd_daemon(args) -> int:
     cfg.tcp_address = args.tcp
     cfg.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     cfg.tls_key = Path(args.tls_key) if args.tls_key else None
-    cfg.token = args.token or os.environ.get("DELTABOX_TOKEN")
+    try:
+        cfg.token = load_token(args.daemon_token_file or args.token_file)
+    except ValueError as e:
+        raise SystemExit(f"deltabox daemon: {e}") from None
+    os.environ.pop(TOKEN_ENV, None)  # sandboxes and helpers must not inherit it
+    cfg.socket_group = args.socket_group
     run_daemon(cfg)
     return 0
 
@@ -374,7 +384,14 @@ def cmd_checkpoint(args, client) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltabox", description="DeltaBox sandboxes with "
                                 "millisecond checkpoint, rollback and fork")
-    p.add_argument("--socket", help="daemon socket (default /run/deltabox/deltabox.sock)")
+    p.add_argument("--socket", help="daemon socket (default /run/deltabox/deltabox.sock), "
+                   "or HOST:PORT of a daemon on TCP")
+    p.add_argument("--tls-ca", metavar="PATH", help="the TCP daemon's certificate or its CA")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="the TCP daemon's bearer token, in a chmod-600 file (or DELTABOX_TOKEN)")
+    # Refused (it would show in /proc/<pid>/cmdline); also keeps `--token` from being
+    # taken as an abbreviation of --token-file.
+    p.add_argument("--token", dest="client_token", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -388,10 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for body doubles and warm fork pools (default 4G)")
     d.add_argument("--no-standby", action="store_true",
                    help="do not keep a ready incarnation for fast rollback")
-    d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert/--tls-key/--token)")
+    d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert, --tls-key and "
+                   "--token-file or DELTABOX_TOKEN)")
     d.add_argument("--tls-cert")
     d.add_argument("--tls-key")
-    d.add_argument("--token", help="bearer token for TCP clients (or DELTABOX_TOKEN)")
+    d.add_argument("--token-file", dest="daemon_token_file", metavar="PATH",
+                   help="bearer token for TCP clients, in a chmod-600 file (or DELTABOX_TOKEN)")
+    d.add_argument("--token", help=argparse.SUPPRESS)  # refused: it would show in cmdline
+    d.add_argument("--socket-group", metavar="NAME|GID",
+                   help="group that may use the unix socket (0660; its directory becomes "
+                   "root:GROUP 0750); default root")
     d.set_defaults(func=cmd_daemon, needs_client=False)
 
     img = sub.add_parser("image", help="manage images").add_subparsers(dest="image_cmd",
@@ -530,11 +553,20 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "cmd"):
             raise SystemExit(f"deltabox {args.command}: unexpected arguments after --")
         args.cmd = list(args.cmd) + tail
+    if args.client_token is not None:
+        print("deltabox: --token is refused: any host user can read it in /proc/<pid>/cmdline. "
+              "Use --token-file PATH (a chmod-600 file) or $DELTABOX_TOKEN", file=sys.stderr)
+        return 2
     if not getattr(args, "needs_client", True):
         return args.func(args)
     from deltabox.client import Client
     try:
-        with Client(args.socket) as client:
+        client = Client(args.socket, tls_ca=args.tls_ca, token_file=args.token_file)
+    except (ValueError, OSError) as e:
+        print(f"deltabox: {e}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             return args.func(args, client)
     except DeltaboxError as e:
         print(f"deltabox: {type(e).__name__}: {e.message}", file=sys.stderr)

@@ -15,6 +15,7 @@ the same exception classes the daemon raised (`deltabox.errors`).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -26,7 +27,8 @@ from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from deltabox.errors import DeltaboxError, error_for_code
 
 __all__ = ["Client", "AsyncClient", "Sandbox", "AsyncSandbox", "Session", "AsyncSession",
-           "ExecResult", "SessionResult", "RollbackResult", "ForkChild", "default_target"]
+           "ExecResult", "SessionResult", "RollbackResult", "ForkChild", "default_target",
+           "read_token_file", "load_token", "TOKEN_ENV"]
 
 _NETWORK = {"none": pb.NETWORK_MODE_NONE, "nat": pb.NETWORK_MODE_NAT}
 _SESSION_KIND = {"bash": pb.SESSION_KIND_BASH, "sh": pb.SESSION_KIND_SH,
@@ -38,6 +40,59 @@ def default_target(socket: str | os.PathLike | None = None) -> str:
     path = socket or os.environ.get("DELTABOX_SOCKET", "/run/deltabox/deltabox.sock")
     path = str(path)
     return path if ":" in path and not path.startswith("/") else f"unix:{path}"
+
+
+# ---- the TCP bearer token -------------------------------------------------------------------
+# Never a command-line argument: any host user can read /proc/<pid>/cmdline.
+
+TOKEN_ENV = "DELTABOX_TOKEN"
+
+
+def _check_token(token: str, source: str) -> str:
+    # gRPC sends it as "authorization: Bearer <token>": printable ASCII, no spaces.
+    if not token or not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(f"the bearer token from {source} must be non-empty printable ASCII "
+                         "without spaces")
+    return token
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token in `path`, less one trailing newline. The file must be a regular
+    file owned by us (or root) that group and others cannot access (chmod 600)."""
+    path = os.path.expanduser(path)
+    try:
+        # O_NONBLOCK: a fifo must not hang us; the checks below are on what was opened.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"cannot open the token file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"the token file {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ValueError(f"the token file {path} belongs to uid {st.st_uid}, "
+                             f"not to us (uid {os.geteuid()}) or root")
+        if st.st_mode & 0o077:
+            raise ValueError(f"the token file {path} is accessible by group or others "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    if len(data) > 4096:
+        raise ValueError(f"the token file {path} is longer than 4 KiB")
+    try:
+        token = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"the token file {path} is not ASCII") from None
+    return _check_token(token.removesuffix("\n"), str(path))
+
+
+def load_token(token_file: str | os.PathLike | None = None) -> str | None:
+    """The bearer token from `token_file`, else from $DELTABOX_TOKEN, else None."""
+    if token_file is not None:
+        return read_token_file(token_file)
+    token = os.environ.get(TOKEN_ENV)
+    return _check_token(token, f"${TOKEN_ENV}") if token else None
 
 
 def _error(e: grpc.RpcError) -> DeltaboxError:
@@ -224,7 +279,15 @@ def _credentials(tls_ca: str | os.PathLike | None, token: str | None):
     return creds
 
 
-def _open_channel(module, target: str, tls_ca, token):
+def _open_channel(module, target: str, tls_ca, token, token_file):
+    if token is not None and token_file is not None:
+        raise ValueError("give token or token_file, not both")
+    if token is not None:
+        token = _check_token(token, "the token argument")
+    elif token_file is not None:
+        token = read_token_file(token_file)
+    elif tls_ca is not None:
+        token = load_token()  # $DELTABOX_TOKEN: only TCP (TLS) connections send one
     creds = _credentials(tls_ca, token)
     if creds is None:
         return module.insecure_channel(target, options=_channel_options())
@@ -235,13 +298,15 @@ def _open_channel(module, target: str, tls_ca, token):
 
 class Client:
     """Blocking client. `socket`: a unix socket path (default), or host:port of a daemon
-    listening on TCP, which needs `tls_ca` (its certificate or CA) and its `token`."""
+    listening on TCP, which needs `tls_ca` (its certificate or CA) and its bearer token:
+    `token_file` (a chmod-600 file), `token`, or else $DELTABOX_TOKEN."""
 
     def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None,
-                 tls_ca: str | os.PathLike | None = None, token: str | None = None):
+                 tls_ca: str | os.PathLike | None = None, token: str | None = None,
+                 token_file: str | os.PathLike | None = None):
         self.target = default_target(socket)
         self.timeout = timeout
-        self._channel = _open_channel(grpc, self.target, tls_ca, token)
+        self._channel = _open_channel(grpc, self.target, tls_ca, token, token_file)
         self._stubs = _stubs(self._channel)
 
     def _call(self, op: _Op):
@@ -474,10 +539,11 @@ class AsyncClient:
     """asyncio client with the same methods as `Client`, as coroutines."""
 
     def __init__(self, socket: str | os.PathLike | None = None, *, timeout: float | None = None,
-                 tls_ca: str | os.PathLike | None = None, token: str | None = None):
+                 tls_ca: str | os.PathLike | None = None, token: str | None = None,
+                 token_file: str | os.PathLike | None = None):
         self.target = default_target(socket)
         self.timeout = timeout
-        self._channel = _open_channel(grpc.aio, self.target, tls_ca, token)
+        self._channel = _open_channel(grpc.aio, self.target, tls_ca, token, token_file)
         self._stubs = _stubs(self._channel)
 
     async def _call(self, op: _Op):

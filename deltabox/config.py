@@ -36,6 +36,7 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token: str | None = None             # bearer token required on TCP
+    socket_group: str | None = None      # name or gid: owns the socket (0660) and its dir (0750)
     durable: bool = False                # fsync every commit (power-loss safe), slower
     standby: bool = True                 # keep a ready incarnation for fast rollback
     max_chain_depth: int = 32            # squash checkpoint chains deeper than this

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import grp
+import hmac
 import os
 import signal
 import socket
@@ -62,14 +64,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics, token: str | None):
         self.metrics = metrics
-        self.token = token
+        self.expected_authorization = None if token is None else f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method.rsplit("/", 1)[-1]
-        metrics, token = self.metrics, self.token
+        metrics, expected = self.metrics, self.expected_authorization
 
         async def fail(context, exc: BaseException, started: float):
             code, message = _status_for(exc)
@@ -80,10 +82,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
 
         def check_token(context):
-            if token is None or (context.peer() or "").startswith("unix:"):
+            if expected is None or (context.peer() or "").startswith("unix:"):
                 return  # the unix socket is guarded by its file mode
-            md = dict(context.invocation_metadata() or ())
-            if md.get("authorization") != f"Bearer {token}":
+            sent = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+            # One header, compared in constant time: timing must not reveal a prefix.
+            # Missing, repeated, malformed or wrong: the same answer.
+            got = sent[0] if len(sent) == 1 else b""
+            if isinstance(got, str):
+                got = got.encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, expected):
                 raise PermissionDenied("missing or wrong bearer token")
 
         if handler.unary_unary:
@@ -413,6 +420,49 @@ def _sd_notify(message: str) -> None:
         s.sendto(message.encode(), addr)
 
 
+def _socket_group_id(spec: str | None) -> int | None:
+    """The gid of --socket-group (a name or a number), which must exist."""
+    if spec is None:
+        return None
+    try:
+        return grp.getgrgid(int(spec)).gr_gid if spec.isdigit() else grp.getgrnam(spec).gr_gid
+    except (KeyError, OverflowError):
+        raise SystemExit(f"--socket-group {spec}: no such group (create it with "
+                         f"`groupadd {spec}`, or give an existing name or gid)") from None
+
+
+def _own_socket_dir(sock: Path, gid: int, state_dir: Path) -> None:
+    """Make the socket's directory root:`gid` 0750: members of the group reach the socket
+    (0660), others cannot even traverse. Since its group and mode change, the directory
+    must be the socket's own: created now, or holding nothing but a stale socket."""
+    parent = sock.absolute().parent
+    real, state = parent.resolve(), state_dir.resolve()
+    if real == state or state in real.parents or real in state.parents:
+        raise SystemExit(f"--socket-group: the socket's directory {parent} must be apart "
+                         f"from the state dir {state} (which only root may enter)")
+    parent.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(mode=0o750)
+    except FileExistsError:
+        sock.unlink(missing_ok=True)
+        # (a symlink or a non-directory is refused by the open below)
+        others = sorted(p.name for p in parent.iterdir()) \
+            if parent.is_dir() and not parent.is_symlink() else []
+        if others:
+            raise SystemExit(f"--socket-group: {parent} holds other files "
+                             f"({', '.join(others[:5])}); give the socket a directory of its "
+                             "own") from None
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SystemExit(f"--socket-group: cannot open {parent}: {e.strerror}") from None
+    try:
+        os.fchown(fd, 0, gid)
+        os.fchmod(fd, 0o750)
+    finally:
+        os.close(fd)
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
@@ -425,6 +475,9 @@ class Daemon:
             raise SystemExit("deltabox daemon must run as root (it mounts, creates "
                              "namespaces and cgroups)")
         self._check_tcp_config()  # refuse bad flags before touching anything
+        self.socket_gid = _socket_group_id(self.config.socket_group)
+        if self.socket_gid is not None:
+            _own_socket_dir(self.config.socket, self.socket_gid, self.config.state_dir)
         # Orphaned sandbox inits are re-parented to us, so we can reap them.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.backing = await asyncio.to_thread(ensure_backing, self.config.state_dir,
@@ -444,7 +497,8 @@ class Daemon:
     def _check_tcp_config(self) -> None:
         cfg = self.config
         if cfg.tcp_address and not (cfg.tls_cert and cfg.tls_key and cfg.token):
-            raise SystemExit("TCP needs --tls-cert, --tls-key and --token (no plaintext TCP)")
+            raise SystemExit("TCP needs --tls-cert, --tls-key and a bearer token (--token-file "
+                             "or $DELTABOX_TOKEN); there is no plaintext TCP")
 
     async def _start_serving(self) -> None:
         self.store = Store(self.backing.root, durable=self.config.durable)
@@ -475,6 +529,8 @@ class Daemon:
         if self.config.tcp_address:
             self._add_tcp_port(opts)
         await self.server.start()
+        if self.socket_gid is not None:
+            os.chown(sock, 0, self.socket_gid)
         os.chmod(sock, 0o660)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         _sd_notify("READY=1")

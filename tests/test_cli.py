@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 
 def test_create_exec_rm_roundtrip(daemon):
@@ -60,3 +63,25 @@ def test_status_images_and_errors(daemon):
     assert r.returncode == 1 and b"NotFound" in r.stderr and b"whatever" in r.stderr
     r = daemon.cli("exec", "x")
     assert r.returncode != 0
+
+
+def test_token_options(daemon, tmp_path):
+    """The token never goes on a command line; a file or $DELTABOX_TOKEN carries it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    token_file.chmod(0o600)
+    r = daemon.cli("--token-file", str(token_file), "status")  # a unix socket: no TLS
+    assert r.returncode == 2 and b"TLS" in r.stderr
+    env = {**os.environ, "DELTABOX_TOKEN": "t0ken"}  # only sent over TLS: ignored here
+    r = subprocess.run([sys.executable, "-m", "deltabox.cli", "--socket", str(daemon.socket),
+                        "--json", "status"], capture_output=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "deltabox.cli", "daemon", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert "--token-file" in r.stdout and "--socket-group" in r.stdout
+    assert "--token " not in r.stdout and "--token\n" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "deltabox.cli", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert "--token-file" in r.stdout and "--tls-ca" in r.stdout
+    r = daemon.cli("--token", "s3cret", "status")  # refused, not taken for --token-file
+    assert r.returncode == 2 and b"--token-file" in r.stderr and b"s3cret" not in r.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,6 +15,7 @@ import pytest
 import deltabox
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
+from conftest import TINY_TAR
 
 
 def _free_port() -> int:
@@ -30,14 +34,41 @@ def tls_files(tmp_path):
     return key, cert
 
 
-def test_tcp_needs_tls_and_the_token(new_daemon, tls_files):
+def _token_file(path, text: str, mode: int = 0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _status_with_authorization(target: str, cert, *values: str) -> grpc.StatusCode:
+    """Status over TLS with these raw `authorization` headers (none: no header)."""
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(target, creds) as channel:
+        try:
+            pb_grpc.SystemStub(channel).Status(
+                pb.StatusRequest(), timeout=10, metadata=[("authorization", v) for v in values])
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_tcp_needs_tls_and_the_token(new_daemon, tls_files, tmp_path, monkeypatch):
     key, cert = tls_files
     port = _free_port()
+    monkeypatch.delenv("DELTABOX_TOKEN", raising=False)
+    token_file = _token_file(tmp_path / "token", "s3cret\n")  # one trailing newline: dropped
     d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key), "--token", "s3cret")).start()
+                               "--tls-key", str(key), "--token-file", str(token_file))).start()
+    assert b"s3cret" not in (Path("/proc") / str(d.proc.pid) / "cmdline").read_bytes()
     target = f"localhost:{port}"
     with deltabox.Client(target, tls_ca=cert, token="s3cret") as c:
         assert c.status().version
+    with deltabox.Client(target, tls_ca=cert, token_file=token_file) as c:
+        assert c.status().version
+    monkeypatch.setenv("DELTABOX_TOKEN", "s3cret")
+    with deltabox.Client(target, tls_ca=cert) as c:  # from the environment
+        assert c.status().version
+    monkeypatch.delenv("DELTABOX_TOKEN")
     with deltabox.Client(target, tls_ca=cert, token="wrong") as c:
         with pytest.raises(deltabox.PermissionDenied, match="token"):
             c.status()
@@ -47,8 +78,117 @@ def test_tcp_needs_tls_and_the_token(new_daemon, tls_files):
     with deltabox.Client(target) as c:  # plaintext: the TLS port does not speak it
         with pytest.raises(deltabox.DeltaboxError):
             c.status()
+    # Missing, malformed, repeated or a prefix of the right one: all refused alike.
+    assert _status_with_authorization(target, cert, "Bearer s3cret") == grpc.StatusCode.OK
+    for values in [(), ("s3cret",), ("Bearer",), ("Bearer ",), ("Bearer s3cre",),
+                   ("Bearer s3cret ",), ("bearer s3cret",), ("Basic czNjcmV0",),
+                   ("Bearer s3cret", "Bearer s3cret")]:
+        assert _status_with_authorization(target, cert, *values) == \
+            grpc.StatusCode.PERMISSION_DENIED, values
     with d.client() as c:  # the unix socket needs no token (its file mode guards it)
         assert c.status().version
+    monkeypatch.setenv("DELTABOX_TOKEN", "s3cret")
+    with d.client() as c:  # ... and does not send one from the environment
+        assert c.status().version
+
+
+def test_cli_talks_to_a_tcp_daemon(new_daemon, tls_files, tmp_path, monkeypatch):
+    key, cert = tls_files
+    port = _free_port()
+    token_file = _token_file(tmp_path / "token", "cli-s3cret\n")
+    new_daemon(extra_args=("--tcp", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+                           "--tls-key", str(key), "--token-file", str(token_file))).start()
+    env = {k: v for k, v in os.environ.items() if k != "DELTABOX_TOKEN"}
+
+    def cli(*args, **extra_env):
+        return subprocess.run([sys.executable, "-m", "deltabox.cli", "--socket",
+                               f"127.0.0.1:{port}", "--tls-ca", str(cert), *args],
+                              capture_output=True, text=True, timeout=60, env={**env, **extra_env})
+    r = cli("--token-file", str(token_file), "--json", "status")
+    assert r.returncode == 0 and '"version"' in r.stdout, r.stderr
+    r = cli("--json", "status", DELTABOX_TOKEN="cli-s3cret")
+    assert r.returncode == 0 and '"version"' in r.stdout, r.stderr
+    r = cli("status", DELTABOX_TOKEN="wrong")
+    assert r.returncode == 1 and "PermissionDenied" in r.stderr
+    r = cli("status")
+    assert r.returncode == 1 and "PermissionDenied" in r.stderr
+    token_file.chmod(0o644)
+    r = cli("--token-file", str(token_file), "status")
+    assert r.returncode == 2 and "group or others" in r.stderr and "cli-s3cret" not in r.stderr
+
+
+def test_daemon_takes_the_token_from_the_environment(new_daemon, tls_files, monkeypatch):
+    key, cert = tls_files
+    port = _free_port()
+    monkeypatch.setenv("DELTABOX_TOKEN", "from-env")
+    d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
+                               "--tls-key", str(key))).start()
+    monkeypatch.delenv("DELTABOX_TOKEN")
+    with deltabox.Client(f"localhost:{port}", tls_ca=cert, token="from-env") as c:
+        assert c.status().version
+    with deltabox.Client(f"localhost:{port}", tls_ca=cert, token="from-env2") as c:
+        with pytest.raises(deltabox.PermissionDenied):
+            c.status()
+    # The daemon's children (sandbox inits, their processes) do not inherit it.
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        with c.create("tiny") as sbx:
+            assert b"DELTABOX_TOKEN" not in sbx.exec(["env"]).stdout
+            init_env = (Path("/proc") / str(sbx.info.init_pid) / "environ").read_bytes()
+            assert b"from-env" not in init_env
+
+
+def _daemon_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deltabox.cli", "daemon", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env=env if env is not None else os.environ)
+
+
+def test_token_on_the_command_line_is_refused(tmp_path):
+    state = tmp_path / "state"
+    r = _daemon_cli("--state-dir", str(state), "--tcp", "localhost:1", "--token", "s3cret")
+    assert r.returncode != 0
+    assert "--token-file" in r.stderr and "DELTABOX_TOKEN" in r.stderr and "cmdline" in r.stderr
+    assert not state.exists()  # refused before touching anything
+
+
+@pytest.mark.parametrize("mode, content, error", [
+    (0o644, "s3cret\n", "group or others"),
+    (0o640, "s3cret\n", "group or others"),
+    (0o602, "s3cret\n", "group or others"),
+    (0o600, "", "non-empty"),
+    (0o600, "\n", "non-empty"),
+    (0o600, "s3cret\n\n", "without spaces"),   # only one newline is dropped
+    (0o600, "s3 cret", "without spaces"),
+])
+def test_bad_token_files_are_refused(tmp_path, mode, content, error):
+    token_file = _token_file(tmp_path / "token", content, mode)
+    state = tmp_path / "state"
+    r = _daemon_cli("--state-dir", str(state), "--tcp", "localhost:1", "--token-file",
+                    str(token_file))
+    assert r.returncode != 0 and error in r.stderr and str(token_file) in r.stderr, r.stderr
+    assert "s3cret" not in r.stderr
+    assert not state.exists()
+    with pytest.raises(ValueError, match=error):
+        deltabox.client.read_token_file(token_file)
+
+
+def test_token_file_checks(tmp_path):
+    assert deltabox.client.read_token_file(_token_file(tmp_path / "a", "abc\n")) == "abc"
+    assert deltabox.client.read_token_file(_token_file(tmp_path / "b", "abc")) == "abc"
+    with pytest.raises(ValueError, match="cannot open"):
+        deltabox.client.read_token_file(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a regular file"):
+        deltabox.client.read_token_file(tmp_path)
+    other = _token_file(tmp_path / "c", "abc")
+    os.chown(other, 65534, 65534)
+    with pytest.raises(ValueError, match="uid 65534"):
+        deltabox.client.read_token_file(other)
+    with pytest.raises(ValueError, match="not both"):
+        deltabox.Client("localhost:1", tls_ca=tmp_path / "x", token="a",
+                        token_file=tmp_path / "a")
+    with pytest.raises(ValueError, match="TLS"):  # a token never travels in plaintext
+        deltabox.Client("localhost:1", token_file=tmp_path / "a")
 
 
 def test_tcp_without_tls_is_refused_at_start(new_daemon):
