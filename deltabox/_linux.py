@@ -18,12 +18,12 @@ from deltabox import _native
 __all__ = [
     "mount", "mount_overlay", "umount", "openat2", "ficlone", "is_mountpoint", "mounts_under",
     "filesystem_type", "HAS_OPENAT2", "RESOLVE_IN_ROOT", "RESOLVE_NO_MAGICLINKS",
-    "RESOLVE_BENEATH", "MS_BIND", "MS_REC", "MS_PRIVATE", "MS_RDONLY", "MS_REMOUNT",
-    "MNT_DETACH",
+    "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "MS_BIND", "MS_NOSUID", "MS_NODEV", "MS_NOATIME", "MS_REC", "MS_PRIVATE", "MS_RDONLY", "MS_REMOUNT",
+    "MNT_DETACH", "load_device_filter", "attach_device_filter",
 ]
 
 _lib = _native.lib
-NATIVE_ABI_VERSION = 4
+NATIVE_ABI_VERSION = 5
 if _lib.NATIVE_ABI_VERSION != NATIVE_ABI_VERSION:  # stale build
     raise ImportError(f"deltabox._native ABI {_lib.NATIVE_ABI_VERSION} != {NATIVE_ABI_VERSION}; "
                       "rebuild with `python native/build.py`")
@@ -32,6 +32,7 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_REMOUNT = 32
+MS_NOATIME = 1024
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -66,14 +67,27 @@ def mount_overlay(target: str | os.PathLike, lowers: list[str], upper: str | Non
                   work: str | None = None, options: tuple[str, ...] = (),
                   readonly: bool = False) -> None:
     """Mount overlayfs; `lowers` bottom first. One fsconfig("lowerdir+") per layer,
-    so there is no limit on the length of the chain's paths (up to 500 layers)."""
+    so there is no limit on the length of the chain's paths (up to 500 layers).
+
+    Layers are handed over as /proc/self/fd/N of O_PATH fds: overlayfs shows
+    the strings it was given in mountinfo, and the sandbox (whose root this is)
+    has no business learning the store's host paths."""
     ffi = _native.ffi
-    keep = [ffi.new("char[]", os.fsencode(p)) for p in reversed(lowers)]
-    opts = [ffi.new("char[]", o.encode()) for o in options]
-    _check(_lib.dbx_mount_overlay(
-        os.fsencode(target), ffi.new("char *[]", keep), len(keep),
-        os.fsencode(upper) if upper else ffi.NULL, os.fsencode(work) if work else ffi.NULL,
-        ffi.new("char *[]", opts), len(opts), int(readonly)), "mount overlay", target)
+    fds: list[int] = []
+
+    def by_fd(path: str) -> bytes:
+        fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        return f"/proc/self/fd/{fds[-1]}".encode()
+    try:
+        keep = [ffi.new("char[]", by_fd(p)) for p in reversed(lowers)]
+        opts = [ffi.new("char[]", o.encode()) for o in options]
+        _check(_lib.dbx_mount_overlay(
+            os.fsencode(target), ffi.new("char *[]", keep), len(keep),
+            by_fd(upper) if upper else ffi.NULL, by_fd(work) if work else ffi.NULL,
+            ffi.new("char *[]", opts), len(opts), int(readonly)), "mount overlay", target)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def clone_entry(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result) -> None:
@@ -90,6 +104,40 @@ def copy_meta(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
     _check(_lib.dbx_copy_meta(upper_fd, layer_fd, os.fsencode(rel), st.st_mode, st.st_uid,
                               st.st_gid, st.st_atime_ns, st.st_mtime_ns, int(keep_opaque)),
            "copy metadata", rel)
+
+
+# BPF_DEVCG_ACC_* (linux/bpf.h), by devices.allow letter.
+_DEVICE_ACCESS = {"m": 1, "r": 2, "w": 4}
+
+
+def load_device_filter(rules: list[tuple[str, int | None, int | None, str]]) -> int:
+    """A BPF_PROG_TYPE_CGROUP_DEVICE program (its fd, close it) allowing only
+    `rules`: (type "c", "b" or "a", major, minor (None: any), access letters from
+    "rwm"); any other open or mknod gets EPERM. See native/src/dbx_native.c."""
+    ffi = _native.ffi
+    table = ffi.new("struct dbx_dev_rule[]", len(rules))
+    for row, (kind, major, minor, access) in zip(table, rules):
+        row.type = kind.encode()
+        row.major = -1 if major is None else major
+        row.minor = -1 if minor is None else minor
+        row.access = sum(_DEVICE_ACCESS[a] for a in set(access))
+    log = ffi.new("char[]", 4096)
+    ret = _lib.dbx_load_device_filter(table, len(rules), log, len(log))
+    reason = ffi.string(log).decode(errors="replace").strip()
+    return _check(ret, "bpf(BPF_PROG_LOAD) device filter" + (f" ({reason[-500:]})" if reason
+                                                             else ""))
+
+
+def attach_device_filter(cgroup_fd: int,
+                         rules: list[tuple[str, int | None, int | None, str]]) -> None:
+    """Let the tasks of the cgroup v2 directory `cgroup_fd` use only the devices
+    `rules` allow (see load_device_filter); replaces the cgroup's previous filter."""
+    prog_fd = load_device_filter(rules)
+    try:
+        _check(_lib.dbx_attach_device_filter(cgroup_fd, prog_fd),
+               "bpf(BPF_PROG_ATTACH) device filter")
+    finally:
+        os.close(prog_fd)  # the attachment holds the program
 
 
 def umount(target: str | os.PathLike, flags: int = 0) -> None:

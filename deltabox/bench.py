@@ -403,6 +403,7 @@ class DaemonBench:
     def run(self) -> dict:
         from deltabox.client import Client
         from deltabox.demo import _start_daemon
+        from deltabox.store import read_instance_id
         if os.geteuid() != 0:
             raise SystemExit("deltabox bench runs its own daemon, which needs root")
         self.preflight()
@@ -412,7 +413,7 @@ class DaemonBench:
         state = base / "state"
         state.mkdir()
         proc = None
-        backing = ""
+        backing, instance = "", None
         try:
             self.log(f"starting a daemon on {state}")
             proc = _start_daemon(state)
@@ -421,6 +422,7 @@ class DaemonBench:
             work = state / "store" / "bench"  # same XFS as the layers, unknown to the daemon
             with Client(state / "deltabox.sock") as client:
                 st = client.status()
+                instance = read_instance_id(state)
                 backing = st.store_backing
                 self.status = st
                 self.body(client, work)
@@ -432,7 +434,7 @@ class DaemonBench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
-            left = _cleanup_leftovers(state)
+            left = _cleanup_leftovers(state, instance)
             if left:
                 self.plan.notes.append(f"cleaned up after the daemon: {left}")
             subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
@@ -717,19 +719,16 @@ class Bench(DaemonBench):
         doc["notes"] = notes
 
 
-def _cleanup_leftovers(state: Path) -> str:
+def _cleanup_leftovers(state: Path, instance: str | None) -> str:
     """Kill sandbox inits, remove cgroups and unmount what the stopped daemon left
-    under `state` (leaked incarnations); returns what was done, '' if nothing."""
+    under `state` (leaked incarnations of store `instance`); returns what was
+    done, '' if nothing."""
     from deltabox import _linux
+    from deltabox.cgroups import instance_processes
     killed, cgroups = [], set()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
+    for pid in instance_processes(instance, "deltabox-init") if instance else []:
+        pid_dir = Path(f"/proc/{pid}")
         try:
-            if b"deltabox-init" not in (pid_dir / "cmdline").read_bytes():
-                continue
-            if str(state) not in (pid_dir / "mountinfo").read_text():
-                continue
             for line in (pid_dir / "cgroup").read_text().splitlines():
                 ctrl, path = line.split(":", 2)[1:]
                 if "/deltabox/" in path:
@@ -737,8 +736,8 @@ def _cleanup_leftovers(state: Path) -> str:
                         cgroups.add(Path("/sys/fs/cgroup") / c.removeprefix("name=") /
                                     path.lstrip("/") if c else
                                     Path("/sys/fs/cgroup") / path.lstrip("/"))
-            os.kill(int(pid_dir.name), 9)
-            killed.append(int(pid_dir.name))
+            os.kill(pid, 9)
+            killed.append(pid)
         except (OSError, ValueError):
             continue
     deadline = time.monotonic() + 5

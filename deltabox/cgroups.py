@@ -3,8 +3,13 @@
 Two backends behind one interface, chosen once at start-up:
 - v2 (unified hierarchy with the memory controller, e.g. Ubuntu 24.04):
   /sys/fs/cgroup/deltabox/<store-instance>/<sandbox-id>
-- v1 (hybrid hosts such as this project's VMs, where memory/pids/cpu/freezer are
-  v1 hierarchies): /sys/fs/cgroup/<controller>/deltabox/<store-instance>/<sandbox-id>.
+- v1 (hybrid hosts such as this project's VMs, where memory/pids/cpu/freezer/devices
+  are v1 hierarchies): /sys/fs/cgroup/<controller>/deltabox/<store-instance>/<sandbox-id>.
+
+Every sandbox cgroup gets the device allow-list DEVICE_ALLOW: through devices.deny /
+devices.allow on v1, through a BPF_PROG_TYPE_CGROUP_DEVICE program on v2 (which has no
+devices files). Without it a device node that reaches a sandbox's tree (its /dev is a
+tmpfs without nodev) would give raw access to, say, the host's disk.
 
 <store-instance> is a random id kept in the store's database, so daemons on
 different state dirs never touch (or "reconcile away") each other's sandboxes.
@@ -18,7 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Limits", "CgroupDriver", "detect_driver"]
+from deltabox import _linux
+
+__all__ = ["Limits", "CgroupDriver", "detect_driver", "DeviceRule", "DEVICE_ALLOW",
+           "attach_device_filter"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "deltabox"
@@ -29,6 +37,53 @@ class Limits:
     memory_bytes: int
     pids: int
     cpus: float  # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    """One devices.allow entry: `kind` "c" or "b", major/minor None for any,
+    `access` letters from "rwm" (read, write, mknod)."""
+    kind: str
+    major: int | None
+    minor: int | None
+    access: str
+
+    def v1_line(self) -> str:
+        """The rule as cgroup v1's devices.allow (and devices.list) spells it."""
+        def num(n):
+            return "*" if n is None else str(n)
+        return f"{self.kind} {num(self.major)}:{num(self.minor)} {self.access}"
+
+
+# Docker's default device list; everything else is denied. Left out of Docker's:
+# c 5:1 (/dev/console: the host's console, which the init does not create) and
+# c 10:200 (/dev/net/tun: sandboxes have no CAP_NET_ADMIN to configure a tun device).
+DEVICE_ALLOW: tuple[DeviceRule, ...] = (
+    DeviceRule("c", None, None, "m"),  # mknod of any node (opening it is another matter)
+    DeviceRule("b", None, None, "m"),
+    DeviceRule("c", 1, 3, "rwm"),      # /dev/null
+    DeviceRule("c", 1, 5, "rwm"),      # /dev/zero
+    DeviceRule("c", 1, 7, "rwm"),      # /dev/full
+    DeviceRule("c", 1, 8, "rwm"),      # /dev/random
+    DeviceRule("c", 1, 9, "rwm"),      # /dev/urandom
+    DeviceRule("c", 5, 0, "rwm"),      # /dev/tty
+    DeviceRule("c", 5, 2, "rwm"),      # /dev/ptmx (each devpts instance's pts/ptmx)
+    DeviceRule("c", 136, None, "rwm"),  # /dev/pts/*
+)
+
+
+def _device_rule_tuples(rules: tuple[DeviceRule, ...]) -> list[tuple]:
+    return [(r.kind, r.major, r.minor, r.access) for r in rules]
+
+
+def attach_device_filter(cgroup_dir: Path, rules: tuple[DeviceRule, ...] = DEVICE_ALLOW) -> None:
+    """Allow the tasks of the cgroup v2 directory `cgroup_dir` only `rules`'
+    devices (a BPF program; replaces the one attached before)."""
+    fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _linux.attach_device_filter(fd, _device_rule_tuples(rules))
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, value: str) -> None:
@@ -159,7 +214,7 @@ class CgroupDriver:
 
 class CgroupV1(CgroupDriver):
     version = 1
-    CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+    CONTROLLERS = ("memory", "pids", "cpu", "freezer", "devices")
 
     def __init__(self, instance: str):
         self.instance = instance
@@ -185,6 +240,10 @@ class CgroupV1(CgroupDriver):
         if limits.cpus > 0:
             _write(cpu / "cpu.cfs_period_us", "100000")
             _write(cpu / "cpu.cfs_quota_us", str(int(limits.cpus * 100000)))
+        devices = self._dir("devices", name)
+        _write(devices / "devices.deny", "a")  # empties the list: deny by default
+        for rule in DEVICE_ALLOW:
+            _write(devices / "devices.allow", rule.v1_line())
         return procs
 
     def pids(self, name):
@@ -273,6 +332,7 @@ class CgroupV2(CgroupDriver):
         _write(d / "pids.max", str(limits.pids))
         if limits.cpus > 0:
             _write(d / "cpu.max", f"{int(limits.cpus * 100000)} 100000")
+        attach_device_filter(d)
         return [d / "cgroup.procs"]
 
     def pids(self, name):
@@ -345,10 +405,31 @@ def detect_driver(instance: str) -> CgroupDriver:
     controllers = CGROUP_ROOT / "cgroup.controllers"
     if controllers.exists() and "memory" in controllers.read_text().split():
         driver: CgroupDriver = CgroupV2(instance)
-    elif (CGROUP_ROOT / "memory").is_dir() and (CGROUP_ROOT / "freezer").is_dir():
+        # Refuse to start (rather than fail every create) where the kernel cannot
+        # load the device filter: no CONFIG_CGROUP_BPF, or no CAP_BPF/CAP_SYS_ADMIN.
+        os.close(_linux.load_device_filter(_device_rule_tuples(DEVICE_ALLOW)))
+    elif all((CGROUP_ROOT / c).is_dir() for c in CgroupV1.CONTROLLERS):
         driver = CgroupV1(instance)
     else:
         raise RuntimeError("no usable cgroup hierarchy: need cgroup2 with memory, "
-                           "or v1 memory+pids+cpu+freezer")
+                           "or v1 " + "+".join(CgroupV1.CONTROLLERS))
     driver.ensure_parents()
     return driver
+
+
+def instance_processes(instance: str, comm: str | None = None) -> list[int]:
+    """Pids in any sandbox cgroup of store `instance` (named `comm`, if given): what
+    a store's sandboxes run, found without the store (e.g. after its daemon died)."""
+    marker = f"/{PARENT}/{instance}/"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if comm is not None and (proc / "comm").read_text().strip() != comm:
+                continue
+            if marker in (proc / "cgroup").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found

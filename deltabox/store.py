@@ -188,10 +188,15 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
     a mount left by a crashed daemon is reused.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Host users must not reach layers or branches (setuid files, private data).
+    os.chmod(state_dir, 0o700)
     root = state_dir / "store"
     root.mkdir(exist_ok=True)
     if _linux.is_mountpoint(root):
         kind, image = "loop-image", state_dir / "store.xfs"
+        # Left by a crashed daemon, possibly an older one: enforce today's flags.
+        _linux.mount("none", root, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_NOSUID
+                     | _linux.MS_NODEV | _linux.MS_NOATIME)
     elif _linux.filesystem_type(state_dir) == _linux.XFS_SUPER_MAGIC:
         kind, image = "host-xfs", None
     else:
@@ -206,14 +211,32 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
             log.info("store.image_created", image=str(image), size=image_size)
         # "loop" makes mount(8) attach a loop device with autoclear: unmounting
         # the store releases the device, so nothing is left behind.
-        res = subprocess.run(["mount", "-t", "xfs", "-o", "loop,noatime", str(image), str(root)],
+        res = subprocess.run(["mount", "-t", "xfs", "-o", "loop,noatime,nosuid,nodev", str(image),
+                              str(root)],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"mounting the store image {image} failed: {res.stderr.strip()}")
         # Private, so overlay mounts under it do not propagate into other namespaces.
         _linux.mount("none", root, None, _linux.MS_PRIVATE)
+    os.chmod(root, 0o700)
     _probe_reflink(root)
     return Backing(root=root, kind=kind, image=image)
+
+
+def read_instance_id(state_dir: Path) -> str | None:
+    """The instance id of the store under `state_dir` (it names the store's
+    cgroups), read without opening the store; None if there is none (yet)."""
+    db = state_dir / "store" / "meta.db"
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
+    except sqlite3.Error:
+        row = None
+    finally:
+        conn.close()
+    return row[0] if row else None
 
 
 def release_backing(backing: Backing, wait: float = 3.0) -> None:

@@ -28,11 +28,20 @@ ffibuilder.cdef(
     int dbx_copy_meta(int upper_fd, int layer_fd, const char *rel, uint32_t mode,
                       uint32_t uid, uint32_t gid, int64_t atime_ns, int64_t mtime_ns,
                       int keep_opaque);
+    struct dbx_dev_rule {
+        char type;
+        int32_t major;
+        int32_t minor;
+        uint32_t access;
+    };
+    int dbx_load_device_filter(const struct dbx_dev_rule *rules, int nrules, char *log,
+                               uint32_t log_size);
+    int dbx_attach_device_filter(int cgroup_fd, int prog_fd);
     """
 )
 ffibuilder.set_source(
     "deltabox._native",
-    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 4\n',
+    '#include "dbx_native.h"\n#define NATIVE_ABI_VERSION 5\n',
     sources=[str(SRC / "dbx_native.c")],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Werror"],

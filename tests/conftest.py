@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 import deltabox
+from deltabox.cgroups import instance_processes
+from deltabox.store import read_instance_id
 
 CACHE = Path(os.environ.get("DELTABOX_CACHE", "/var/cache/deltabox"))
 TINY_TAR = CACHE / "images" / "tiny.tar"
@@ -58,6 +60,7 @@ class DaemonProcess:
                 try:
                     with self.client() as c:
                         c.status()
+                    store_instance(self.state_dir)
                     return self
                 except deltabox.DeltaboxError:
                     pass
@@ -88,21 +91,25 @@ class DaemonProcess:
                                *args], capture_output=True, input=input, timeout=120)
 
 
+_INSTANCES: dict[Path, str] = {}
+
+
+def store_instance(state_dir: Path) -> str | None:
+    """The store instance id under `state_dir` (names its cgroups), remembered:
+    the store is unmounted once its daemon stops."""
+    if state_dir not in _INSTANCES:
+        found = read_instance_id(state_dir)
+        if found is None:
+            return None
+        _INSTANCES[state_dir] = found
+    return _INSTANCES[state_dir]
+
+
 def sandbox_inits(state_dir: Path) -> list[int]:
-    """deltabox-init processes whose mounts come from this daemon's store."""
-    sd = str(state_dir)
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "comm").read_text().strip() != "deltabox-init":
-                continue
-            if sd in (proc / "mountinfo").read_text():
-                found.append(int(proc.name))
-        except OSError:
-            pass
-    return found
+    """deltabox-init processes in the cgroups of this daemon's store. (Their mount
+    table no longer names the store: overlays are mounted through fds.)"""
+    instance = store_instance(state_dir)
+    return instance_processes(instance, "deltabox-init") if instance else []
 
 
 def leftovers(state_dir: Path) -> dict[str, list]:

@@ -597,3 +597,11 @@ def test_memory_hog_is_oom_killed(make_sandbox, client):
     assert ok(sbx, "echo alive") == b"alive\n"
     assert ok(sbx, ["python3", "-c", "b = b'x' * (8 << 20); print(len(b))"]) == b"8388608\n"
     client.status()
+
+
+def test_mount_table_names_no_host_paths(tiny, daemon):
+    """Overlay layers are mounted through fds: the sandbox's mount table does not
+    reveal where the store lives on the host."""
+    table = ok(tiny, "cat /proc/self/mountinfo").decode()
+    assert "lowerdir+=/proc/self/fd/" in table, table  # the overlay is there...
+    assert str(daemon.state_dir) not in table and "/store/" not in table, table  # ...anonymous

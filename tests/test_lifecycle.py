@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 import deltabox
-from conftest import TINY_TAR, leftovers, sandbox_cgroups
+from conftest import TINY_TAR, leftovers, sandbox_cgroups, sandbox_inits
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+from deltabox.cgroups import CgroupV1
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 CLEAN = {**NOTHING, "sandbox_inits": []}
@@ -71,22 +72,6 @@ def mounts_at(path: Path) -> list[str]:
     return [t for t in targets if t == p or t.startswith(p + "/")]
 
 
-def sandbox_inits(state_dir: Path) -> list[int]:
-    """Sandbox inits running on this daemon's store. (They re-exec themselves as
-    `deltabox-init --serve-as-pid1 N`, so `leftovers()`, which greps command lines for the
-    state dir, cannot see them; their mount table names the store's layers.)"""
-    pids = subprocess.run(["pgrep", "-x", "deltabox-init"], capture_output=True,
-                          text=True).stdout.split()
-    found = []
-    for pid in map(int, pids):
-        try:
-            if f"{state_dir}/store/" in Path(f"/proc/{pid}/mountinfo").read_text():
-                found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
 def all_leftovers(state_dir: Path) -> dict:
     return {**leftovers(state_dir), "sandbox_inits": sandbox_inits(state_dir)}
 
@@ -109,7 +94,7 @@ def instance_of(d) -> str:
 
 def cgroup_parents(instance: str) -> list[Path]:
     """A daemon's parent cgroups: one per v1 controller, or the v2 one."""
-    v1 = [CGROUP_ROOT / c / "deltabox" for c in ("memory", "pids", "cpu", "freezer")]
+    v1 = [CGROUP_ROOT / c / "deltabox" for c in CgroupV1.CONTROLLERS]
     if all(p.parent.is_dir() for p in v1) and not (CGROUP_ROOT / "cgroup.controllers").exists():
         return [p / instance for p in v1]
     return [CGROUP_ROOT / "deltabox" / instance]
