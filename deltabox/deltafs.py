@@ -32,17 +32,19 @@ Docker's overlay2 -- and no layer ever holds a redirect.
 from __future__ import annotations
 
 import errno
-import filecmp
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from deltabox import _linux
+from deltabox.errors import Internal, NotFound
 
 __all__ = ["Manifest", "SinkStats", "scan_upper", "sink_upper_into_layer", "lookup",
-           "diff_chains", "manifest_from_layers", "squash_chain", "is_whiteout"]
+           "diff_chains", "manifest_from_layers", "squash_chain", "squash_deltas", "is_whiteout",
+           "walk_tree", "remove_tree_contents", "open_beneath", "proc_fd_path"]
 
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -79,78 +81,292 @@ def _key(st: os.stat_result) -> EntryKey:
     return (st.st_ino, st.st_ctime_ns, st.st_mode)
 
 
+# ---- trees the sandbox wrote -----------------------------------------------------------
+#
+# Uppers and layers are written by root inside a sandbox, so everything below their roots
+# is hostile: a symlink to / (or /proc/1/root, or ../../..) where a directory was, and in a
+# live upper one swapped in while the daemon walks it. Nothing here resolves a path below a
+# tree's root through the host's namespace. A tree is opened once by its root (a directory
+# the daemon made); below it, directories are opened by the kernel from that fd with
+# openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), or from their parent's fd with
+# O_NOFOLLOW, and entries are then reached with *at() calls on a single name, which never
+# resolve further. A symlink met on the way gives ELOOP and the path counts as absent:
+# what it named is not a directory any more.
+
+_RESOLVE = _linux.RESOLVE_BENEATH | _linux.RESOLVE_NO_SYMLINKS | _linux.RESOLVE_NO_XDEV
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # not there, or not below a directory now
+_PATH_CHUNK = 3800  # bytes of path per openat2 call: PATH_MAX is 4096
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
+    """Open `rel` below the directory `dir_fd` without following any symlink (a final one
+    too: with O_PATH|O_NOFOLLOW the link itself is opened, else ELOOP) and without
+    leaving the tree. Paths longer than PATH_MAX are opened a chunk at a time."""
+    if len(os.fsencode(rel)) < _PATH_CHUNK:
+        return _linux.openat2(dir_fd, rel or ".", flags, 0, _RESOLVE)
+    parts = rel.split("/")
+    fd, owned = dir_fd, False
+    try:
+        chunk: list[str] = []
+        size = 0
+        for part in parts[:-1]:
+            n = len(os.fsencode(part)) + 1
+            if chunk and size + n >= _PATH_CHUNK:
+                nxt = _linux.openat2(fd, "/".join(chunk), os.O_PATH | os.O_DIRECTORY, 0,
+                                     _RESOLVE)
+                if owned:
+                    os.close(fd)
+                fd, owned, chunk, size = nxt, True, [], 0
+            chunk.append(part)
+            size += n
+        chunk.append(parts[-1])
+        return _linux.openat2(fd, "/".join(chunk), flags, 0, _RESOLVE)
+    finally:
+        if owned:
+            os.close(fd)
+
+
+def proc_fd_path(dir_fd: int, rel: str) -> str:
+    """A name for `rel` (one component, or below directories opened beneath) in
+    `dir_fd`, for the l*xattr calls that take paths only."""
+    return f"/proc/self/fd/{dir_fd}/{rel}"
+
+
+def _opaque_at(dir_fd: int, name: str) -> bool:
+    """Does the directory `name` in `dir_fd` carry the opaque mark? (l*xattr on a single
+    name below the fd's magic link: nothing is followed)"""
+    try:
+        return os.getxattr(proc_fd_path(dir_fd, name), OPAQUE_XATTR,
+                           follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def walk_tree(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """Every entry below the directory `root_fd`, parents before children, as
+    (relative path, lstat, fd of its directory, its name).
+
+    No symlink is ever followed: each directory is opened from its parent's fd with
+    O_NOFOLLOW|O_DIRECTORY, so one swapped for a symlink (or removed) since it was listed
+    is skipped, never entered. One fd per level, so paths longer than PATH_MAX are fine;
+    the yielded directory fd is valid until the next step of the walk."""
+    stack: list[tuple[str, int, list[str]]] = []
+    rel, fd = "", os.open(".", _DIR_FLAGS, dir_fd=root_fd)
+    try:
+        while True:
+            subdirs: list[str] = []
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    yield (f"{rel}/{entry.name}" if rel else entry.name), st, fd, entry.name
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append(entry.name)
+            stack.append((rel, fd, subdirs))
+            fd = -1
+            while stack and fd < 0:
+                prel, pfd, pending = stack[-1]
+                if not pending:
+                    stack.pop()
+                    os.close(pfd)
+                    continue
+                name = pending.pop()
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                except OSError as e:
+                    if e.errno not in _GONE:
+                        raise
+                    continue
+                rel = f"{prel}/{name}" if prel else name
+            if fd < 0:
+                return
+    finally:
+        if fd >= 0:  # being listed, not on the stack yet
+            os.close(fd)
+        for _, sfd, _ in stack:
+            os.close(sfd)
+
+
+def remove_tree_contents(dir_fd: int) -> None:
+    """Delete everything inside the directory `dir_fd`, never following a symlink (each
+    subdirectory is opened from its parent's fd with O_NOFOLLOW) and without recursion:
+    a sandbox can nest directories thousands of levels deep."""
+    stack: list[tuple[int, str, list[str]]] = []
+    fd, name = os.open(".", _DIR_FLAGS, dir_fd=dir_fd), ""
+    try:
+        while True:
+            if fd >= 0:
+                subdirs = []
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.name)
+                        else:
+                            _unlink_quiet(fd, entry.name)
+                stack.append((fd, name, subdirs))
+                fd = -1
+            top, top_name, pending = stack[-1]
+            if pending:
+                sub = pending.pop()
+                try:
+                    fd, name = os.open(sub, _DIR_FLAGS, dir_fd=top), sub
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # not a directory any more
+                        _unlink_quiet(top, sub)
+                    elif e.errno != errno.ENOENT:
+                        raise
+                continue
+            stack.pop()
+            os.close(top)
+            if not stack:
+                return
+            os.rmdir(top_name, dir_fd=stack[-1][0])
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for sfd, _, _ in stack:
+            os.close(sfd)
+
+
+def _unlink_quiet(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+class _Tree:
+    """A layer, or an upper, opened once by its root; everything below is reached from
+    that fd (see above). Entries seen are remembered, so one diff or squash stats each
+    path of a tree once and sees one state of a live upper for it."""
+
+    KEEP = 64  # parent directory fds kept open (LRU): entries come grouped by directory
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._parents: OrderedDict[str, int] = OrderedDict()
+        self._entries: dict[str, tuple[os.stat_result, bool] | None] = {}
+
+    def close(self) -> None:
+        for fd in self._parents.values():
+            os.close(fd)
+        self._parents.clear()
+        os.close(self.fd)
+
+    def at(self, rel: str) -> tuple[int, str]:
+        """(fd of rel's directory, rel's last component) for *at() calls, which then
+        cannot cross a symlink; ("root fd", ".") for the root. The fd stays valid for
+        the next KEEP - 1 calls. Raises OSError (ELOOP, ENOTDIR, ENOENT) if the
+        directory is not one (any more)."""
+        parent, _, name = rel.rpartition("/")
+        if not parent:
+            return self.fd, name or "."
+        fd = self._parents.get(parent)
+        if fd is None:
+            fd = open_beneath(self.fd, parent, os.O_PATH | os.O_DIRECTORY)
+            self._parents[parent] = fd
+            if len(self._parents) > self.KEEP:
+                os.close(self._parents.popitem(last=False)[1])
+        else:
+            self._parents.move_to_end(parent)
+        return fd, name
+
+    def entry(self, rel: str) -> tuple[os.stat_result, bool] | None:
+        """(lstat, opaque) of `rel`, or None if it is not in this tree (now)."""
+        if rel in self._entries:
+            return self._entries[rel]
+        try:
+            fd, name = self.at(rel)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in _GONE:
+                raise
+            found = None
+        else:
+            found = (st, stat.S_ISDIR(st.st_mode) and _opaque_at(fd, name))
+        self._entries[rel] = found
+        return found
+
+    def is_opaque(self, rel: str) -> bool:
+        found = self.entry(rel)
+        return found is not None and found[1]
+
+    def listdir(self, rel: str) -> list[tuple[str, os.stat_result, bool]]:
+        """(name, lstat, opaque) of each entry of the directory `rel`; [] if it is not a
+        directory (any more)."""
+        try:
+            pfd, name = self.at(rel)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as e:
+            if e.errno not in _GONE:
+                raise
+            return []
+        out = []
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    opaque = stat.S_ISDIR(st.st_mode) and _opaque_at(fd, entry.name)
+                    out.append((entry.name, st, opaque))
+                    self._entries[f"{rel}/{entry.name}" if rel else entry.name] = (st, opaque)
+        finally:
+            os.close(fd)
+        return out
+
+    def walk(self) -> Iterator[tuple[str, os.stat_result, bool]]:
+        """(path, lstat, opaque) of every entry below the root (see `walk_tree`)."""
+        for rel, st, dir_fd, name in walk_tree(self.fd):
+            opaque = stat.S_ISDIR(st.st_mode) and _opaque_at(dir_fd, name)
+            self._entries[rel] = (st, opaque)
+            yield rel, st, opaque
+
+    def readlink(self, rel: str) -> str | None:
+        try:
+            fd, name = self.at(rel)
+            return os.readlink(name, dir_fd=fd)
+        except OSError as e:
+            if e.errno not in _GONE + (errno.EINVAL,):
+                raise
+            return None
+
+    def open_regular(self, rel: str) -> int | None:
+        """A read fd of the regular file `rel`, or None if it is not one (now).
+        O_NONBLOCK: a FIFO swapped in must not block a daemon thread."""
+        try:
+            fd, name = self.at(rel)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=fd)
+        except OSError as e:
+            if e.errno not in _GONE + (errno.ENXIO, errno.EACCES):
+                raise
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return fd
+
+
 def scan_upper(upper: Path) -> dict[str, tuple[EntryKey, os.stat_result]]:
     """Every entry of `upper` (relative path -> (key, lstat)), parents before children.
 
-    Walks with directory fds (one open per level), so paths longer than
+    Walks with directory fds (see `walk_tree`): nothing is followed and paths longer than
     PATH_MAX are fine."""
-    out: dict[str, tuple[EntryKey, os.stat_result]] = {}
-    root_st = os.lstat(upper)
-    out[""] = (_key(root_st), root_st)
-    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack: list[tuple[str, int, list[str]]] = []
-
-    def enter(rel: str, fd: int) -> None:
-        subdirs = []
-        with os.scandir(fd) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                out[child] = (_key(st), st)
-                if stat.S_ISDIR(st.st_mode):
-                    subdirs.append(entry.name)
-        stack.append((rel, fd, subdirs))
-
-    enter("", root_fd)
-    while stack:
-        rel, fd, subdirs = stack[-1]
-        if not subdirs:
-            os.close(fd)
-            stack.pop()
-            continue
-        name = subdirs.pop()
-        child_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           dir_fd=fd)
-        enter(f"{rel}/{name}" if rel else name, child_fd)
+    fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        root_st = os.fstat(fd)
+        out: dict[str, tuple[EntryKey, os.stat_result]] = {"": (_key(root_st), root_st)}
+        for rel, st, _, _ in walk_tree(fd):
+            out[rel] = (_key(st), st)
+    finally:
+        os.close(fd)
     return out
-
-
-class _At:
-    """(dir fd, name) pairs for *at() calls on `rel` paths in two trees.
-
-    Short paths go straight to the roots' fds; one longer than *at() accepts
-    (PATH_MAX) is reached by opening its parent directories one by one."""
-
-    LIMIT = 3800
-
-    def __init__(self, upper_fd: int, layer_fd: int):
-        self.fds = (upper_fd, layer_fd)
-        self._cache: dict[tuple[int, str], int] = {}
-
-    def __call__(self, rel: str, tree: int) -> tuple[int, str]:
-        if len(rel) < self.LIMIT:
-            return self.fds[tree], rel
-        parent, _, name = rel.rpartition("/")
-        key = (tree, parent)
-        if key not in self._cache:
-            fd = self.fds[tree]
-            opened = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
-            for comp in parent.split("/"):
-                nxt = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=opened)
-                os.close(opened)
-                opened = nxt
-            self._cache[key] = opened
-        return self._cache[key], name
-
-    def both(self, rel: str) -> tuple[int, int, str]:
-        ufd, name = self(rel, 0)
-        lfd, _ = self(rel, 1)
-        return ufd, lfd, name
-
-    def close(self) -> None:
-        for fd in self._cache.values():
-            os.close(fd)
 
 
 def _parent(rel: str) -> str:
@@ -179,6 +395,17 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
     stats = SinkStats()
     prev = manifest.entries
     changed = [rel for rel, (key, _) in scan.items() if rel and prev.get(rel, 0) != key]
+    # A hardlink group is sunk whole: its names can only be links within one layer, and
+    # a name whose key did not change (its partner was renamed, or moved with a renamed
+    # directory) would otherwise stay a separate file in an older layer.
+    groups: dict[int, list[str]] = {}
+    for rel, (_, st) in scan.items():
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            groups.setdefault(st.st_ino, []).append(rel)
+    if groups:
+        more = {other for rel in changed for other in groups.get(scan[rel][1].st_ino, ())
+                if not stat.S_ISDIR(scan[rel][1].st_mode)} - set(changed)
+        changed += [rel for rel in scan if rel in more]
     # Gone from the upper but present in an earlier checkpoint layer: hide it,
     # unless its parent is gone too (the parent's own whiteout hides it).
     gone = [rel for rel in prev if rel and rel not in scan and _parent(rel) in scan
@@ -194,23 +421,23 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
         if stat.S_ISDIR(scan[rel][1].st_mode):
             needed_dirs.add(rel)
 
-    layer_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    at = _At(upper_fd, layer_fd)
+    # The sandbox is frozen, yet the upper is still reached only through `_Tree.at`: a
+    # single name below a parent opened without following symlinks.
+    up, out = _Tree(upper), _Tree(layer)
     try:
         # An opaque mark hides every layer below, including this branch's earlier
         # checkpoint layers: keep it only for a directory that is new since the
         # last checkpoint (a recreated one usually has a new inode).
         opaque = {rel for rel in needed_dirs
                   if (prev.get(rel) in (None, 0) or prev[rel][0] != scan[rel][1].st_ino)
-                  and _is_opaque(upper / rel)}
+                  and up.is_opaque(rel)}
         # Whiteouts under a directory that is opaque in this layer are not needed,
         # and overlayfs would list them as phantom entries (an opaque directory
         # is read as a plain one).
         gone = [rel for rel in gone if not _under(rel, opaque)]
         # Directories first (parents before children), metadata after contents.
         for rel in sorted(needed_dirs, key=lambda r: r.count("/")):
-            lfd, name = at(rel, 1)
+            lfd, name = out.at(rel)
             os.mkdir(name, 0o700, dir_fd=lfd)
         links: dict[tuple[int, int], str] = {}
         for rel in changed:
@@ -220,16 +447,14 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
             stats.changed += 1
             ident = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and ident in links:
-                src_fd, src_name = at(links[ident], 1)
-                lfd, name = at(rel, 1)
-                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=lfd,
-                        follow_symlinks=False)
+                _link(out, links[ident], rel)
                 continue
-            _copy_entry(*at.both(rel), st, stats)
+            ufd, name = up.at(rel)
+            _copy_entry(ufd, out.at(rel)[0], name, st, stats)
             if st.st_nlink > 1:
                 links[ident] = rel
         for rel in gone:
-            lfd, name = at(rel, 1)
+            lfd, name = out.at(rel)
             os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=lfd)
             stats.whiteouts += 1
         stats.changed += sum(1 for r in changed if r in needed_dirs)
@@ -238,12 +463,11 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
         # Root and directories get their metadata last: creating children
         # changed their mtimes. Deepest first, so a parent's mtime is final.
         for rel in sorted(needed_dirs | {""}, key=lambda r: r.count("/"), reverse=True):
-            ufd, lfd, name = at.both(rel) if rel else (upper_fd, layer_fd, ".")
-            _copy_metadata(ufd, lfd, name, scan[rel][1], keep_opaque=rel in opaque)
+            ufd, name = up.at(rel)
+            _copy_metadata(ufd, out.at(rel)[0], name, scan[rel][1], keep_opaque=rel in opaque)
     finally:
-        at.close()
-        os.close(layer_fd)
-        os.close(upper_fd)
+        up.close()
+        out.close()
     return stats, Manifest({rel: key for rel, (key, _) in scan.items()})
 
 
@@ -259,24 +483,86 @@ def _copy_metadata(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
     _linux.copy_meta(upper_fd, layer_fd, rel, st, keep_opaque)
 
 
-def _proc_path(dir_fd: int, rel: str) -> str:
-    return f"/proc/self/fd/{dir_fd}/{rel}"
+def _link(tree: _Tree, existing: str, new: str) -> None:
+    """Hardlink `new` to `existing`, both in `tree` (one the daemon is writing)."""
+    src_fd, src_name = tree.at(existing)
+    dst_fd, dst_name = tree.at(new)
+    os.link(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
 
 
 # ---- reading a chain -------------------------------------------------------------------
 
-def _entry_stat(layer: Path, rel: str) -> os.stat_result | None:
-    try:
-        return os.lstat(layer / rel)
-    except (FileNotFoundError, NotADirectoryError):
+class _Chain:
+    """A stack of trees (bottom first) read as overlayfs merges them."""
+
+    def __init__(self, trees: list[_Tree]):
+        self.trees = trees
+        self._dirs: dict[str, list[_Tree]] = {"": list(reversed(trees))}
+
+    def dir_instances(self, rel: str) -> list[_Tree]:
+        """The trees whose instance of directory `rel` overlayfs merges, top first: down
+        to an opaque one, or to a whiteout or non-directory, which end the merge. []
+        if `rel` is not a visible directory."""
+        todo, d = [], rel
+        while d not in self._dirs:
+            todo.append(d)
+            d = _parent(d)
+        for d in reversed(todo):  # parents first: no recursion, however deep
+            merged: list[_Tree] = []
+            for tree in self._dirs[_parent(d)]:
+                found = tree.entry(d)
+                if found is None:
+                    continue
+                st, opaque = found
+                if not stat.S_ISDIR(st.st_mode):
+                    break
+                merged.append(tree)
+                if opaque:
+                    break
+            self._dirs[d] = merged
+        return self._dirs[rel]
+
+    def lookup(self, rel: str) -> tuple[_Tree, os.stat_result] | None:
+        """(tree, lstat) of the entry that is visible at `rel`, or None."""
+        if not rel:
+            top = self.trees[-1]
+            return top, os.fstat(top.fd)
+        for tree in self.dir_instances(_parent(rel)):
+            found = tree.entry(rel)
+            if found is not None:
+                return None if is_whiteout(found[0]) else (tree, found[0])
         return None
 
+    def descendants(self, rel: str) -> list[str]:
+        """Every visible path below directory `rel` in the merged view."""
+        out: list[str] = []
+        stack = [(rel, self.dir_instances(rel))]
+        while stack:
+            d, instances = stack.pop()
+            for name, (kind, below) in _delta_entries(d, instances).items():
+                if kind == "whiteout":
+                    continue
+                child = f"{d}/{name}" if d else name
+                out.append(child)
+                if kind != "file":
+                    self._dirs.setdefault(child, below)
+                    stack.append((child, below))
+        return out
 
-def _is_opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
+
+def _open_trees(paths: Iterable[Path], trees: dict[Path, _Tree]) -> list[_Tree]:
+    """Open each path once (shared layers are one `_Tree`), into `trees`."""
+    out = []
+    for p in paths:
+        if p not in trees:
+            trees[p] = _Tree(p)
+        out.append(trees[p])
+    return out
+
+
+def _close_trees(trees: dict[Path, _Tree]) -> None:
+    for t in trees.values():
+        t.close()
 
 
 def lookup(chain: list[Path], rel: str) -> tuple[Path, os.stat_result] | None:
@@ -284,36 +570,12 @@ def lookup(chain: list[Path], rel: str) -> tuple[Path, os.stat_result] | None:
 
     Returns (layer, lstat) of the entry that is visible, or None.
     """
-    parts = rel.split("/") if rel else []
-    for layer in reversed(chain):
-        # An ancestor that is a whiteout or a non-directory hides the path from
-        # this layer down; an opaque ancestor stops the search below this layer.
-        blocked = stop_below = False
-        for i in range(1, len(parts)):
-            st = _entry_stat(layer, "/".join(parts[:i]))
-            if st is None:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                blocked = True
-                break
-            if _is_opaque(layer / "/".join(parts[:i])):
-                stop_below = True
-        if blocked:
-            return None
-        st = _entry_stat(layer, rel)
-        if st is not None:
-            return None if is_whiteout(st) else (layer, st)
-        if stop_below:
-            return None
-    return None
-
-
-def _layer_paths(layer: Path) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(layer):
-        base = os.path.relpath(dirpath, layer)
-        base = "" if base == "." else base
-        for n in dirnames + filenames:
-            yield f"{base}/{n}" if base else n
+    trees: dict[Path, _Tree] = {}
+    try:
+        found = _Chain(_open_trees(chain, trees)).lookup(rel)
+        return None if found is None else (found[0].path, found[1])
+    finally:
+        _close_trees(trees)
 
 
 def manifest_from_layers(layers: Iterable[Path]) -> Manifest:
@@ -324,14 +586,18 @@ def manifest_from_layers(layers: Iterable[Path]) -> Manifest:
     """
     entries: dict[str, EntryKey | None] = {"": None}
     for layer in layers:
-        for rel in _layer_paths(layer):
-            entries[rel] = None
+        fd = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for rel, _, _, _ in walk_tree(fd):
+                entries[rel] = None
+        finally:
+            os.close(fd)
     return Manifest(entries)
 
 
-def _same(a: tuple[Path, os.stat_result], b: tuple[Path, os.stat_result], rel: str) -> bool:
-    (la, sa), (lb, sb) = a, b
-    if la == lb:
+def _same(a: tuple[_Tree, os.stat_result], b: tuple[_Tree, os.stat_result], rel: str) -> bool:
+    (ta, sa), (tb, sb) = a, b
+    if ta is tb:
         return True
     fields = ("st_mode", "st_uid", "st_gid", "st_rdev")
     if any(getattr(sa, f) != getattr(sb, f) for f in fields):
@@ -341,10 +607,34 @@ def _same(a: tuple[Path, os.stat_result], b: tuple[Path, os.stat_result], rel: s
     if sa.st_size != sb.st_size or sa.st_mtime_ns != sb.st_mtime_ns:
         return False
     if stat.S_ISLNK(sa.st_mode):
-        return os.readlink(la / rel) == os.readlink(lb / rel)
+        target = ta.readlink(rel)
+        return target is not None and target == tb.readlink(rel)
     if stat.S_ISREG(sa.st_mode):
-        return filecmp.cmp(la / rel, lb / rel, shallow=False)
+        return _same_content(ta, tb, rel)
     return True
+
+
+def _same_content(ta: _Tree, tb: _Tree, rel: str) -> bool:
+    """Do the regular files at `rel` hold the same bytes? (False if either one is not a
+    regular file any more: a live upper changed under the diff)"""
+    fa = ta.open_regular(rel)
+    if fa is None:
+        return False
+    try:
+        fb = tb.open_regular(rel)
+        if fb is None:
+            return False
+        try:
+            while True:
+                x, y = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
 
 
 def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
@@ -352,22 +642,55 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
 
     Only layers the chains do not share can differ, so only their paths are
     examined: the cost follows the distance between a and b, not tree size.
+
+    Either chain may end in a live sandbox's upper, which its processes change under the
+    walk: every path is resolved below a tree's fd (see `_Tree`), so a directory swapped
+    for a symlink shows up as a change or not at all, never as a walk outside the tree.
+    Errors name sandbox paths only, never the store's.
     """
+    trees: dict[Path, _Tree] = {}
+    try:
+        try:
+            ta, tb = _open_trees(a, trees), _open_trees(b, trees)
+        except FileNotFoundError:
+            raise NotFound("a layer of the compared chains is gone (its checkpoint or "
+                           "sandbox was deleted meanwhile)") from None
+        return _diff(_Chain(ta), _Chain(tb))
+    except OSError as e:
+        raise _client_error(e, "diff") from None
+    finally:
+        _close_trees(trees)
+
+
+def _client_error(e: OSError, what: str) -> Internal:
+    """`e` for a client: the store's host paths stay out of the message; a path relative
+    to a tree (what `open_beneath` reports) is a sandbox path."""
+    where = e.filename if isinstance(e.filename, str) else ""
+    text = e.strerror or type(e).__name__
+    if where and not where.startswith("/"):
+        text += f" at /{where}"
+    return Internal(f"{what} failed: {text}")
+
+
+def _diff(a: _Chain, b: _Chain) -> list[tuple[str, str]]:
     common = 0
-    while common < min(len(a), len(b)) and a[common] == b[common]:
+    while common < min(len(a.trees), len(b.trees)) and a.trees[common] is b.trees[common]:
         common += 1
     candidates: set[str] = set()
-    for layer in a[common:] + b[common:]:
-        candidates.update(_layer_paths(layer))
+    opaque: set[str] = set()
+    for tree in dict.fromkeys(a.trees[common:] + b.trees[common:]):
+        for rel, _, is_opaque in tree.walk():
+            candidates.add(rel)
+            if is_opaque:
+                opaque.add(rel)
     # A directory opaque in a non-shared layer hides everything below it in the
     # layers under it, shared ones included: all of those paths may differ.
-    for layer in a[common:] + b[common:]:
-        for rel in [r for r in candidates if _is_opaque(layer / r)]:
-            candidates.update(_descendants(a, rel))
-            candidates.update(_descendants(b, rel))
+    for rel in opaque:
+        candidates.update(a.descendants(rel))
+        candidates.update(b.descendants(rel))
     changes: dict[str, str] = {}
     for rel in sorted(candidates):
-        ea, eb = lookup(a, rel), lookup(b, rel)
+        ea, eb = a.lookup(rel), b.lookup(rel)
         if ea is None and eb is None:
             continue
         if ea is None or eb is None or _is_dir(ea) != _is_dir(eb):
@@ -375,89 +698,51 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
             # it, wherever in the chain that lives, so the answer does not
             # depend on how the layers happen to be cut.
             if ea is not None:
-                for sub in [rel, *_descendants(a, rel)]:
+                for sub in [rel, *(a.descendants(rel) if _is_dir(ea) else [])]:
                     changes[sub] = "deleted"
             if eb is not None:
-                for sub in [rel, *_descendants(b, rel)]:
+                for sub in [rel, *(b.descendants(rel) if _is_dir(eb) else [])]:
                     changes[sub] = "modified" if changes.get(sub) == "deleted" else "added"
         elif not _same(ea, eb, rel):
             changes[rel] = "modified"
     return sorted(changes.items())
 
 
-def _is_dir(entry: tuple[Path, os.stat_result]) -> bool:
+def _is_dir(entry: tuple[_Tree, os.stat_result]) -> bool:
     return stat.S_ISDIR(entry[1].st_mode)
 
 
-def _descendants(chain: list[Path], rel: str) -> list[str]:
-    """Every visible path below directory `rel` in the merged view of `chain`."""
-    out: list[str] = []
-    stack = [rel]
-    while stack:
-        d = stack.pop()
-        instances = []
-        for layer in reversed(chain):  # top first, cut at an opaque or non-dir instance
-            st = _entry_stat(layer, d)
-            if st is None:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                break
-            instances.append(layer / d)
-            if _is_opaque(layer / d):
-                break
-        if not instances or lookup(chain, d) is None:
-            continue
-        for name, found in _merged_entries(instances).items():
-            child = f"{d}/{name}" if d else name
-            out.append(child)
-            if stat.S_ISDIR(os.lstat(found[0]).st_mode):
-                stack.append(child)
-    return out
-
-
-def _merged_entries(dirs: list[Path]) -> dict[str, list[Path]]:
-    """The visible entries of one merged directory.
-
-    `dirs` are the instances of the directory in the layers, top first, already
-    cut after the first opaque one. Returns name -> the instances of that entry
-    (top first) that overlayfs merges: just one for a non-directory; for a
-    directory, the directory instances down to an opaque one, a non-directory
-    or a whiteout, which end the merge.
-    """
-    return {name: instances for name, (kind, instances) in _delta_entries(dirs).items()
-            if kind != "whiteout"}
-
-
-def _delta_entries(dirs: list[Path]) -> dict[str, tuple[str, list[Path]]]:
-    """Like _merged_entries, for a stack of *delta* layers that will lie over
-    others: name -> (kind, instances top first), kind one of 'whiteout' (hides
-    what is below), 'file', 'dir' or 'opaque-dir' (hides what is below)."""
-    result: dict[str, tuple[str, list[Path]]] = {}
+def _delta_entries(rel: str, dirs: list[_Tree]) -> dict[str, tuple[str, list[_Tree]]]:
+    """The entries of directory `rel` merged over `dirs` (the trees holding an instance
+    of it, top first, already cut after the first opaque one), for a stack of *delta*
+    layers that will lie over others: name -> (kind, the trees of that entry's instances,
+    top first), kind one of 'whiteout' (hides what is below), 'file', 'dir' or
+    'opaque-dir' (hides what is below). A directory's instances run down to an opaque
+    one, a non-directory or a whiteout, which end the merge."""
+    result: dict[str, tuple[str, list[_Tree]]] = {}
     decided: set[str] = set()
-    for d in dirs:
-        for name in os.listdir(d):
+    for tree in dirs:
+        for name, st, opaque in tree.listdir(rel):
             if name in decided:
                 continue
-            p = d / name
-            st = os.lstat(p)
             is_dir = stat.S_ISDIR(st.st_mode)
             if name not in result:
                 if is_whiteout(st):
-                    result[name] = ("whiteout", [p])
+                    result[name] = ("whiteout", [tree])
                     decided.add(name)
                 elif not is_dir:
-                    result[name] = ("file", [p])
+                    result[name] = ("file", [tree])
                     decided.add(name)
-                elif _is_opaque(p):
-                    result[name] = ("opaque-dir", [p])
+                elif opaque:
+                    result[name] = ("opaque-dir", [tree])
                     decided.add(name)
                 else:
-                    result[name] = ("dir", [p])
+                    result[name] = ("dir", [tree])
                 continue
             kind, instances = result[name]
-            if is_dir and not is_whiteout(st):
-                instances.append(p)
-                if _is_opaque(p):
+            if is_dir:
+                instances.append(tree)
+                if opaque:
                     result[name] = ("opaque-dir", instances)
                     decided.add(name)
             else:
@@ -468,6 +753,21 @@ def _delta_entries(dirs: list[Path]) -> dict[str, tuple[str, list[Path]]]:
     return result
 
 
+def _clone_into(src: _Tree, out: _Tree, rel: str, st: os.stat_result) -> None:
+    """Recreate the non-directory `rel` of `src` in `out` (regular files reflinked)."""
+    src_fd, name = src.at(rel)
+    _copy_entry(src_fd, out.at(rel)[0], name, st, SinkStats())
+
+
+def _copy_dir_meta_at(src: _Tree, out: _Tree, rel: str, opaque: bool = False) -> None:
+    src_fd, name = src.at(rel)
+    dst_fd, _ = out.at(rel)
+    _copy_dir_meta(src_fd, name, dst_fd, name, os.stat(name, dir_fd=src_fd,
+                                                        follow_symlinks=False))
+    if opaque:
+        os.setxattr(proc_fd_path(dst_fd, name), OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
 def squash_deltas(chain: list[Path], layer: Path) -> int:
     """Flatten a stack of delta layers (bottom first) into one delta layer that,
     over the same base, shows the same tree: whiteouts and opaque marks that hide
@@ -476,64 +776,48 @@ def squash_deltas(chain: list[Path], layer: Path) -> int:
     This is what keeps squashing cheap: its cost follows what the sandbox
     changed, not the size of the image below."""
     layer.mkdir()
-    count = 0
-    links: dict[tuple[int, int], Path] = {}
-    # (dst, instances, under an opaque dir): whiteouts below an opaque directory
-    # hide nothing and overlayfs would list them as phantom entries.
-    stack: list[tuple[Path, list[Path], bool]] = [(layer, list(reversed(chain)), False)]
-    dirs_done: list[tuple[Path, Path, bool]] = []
-    while stack:
-        dst_dir, src_dirs, hidden_below = stack.pop()
-        for name, (kind, instances) in _delta_entries(src_dirs).items():
-            dst, src = dst_dir / name, instances[0]
-            st = os.lstat(src)
-            if kind == "whiteout":
-                if not hidden_below:
-                    os.mknod(dst, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-                    count += 1
-                continue
-            count += 1
-            if kind in ("dir", "opaque-dir"):
-                os.mkdir(dst, 0o700)
-                stack.append((dst, instances, hidden_below or kind == "opaque-dir"))
-                dirs_done.append((dst, src, kind == "opaque-dir"))
-            else:
+    trees: dict[Path, _Tree] = {}
+    try:
+        src = list(reversed(_open_trees(chain, trees)))
+        out = trees.setdefault(layer, _Tree(layer))
+        count = 0
+        links: dict[tuple[int, int], str] = {}
+        # (dir, its instances, under an opaque dir): whiteouts below an opaque directory
+        # hide nothing and overlayfs would list them as phantom entries.
+        stack: list[tuple[str, list[_Tree], bool]] = [("", src, False)]
+        dirs_done: list[tuple[str, _Tree, bool]] = []
+        while stack:
+            d, instances_of_d, hidden_below = stack.pop()
+            for name, (kind, instances) in _delta_entries(d, instances_of_d).items():
+                rel = f"{d}/{name}" if d else name
+                found = instances[0].entry(rel)
+                if found is None:
+                    continue
+                st = found[0]
+                fd, _ = out.at(rel)
+                if kind == "whiteout":
+                    if not hidden_below:
+                        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
+                        count += 1
+                    continue
+                count += 1
+                if kind in ("dir", "opaque-dir"):
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    stack.append((rel, instances, hidden_below or kind == "opaque-dir"))
+                    dirs_done.append((rel, instances[0], kind == "opaque-dir"))
+                    continue
                 ident = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and ident in links:
-                    os.link(links[ident], dst, follow_symlinks=False)
+                    _link(out, links[ident], rel)
                     continue
-                _clone_path(src, dst_dir, name, st)
+                _clone_into(instances[0], out, rel, st)
                 if st.st_nlink > 1:
-                    links[ident] = dst
-    top = list(reversed(chain))[0]
-    for dst_dir, src_dir, opaque in reversed(dirs_done + [(layer, top, False)]):
-        _copy_dir_meta_paths(src_dir, dst_dir, os.lstat(src_dir))
-        if opaque:
-            os.setxattr(dst_dir, OPAQUE_XATTR, b"y")
-    return count
-
-
-def _clone_path(src: Path, dst_dir: Path, name: str, st: os.stat_result) -> None:
-    src_fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dst_fd = os.open(dst_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if src.name == name:
-            _copy_entry(src_fd, dst_fd, name, st, SinkStats())
-        else:
-            raise ValueError(f"{src} != {name}")
+                    links[ident] = rel
+        for rel, tree, opaque in reversed(dirs_done + [("", src[0], False)]):
+            _copy_dir_meta_at(tree, out, rel, opaque)
+        return count
     finally:
-        os.close(src_fd)
-        os.close(dst_fd)
-
-
-def _copy_dir_meta_paths(src_dir: Path, dst_dir: Path, st: os.stat_result) -> None:
-    pfd = os.open(src_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dfd = os.open(dst_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _copy_dir_meta(pfd, src_dir.name, dfd, dst_dir.name, st)
-    finally:
-        os.close(pfd)
-        os.close(dfd)
+        _close_trees(trees)
 
 
 def squash_chain(chain: list[Path], layer: Path) -> int:
@@ -544,53 +828,52 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
     Hardlinks inside one source layer stay hardlinks.
     """
     layer.mkdir()
-    count = 0
-    links: dict[tuple[int, int], Path] = {}
-    stack: list[tuple[Path, list[Path]]] = [(layer, list(reversed(chain)))]
-    top_dirs = []
-    while stack:
-        dst_dir, src_dirs = stack.pop()
-        top_dirs.append((dst_dir, src_dirs[0]))
-        for name, instances in _merged_entries(src_dirs).items():
-            src, dst = instances[0], dst_dir / name
-            st = os.lstat(src)
-            count += 1
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(dst, 0o700)
-                stack.append((dst, instances))
-                continue
-            ident = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and ident in links:
-                os.link(links[ident], dst, follow_symlinks=False)
-                continue
-            src_fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            dst_fd = os.open(dst_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                _copy_entry(src_fd, dst_fd, name, st, SinkStats())
-            finally:
-                os.close(src_fd)
-                os.close(dst_fd)
-            if st.st_nlink > 1:
-                links[ident] = dst
-    # Directory metadata last (children changed the mtimes), deepest first; an
-    # opaque mark is meaningless in a single layer and is not copied.
-    for dst_dir, src_dir in reversed(top_dirs):
-        st = os.lstat(src_dir)
-        pfd = os.open(src_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        dfd = os.open(dst_dir.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _copy_dir_meta(pfd, src_dir.name, dfd, dst_dir.name, st)
-        finally:
-            os.close(pfd)
-            os.close(dfd)
-    return count
+    trees: dict[Path, _Tree] = {}
+    try:
+        src = list(reversed(_open_trees(chain, trees)))
+        out = trees.setdefault(layer, _Tree(layer))
+        count = 0
+        links: dict[tuple[int, int], str] = {}
+        stack: list[tuple[str, list[_Tree]]] = [("", src)]
+        top_dirs: list[tuple[str, _Tree]] = []
+        while stack:
+            d, instances_of_d = stack.pop()
+            top_dirs.append((d, instances_of_d[0]))
+            for name, (kind, instances) in _delta_entries(d, instances_of_d).items():
+                if kind == "whiteout":
+                    continue
+                rel = f"{d}/{name}" if d else name
+                found = instances[0].entry(rel)
+                if found is None:
+                    continue
+                st = found[0]
+                count += 1
+                if kind != "file":
+                    fd, _ = out.at(rel)
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                    stack.append((rel, instances))
+                    continue
+                ident = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and ident in links:
+                    _link(out, links[ident], rel)
+                    continue
+                _clone_into(instances[0], out, rel, st)
+                if st.st_nlink > 1:
+                    links[ident] = rel
+        # Directory metadata last (children changed the mtimes), deepest first; an
+        # opaque mark is meaningless in a single layer and is not copied.
+        for rel, tree in reversed(top_dirs):
+            _copy_dir_meta_at(tree, out, rel)
+        return count
+    finally:
+        _close_trees(trees)
 
 
 def _copy_dir_meta(src_parent: int, src_name: str, dst_parent: int, dst_name: str,
                    st: os.stat_result) -> None:
     os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_parent, follow_symlinks=False)
     os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_parent)
-    src, dst = _proc_path(src_parent, src_name), _proc_path(dst_parent, dst_name)
+    src, dst = proc_fd_path(src_parent, src_name), proc_fd_path(dst_parent, dst_name)
     for name in os.listxattr(src, follow_symlinks=False):
         if not name.startswith(OVERLAY_XATTR_PREFIX):
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),

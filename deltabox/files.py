@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from deltabox import _linux
+from deltabox.deltafs import remove_tree_contents
 from deltabox.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                              PermissionDenied, ResourceExhausted)
 
@@ -68,6 +69,17 @@ def _os_error(e: OSError, path: str) -> Exception:
     return e
 
 
+def _lstat_at(dir_fd: int, name: str) -> tuple[os.stat_result, str]:
+    """lstat of one entry and, for a symlink, its target, both read through one O_PATH
+    fd of the inode: consistent even if the sandbox swaps the name meanwhile."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        return st, (os.readlink("", dir_fd=fd) if stat.S_ISLNK(st.st_mode) else "")
+    finally:
+        os.close(fd)
+
+
 def _info(path: str, name: str, st: os.stat_result, link_target: str = "") -> FileInfo:
     if stat.S_ISREG(st.st_mode):
         kind = "regular"
@@ -90,7 +102,11 @@ class SandboxFiles:
 
     @contextmanager
     def _fd(self, path: str, flags: int, mode: int = 0) -> Iterator[int]:
-        root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:  # the host path of the branch stays out of the message
+            raise FailedPrecondition(f"the sandbox's files are not reachable: "
+                                     f"{os.strerror(e.errno)}") from None
         try:
             fd = _linux.openat2(root, path, flags, mode)
         except OSError as e:
@@ -185,8 +201,16 @@ class SandboxFiles:
         with self._fd(path, os.O_RDONLY | os.O_DIRECTORY) as fd:
             out = []
             for entry in os.scandir(fd):
-                st = entry.stat(follow_symlinks=False)
-                target = os.readlink(entry.name, dir_fd=fd) if entry.is_symlink() else ""
+                # One name below the directory's fd: nothing is followed. An entry the
+                # sandbox removed meanwhile is skipped.
+                try:
+                    st, target = entry.stat(follow_symlinks=False), ""
+                    if stat.S_ISLNK(st.st_mode):
+                        st, target = _lstat_at(fd, entry.name)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise _os_error(e, str(PurePosixPath("/") / path / entry.name)) from None
                 out.append(_info(str(PurePosixPath("/") / path / entry.name), entry.name, st,
                                  target))
             return sorted(out, key=lambda i: i.name)
@@ -199,8 +223,7 @@ class SandboxFiles:
         parent_cm, name = self._parent(path)
         with parent_cm as pfd:
             try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else ""
+                st, target = _lstat_at(pfd, name)
             except OSError as e:
                 raise _os_error(e, path) from None
         return _info(str(PurePosixPath("/") / path), name, st, target)
@@ -217,7 +240,7 @@ class SandboxFiles:
                     dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                   | os.O_CLOEXEC, dir_fd=pfd)
                     try:
-                        _remove_contents(dfd)
+                        remove_tree_contents(dfd)
                     finally:
                         os.close(dfd)
                 os.rmdir(name, dir_fd=pfd)
@@ -256,17 +279,3 @@ class SandboxFiles:
                 except OSError as e:
                     raise _os_error(e, str(p)) from None
 
-
-def _remove_contents(dfd: int) -> None:
-    """Delete everything inside the directory fd, never following symlinks."""
-    for entry in os.scandir(dfd):
-        if entry.is_dir(follow_symlinks=False):
-            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, dir_fd=dfd)
-            try:
-                _remove_contents(sub)
-            finally:
-                os.close(sub)
-            os.rmdir(entry.name, dir_fd=dfd)
-        else:
-            os.unlink(entry.name, dir_fd=dfd)

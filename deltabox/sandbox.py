@@ -858,7 +858,10 @@ class SandboxManager:
         return self.store.checkpoint_tree(self.get(ref))
 
     def _chain_for(self, ref: str) -> list[Path]:
-        """Layer dirs of a checkpoint, or of a live sandbox (its lower + its upper)."""
+        """Layer dirs of a checkpoint, or of a live sandbox (its lower + its upper).
+
+        Only these roots are host paths (the daemon's own directories); everything
+        below them is the sandbox's, and deltafs reaches it fd-relative only."""
         try:
             ckpt = self.store.get_checkpoint(ref)
             return [self.store.layer_path(lid) for lid in ckpt.mount_layers]
@@ -876,6 +879,10 @@ class SandboxManager:
         if not a or not b:
             raise InvalidArgument("diff needs two checkpoints (or sandboxes)")
         chain_a, chain_b = self._chain_for(a), self._chain_for(b)
+        # A live sandbox's upper is read while its processes run, not frozen: a diff
+        # can take long and would stop the agent for all of it. Safe because deltafs
+        # resolves every path below a tree's fd without following symlinks, so a
+        # directory swapped for a symlink to / is seen as a change, never walked.
         return await asyncio.to_thread(deltafs.diff_chains, chain_a, chain_b)
 
     async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -59,7 +58,7 @@ from typing import Iterator
 
 import structlog
 
-from deltabox import _linux
+from deltabox import _linux, deltafs
 from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
@@ -860,24 +859,40 @@ def _syncfs(path: Path) -> None:
 
 
 def _tree_size(path: Path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for n in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    """Bytes allocated to the files of a layer (its contents are a sandbox's: walked
+    fd-relative, following no symlink)."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return sum(st.st_blocks * 512 for _, st, _, _ in deltafs.walk_tree(fd)
+                   if not stat.S_ISDIR(st.st_mode))
+    finally:
+        os.close(fd)
 
 
 def _rmtree(path: Path) -> None:
-    """Remove a tree, refusing to cross into mounts (a stale mount is a bug, not data)."""
+    """Remove a tree, refusing to cross into mounts (a stale mount is a bug, not data).
+
+    `path` is the daemon's (a layer, a branch, a tmp or images dir); what lies below it
+    is a sandbox's, so it is removed fd-relative without following symlinks, and without
+    recursion: shutil.rmtree recurses once per level, and a sandbox can nest directories
+    deeper than Python's recursion limit (a RecursionError would then block the
+    branch's deletion and every later start-up's reconciliation)."""
     if not path.exists() and not path.is_symlink():
         return
     if _linux.mounts_under(path):
         raise RuntimeError(f"refusing to delete {path}: mounts below it "
                            f"{_linux.mounts_under(path)}")
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
+    if not path.is_dir() or path.is_symlink():
         path.unlink()
+        return
+    parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent)
+        try:
+            deltafs.remove_tree_contents(fd)
+        finally:
+            os.close(fd)
+        os.rmdir(path.name, dir_fd=parent)
+    finally:
+        os.close(parent)
