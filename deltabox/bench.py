@@ -403,6 +403,7 @@ class DaemonBench:
     def run(self) -> dict:
         from deltabox.client import Client
         from deltabox.demo import _start_daemon
+        from deltabox.config import DEFAULT_IMAGE_DIR
         from deltabox.store import read_instance_id
         if os.geteuid() != 0:
             raise SystemExit("deltabox bench runs its own daemon, which needs root")
@@ -416,10 +417,10 @@ class DaemonBench:
         backing, instance = "", None
         try:
             self.log(f"starting a daemon on {state}")
-            proc = _start_daemon(state)
+            work = state / "store" / "bench"  # same XFS as the layers, unknown to the daemon
+            proc = _start_daemon(state, (DEFAULT_IMAGE_DIR, work))
             self.daemon_pid = proc.pid
             self.mnt_dir = state / "store" / "mnt"
-            work = state / "store" / "bench"  # same XFS as the layers, unknown to the daemon
             with Client(state / "deltabox.sock") as client:
                 st = client.status()
                 instance = read_instance_id(state)

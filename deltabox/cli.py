@@ -103,6 +103,17 @@ def cmd_daemon(args) -> int:
         raise SystemExit(f"deltabox daemon: {e}") from None
     os.environ.pop(TOKEN_ENV, None)  # sandboxes and helpers must not inherit it
     cfg.socket_group = args.socket_group
+    if args.max_image_bytes is not None:
+        cfg.max_image_bytes = args.max_image_bytes
+    if args.max_image_entries is not None:
+        cfg.max_image_entries = args.max_image_entries
+    if args.image_dir:
+        cfg.image_dirs = tuple(Path(d).resolve() for d in args.image_dir)
+    from deltabox.images import ImportLimits
+    try:
+        ImportLimits.from_config(cfg)  # refuse bad limits now, not at the first import
+    except ValueError as e:
+        raise SystemExit(f"deltabox daemon: {e}") from None
     run_daemon(cfg)
     return 0
 
@@ -117,6 +128,8 @@ def cmd_image_import(args, client) -> int:
             task = prog.add_task("importing", total=None)
 
             def update(msg):
+                if msg.phase.startswith("warning:"):  # e.g. dropped device nodes: keep it
+                    prog.console.print(msg.phase)
                 prog.update(task, description=msg.phase, completed=msg.done_bytes,
                             total=msg.total_bytes or None)
             img = client.import_image(args.name, args.source, replace=args.replace,
@@ -412,9 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--token-file", dest="daemon_token_file", metavar="PATH",
                    help="bearer token for TCP clients, in a chmod-600 file (or DELTABOX_TOKEN)")
     d.add_argument("--token", help=argparse.SUPPRESS)  # refused: it would show in cmdline
+    d.add_argument("--image-dir", action="append", metavar="DIR",
+                   help="a directory image imports may read from (repeatable; writable by root "
+                   "only; default $DELTABOX_CACHE/images)")
     d.add_argument("--socket-group", metavar="NAME|GID",
                    help="group that may use the unix socket (0660; its directory becomes "
                    "root:GROUP 0750); default root")
+    d.add_argument("--max-image-bytes", type=_parse_size, default=None,
+                   help="refuse an image import that writes more file data (default 64G)")
+    d.add_argument("--max-image-entries", type=int, default=None,
+                   help="refuse an image import that creates more entries, i.e. inodes "
+                   "(default 2000000)")
     d.set_defaults(func=cmd_daemon, needs_client=False)
 
     img = sub.add_parser("image", help="manage images").add_subparsers(dest="image_cmd",

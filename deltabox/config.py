@@ -11,6 +11,8 @@ __all__ = ["Config", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR", "CRIU_PREFIX", "init
 DEFAULT_STATE_DIR = Path(os.environ.get("DELTABOX_STATE_DIR", "/var/lib/deltabox"))
 DEFAULT_SOCKET = Path(os.environ.get("DELTABOX_SOCKET", "/run/deltabox/deltabox.sock"))
 CRIU_PREFIX = Path(os.environ.get("DELTABOX_CRIU_PREFIX", "/opt/deltabox/criu"))
+# Where native/setup-host.sh puts the tiny and demo images.
+DEFAULT_IMAGE_DIR = Path(os.environ.get("DELTABOX_CACHE", "/var/cache/deltabox")) / "images"
 MiB = 1 << 20
 
 
@@ -42,4 +44,9 @@ class Config:
     max_chain_depth: int = 32            # squash checkpoint chains deeper than this
     max_fork: int = 256
     warm_budget_bytes: int = 4 << 30    # memory for body doubles + warm fork pools (LRU)
+    max_image_bytes: int = 64 << 30      # per image import: file data (all layers together)
+    max_image_entries: int = 2_000_000   # per image import: entries, i.e. inodes (all layers)
+    # ImportImage reads only below these (root-owned) directories: the daemon is root,
+    # and a client (a socket-group member) must not make it read any host path.
+    image_dirs: tuple[Path, ...] = (DEFAULT_IMAGE_DIR,)
     extra: dict = field(default_factory=dict)

@@ -34,8 +34,8 @@ from deltabox.cgroups import detect_driver
 from deltabox.config import CRIU_PREFIX, Config
 from deltabox.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                               SESSION_KIND_PB, image_pb, sandbox_pb)
-from deltabox.errors import DeltaboxError, InvalidArgument, PermissionDenied
-from deltabox.images import import_image
+from deltabox.errors import DeltaboxError, InvalidArgument, NotFound, PermissionDenied
+from deltabox.images import ImportLimits, import_image
 from deltabox.metrics import Metrics
 from deltabox.sandbox import ExecEvent, SandboxManager
 from deltabox.store import Store, ensure_backing, release_backing
@@ -148,9 +148,30 @@ class ImagesServicer(pb_grpc.ImagesServicer):
     def __init__(self, daemon: "Daemon"):
         self.d = daemon
 
-    async def ImportImage(self, request, context):
-        if not request.source:
+    def _import_source(self, source: str) -> Path:
+        """The source, resolved, if it lies below one of the daemon's image dirs.
+        The daemon runs as root: without this any client could import (and then
+        read in a sandbox) /etc/shadow or /root."""
+        if not source:
             raise InvalidArgument("source is required")
+        path = Path(source)
+        if not path.is_absolute():
+            raise InvalidArgument(f"source must be an absolute path on the daemon's host, "
+                                  f"not {source!r}")
+        try:
+            real = path.resolve(strict=True)
+        except OSError:
+            raise NotFound(f"image source {source} does not exist") from None
+        dirs = self.d.config.image_dirs
+        if not any(real.is_relative_to(d.resolve()) for d in dirs):
+            raise PermissionDenied(
+                f"image source {source} is outside the daemon's image directories "
+                f"({', '.join(map(str, dirs))}): copy it there, or start the daemon with "
+                "--image-dir")
+        return real
+
+    async def ImportImage(self, request, context):
+        source = self._import_source(request.source)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -158,8 +179,8 @@ class ImagesServicer(pb_grpc.ImagesServicer):
             loop.call_soon_threadsafe(queue.put_nowait, (phase, done, total))
 
         job = asyncio.ensure_future(asyncio.to_thread(
-            import_image, self.d.store, request.name, Path(request.source), progress,
-            request.replace))
+            import_image, self.d.store, request.name, source, progress,
+            request.replace, ImportLimits.from_config(self.d.config)))
         while not job.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
             await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)

@@ -30,10 +30,12 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
     return 1000 * statistics.median(s), 1000 * s[min(len(s) - 1, int(0.95 * len(s)))]
 
 
-def _start_daemon(state: Path) -> subprocess.Popen:
+def _start_daemon(state: Path, image_dirs: tuple[Path, ...] = ()) -> subprocess.Popen:
+    """A throw-away daemon on `state`; `image_dirs` replace its default image dirs."""
     sock = state / "deltabox.sock"
+    extra = [arg for d in image_dirs for arg in ("--image-dir", str(d))]
     proc = subprocess.Popen([sys.executable, "-m", "deltabox.cli", "daemon", "--state-dir",
-                             str(state), "--socket", str(sock), "--store-size", "16G"],
+                             str(state), "--socket", str(sock), "--store-size", "16G", *extra],
                             stdout=open(state.parent / "daemon.log", "wb"),
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30

@@ -50,7 +50,10 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deltabox.cli", "daemon", "--state-dir", str(self.state_dir),
-             "--socket", str(self.socket), "--store-size", self.store_size, *self.extra_args],
+             "--socket", str(self.socket), "--store-size", self.store_size,
+             # the tests' images live in the cache and in tmp dirs
+             "--image-dir", str(TINY_TAR.parent), "--image-dir", tempfile.gettempdir(),
+             *self.extra_args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import deltabox
 from conftest import DaemonProcess, leftovers
 
 NOBODY = 65534
@@ -184,3 +185,19 @@ def test_socket_group_wants_a_directory_of_its_own(open_dir):
     for sock in (state / "deltabox.sock", state / "run" / "deltabox.sock"):
         r = _daemon("--state-dir", str(state), "--socket", str(sock), "--socket-group", "0")
         assert r.returncode != 0 and "apart from the state dir" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("source", ["/etc", "/etc/shadow", "/root"])
+def test_image_import_reads_only_the_daemons_image_dirs(client, source):
+    """The daemon is root; a client (a socket-group member) must not make it read
+    host files by importing them as an image (and then reading them in a sandbox)."""
+    with pytest.raises(deltabox.PermissionDenied, match="image directories"):
+        client.import_image(f"leak-{secrets.token_hex(3)}", source)
+    assert not [i for i in client.list_images() if i.name.startswith("leak-")]
+
+
+def test_image_import_through_a_symlink_out_of_an_image_dir_is_refused(client, tmp_path):
+    link = tmp_path / "innocent.tar"           # tmp is one of the test daemons' image dirs
+    link.symlink_to("/etc/shadow")
+    with pytest.raises(deltabox.PermissionDenied, match="image directories"):
+        client.import_image("via-link", link)
