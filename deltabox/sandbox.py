@@ -157,7 +157,7 @@ class SandboxManager:
         return report
 
     def _reconcile(self) -> dict:
-        report = {"adopted": 0, "restarted": 0, "removed": 0, "stray_mounts": 0,
+        report = {"adopted": 0, "restarted": 0, "failed": 0, "removed": 0, "stray_mounts": 0,
                   "stray_cgroups": 0}
         records = {r.id: r for r in self.store.list_sandboxes()}
         branches = {r.branch_id for r in records.values()}
@@ -185,7 +185,17 @@ class SandboxManager:
                     report["adopted"] += 1
                 else:
                     self.cgroups.kill_all(rec.branch_id)
-                    rt.init_pid, start = self._launch(rec, self.store.branch_mount(rec.branch_id))
+                    try:
+                        rt.init_pid, start = self._launch(rec,
+                                                          self.store.branch_mount(rec.branch_id))
+                    except Exception as e:  # noqa: BLE001 - one sandbox must not stop the daemon
+                        # Its tree may be what refuses (root inside can break its own
+                        # launch): it stays recorded, stopped, files kept.
+                        log.error("reconcile.restart_failed", sandbox=rec.id, error=str(e))
+                        self._kill_incarnation(rec.branch_id, 0)
+                        self.store.set_sandbox_state(rec.id, "stopped")
+                        report["failed"] += 1
+                        continue
                     self.store.set_sandbox_state(rec.id, "running", rt.init_pid, start)
                     report["restarted"] += 1
                 self._recover_manifest(rec, rt)

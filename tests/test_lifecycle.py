@@ -513,3 +513,30 @@ def test_state_dir_without_reflink_is_refused(new_daemon, workdir):
     finally:
         subprocess.run(["umount", str(state)], check=True)
         img.unlink()
+
+
+def test_a_sandbox_that_cannot_relaunch_is_stopped_and_the_daemon_starts(fresh):
+    """A restart relaunches sandboxes whose init is gone; one that cannot be launched
+    (here its branch's work dir is gone, so its overlay cannot mount) is marked
+    stopped with its files kept, and neither the daemon nor the others stay down."""
+    d = fresh()
+    with d.client() as c:
+        broken, fine = c.create("tiny", name="broken"), c.create("tiny", name="fine")
+        fine.exec("echo kept > /root/state").check()
+        pids = [broken.info.init_pid, fine.info.init_pid]
+        work = d.state_dir / "store" / "branches" / broken.info.branch_id / "work"
+    d.kill()
+    for pid in pids:  # the inits die with the host's reboot, say
+        os.kill(pid, signal.SIGKILL)
+    assert all(dead(p) for p in pids)
+    subprocess.run(["umount", "-l", str(d.state_dir / "store" / "mnt" / broken.info.branch_id)],
+                   check=True)
+    work.rename(work.with_name("work.gone"))
+    d.start()
+    assert '"failed": 1' in d.log() or "failed=1" in d.log(), d.log()
+    with d.client() as c:
+        assert c.get("broken").info.state == pb.SANDBOX_STATE_STOPPED
+        assert c.get("fine").exec("cat /root/state").stdout == b"kept\n"
+        c.get("broken").destroy()
+    assert d.stop() == 0, d.log()
+    assert settled_leftovers(d.state_dir) == CLEAN

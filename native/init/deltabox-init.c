@@ -41,6 +41,7 @@
 #include <sys/mount.h>
 #include <sys/sendfile.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1276,6 +1277,10 @@ static void setup_proc_and_dev(void)
         "proc/kcore", "proc/keys", "proc/key-users", "proc/timer_list", "proc/timer_stats",
         "proc/sched_debug", "proc/latency_stats", "proc/interrupts",
         "proc/acpi", "proc/asound", "proc/scsi",
+        /* root-only kernel internals Docker leaves readable (sandbox root is uid 0):
+         * kernel addresses, allocator state, physical page flags */
+        "proc/vmallocinfo", "proc/slabinfo", "proc/pagetypeinfo", "proc/kpagecount",
+        "proc/kpageflags", "proc/kpagecgroup",
     };
     for (size_t i = 0; i < sizeof masked / sizeof masked[0]; i++)
         mask(masked[i]);
@@ -1504,7 +1509,6 @@ struct options {
 #define INIT_DIR   "/.deltabox"
 #define INIT_NAME  "deltabox-init"
 #define INIT_COPY  INIT_DIR "/" INIT_NAME
-#define INIT_TMP   ".deltabox-init.new"
 
 /* 1 if the two files hold the same bytes. */
 static int same_content(int a, int b)
@@ -1527,18 +1531,33 @@ static int same_content(int a, int b)
     }
 }
 
+/* A fresh name "<prefix>.<random>" in `dir` nobody can have planted. */
+static void random_name(char *name, size_t size, const char *prefix)
+{
+    uint64_t r = 0;
+
+    if (getrandom(&r, sizeof r, 0) != sizeof r)
+        r ^= (uint64_t)now_ms() << 20 ^ (uint64_t)getpid();
+    snprintf(name, size, "%s.%016llx", prefix, (unsigned long long)r);
+}
+
 /* Make INIT_COPY a copy of the running binary (unless it already is); returns
- * an fd of INIT_DIR, which the sandbox may have swapped for a symlink. */
+ * an fd of INIT_DIR.  Root inside the sandbox owns INIT_DIR: it may have put a
+ * symlink, a directory or a FIFO at any name there, so the copy is written to
+ * a fresh random name (O_EXCL) and renamed into place, and whatever is not a
+ * regular file at INIT_NAME is moved aside rather than trusted or followed.
+ * A relaunch must never fail because of what the sandbox left there. */
 static int install_self_copy(void)
 {
     struct stat st;
-    int exe, old, copy, dir = own_dir(INIT_DIR + 1, 0700);
+    char tmp[64];
+    int exe, old, copy = -1, dir = own_dir(INIT_DIR + 1, 0700);
 
     exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     CHECK(exe, "open /proc/self/exe");
-    old = openat(dir, INIT_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    old = openat(dir, INIT_NAME, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (old >= 0) {
-        int same = same_content(exe, old);
+        int same = fstat(old, &st) == 0 && S_ISREG(st.st_mode) && same_content(exe, old);
         close(old);
         if (same) {
             close(exe);
@@ -1546,10 +1565,18 @@ static int install_self_copy(void)
         }
         CHECK(lseek(exe, 0, SEEK_SET), "seek /proc/self/exe");
     }
+    if (fstatat(dir, INIT_NAME, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode)) {
+        random_name(tmp, sizeof tmp, ".deltabox-init.moved-aside");
+        CHECK(renameat(dir, INIT_NAME, dir, tmp), "move aside " INIT_COPY " (a directory)");
+    }
     CHECK(fstat(exe, &st), "stat /proc/self/exe");
-    unlinkat(dir, INIT_TMP, 0);
-    copy = openat(dir, INIT_TMP, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0500);
-    CHECK(copy, "create " INIT_DIR "/" INIT_TMP);
+    for (int i = 0; copy < 0 && i < 16; i++) {
+        random_name(tmp, sizeof tmp, ".deltabox-init.new");
+        copy = openat(dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0500);
+        if (copy < 0 && errno != EEXIST)
+            break;
+    }
+    CHECK(copy, "create " INIT_DIR "/.deltabox-init.new.*");
     for (off_t done = 0; done < st.st_size;) {
         ssize_t n = sendfile(copy, exe, NULL, (size_t)(st.st_size - done));
         if (n <= 0) {
@@ -1560,9 +1587,9 @@ static int install_self_copy(void)
         done += n;
     }
     close(exe);
-    CHECK(close(copy), "write " INIT_DIR "/" INIT_TMP);
-    /* rename: a running init elsewhere keeps its (old) inode */
-    CHECK(renameat(dir, INIT_TMP, dir, INIT_NAME), "rename " INIT_COPY);
+    CHECK(close(copy), "write " INIT_DIR "/.deltabox-init.new.*");
+    /* rename (never follows): a running init elsewhere keeps its (old) inode */
+    CHECK(renameat(dir, tmp, dir, INIT_NAME), "rename " INIT_COPY);
     return dir;
 }
 

@@ -606,6 +606,19 @@ def t_planted_symlinks(sb):
         assert os.stat(marker).st_mode & 0o7777 == 0o600
         assert os.stat(host).st_mode & 0o7777 == 0o700
         assert open(marker).read() == "host\n"
+
+        # Junk where the init keeps its copy must not keep it from starting again.
+        os.kill(other.pid, 9)
+        wait_for(lambda: not os.path.exists(f"/proc/{other.pid}"), what="init exit")
+        own = os.path.join(other.rootfs, ".deltabox")
+        os.unlink(os.path.join(own, "deltabox-init"))
+        os.makedirs(os.path.join(own, "deltabox-init", "x"))
+        os.makedirs(os.path.join(own, ".deltabox-init.new", "x"))
+        os.mkfifo(os.path.join(own, ".deltabox-init.new.0"))
+        other.launch()
+        out, _, st = other.run(["sh", "-c", "cat /proc/1/comm; ls -a /.deltabox"])
+        assert st == 0 and out.startswith(b"deltabox-init\n"), out
+        assert b"moved-aside" in out, out
     finally:
         other.destroy()
         shutil.rmtree(host, ignore_errors=True)
@@ -613,7 +626,8 @@ def t_planted_symlinks(sb):
 
 def t_proc_masks(sb):
     """Host-wide kernel state is masked as Docker masks it."""
-    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
+                 "/proc/vmallocinfo", "/proc/slabinfo", "/proc/kpageflags"):
         if os.path.exists(path):
             out, _, st = sb.run(["sh", "-c", f"head -c 64 {path} | wc -c"])
             assert out.strip() == b"0", (path, out)
