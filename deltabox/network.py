@@ -5,11 +5,27 @@ shared bridge, so sandboxes cannot reach each other at layer 2):
 
     host: dbx-<id8> 10.88.a.b+1/30   <->   sandbox: eth0 10.88.a.b+2/30, default route
 
-iptables (installed once, idempotently): MASQUERADE for traffic leaving
-10.88.0.0/16, FORWARD allowed out and for replies, dropped between sandboxes;
-INPUT from sandboxes to the host itself is dropped, so NAT gives the internet,
-not the host's services. The veth disappears with the sandbox's network
-namespace; `detach_nat` removes a leftover host end.
+A sandbox's root keeps CAP_NET_RAW and CAP_NET_ADMIN in its own namespace: it can
+forge any source address and send any frame down its veth. So the rules key on
+the *interface* a packet came in on (`dbx-+`), never on its source address:
+
+- raw PREROUTING: a packet from a sandbox whose source is not routed back through
+  the same veth (strict reverse-path, `-m rpfilter`: only its own /30) is dropped
+  before conntrack or NAT sees it; `rp_filter=1` on the host end does the same in
+  the kernel's routing, as a second line.
+- INPUT: everything from a sandbox is dropped, whatever the destination: every
+  address of the host (the veth's, eth0's, ...) is unreachable.
+- DELTABOX-FORWARD: sandbox -> sandbox dropped; sandbox -> out accepted; into a
+  sandbox only replies (conntrack), so nothing outside can open connections to it.
+- nat POSTROUTING: MASQUERADE for 10.88.0.0/16 going elsewhere.
+- no IPv6 on either end of the veth (`disable_ipv6` before the link goes up: no
+  link-local address to connect to, router advertisements ignored), and ip6tables
+  drops anything from or to a sandbox's veth in case IPv6 is turned back on.
+
+The host-wide rules are installed idempotently and checked again at each attach
+(a firewall reload may have flushed them); nothing is per sandbox except the
+veth and its sysctls, which disappear with the sandbox's network namespace;
+`detach_nat` removes a leftover host end.
 """
 
 from __future__ import annotations
@@ -17,19 +33,34 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import socket
 import subprocess
 import threading
 
 from pyroute2 import IPRoute
 
-__all__ = ["attach_nat", "detach_nat", "allocate_index", "addresses", "MAX_SANDBOXES"]
+__all__ = ["attach_nat", "detach_nat", "allocate_index", "addresses", "host_nameservers",
+           "MAX_SANDBOXES"]
 
 SUBNET = ipaddress.ip_network("10.88.0.0/16")
 MAX_SANDBOXES = SUBNET.num_addresses // 4
+HOST_IF_PREFIX = "dbx-"
+SANDBOX_IFS = HOST_IF_PREFIX + "+"  # iptables' wildcard: the host end of every sandbox's veth
+FORWARD_CHAIN = "DELTABOX-FORWARD"
+HAS_IPV6 = os.path.isdir("/proc/sys/net/ipv6")
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _rules_lock = threading.Lock()
-_rules_installed = False
+_legacy_removed = False
+
+# The rules of earlier versions matched source addresses, which a sandbox forges.
+_LEGACY_RULES = (
+    ("filter", ("INPUT", "-s", str(SUBNET), "-j", "DROP")),
+    ("filter", ("FORWARD", "-s", str(SUBNET), "-d", str(SUBNET), "-j", "DROP")),
+    ("filter", ("FORWARD", "-d", str(SUBNET), "-m", "conntrack", "--ctstate",
+                "RELATED,ESTABLISHED", "-j", "ACCEPT")),
+    ("filter", ("FORWARD", "-s", str(SUBNET), "!", "-d", str(SUBNET), "-j", "ACCEPT")),
+)
 
 
 def addresses(index: int) -> tuple[str, str]:
@@ -46,36 +77,93 @@ def allocate_index(used: set[int]) -> int:
 
 
 def _host_ifname(sandbox_id: str) -> str:
-    return ("dbx-" + sandbox_id.split("-")[-1])[:15]
+    return (HOST_IF_PREFIX + sandbox_id.split("-")[-1])[:15]
 
 
-def _iptables(*rule: str, table: str = "filter", insert: bool = False) -> None:
-    check = ["iptables", "-w", "-t", table, "-C", *rule]
-    if subprocess.run(check, capture_output=True).returncode == 0:
+def _xtables(tool: str, table: str, op: str, *rule: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool, "-w", "-t", table, op, *rule], capture_output=True, text=True)
+
+
+def _ensure_rule(*rule: str, table: str = "filter", insert: bool = False,
+                 tool: str = "iptables") -> None:
+    if _xtables(tool, table, "-C", *rule).returncode == 0:
         return
-    op = "-I" if insert else "-A"
-    res = subprocess.run(["iptables", "-w", "-t", table, op, *rule], capture_output=True,
-                         text=True)
+    res = _xtables(tool, table, "-I" if insert else "-A", *rule)
     if res.returncode != 0:
-        raise RuntimeError(f"iptables {' '.join(rule)}: {res.stderr.strip()}")
+        raise RuntimeError(f"{tool} -t {table} {' '.join(rule)}: {res.stderr.strip()}")
+
+
+def _forward_chain_rules() -> list[str]:
+    """In `iptables -S`'s own spelling, so that an intact chain compares equal."""
+    c, ifs = FORWARD_CHAIN, SANDBOX_IFS
+    return [f"-A {c} -i {ifs} -o {ifs} -j DROP",
+            f"-A {c} -s {SUBNET} ! -d {SUBNET} -i {ifs} -j ACCEPT",
+            f"-A {c} -i {ifs} -j DROP",
+            f"-A {c} -o {ifs} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A {c} -o {ifs} -j DROP"]
+
+
+def _ensure_forward_chain() -> None:
+    """DELTABOX-FORWARD holds exactly our rules; rewritten in one transaction if not."""
+    want = [f"-N {FORWARD_CHAIN}", *_forward_chain_rules()]
+    have = _xtables("iptables", "filter", "-S", FORWARD_CHAIN)
+    if have.returncode == 0 and have.stdout.split("\n")[:-1] == want:
+        return
+    # A chain named in a --noflush restore is flushed and refilled atomically, so the
+    # sandboxes already running are never without their rules.
+    text = f"*filter\n:{FORWARD_CHAIN} - [0:0]\n" + "\n".join(want[1:]) + "\nCOMMIT\n"
+    res = subprocess.run(["iptables-restore", "-w", "--noflush"], input=text,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"iptables-restore {FORWARD_CHAIN}: {res.stderr.strip()}")
+
+
+def _remove_legacy_rules() -> None:
+    global _legacy_removed
+    if _legacy_removed:
+        return
+    for table, rule in _LEGACY_RULES:
+        while _xtables("iptables", table, "-C", *rule).returncode == 0:
+            if _xtables("iptables", table, "-D", *rule).returncode != 0:
+                break
+    _legacy_removed = True
 
 
 def _install_rules() -> None:
-    global _rules_installed
+    """The host-wide rules (module docstring). Idempotent; cheap enough for every attach."""
     with _rules_lock:
-        if _rules_installed:
-            return
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1")
-        net = str(SUBNET)
-        _iptables("POSTROUTING", "-s", net, "!", "-d", net, "-j", "MASQUERADE", table="nat")
+        _ensure_rule("PREROUTING", "-i", SANDBOX_IFS, "-m", "rpfilter", "--invert",
+                     "-j", "DROP", table="raw", insert=True)
         # Inserted, so they come before a distribution's own rules; -C keeps them unique.
-        _iptables("FORWARD", "-s", net, "!", "-d", net, "-j", "ACCEPT", insert=True)
-        _iptables("FORWARD", "-d", net, "-m", "conntrack", "--ctstate",
-                  "ESTABLISHED,RELATED", "-j", "ACCEPT", insert=True)
-        _iptables("FORWARD", "-s", net, "-d", net, "-j", "DROP", insert=True)
-        _iptables("INPUT", "-s", net, "-j", "DROP", insert=True)
-        _rules_installed = True
+        _ensure_rule("INPUT", "-i", SANDBOX_IFS, "-j", "DROP", insert=True)
+        _ensure_forward_chain()
+        for direction in ("-o", "-i"):
+            _ensure_rule("FORWARD", direction, SANDBOX_IFS, "-j", FORWARD_CHAIN, insert=True)
+        net = str(SUBNET)
+        _ensure_rule("POSTROUTING", "-s", net, "!", "-d", net, "-j", "MASQUERADE", table="nat")
+        if HAS_IPV6:
+            for rule in (("INPUT", "-i", SANDBOX_IFS), ("FORWARD", "-i", SANDBOX_IFS),
+                         ("FORWARD", "-o", SANDBOX_IFS)):
+                _ensure_rule(*rule, "-j", "DROP", insert=True, tool="ip6tables")
+        _remove_legacy_rules()
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _harden_host_end(ifname: str) -> None:
+    """Per-interface sysctls of the host end, set while it is still down."""
+    if HAS_IPV6:
+        # Before the link goes up: no link-local address ever exists, and IPv6 that
+        # arrives (router advertisements included) is dropped by the kernel.
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
+    conf = f"/proc/sys/net/ipv4/conf/{ifname}"
+    _write_sysctl(f"{conf}/rp_filter", "1")   # strict: sources of its own /30 only
+    _write_sysctl(f"{conf}/arp_ignore", "1")  # answer ARP for the veth's address only
 
 
 def attach_nat(sandbox_id: str, init_pid: int, index: int) -> str:
@@ -89,6 +177,7 @@ def attach_nat(sandbox_id: str, init_pid: int, index: int) -> str:
         ipr.link("add", ifname=host_if, kind="veth",
                  peer={"ifname": "eth0", "net_ns_pid": init_pid})
         idx = ipr.link_lookup(ifname=host_if)[0]
+        _harden_host_end(host_if)
         ipr.addr("add", index=idx, address=host_ip, prefixlen=30)
         ipr.link("set", index=idx, state="up")
     _in_netns(init_pid, lambda ns: _configure_inside(ns, sbx_ip, host_ip))
@@ -97,6 +186,10 @@ def attach_nat(sandbox_id: str, init_pid: int, index: int) -> str:
 
 def _configure_inside(ns: IPRoute, sbx_ip: str, host_ip: str) -> None:
     idx = ns.link_lookup(ifname="eth0")[0]
+    if HAS_IPV6:
+        # /proc/sys/net is this thread's namespace (setns). The sandbox's /proc/sys is
+        # read-only, so its root cannot turn IPv6 back on (the host end refuses it anyway).
+        _write_sysctl("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1")
     ns.addr("add", index=idx, address=sbx_ip, prefixlen=30)
     ns.link("set", index=idx, state="up")
     ns.route("add", dst="0.0.0.0/0", gateway=host_ip)
@@ -138,16 +231,47 @@ def detach_nat(sandbox_id: str) -> None:
             ipr.link("del", index=idx)
 
 
-def host_nameservers() -> list[str]:
-    """The host's resolvers that a sandbox can reach (not loopback ones)."""
+def _resolv_conf_servers(path: str) -> list[str]:
     out = []
     try:
-        with open("/etc/resolv.conf") as f:
+        with open(path) as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 2 and parts[0] == "nameserver":
-                    if not ipaddress.ip_address(parts[1]).is_loopback:
-                        out.append(parts[1])
-    except (OSError, ValueError):
+                    out.append(parts[1].split("%")[0])
+    except OSError:
         pass
     return out
+
+
+def _host_ipv4_addresses() -> set[ipaddress.IPv4Address]:
+    with IPRoute() as ipr:
+        return {ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+                for a in ipr.get_addr(family=socket.AF_INET)}
+
+
+def host_nameservers(resolv_conf: str = "/etc/resolv.conf",
+                     resolved_upstream: str = "/run/systemd/resolve/resolv.conf") -> list[str]:
+    """The host's resolvers that a NAT sandbox can reach, for its /etc/resolv.conf.
+
+    Only IPv4 ones (the sandbox has no IPv6) that are not the host's own addresses:
+    INPUT drops everything from a sandbox, DNS included, rather than open a hole to a
+    resolver on the host. When that leaves none (systemd-resolved's 127.0.0.53), the
+    upstream servers systemd-resolved itself uses, as Docker does. May be empty: the
+    image's own resolv.conf is then left alone.
+    """
+    local = _host_ipv4_addresses()
+
+    def usable(server: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(server)
+        except ValueError:
+            return False
+        return ip.version == 4 and not ip.is_loopback and not ip.is_unspecified \
+            and ip not in local and ip not in SUBNET
+
+    for path in (resolv_conf, resolved_upstream):
+        out = [s for s in _resolv_conf_servers(path) if usable(s)]
+        if out:
+            return list(dict.fromkeys(out))
+    return []
