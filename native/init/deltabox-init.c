@@ -1622,6 +1622,11 @@ static _Noreturn void serve_pid1(const char *fdarg)
         fprintf(stderr, "deltabox-init: %s is internal\n", SERVE_FLAG);
         exit(2);
     }
+    /* Not dumpable: without CAP_SYS_PTRACE (dropped) no process of the sandbox
+     * can ptrace pid 1 or read its memory, so root inside cannot take over the
+     * process the daemon talks to.  (execve reset it; CRIU, with every
+     * capability, still dumps us and restores the flag.) */
+    CHECK(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable");
     open_control_socket();
     setup_signals();
     clearenv();
