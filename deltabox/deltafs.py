@@ -445,14 +445,7 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
             if stat.S_ISDIR(st.st_mode):
                 continue
             stats.changed += 1
-            ident = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and ident in links:
-                _link(out, links[ident], rel)
-                continue
-            ufd, name = up.at(rel)
-            _copy_entry(ufd, out.at(rel)[0], name, st, stats)
-            if st.st_nlink > 1:
-                links[ident] = rel
+            _copy_linked(up, out, rel, st, links, stats)
         for rel in gone:
             lfd, name = out.at(rel)
             os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=lfd)
@@ -753,10 +746,19 @@ def _delta_entries(rel: str, dirs: list[_Tree]) -> dict[str, tuple[str, list[_Tr
     return result
 
 
-def _clone_into(src: _Tree, out: _Tree, rel: str, st: os.stat_result) -> None:
-    """Recreate the non-directory `rel` of `src` in `out` (regular files reflinked)."""
+def _copy_linked(src: _Tree, out: _Tree, rel: str, st: os.stat_result,
+                 links: dict[tuple[int, int], str], stats: SinkStats) -> None:
+    """Recreate the non-directory `rel` of `src` in `out` (regular files reflinked); a
+    further name of an inode already copied (`links`: inode -> first name) becomes a
+    hard link to it, so hardlink groups stay groups."""
+    ident = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1 and ident in links:
+        _link(out, links[ident], rel)
+        return
     src_fd, name = src.at(rel)
-    _copy_entry(src_fd, out.at(rel)[0], name, st, SinkStats())
+    _copy_entry(src_fd, out.at(rel)[0], name, st, stats)
+    if st.st_nlink > 1:
+        links[ident] = rel
 
 
 def _copy_dir_meta_at(src: _Tree, out: _Tree, rel: str, opaque: bool = False) -> None:
@@ -806,13 +808,7 @@ def squash_deltas(chain: list[Path], layer: Path) -> int:
                     stack.append((rel, instances, hidden_below or kind == "opaque-dir"))
                     dirs_done.append((rel, instances[0], kind == "opaque-dir"))
                     continue
-                ident = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and ident in links:
-                    _link(out, links[ident], rel)
-                    continue
-                _clone_into(instances[0], out, rel, st)
-                if st.st_nlink > 1:
-                    links[ident] = rel
+                _copy_linked(instances[0], out, rel, st, links, SinkStats())
         for rel, tree, opaque in reversed(dirs_done + [("", src[0], False)]):
             _copy_dir_meta_at(tree, out, rel, opaque)
         return count
@@ -853,13 +849,7 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
                     os.mkdir(name, 0o700, dir_fd=fd)
                     stack.append((rel, instances))
                     continue
-                ident = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and ident in links:
-                    _link(out, links[ident], rel)
-                    continue
-                _clone_into(instances[0], out, rel, st)
-                if st.st_nlink > 1:
-                    links[ident] = rel
+                _copy_linked(instances[0], out, rel, st, links, SinkStats())
         # Directory metadata last (children changed the mtimes), deepest first; an
         # opaque mark is meaningless in a single layer and is not copied.
         for rel, tree in reversed(top_dirs):

@@ -194,6 +194,20 @@ def client(daemon):
         yield c
 
 
+def delete_tree(client, sbx) -> None:
+    """Delete every checkpoint tree the (destroyed or live) sandbox started."""
+    roots = {c.id for c in sbx.checkpoints() if not c.parent_id}
+    try:
+        sbx.destroy()
+    except deltabox.NotFound:
+        pass
+    for root in roots:
+        try:
+            client.delete_checkpoint(root, cascade=True)
+        except deltabox.DeltaboxError:
+            pass
+
+
 def _fresh_sandbox(client, image: str):
     sbx = client.create(image)
     yield sbx

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import deltabox
-from conftest import DEMO_TAR, TINY_TAR, DaemonProcess, leftovers
+from conftest import DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, leftovers
 
 MiB = 1 << 20
 
@@ -214,20 +214,6 @@ def dfs(workdir):
 def client(dfs):
     with dfs.client() as c:
         yield c
-
-
-def delete_tree(client, sbx) -> None:
-    """Delete every checkpoint tree the (destroyed or live) sandbox started."""
-    roots = {c.id for c in sbx.checkpoints() if not c.parent_id}
-    try:
-        sbx.destroy()
-    except deltabox.NotFound:
-        pass
-    for root in roots:
-        try:
-            client.delete_checkpoint(root, cascade=True)
-        except deltabox.DeltaboxError:
-            pass
 
 
 @pytest.fixture

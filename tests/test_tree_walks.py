@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import deltabox
+from conftest import delete_tree
 from deltabox.client import pb
 
 SYMLINK = pb.FILE_TYPE_SYMLINK
@@ -85,22 +86,12 @@ def clean_message(e: Exception, host: HostDir, daemon, asked: str = "") -> str:
     return text
 
 
-def destroy_with_tree(client, sbx) -> None:
-    roots = {c.id for c in sbx.checkpoints() if not c.parent_id}
-    sbx.destroy()
-    for root in roots:
-        try:
-            client.delete_checkpoint(root, cascade=True)
-        except deltabox.DeltaboxError:
-            pass
-
-
 @pytest.fixture
 def tsbx(client):
     s = client.create("tiny")
     yield s
     try:
-        destroy_with_tree(client, s)
+        delete_tree(client, s)
     except deltabox.NotFound:
         pass
 
@@ -259,7 +250,7 @@ def test_deep_trees_are_walked_and_removed_without_recursion(client, daemon, tsb
     tsbx.remove("/work2", recursive=True)
     assert tsbx.exec(["test", "-e", "/work2"]).exit_code == 1
     branch, layer = tsbx.refresh().info.branch_id, c1.layer_ids[-1]
-    destroy_with_tree(client, tsbx)
+    delete_tree(client, tsbx)
     store = daemon.state_dir / "store"
     assert not (store / "branches" / branch).exists() and not (store / "layers" / layer).exists()
     host.check_untouched()
