@@ -94,6 +94,8 @@ def cmd_daemon(args) -> int:
     cfg.standby = not args.no_standby
     if args.warm_budget is not None:
         cfg.warm_budget_bytes = args.warm_budget
+    if args.default_disk is not None:
+        cfg.default_disk_bytes = args.default_disk
     cfg.tcp_address = args.tcp
     cfg.tls_cert = Path(args.tls_cert) if args.tls_cert else None
     cfg.tls_key = Path(args.tls_key) if args.tls_key else None
@@ -158,7 +160,8 @@ def cmd_image_rm(args, client) -> int:
 def cmd_create(args, client) -> int:
     sbx = client.create(args.image, args.name or "", memory=args.memory or 0,
                         pids=args.pids or 0, cpus=args.cpus or 0.0, network=args.network,
-                        env=_parse_env(args.env), hostname=args.hostname or "")
+                        env=_parse_env(args.env), hostname=args.hostname or "",
+                        disk=args.disk or 0, disk_inodes=args.disk_inodes or 0)
     if args.json:
         _out(args, sbx.info)
     else:
@@ -169,9 +172,10 @@ def cmd_create(args, client) -> int:
 def cmd_ls(args, client) -> int:
     boxes = [s.info for s in client.list()]
     _out(args, boxes, lambda: _table(
-        ["ID", "NAME", "IMAGE", "STATE", "MEMORY", "PIDS", "NETWORK", "INIT PID"],
+        ["ID", "NAME", "IMAGE", "STATE", "MEMORY", "PIDS", "DISK", "NETWORK", "INIT PID"],
         [[b.id, b.name, b.image, _STATE.get(b.state, b.state), _human(b.limits.memory_bytes),
-          b.limits.pids, "nat" if b.network == 2 else "none", b.init_pid or "-"]
+          b.limits.pids, _human(b.limits.disk_bytes) if b.limits.disk_bytes else "-",
+          "nat" if b.network == 2 else "none", b.init_pid or "-"]
          for b in boxes]))
     return 0
 
@@ -293,7 +297,8 @@ def cmd_status(args, client) -> int:
         ["store", f"{st.store_backing}, {_human(st.store_free_bytes)} free of "
                   f"{_human(st.store_size_bytes)}"],
         ["sandboxes", st.sandboxes], ["images", st.images],
-        ["criu", st.criu_version or "not installed"], ["uptime", f"{st.uptime_seconds:.0f}s"]]))
+        ["criu", st.criu_version or "not installed"], ["disk quotas", st.disk_quotas],
+        ["uptime", f"{st.uptime_seconds:.0f}s"]]))
     return 0
 
 
@@ -416,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsync every commit and layer (survives power loss; slower)")
     d.add_argument("--warm-budget", type=_parse_size, default=None,
                    help="memory for body doubles and warm fork pools (default 4G)")
+    d.add_argument("--default-disk", type=_parse_size, default=None,
+                   help="per-sandbox disk limit when create gives none (default 10G; 0 = none; "
+                   "an XFS project quota: see `deltabox status`)")
     d.add_argument("--no-standby", action="store_true",
                    help="do not keep a ready incarnation for fast rollback")
     d.add_argument("--tcp", help="also listen on HOST:PORT (needs --tls-cert, --tls-key and "
@@ -459,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--network", choices=["none", "nat"], default="none")
     c.add_argument("--env", action="append", metavar="NAME=VALUE")
     c.add_argument("--hostname")
+    c.add_argument("--disk", type=_parse_size,
+                   help="what it may write into the store, e.g. 10G (default: the daemon's)")
+    c.add_argument("--disk-inodes", type=int, help="files it may create (default: one per KiB "
+                   "of --disk)")
     c.set_defaults(func=cmd_create)
 
     e = sub.add_parser("exec", help="run a command in a sandbox (exit code propagates)")

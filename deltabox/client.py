@@ -143,12 +143,13 @@ class _Op:
 # ---- request builders, shared by both clients ----------------------------------------------
 
 def _create_op(image: str, name: str, memory: int, pids: int, cpus: float, network: str,
-               env: dict | None, hostname: str) -> _Op:
+               env: dict | None, hostname: str, disk: int = 0, disk_inodes: int = 0) -> _Op:
     if network not in _NETWORK:
         raise ValueError(f"network must be one of {sorted(_NETWORK)}")
     return _Op("sandboxes", "CreateSandbox", pb.CreateSandboxRequest(
         image=image, name=name or "", limits=pb.Limits(memory_bytes=memory, pids=pids,
-                                                       cpus=cpus),
+                                                       cpus=cpus, disk_bytes=disk,
+                                                       disk_inodes=disk_inodes),
         network=_NETWORK[network], env=env or {}, hostname=hostname or ""))
 
 
@@ -354,8 +355,11 @@ class Client:
     # sandboxes
     def create(self, image: str, name: str = "", *, memory: int = 0, pids: int = 0,
                cpus: float = 0.0, network: str = "none", env: dict | None = None,
-               hostname: str = "") -> "Sandbox":
-        info = self._call(_create_op(image, name, memory, pids, cpus, network, env, hostname))
+               hostname: str = "", disk: int = 0, disk_inodes: int = 0) -> "Sandbox":
+        """`disk`: bytes the sandbox may write into the store (0 = the daemon's
+        default); `disk_inodes`: files it may create (0 = one per KiB of `disk`)."""
+        info = self._call(_create_op(image, name, memory, pids, cpus, network, env, hostname,
+                                     disk, disk_inodes))
         return Sandbox(self, info)
 
     def get(self, sandbox: str) -> "Sandbox":
@@ -577,9 +581,10 @@ class AsyncClient:
 
     async def create(self, image: str, name: str = "", *, memory: int = 0, pids: int = 0,
                      cpus: float = 0.0, network: str = "none", env: dict | None = None,
-                     hostname: str = "") -> "AsyncSandbox":
+                     hostname: str = "", disk: int = 0,
+                     disk_inodes: int = 0) -> "AsyncSandbox":
         info = await self._call(_create_op(image, name, memory, pids, cpus, network, env,
-                                           hostname))
+                                           hostname, disk, disk_inodes))
         return AsyncSandbox(self, info)
 
     async def get(self, sandbox: str) -> "AsyncSandbox":

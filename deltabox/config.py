@@ -31,6 +31,7 @@ class Config:
     store_size: str = "64G"              # sparse loop image, when not on XFS
     default_memory_bytes: int = 1024 * MiB
     default_pids: int = 1024
+    default_disk_bytes: int = 10 << 30   # per sandbox, in the store (XFS project quota); 0 = none
     max_output_bytes: int = 16 * MiB     # per exec stream, when the request says 0
     max_file_read_bytes: int = 64 * MiB
     max_message_bytes: int = 80 * MiB    # gRPC message limit (file writes, stdin)

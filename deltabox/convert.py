@@ -27,7 +27,8 @@ def sandbox_pb(rec: SandboxRecord, ip_address: str = "") -> pb.Sandbox:
     return pb.Sandbox(
         id=rec.id, name=rec.name, image=rec.image, state=STATE_PB.get(rec.state, 0),
         limits=pb.Limits(memory_bytes=spec.get("memory_bytes", 0), pids=spec.get("pids", 0),
-                         cpus=spec.get("cpus", 0.0)),
+                         cpus=spec.get("cpus", 0.0), disk_bytes=spec.get("disk_bytes", 0),
+                         disk_inodes=spec.get("disk_inodes", 0)),
         network=NETWORK_PB.get(spec.get("network", "none"), 0), created_at=rec.created_at,
         init_pid=rec.init_pid if rec.state == "running" else 0, branch_id=rec.branch_id,
         env=spec.get("env", {}), hostname=spec.get("hostname", ""),

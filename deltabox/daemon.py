@@ -211,7 +211,8 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         rec = await self.m.create(
             request.image, request.name, request.limits.memory_bytes, request.limits.pids,
             request.limits.cpus, NETWORK_FROM_PB.get(request.network, "invalid"),
-            dict(request.env), request.hostname)
+            dict(request.env), request.hostname, disk_bytes=request.limits.disk_bytes,
+            disk_inodes=request.limits.disk_inodes)
         return sandbox_pb(rec)
 
     async def GetSandbox(self, request, context):
@@ -407,7 +408,8 @@ class SystemServicer(pb_grpc.SystemServicer):
             store_backing=self.d.backing.kind, store_size_bytes=st.f_blocks * st.f_frsize,
             store_free_bytes=st.f_bavail * st.f_frsize, sandboxes=len(self.d.manager.list()),
             images=len(self.d.store.list_images()), criu_version=self.d.criu_version,
-            uptime_seconds=time.monotonic() - self.d.started)
+            uptime_seconds=time.monotonic() - self.d.started,
+            disk_quotas=self.d.store.quotas.state)
 
     async def Stats(self, request, context):
         return pb.StatsResponse(
@@ -556,7 +558,10 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         _sd_notify("READY=1")
         log.info("daemon.serving", socket=str(sock), state_dir=str(self.config.state_dir),
-                 store=self.backing.kind, criu=self.criu_version, **report)
+                 store=self.backing.kind, criu=self.criu_version,
+                 disk_quotas=self.store.quotas.state, **report)
+        if not self.store.quotas.enforced and self.config.default_disk_bytes:
+            log.warning("daemon.disk_limits_not_enforced", reason=self.store.quotas.state)
 
     def _add_tcp_port(self, opts) -> None:
         cfg = self.config

@@ -47,6 +47,7 @@ log = structlog.get_logger("deltabox.sandbox")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SESSION_KINDS = ("bash", "sh", "python")
 MAX_ENV_BYTES = 1 << 20
+DISK_BYTES_PER_INODE = 1024  # the default inode limit: one per KiB of the disk limit
 
 
 @dataclass
@@ -377,8 +378,9 @@ class SandboxManager:
 
     async def create(self, image: str, name: str = "", memory_bytes: int = 0, pids: int = 0,
                      cpus: float = 0.0, network: str = "none", env: dict | None = None,
-                     hostname: str = "") -> SandboxRecord:
-        if memory_bytes < 0 or pids < 0 or cpus < 0:
+                     hostname: str = "", disk_bytes: int = 0,
+                     disk_inodes: int = 0) -> SandboxRecord:
+        if memory_bytes < 0 or pids < 0 or cpus < 0 or disk_bytes < 0 or disk_inodes < 0:
             raise InvalidArgument("limits must be >= 0")
         if not math.isfinite(cpus):
             raise InvalidArgument(f"cpus limit must be a finite number, not {cpus}")
@@ -390,9 +392,15 @@ class SandboxManager:
         hostname = validate_name(hostname or name, "host")
         if memory_bytes and memory_bytes < 16 << 20:
             raise InvalidArgument("memory limit must be at least 16 MiB")
+        # The init's copy of itself (~1 MiB) lives in the upper too.
+        if disk_bytes and disk_bytes < 16 << 20 or disk_inodes and disk_inodes < 1024:
+            raise InvalidArgument("disk limit must be at least 16 MiB and 1024 inodes")
+        disk_bytes = disk_bytes or self.config.default_disk_bytes
         spec = {"memory_bytes": memory_bytes or self.config.default_memory_bytes,
                 "pids": pids or self.config.default_pids, "cpus": cpus, "network": network,
-                "env": env, "hostname": hostname}
+                "env": env, "hostname": hostname, "disk_bytes": disk_bytes,
+                # Inodes cost the store space the block limit does not count.
+                "disk_inodes": disk_inodes or disk_bytes // DISK_BYTES_PER_INODE}
         return await self._create_from(image, name, spec, "")
 
     async def _create_from(self, image: str, name: str, spec: dict, checkpoint_id: str,
@@ -635,7 +643,8 @@ class SandboxManager:
                 _kill_quiet(old_pid)
                 self._spawn_background(self._drop_standby(rt))
                 new_branch = new_id("br")
-                await asyncio.to_thread(self.store.new_branch_dirs, new_branch, ckpt.mount_layers)
+                await asyncio.to_thread(self.store.new_branch_dirs, new_branch, ckpt.mount_layers,
+                                        rec.spec)
                 try:
                     pid, start = await asyncio.to_thread(
                         self._launch, rec, self.store.branch_mount_for(new_branch,
@@ -707,7 +716,8 @@ class SandboxManager:
         except NotFound:
             return None
         branch_id = new_id("br")
-        await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers)
+        await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
+                                rec.spec)
         mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
         try:
             # The network is attached when (if) the standby is promoted. A full
@@ -774,9 +784,10 @@ class SandboxManager:
                              budget=self.config.warm_budget_bytes)
                     return
             branch_id = new_id("br")
-            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers)
-            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
             shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, self._child_spec(ckpt))
+            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
+                                    shell.spec)
+            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
             try:
                 pid, start = await asyncio.to_thread(self._launch, shell, mnt, False,
                                                      self._images_for(ckpt), True)

@@ -34,7 +34,7 @@ Layout under the store root (an XFS filesystem with reflink)::
 
     meta.db                   metadata
     layers/<layer-id>/        immutable layers
-    branches/<branch-id>/{upper,work}
+    branches/<branch-id>/{upper,work}   an XFS project each: the sandbox's disk limit
     mnt/<branch-id>/          where a branch's overlay is mounted
     tmp/                      work in progress (new-XXXX), wiped at start-up
 """
@@ -59,6 +59,7 @@ from typing import Iterator
 import structlog
 
 from deltabox import _linux, deltafs
+from deltabox._quota import DiskLimit, ProjectQuotas, kernel_has_xfs_quota, super_options
 from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 __all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
@@ -196,6 +197,10 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
         # Left by a crashed daemon, possibly an older one: enforce today's flags.
         _linux.mount("none", root, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_NOSUID
                      | _linux.MS_NODEV | _linux.MS_NOATIME)
+        if not super_options(root) & {"prjquota", "pquota"} and kernel_has_xfs_quota():
+            # A remount cannot turn quotas on, and adopted sandboxes keep the store
+            # busy: disk limits wait for the next clean start (a fresh mount).
+            log.warning("store.quota_off_until_clean_restart", store=str(root))
     elif _linux.filesystem_type(state_dir) == _linux.XFS_SUPER_MAGIC:
         kind, image = "host-xfs", None
     else:
@@ -209,10 +214,19 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
             tmp.rename(image)
             log.info("store.image_created", image=str(image), size=image_size)
         # "loop" makes mount(8) attach a loop device with autoclear: unmounting
-        # the store releases the device, so nothing is left behind.
-        res = subprocess.run(["mount", "-t", "xfs", "-o", "loop,noatime,nosuid,nodev", str(image),
-                              str(root)],
+        # the store releases the device, so nothing is left behind. prjquota:
+        # per-branch disk limits (deltabox._quota); quotas can only be turned on
+        # at mount time, so an older image gets them here, at its next start.
+        options = "loop,noatime,nosuid,nodev"
+        if kernel_has_xfs_quota() is not False:
+            options += ",prjquota"
+        res = subprocess.run(["mount", "-t", "xfs", "-o", options, str(image), str(root)],
                              capture_output=True, text=True)
+        if res.returncode != 0 and options.endswith(",prjquota"):
+            # XFS was not loaded yet, so support could not be told beforehand.
+            log.warning("store.mount_without_quota", error=res.stderr.strip())
+            res = subprocess.run(["mount", "-t", "xfs", "-o", "loop,noatime,nosuid,nodev",
+                                  str(image), str(root)], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"mounting the store image {image} failed: {res.stderr.strip()}")
         # Private, so overlay mounts under it do not propagate into other namespaces.
@@ -311,6 +325,9 @@ class Store:
         for d in (self.layers_dir, self.branches_dir, self.mnt_dir, self.tmp_dir,
                   self.images_dir):
             d.mkdir(exist_ok=True)
+        # Per-branch disk limits: the project ids in use are those of the dirs.
+        self.quotas = ProjectQuotas(root)
+        self.quotas.scan([*self.branches_dir.iterdir(), *self.tmp_dir.iterdir()])
         # One connection, serialised by a lock: callers run in a thread pool.
         self._lock = threading.RLock()
         self._db = sqlite3.connect(root / "meta.db", check_same_thread=False,
@@ -465,9 +482,7 @@ class Store:
             lower = self.get_checkpoint(from_checkpoint).mount_layers
         else:
             lower = self.get_image(image).layer_ids
-        tmp = self.new_tmp_dir()
-        self._init_upper(tmp / "upper", tuple(lower))
-        (tmp / "work").mkdir()
+        tmp = self._new_branch_tmp(tuple(lower), spec)
         sbx = SandboxRecord(id=new_id("sbx"), name=name, image=image, state="creating",
                             branch_id=new_id("br"), created_at=time.time(), spec=spec,
                             head=from_checkpoint)
@@ -486,7 +501,7 @@ class Store:
                             json.dumps(spec), from_checkpoint))
                 tmp.rename(self.branches_dir / sbx.branch_id)
         except BaseException:
-            _rmtree(tmp)
+            self._remove_branch_tree(tmp)
             raise
         return sbx
 
@@ -529,7 +544,7 @@ class Store:
                 # Image layers stay while their image exists; this matters for the
                 # checkpoint layers of later issues.
                 self._drop_unused_layers(db, json.loads(lower[0]))
-        _rmtree(self.branches_dir / row[0])
+        self._remove_branch_tree(self.branches_dir / row[0])
         (self.mnt_dir / row[0]).rmdir() if (self.mnt_dir / row[0]).exists() else None
         self.delete_unreferenced_layer_dirs()
 
@@ -682,17 +697,36 @@ class Store:
                     os.setxattr(upper, name, os.getxattr(src, name))
             os.utime(upper, ns=(top.st_atime_ns, top.st_mtime_ns))
 
-    def new_branch_dirs(self, branch_id: str, lower: tuple[str, ...] = ()) -> Path:
-        """Create branches/<id>/{upper,work} (no row yet: see `switch_branch`)."""
+    def _new_branch_tmp(self, lower: tuple[str, ...], spec: dict) -> Path:
+        """tmp/new-XXXX/{upper,work}, in a project of their own limited as `spec` says
+        (tagged first: upper and work inherit it, so overlayfs's renames from work
+        into upper stay inside one project)."""
         tmp = self.new_tmp_dir()
-        self._init_upper(tmp / "upper", lower)
-        (tmp / "work").mkdir()
+        try:
+            self.quotas.assign(tmp, DiskLimit.of(spec))
+            self._init_upper(tmp / "upper", lower)
+            (tmp / "work").mkdir()
+        except BaseException:
+            self._remove_branch_tree(tmp)
+            raise
+        return tmp
+
+    def _remove_branch_tree(self, path: Path) -> None:
+        """Delete a branch's (or a tmp) dir, then free its project id."""
+        with self.quotas.removing(path):
+            _rmtree(path)
+
+    def new_branch_dirs(self, branch_id: str, lower: tuple[str, ...] = (),
+                        spec: dict | None = None) -> Path:
+        """Create branches/<id>/{upper,work} (no row yet: see `switch_branch`), with the
+        disk limit of `spec` (the sandbox's: every branch of a sandbox gets it)."""
+        tmp = self._new_branch_tmp(lower, spec or {})
         target = self.branches_dir / branch_id
         tmp.rename(target)
         return target
 
     def delete_branch_dirs(self, branch_id: str) -> None:
-        _rmtree(self.branches_dir / branch_id)
+        self._remove_branch_tree(self.branches_dir / branch_id)
         target = self.mnt_dir / branch_id
         if target.exists() and not _linux.is_mountpoint(target):
             target.rmdir()
@@ -806,7 +840,7 @@ class Store:
         """Delete directories the database does not know; return what was removed."""
         removed = {"tmp": 0, "layers": 0, "branches": 0, "mnt": 0}
         for d in self.tmp_dir.iterdir():
-            _rmtree(d)
+            self._remove_branch_tree(d)
             removed["tmp"] += 1
         known_layers = {r[0] for r in self._query("SELECT id FROM layers")}
         for d in self.layers_dir.iterdir():
@@ -816,7 +850,7 @@ class Store:
         known_branches = {r[0] for r in self._query("SELECT id FROM branches")}
         for d in self.branches_dir.iterdir():
             if d.name not in known_branches:
-                _rmtree(d)
+                self._remove_branch_tree(d)
                 removed["branches"] += 1
         for d in self.mnt_dir.iterdir():
             if d.name not in known_branches and not _linux.is_mountpoint(d):
@@ -828,7 +862,23 @@ class Store:
             if d.name not in known_checkpoints:
                 _rmtree(d)
                 removed["images"] += 1
+        removed["unlimited_branches"] = self.apply_disk_limits()
         return removed
+
+    def apply_disk_limits(self) -> int:
+        """Set every sandbox branch's limit from its spec (the store may have been
+        mounted without prjquota before); returns how many limited sandboxes run
+        on a branch without a project (made before disk limits: unlimited until
+        their next rollback)."""
+        untagged = 0
+        for sbx in self.list_sandboxes():
+            limit = DiskLimit.of(sbx.spec)
+            if not self.quotas.apply(self.branches_dir / sbx.branch_id, limit) \
+                    and (limit.bytes or limit.inodes) and self.quotas.tagging:
+                untagged += 1
+                log.warning("store.branch_without_project", sandbox=sbx.name,
+                            branch=sbx.branch_id)
+        return untagged
 
 
 def _image(r: tuple) -> ImageRecord:

@@ -214,11 +214,13 @@ def test_root_is_the_image(tiny):
     assert Path("/etc/debian_version").exists()
     assert sh(tiny, "test -e /etc/debian_version").exit_code == 1
 
-    # /proc/1/root is the sandbox's root, not the host's
-    assert ok(tiny, "readlink /proc/1/root").strip() == b"/"
-    assert ok(tiny, "ls -a /proc/1/root") == ok(tiny, "ls -a /")
-    assert ok(tiny, "stat -c %d:%i /proc/1/root/") == ok(tiny, "stat -c %d:%i /")
-    assert ok(tiny, "cat /proc/1/root/etc/passwd") == image_passwd
+    # A process's /proc/<pid>/root is the sandbox's root, not the host's...
+    assert ok(tiny, "readlink /proc/self/root").strip() == b"/"
+    assert ok(tiny, "ls -a /proc/self/root") == ok(tiny, "ls -a /")
+    assert ok(tiny, "stat -c %d:%i /proc/self/root/") == ok(tiny, "stat -c %d:%i /")
+    assert ok(tiny, "cat /proc/self/root/etc/passwd") == image_passwd
+    # ...and the init's is closed to the sandbox altogether (it is not dumpable)
+    assert sh(tiny, "readlink /proc/1/root").exit_code != 0
 
 
 # ---- network namespace -----------------------------------------------------------------
@@ -448,7 +450,7 @@ def test_sandboxes_cannot_see_each_other(make_sandbox):
         assert ok(a, "nc -w 2 127.0.0.1 5555 </dev/null", timeout=10) == b"pong\n"
     # different pid namespaces; their inits differ on the host
     assert a.refresh().info.init_pid != b.refresh().info.init_pid
-    assert ok(a, "readlink /proc/1/ns/pid") != ok(b, "readlink /proc/1/ns/pid")
+    assert ok(a, "readlink /proc/self/ns/pid") != ok(b, "readlink /proc/self/ns/pid")
 
 
 # ---- resource limits ---------------------------------------------------------------------

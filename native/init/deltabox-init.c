@@ -26,6 +26,7 @@
 #include <linux/audit.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/fs.h>
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <net/if.h>
@@ -1369,8 +1370,8 @@ static void drop_capabilities(void)
 /*
  * The seccomp filter: Docker's default profile.  Allowed: the calls named in
  * seccomp-allow.txt (compiled into seccomp_allow.h for this architecture),
- * clone without namespace flags, socket of any family but AF_VSOCK, and the
- * personalities Docker allows.  Everything else fails with EPERM; clone3 with
+ * clone without namespace flags, ioctl but FS_IOC_FSSETXATTR/FS_IOC_SETFLAGS,
+ * socket of any family but AF_VSOCK, and the personalities Docker allows.  Everything else fails with EPERM; clone3 with
  * ENOSYS (its flags live in memory a filter cannot read: libc falls back to
  * clone), as do calls of another ABI (i386, x32, arm32).  What is left out
  * and why (new user namespaces, keyrings, io_uring, bpf, mount, ...) is in
@@ -1429,6 +1430,14 @@ static void install_seccomp(void)
 
     JUMP(__NR_clone3, 0, 1);
     RET(DENY(ENOSYS));
+
+    /* ioctl: all but setting a file's project id or flags (its disk quota). */
+    JUMP(__NR_ioctl, 0, 5);
+    LOAD(args[1]);
+    JUMP(FS_IOC_FSSETXATTR, 2, 0);
+    JUMP(FS_IOC_SETFLAGS, 1, 0);
+    RET(SECCOMP_RET_ALLOW);
+    RET(DENY(EPERM));
 
     JUMP(__NR_socket, 0, 4);
     LOAD(args[0]);
