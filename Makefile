@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 export DELTABOX_CACHE ?= /var/cache/deltabox
 
-.PHONY: demo test setup host venv build clean-build
+.PHONY: demo test setup host venv build clean-build install uninstall
 
 demo: setup
 	$(VENV)/bin/deltabox demo
@@ -31,6 +31,16 @@ venv: $(VENV)/.installed
 # generated protobuf code, the cffi extension, the static sandbox init
 build: venv
 	$(PY) native/build.py
+
+# A host service (docs/install.md): /opt/deltabox/venv from the project's wheel, `deltabox` on
+# PATH, the unit, the `deltabox` group, /etc/deltabox/config.toml. CRIU and the images come from
+# `make host`. DESTDIR=dir stages it (tests); `make uninstall PURGE=1` also drops the state dir.
+install: venv
+	$(if $(DESTDIR),,bash native/setup-host.sh packages criu)
+	DESTDIR=$(DESTDIR) bash native/install.sh install
+
+uninstall:
+	DESTDIR=$(DESTDIR) PURGE=$(PURGE) bash native/install.sh uninstall
 
 clean-build:
 	rm -rf deltabox/_proto deltabox/_bin deltabox/_native*.so build *.egg-info

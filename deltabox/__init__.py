@@ -7,9 +7,10 @@ sides alike.
 
 __version__ = "0.1.0"
 
-from deltabox.client import AsyncClient, AsyncSandbox, Client, ExecResult, Sandbox  # noqa: E402
+from deltabox.client import (AsyncClient, AsyncProcess, AsyncSandbox, Client,  # noqa: E402
+                             ExecResult, Process, ProcessOutput, Sandbox)
 from deltabox.errors import *  # noqa: E402,F401,F403
 from deltabox.errors import __all__ as _errors_all  # noqa: E402
 
 __all__ = ["__version__", "Client", "AsyncClient", "Sandbox", "AsyncSandbox", "ExecResult",
-           *_errors_all]
+           "Process", "AsyncProcess", "ProcessOutput", *_errors_all]

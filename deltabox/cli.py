@@ -76,6 +76,35 @@ _STATE = {0: "?", 1: "creating", 2: "running", 3: "stopped", 4: "broken"}
 
 # ---- commands ----------------------------------------------------------------------------
 
+def _apply_config_file(args, path: str) -> None:
+    """Fill the daemon's options from a TOML file (`deltabox daemon --config PATH`).
+
+    Its keys are the long flags without "--" (`socket-group = "deltabox"`, `durable = true`,
+    `image-dir = ["/a", "/b"]`), parsed by the same parser as the flags; a flag given on the
+    command line wins over the file."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"deltabox daemon: --config {path}: {e}") from None
+    if "token" in table or "config" in table:
+        raise SystemExit(f"deltabox daemon: --config {path}: use token-file, not token")
+    argv: list[str] = []
+    for key, value in table.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                argv.append(f"--{key}")
+            elif v is not False:
+                argv += [f"--{key}", str(v)]
+    parser = build_parser()
+    from_file = parser.parse_args(["daemon", *argv])
+    defaults = parser.parse_args(["daemon"])
+    for name, value in vars(from_file).items():
+        if getattr(args, name, None) == getattr(defaults, name):
+            setattr(args, name, value)
+
+
 def cmd_daemon(args) -> int:
     from deltabox.client import TOKEN_ENV, load_token
     from deltabox.config import Config
@@ -84,6 +113,8 @@ def cmd_daemon(args) -> int:
         raise SystemExit("deltabox daemon: --token is refused: any host user can read it in "
                          "/proc/<pid>/cmdline. Use --token-file PATH (a chmod-600 file) or "
                          f"${TOKEN_ENV}")
+    if args.config:
+        _apply_config_file(args, args.config)
     cfg = Config()
     if args.state_dir:
         cfg.state_dir = Path(args.state_dir)
@@ -111,9 +142,15 @@ def cmd_daemon(args) -> int:
         cfg.max_image_entries = args.max_image_entries
     if args.image_dir:
         cfg.image_dirs = tuple(Path(d).resolve() for d in args.image_dir)
+    if args.store_reserve is not None:
+        cfg.store_reserve = args.store_reserve
+    if args.store_reserve_inodes is not None:
+        cfg.store_reserve_inodes = args.store_reserve_inodes
     from deltabox.images import ImportLimits
+    from deltabox.space import StoreSpace
     try:
         ImportLimits.from_config(cfg)  # refuse bad limits now, not at the first import
+        StoreSpace(cfg.state_dir, cfg.store_reserve, cfg.store_reserve_inodes)
     except ValueError as e:
         raise SystemExit(f"deltabox daemon: {e}") from None
     run_daemon(cfg)
@@ -203,6 +240,14 @@ def cmd_exec(args, client) -> int:
             sys.stderr.buffer.write(res.stderr)
         return res.exit_code
     stdin = sys.stdin.buffer.read() if args.stdin else b""
+    if args.detach:
+        if args.timeout:
+            raise SystemExit("exec: --timeout does not apply to --detach (use `deltabox wait "
+                             "--timeout`)")
+        proc = sbx.exec(cmd, detach=True, env=_parse_env(args.env), cwd=args.cwd or "",
+                        stdin=stdin)
+        _out(args, proc.info, lambda: proc.id)
+        return 0
     events = sbx.exec_stream(cmd, env=_parse_env(args.env), cwd=args.cwd or "",
                              stdin=stdin, timeout=args.timeout or 0)
     out, err, exit_ = [], [], None
@@ -223,6 +268,66 @@ def cmd_exec(args, client) -> int:
     if exit_.timed_out and not args.json:
         print(f"deltabox: timed out after {args.timeout}s", file=sys.stderr)
     return exit_.exit_code if exit_.signal == 0 else 128 + exit_.signal
+
+
+def _process_state(p) -> str:
+    if p.running:
+        return "running"
+    return f"exited {p.exit_code}" if p.signal == 0 else f"killed by signal {p.signal}"
+
+
+def _process_status(p) -> int:
+    """A shell's view of how it ended: the exit code, or 128 + the signal."""
+    return p.exit_code if p.signal == 0 else 128 + p.signal
+
+
+def cmd_ps(args, client) -> int:
+    procs = client.get(args.sandbox).processes()
+    _out(args, procs, lambda: _table(
+        ["ID", "PID", "STATE", "OUTPUT", "COMMAND"],
+        [[p.id, p.pid, _process_state(p), _human(p.stdout_bytes + p.stderr_bytes), p.command]
+         for p in procs]))
+    return 0
+
+
+def cmd_logs(args, client) -> int:
+    proc = client.get(args.sandbox).process(args.process)
+    out, err, exit_ = [], [], None
+    for ev in proc.logs_stream(follow=args.follow):
+        which = ev.WhichOneof("event")
+        if which == "stdout":
+            out.append(ev.stdout) if args.json else (sys.stdout.buffer.write(ev.stdout),
+                                                     sys.stdout.flush())
+        elif which == "stderr":
+            err.append(ev.stderr) if args.json else (sys.stderr.buffer.write(ev.stderr),
+                                                     sys.stderr.flush())
+        elif which == "exit":
+            exit_ = ev.exit
+    if args.json:
+        _out(args, {"stdout": b"".join(out).decode(errors="replace"),
+                    "stderr": b"".join(err).decode(errors="replace"),
+                    "running": exit_ is None,
+                    **({"exit_code": exit_.exit_code, "signal": exit_.signal,
+                        "stdout_truncated": exit_.stdout_truncated,
+                        "stderr_truncated": exit_.stderr_truncated} if exit_ else {})})
+    return 0
+
+
+def cmd_kill(args, client) -> int:
+    sig = args.signal.upper().removeprefix("SIG")
+    try:
+        number = int(sig) if sig.isdigit() else int(getattr(signal, f"SIG{sig}"))
+    except AttributeError:
+        raise SystemExit(f"kill: unknown signal {args.signal!r}") from None
+    info = client.get(args.sandbox).process(args.process).signal(number)
+    _out(args, info, lambda: f"sent signal {number} to {info.id} (pid {info.pid})")
+    return 0
+
+
+def cmd_wait(args, client) -> int:
+    info = client.get(args.sandbox).process(args.process).wait(timeout=args.timeout or 0)
+    _out(args, info, lambda: f"{info.id}: {_process_state(info)}")
+    return _process_status(info)
 
 
 def cmd_session(args, client) -> int:
@@ -296,6 +401,10 @@ def cmd_status(args, client) -> int:
         ["version", st.version], ["state dir", st.state_dir],
         ["store", f"{st.store_backing}, {_human(st.store_free_bytes)} free of "
                   f"{_human(st.store_size_bytes)}"],
+        ["store inodes", f"{st.store_free_inodes:,} free of {st.store_inodes:,}"],
+        ["store reserve", f"{_human(st.store_reserve_bytes)}, "
+                          f"{st.store_reserve_inodes:,} inodes"
+                          + (" (below it: new work refused)" if st.store_below_reserve else "")],
         ["sandboxes", st.sandboxes], ["images", st.images],
         ["criu", st.criu_version or "not installed"], ["disk quotas", st.disk_quotas],
         ["uptime", f"{st.uptime_seconds:.0f}s"]]))
@@ -318,7 +427,8 @@ def _timings(t: dict) -> str:
 
 
 def cmd_snapshot(args, client) -> int:
-    ck = client.get(args.sandbox).checkpoint(args.m or "", full=args.full)
+    ck = client.get(args.sandbox).checkpoint(args.m or "", full=args.full,
+                                             wait_ready=args.wait)
     if args.json:
         _out(args, ck)
     else:
@@ -360,6 +470,7 @@ def cmd_tree(args, client) -> int:
     from rich.console import Console
     from rich.tree import Tree
     import datetime
+    import rich.markup
     head = sbx.info
     children: dict[str, list] = {}
     ids = {c.id for c in ckpts}
@@ -370,9 +481,12 @@ def cmd_tree(args, client) -> int:
     def add(node, parent_id):
         for c in children.get(parent_id, []):
             when = datetime.datetime.fromtimestamp(c.created_at).strftime("%H:%M:%S")
-            pin = " [pinned]" if c.pinned else ""
+            # (escaped: rich would take "[pinned]" for markup and print nothing)
+            pin = (r" \[pinned]" if c.pinned else "") + (r" \[ready]" if c.ready else "")
             label = f" {c.label!r}" if c.label else ""
-            add(node.add(f"{c.id}{label} {when} depth {len(c.layer_ids)}{pin}"), c.id)
+            bad = "" if c.restorable else \
+                f" [red]UNUSABLE[/]: {rich.markup.escape(c.unusable_reason)}"
+            add(node.add(f"{c.id}{label} {when} depth {len(c.layer_ids)}{pin}{bad}"), c.id)
     add(root, "")
     Console().print(root)
     return 0
@@ -414,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("daemon", help="run the daemon (as root)")
+    d.add_argument("--config", metavar="PATH",
+                   help="TOML file of these options, keys without '--' (flags given win)")
     d.add_argument("--state-dir")
     d.add_argument("--socket", dest="daemon_socket", help="where to listen")
     d.add_argument("--store-size", default="64G", help="size of the loop-backed XFS image")
@@ -439,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--socket-group", metavar="NAME|GID",
                    help="group that may use the unix socket (0660; its directory becomes "
                    "root:GROUP 0750); default root")
+    d.add_argument("--store-reserve", metavar="SIZE|PCT",
+                   help="refuse new sandboxes, checkpoints, forks and imports while the "
+                        "store has less free space than this, e.g. 1G or 5%% (default: 5%%, "
+                        "at most 4G; 0 = never)")
+    d.add_argument("--store-reserve-inodes", metavar="N|PCT",
+                   help="the same for the store's free inodes (default: 1%%)")
     d.add_argument("--max-image-bytes", type=_parse_size, default=None,
                    help="refuse an image import that writes more file data (default 64G)")
     d.add_argument("--max-image-entries", type=int, default=None,
@@ -480,8 +602,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cwd")
     e.add_argument("--env", action="append", metavar="NAME=VALUE")
     e.add_argument("--stdin", action="store_true", help="pass our stdin to the command")
+    e.add_argument("--detach", "-d", action="store_true",
+                   help="start it and print its process id at once (see ps, logs, kill, wait)")
     e.add_argument("cmd", nargs="*", help="the command, after --")
     e.set_defaults(func=cmd_exec)
+
+    ps = sub.add_parser("ps", help="detached execs of a sandbox (exec --detach)")
+    ps.add_argument("sandbox")
+    ps.set_defaults(func=cmd_ps)
+    lg = sub.add_parser("logs", help="output of a detached exec (the newest 1 MiB per stream)")
+    lg.add_argument("sandbox")
+    lg.add_argument("process")
+    lg.add_argument("--follow", "-f", action="store_true", help="then live output until it ends")
+    lg.set_defaults(func=cmd_logs)
+    kl = sub.add_parser("kill", help="signal a detached exec's process group")
+    kl.add_argument("sandbox")
+    kl.add_argument("process")
+    kl.add_argument("--signal", "-s", default="TERM", help="name or number (default TERM)")
+    kl.set_defaults(func=cmd_kill)
+    wt = sub.add_parser("wait", help="wait for a detached exec to end; its status propagates")
+    wt.add_argument("sandbox")
+    wt.add_argument("process")
+    wt.add_argument("--timeout", type=float, help="give up after this many seconds")
+    wt.set_defaults(func=cmd_wait)
 
     sh = sub.add_parser("shell", help="interactive terminal in a sandbox")
     sh.add_argument("sandbox")
@@ -541,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("sandbox")
     sn.add_argument("-m", help="label")
     sn.add_argument("--full", action="store_true", help="include processes (DeltaCR)")
+    sn.add_argument("--wait", action="store_true",
+                    help="return once its body double / standby is ready (fast rollback)")
     rs = sub.add_parser("restore", help="roll a sandbox back to a checkpoint")
     rs.add_argument("sandbox")
     rs.add_argument("checkpoint")

@@ -27,6 +27,7 @@ from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from deltabox.errors import DeltaboxError, error_for_code
 
 __all__ = ["Client", "AsyncClient", "Sandbox", "AsyncSandbox", "Session", "AsyncSession",
+           "Process", "AsyncProcess", "ProcessOutput",
            "ExecResult", "SessionResult", "RollbackResult", "ForkChild", "default_target",
            "read_token_file", "load_token", "TOKEN_ENV"]
 
@@ -95,6 +96,17 @@ def load_token(token_file: str | os.PathLike | None = None) -> str | None:
     return _check_token(token, f"${TOKEN_ENV}") if token else None
 
 
+def _import_source(source: str | os.PathLike) -> str:
+    """The source as an absolute path (relative ones are the caller's, resolved here).
+    An empty one is refused: Path("") would be the current directory."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path (str or os.PathLike), not "
+                        f"{type(source).__name__}")
+    if not os.fspath(source):
+        raise ValueError("source is required: the path of an image archive or directory")
+    return str(Path(source).resolve())
+
+
 def _error(e: grpc.RpcError) -> DeltaboxError:
     return error_for_code(e.code().name, e.details() or e.code().name)
 
@@ -154,11 +166,13 @@ def _create_op(image: str, name: str, memory: int, pids: int, cpus: float, netwo
 
 
 def _exec_request(sandbox: str, cmd: list[str] | str, env: dict | None, cwd: str,
-                  stdin: bytes | str, timeout: float, max_output: int) -> pb.ExecRequest:
+                  stdin: bytes | str, timeout: float, max_output: int,
+                  detach: bool = False) -> pb.ExecRequest:
     if isinstance(stdin, str):
         stdin = stdin.encode()
     req = pb.ExecRequest(sandbox=sandbox, env=env or {}, cwd=cwd or "", stdin=stdin,
-                         timeout_seconds=timeout or 0, max_output_bytes=max_output or 0)
+                         timeout_seconds=timeout or 0, max_output_bytes=max_output or 0,
+                         detach=detach)
     if isinstance(cmd, str):
         req.shell = cmd
     else:
@@ -191,9 +205,47 @@ class _ExecCollector:
 
 
 @dataclass
+class ProcessOutput:
+    """What a detached process's logs hold: the newest 1 MiB of each stream (stdout and
+    stderr apart: their interleaving is not kept), and its status once it has ended."""
+    stdout: bytes
+    stderr: bytes
+    exit_code: int | None = None   # None while it runs; -1 if killed by a signal
+    signal: int = 0
+    stdout_truncated: bool = False  # older output was dropped
+    stderr_truncated: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+
+class _LogCollector(_ExecCollector):
+    def output(self) -> ProcessOutput:
+        x = self.exit
+        if x is None:
+            return ProcessOutput(b"".join(self.out), b"".join(self.err))
+        return ProcessOutput(b"".join(self.out), b"".join(self.err), x.exit_code, x.signal,
+                             x.stdout_truncated, x.stderr_truncated)
+
+
+def _process_request(sandbox: str, process: str, kind=pb.ProcessRequest, **kw):
+    return kind(sandbox=sandbox, process=process, **kw)
+
+
+def _started_process(ev: pb.ExecEvent) -> tuple[str, int]:
+    if ev.WhichOneof("event") != "started" or not ev.started.process:
+        raise DeltaboxError("a detached exec did not return a process handle")
+    return ev.started.process, ev.started.pid
+
+
+@dataclass
 class RollbackResult:
     sandbox: pb.Sandbox
-    path: str                 # "standby" (ready incarnation), "fresh", later "double"/"restore"
+    # "double" / "standby": a ready incarnation was swapped in; "double-waited" /
+    # "standby-waited": it was still being built and the rollback waited for it;
+    # "restore" (CRIU) / "fresh" (a new init): none was ready.
+    path: str
     timings_ms: dict
 
 
@@ -204,9 +256,9 @@ class ForkChild:
     error: DeltaboxError | None = None
 
 
-def _checkpoint_op(sandbox: str, label: str, full: bool) -> _Op:
+def _checkpoint_op(sandbox: str, label: str, full: bool, wait_ready: bool = False) -> _Op:
     return _Op("checkpoints", "Checkpoint", pb.CheckpointRequest(
-        sandbox=sandbox, label=label,
+        sandbox=sandbox, label=label, wait_ready=wait_ready,
         mode=pb.CHECKPOINT_MODE_FULL if full else pb.CHECKPOINT_MODE_FS))
 
 
@@ -335,8 +387,7 @@ class Client:
     # images
     def import_image(self, name: str, source: str | os.PathLike, replace: bool = False,
                      progress: Callable[[pb.ImportImageProgress], None] | None = None) -> pb.Image:
-        req = pb.ImportImageRequest(name=name, source=str(Path(source).resolve()),
-                                    replace=replace)
+        req = pb.ImportImageRequest(name=name, source=_import_source(source), replace=replace)
         final = None
         for msg in self._stream("images", "ImportImage", req):
             if progress:
@@ -434,12 +485,35 @@ class Sandbox:
         req = _exec_request(self.info.id, cmd, env, cwd, stdin, timeout, max_output)
         return self._client._stream("sandboxes", "Exec", req)
 
-    def exec(self, cmd: list[str] | str, **kw) -> ExecResult:
-        """Run a command (argv list, or a string for /bin/sh -c) and wait for it."""
+    def exec(self, cmd: list[str] | str, *, detach: bool = False, **kw):
+        """Run a command (argv list, or a string for /bin/sh -c) and wait for it: an
+        ExecResult. What it leaves running in the background keeps running.
+        `detach=True`: start it and return a `Process` handle at once (env, cwd and stdin
+        apply; timeout and max_output do not)."""
+        if detach:
+            req = _exec_request(self.info.id, cmd, kw.pop("env", None), kw.pop("cwd", ""),
+                                kw.pop("stdin", b""), kw.pop("timeout", 0),
+                                kw.pop("max_output", 0), detach=True)
+            if kw:
+                raise TypeError(f"unexpected arguments {sorted(kw)}")
+            (started,) = list(self._client._stream("sandboxes", "Exec", req))
+            process_id, pid = _started_process(started)
+            return Process(self, pb.Process(sandbox_id=self.info.id, id=process_id, pid=pid,
+                                            running=True))
         col = _ExecCollector()
         for ev in self.exec_stream(cmd, **kw):
             col.add(ev)
         return col.result()
+
+    def processes(self) -> list[pb.Process]:
+        """Its detached execs (running, and the last ended ones), oldest first."""
+        return self._client._call(_Op("sandboxes", "ListProcesses", pb.ListProcessesRequest(
+            sandbox=self.info.id), lambda r: list(r.processes)))
+
+    def process(self, process_id: str) -> "Process":
+        """A handle on a detached exec (e.g. started before a client restart)."""
+        return Process(self, self._client._call(_Op(
+            "sandboxes", "GetProcess", _process_request(self.info.id, process_id))))
 
     def open_session(self, kind: str = "bash", name: str = "", *, env: dict | None = None,
                      cwd: str = "") -> "Session":
@@ -489,9 +563,12 @@ class Sandbox:
             sandbox=self.info.id, path=path, parents=parents, mode=mode)))
 
     # checkpoints (DeltaFS / DeltaCR)
-    def checkpoint(self, label: str = "", full: bool = False) -> pb.CheckpointInfo:
-        """An immutable checkpoint of the sandbox; it keeps running undisturbed."""
-        return self._client._call(_checkpoint_op(self.info.id, label, full))
+    def checkpoint(self, label: str = "", full: bool = False,
+                   wait_ready: bool = False) -> pb.CheckpointInfo:
+        """An immutable checkpoint of the sandbox; it keeps running undisturbed. With
+        `wait_ready`, returns once its body double (full) / standby (fs) is built:
+        `.ready` then says whether a rollback to it takes the fast path."""
+        return self._client._call(_checkpoint_op(self.info.id, label, full, wait_ready))
 
     def rollback(self, checkpoint) -> RollbackResult:
         """Back to a checkpoint of this sandbox's tree (same id, limits and network)."""
@@ -535,6 +612,54 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Process:
+    """A detached exec (`sandbox.exec(cmd, detach=True)`): owned by the sandbox's init,
+    it outlives this handle, the client and the daemon's restarts."""
+
+    def __init__(self, sandbox: Sandbox, info: pb.Process):
+        self.sandbox = sandbox
+        self.info = info
+
+    id = property(lambda self: self.info.id)
+    pid = property(lambda self: self.info.pid)
+
+    def __repr__(self) -> str:
+        return f"<Process {self.info.id} pid {self.info.pid} in {self.sandbox.id}>"
+
+    def _call(self, method: str, request) -> pb.Process:
+        self.info = self.sandbox._client._call(_Op("sandboxes", method, request))
+        return self.info
+
+    def refresh(self) -> pb.Process:
+        return self._call("GetProcess", _process_request(self.sandbox.id, self.id))
+
+    def logs_stream(self, follow: bool = False) -> Iterator[pb.ExecEvent]:
+        """stdout and stderr chunks (what is kept, then, with follow, live output), and
+        `exit` once it has ended."""
+        return self.sandbox._client._stream("sandboxes", "ProcessLogs", _process_request(
+            self.sandbox.id, self.id, pb.ProcessLogsRequest, follow=follow))
+
+    def logs(self, follow: bool = False) -> ProcessOutput:
+        """Its kept output; with follow, everything until it ends."""
+        col = _LogCollector()
+        for ev in self.logs_stream(follow):
+            col.add(ev)
+        return col.output()
+
+    def signal(self, sig: int = 15) -> pb.Process:
+        """Signal its process group (default SIGTERM); FailedPrecondition once it ended."""
+        return self._call("SignalProcess", _process_request(
+            self.sandbox.id, self.id, pb.SignalProcessRequest, signal=int(sig)))
+
+    def kill(self) -> pb.Process:
+        return self.signal(9)
+
+    def wait(self, timeout: float = 0) -> pb.Process:
+        """Until it ends (DeadlineExceeded after `timeout` seconds; 0 = no limit)."""
+        return self._call("WaitProcess", _process_request(
+            self.sandbox.id, self.id, pb.WaitProcessRequest, timeout_seconds=timeout or 0))
 
 
 # ---- asyncio client ----------------------------------------------------------------------
@@ -633,14 +758,37 @@ class AsyncSandbox:
         req = _exec_request(self.info.id, cmd, env, cwd, stdin, timeout, max_output)
         return self._client._stream("sandboxes", "Exec", req)
 
-    async def exec(self, cmd: list[str] | str, **kw) -> ExecResult:
+    async def exec(self, cmd: list[str] | str, *, detach: bool = False, **kw):
+        """As Sandbox.exec: an ExecResult, or with detach=True an AsyncProcess."""
+        if detach:
+            req = _exec_request(self.info.id, cmd, kw.pop("env", None), kw.pop("cwd", ""),
+                                kw.pop("stdin", b""), kw.pop("timeout", 0),
+                                kw.pop("max_output", 0), detach=True)
+            if kw:
+                raise TypeError(f"unexpected arguments {sorted(kw)}")
+            events = [ev async for ev in self._client._stream("sandboxes", "Exec", req)]
+            if len(events) != 1:
+                raise DeltaboxError("a detached exec did not return a process handle")
+            process_id, pid = _started_process(events[0])
+            return AsyncProcess(self, pb.Process(sandbox_id=self.info.id, id=process_id,
+                                                 pid=pid, running=True))
         col = _ExecCollector()
         async for ev in self.exec_stream(cmd, **kw):
             col.add(ev)
         return col.result()
 
-    async def checkpoint(self, label: str = "", full: bool = False) -> pb.CheckpointInfo:
-        return await self._client._call(_checkpoint_op(self.info.id, label, full))
+    async def processes(self) -> list[pb.Process]:
+        return await self._client._call(_Op("sandboxes", "ListProcesses",
+                                            pb.ListProcessesRequest(sandbox=self.info.id),
+                                            lambda r: list(r.processes)))
+
+    async def process(self, process_id: str) -> "AsyncProcess":
+        return AsyncProcess(self, await self._client._call(_Op(
+            "sandboxes", "GetProcess", _process_request(self.info.id, process_id))))
+
+    async def checkpoint(self, label: str = "", full: bool = False,
+                         wait_ready: bool = False) -> pb.CheckpointInfo:
+        return await self._client._call(_checkpoint_op(self.info.id, label, full, wait_ready))
 
     async def rollback(self, checkpoint) -> RollbackResult:
         res = await self._client._call(_rollback_op(self.info.id, checkpoint))
@@ -683,3 +831,42 @@ class AsyncSession:
     async def close(self) -> None:
         await self.sandbox._client._call(_Op("sandboxes", "CloseSession", pb.CloseSessionRequest(
             sandbox=self.sandbox.id, session=self.name)))
+
+
+class AsyncProcess:
+    """As Process, for AsyncSandbox."""
+
+    def __init__(self, sandbox: AsyncSandbox, info: pb.Process):
+        self.sandbox = sandbox
+        self.info = info
+
+    id = property(lambda self: self.info.id)
+    pid = property(lambda self: self.info.pid)
+
+    async def _call(self, method: str, request) -> pb.Process:
+        self.info = await self.sandbox._client._call(_Op("sandboxes", method, request))
+        return self.info
+
+    async def refresh(self) -> pb.Process:
+        return await self._call("GetProcess", _process_request(self.sandbox.id, self.id))
+
+    def logs_stream(self, follow: bool = False) -> AsyncIterator[pb.ExecEvent]:
+        return self.sandbox._client._stream("sandboxes", "ProcessLogs", _process_request(
+            self.sandbox.id, self.id, pb.ProcessLogsRequest, follow=follow))
+
+    async def logs(self, follow: bool = False) -> ProcessOutput:
+        col = _LogCollector()
+        async for ev in self.logs_stream(follow):
+            col.add(ev)
+        return col.output()
+
+    async def signal(self, sig: int = 15) -> pb.Process:
+        return await self._call("SignalProcess", _process_request(
+            self.sandbox.id, self.id, pb.SignalProcessRequest, signal=int(sig)))
+
+    async def kill(self) -> pb.Process:
+        return await self.signal(9)
+
+    async def wait(self, timeout: float = 0) -> pb.Process:
+        return await self._call("WaitProcess", _process_request(
+            self.sandbox.id, self.id, pb.WaitProcessRequest, timeout_seconds=timeout or 0))

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -29,22 +30,55 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from deltabox._proto.criu import rpc_pb2 as rpc
 from deltabox.errors import FailedPrecondition
+from deltabox.faults import crash_point
 
 __all__ = ["Criu", "CriuError", "DumpResult", "find_criu"]
 
 LOG_NAME = "criu.log"
+OWNER_ENV = "DELTABOX_CRIU_OWNER"
+log = structlog.get_logger("deltabox.criu")
+ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
+
+# Files a process holds open after they were deleted or replaced (`mv new old`, `git
+# checkout`, `pip install -U` over a loaded .so) are dumped as "ghost files": CRIU
+# copies their content into the images and recreates them, unlinked, on restore. On
+# overlayfs a deleted lower file cannot be hard-linked back (link-remap), so CRIU
+# falls back to a ghost (it needs the link_remap option to try). Every dump copies
+# each such file whole (~1 GB/s here), so the copy is bounded: a bigger one refuses
+# the checkpoint, naming the process and the file.
+GHOST_LIMIT = 512 << 20
 
 
 class CriuError(FailedPrecondition):
-    """A dump or restore failed; the message quotes CRIU's own error lines."""
+    """A dump or restore failed; the message quotes CRIU's own error lines.
+
+    `lines`: those lines alone; `timed_out`: criu was killed after its timeout
+    (a loaded host, not necessarily a property of the images)."""
+
+    def __init__(self, message: str, lines: str = "", timed_out: bool = False):
+        super().__init__(message)
+        self.lines = lines or message
+        self.timed_out = timed_out
 
 
 @dataclass
 class DumpResult:
     ms: float
     image_bytes: int
+
+
+def _start_ticks(pid: int) -> int:
+    """The start time of a live (not zombie) process, in clock ticks since boot; 0 if
+    there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return 0 if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def find_criu() -> Path | None:
@@ -56,7 +90,10 @@ def find_criu() -> Path | None:
 
 
 # Error lines CRIU prints on every run here, which explain nothing.
-_NOISE = ("RLIMIT_NOFILE", "Dumping FAILED", "Restoring FAILED")
+_NOISE = ("RLIMIT_NOFILE", "Dumping FAILED", "Restoring FAILED",
+          # kerndat probes (tun, ip address add) a sandbox without those rights fails
+          "Unable to create tun", "ipv4: Address already assigned",
+          "ipv6: address already assigned")
 
 
 def _sandbox_pid(host_pid: int) -> str:
@@ -95,17 +132,49 @@ def _family_name(m: re.Match) -> str:
         return m.group(0)
 
 
-def _error_lines(log: Path, limit: int = 6) -> str:
+def _holders(path: str, pids: list[int]) -> list[str]:
+    """The processes among `pids` that hold `path` (deleted) open or mapped."""
+    found = []
+    for pid in pids:
+        for sub in ("fd", "map_files"):
+            try:
+                links = [os.readlink(e) for e in os.scandir(f"/proc/{pid}/{sub}")]
+            except OSError:
+                continue
+            if any(t == path or t == f"{path} (deleted)" for t in links):
+                found.append(_sandbox_pid(pid))
+                break
+    return found
+
+
+# CRIU's words for what it cannot do, and ours (docs/deltacr.md, "What cannot be
+# checkpointed"): put first in the error, before CRIU's own lines.
+_EXPLAIN = (
+    (r"fsnotify: .*Can't dump that handle|Can't dump that handle",
+     "an inotify or fanotify watch on the sandbox's files cannot be checkpointed "
+     "(overlayfs gives CRIU no file handle to find the watched file by)"),
+    (r"Can't lookup mount=\d+ for fd=\d+ path=/",
+     "an open file on a mount the sandbox's tree does not show, e.g. a POSIX message "
+     "queue (mq_open), cannot be checkpointed"),
+)
+
+
+def _error_lines(log: Path, limit: int = 6, pids: list[int] = (),
+                 ghost_limit: int = GHOST_LIMIT) -> str:
     """What a failed CRIU call says went wrong: its 'Error' lines without the
-    noise, and for "Dump files (pid: N)" the process as the sandbox sees it."""
+    noise, and for "Dump files (pid: N)" the process as the sandbox sees it, and
+    for a deleted file too big to copy the processes that hold it (among `pids`)."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return "(no CRIU log)"
     lines: list[str] = []
+    why: list[str] = []
     for line in text.splitlines():
         if "Error" not in line or any(n in line for n in _NOISE):
             continue
+        why += [text for pattern, text in _EXPLAIN if re.search(pattern, line)
+                and text not in why]
         msg = re.sub(r"^\(\s*\d+\.\d+\)\s*", "", line).strip()
         msg = re.sub(r"\(family (\d+)\)", _family_name, msg)
         m = re.search(r"\(pid: (\d+)\)", msg)
@@ -113,12 +182,19 @@ def _error_lines(log: Path, limit: int = 6) -> str:
             pid = int(m.group(1))
             kinds = _fd_kinds(pid)
             msg += f" [{_sandbox_pid(pid)}" + (f", holds {kinds}" if kinds else "") + "]"
+        m = re.search(r"Can't dump ghost file (.+) of (\d+) size", msg)
+        if m:
+            who = _holders("/" + m.group(1).lstrip("/"), pids)
+            msg = (f"/{m.group(1).lstrip('/')} was deleted or replaced while "
+                   f"{', '.join(who) or 'a process'} holds it open; its {int(m.group(2))} "
+                   f"bytes exceed the {ghost_limit >> 20} MiB a checkpoint copies of such "
+                   "files: close it (or restart the process) first")
         if msg not in lines:
             lines.append(msg)
     if lines:
-        return "; ".join(lines[:limit])
+        return "; ".join(why + lines[:limit])
     tail = text.strip().splitlines()
-    return tail[-1] if tail else "(empty CRIU log)"
+    return re.sub(r"^\(\s*\d+\.\d+\)\s*", "", tail[-1]).strip() if tail else "(empty CRIU log)"
 
 
 @contextlib.contextmanager
@@ -131,8 +207,75 @@ def _dir_fd(path: Path):
 
 
 class Criu:
-    def __init__(self, binary: Path):
+    def __init__(self, binary: Path, ghost_limit: int = GHOST_LIMIT, owner: str = ""):
         self.binary = binary
+        self.ghost_limit = ghost_limit
+        self._build_id: str | None = None
+        # Each `criu swrk` carries OWNER_ENV=owner (the store's instance id): a daemon
+        # killed mid-call leaves it running, and the next start finds it by that.
+        self.owner = owner
+
+    def build_id(self) -> str:
+        """This CRIU: version and the fingerprint of the patch set it was built with
+        (native/setup-host.sh). A checkpoint one build cannot restore may restore
+        with another. Read once: the daemon runs one build."""
+        if self._build_id is None:
+            patches = self.binary.resolve().parent.parent / ".deltabox-patches"
+            try:
+                fingerprint = patches.read_text().strip()[:12]
+            except OSError:
+                fingerprint = "unknown"
+            self._build_id = f"{self.version()}+{fingerprint}"
+        return self._build_id
+
+    def orphans(self) -> list[int]:
+        """Pids of the CRIU helpers of this owner (`criu swrk`, and a restore's forks
+        before they become the restored tasks). Called at start-up, before this
+        daemon runs CRIU: they are a killed daemon's. Identified by the binary's
+        inode (a sandbox cannot run the host's criu) and the owner tag."""
+        if not self.owner:
+            return []
+        try:
+            st = os.stat(self.binary)
+        except OSError:
+            return []
+        tag = f"{OWNER_ENV}={self.owner}".encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                exe = os.stat(proc / "exe")
+                if (exe.st_dev, exe.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                if tag in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    def end_orphans(self, grace: float = ORPHAN_GRACE_S) -> int:
+        """Let the helpers a killed daemon left (`orphans`) finish, for up to `grace`
+        seconds -- a dump killed midway may leave its parasite code in a process --
+        then SIGKILL the rest; returns how many there were."""
+        found = {pid: _start_ticks(pid) for pid in self.orphans()}
+        if not found:
+            return 0
+        log.warning("criu.orphans", pids=sorted(found))
+
+        def alive() -> list[int]:
+            return [p for p, t in found.items() if t and _start_ticks(p) == t]
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in alive():
+            log.error("criu.orphan_killed", pid=pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(found)
 
     def version(self) -> str:
         res = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True)
@@ -140,7 +283,7 @@ class Criu:
         return m.group(1) if m else res.stdout.strip()
 
     def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
-              on_notify=None, timeout: float = 120.0) -> rpc.criu_resp:
+              on_notify=None, timeout: float = 120.0, fault: str = "") -> rpc.criu_resp:
         """One request to a fresh `criu swrk`. `on_notify(script)` runs for each of
         CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
         takes longer than `timeout` kills criu and fails (CRIU can hang in the
@@ -149,7 +292,8 @@ class Criu:
         parent.settimeout(timeout)
         proc = None
         try:
-            proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())],
+            env = {**os.environ, OWNER_ENV: self.owner} if self.owner else None
+            proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())], env=env,
                                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     cwd="/")
@@ -160,13 +304,15 @@ class Criu:
                 with open(procs, "w") as f:
                     f.write(str(proc.pid))
             parent.sendall(req.SerializeToString())
+            if fault:
+                crash_point(fault)
             while True:
                 try:
                     data = parent.recv(1 << 20)
                 except socket.timeout:
                     proc.kill()
                     raise CriuError(f"criu did not finish within {timeout:.0f} s and was "
-                                    f"killed: {_error_lines(log)}") from None
+                                    f"killed: {_error_lines(log)}", timed_out=True) from None
                 if not data:
                     raise CriuError(f"criu exited without answering: "
                                     f"{proc.stderr.read().decode(errors='replace')[-500:]}"
@@ -201,6 +347,13 @@ class Criu:
                              tcp_established=True, file_locks=True, network_lock=rpc.SKIP,
                              **kw)
 
+    @staticmethod
+    def _frozen_pids(freeze_cgroup: Path | None) -> list[int]:
+        try:
+            return [int(p) for p in (freeze_cgroup / "cgroup.procs").read_text().split()]
+        except (OSError, TypeError, ValueError):
+            return []
+
     def dump(self, pid: int, images_dir: Path, root: Path, freeze_cgroup: Path | None,
              leave_running: bool = True) -> DumpResult:
         """Dump the process tree of `pid` (a sandbox's init) into `images_dir`.
@@ -214,11 +367,15 @@ class Criu:
             opts = self._opts(fd, LOG_NAME, pid=pid, root=str(root),
                               leave_running=leave_running, external=["mnt[/]:root"],
                               freeze_cgroup=str(freeze_cgroup) if freeze_cgroup else None,
-                              manage_cgroups_mode=rpc.IGNORE)
-            resp = self._call(rpc.criu_req(type=rpc.DUMP, opts=opts), images_dir / LOG_NAME)
+                              manage_cgroups_mode=rpc.IGNORE,
+                              link_remap=True, ghost_limit=self.ghost_limit)
+            resp = self._call(rpc.criu_req(type=rpc.DUMP, opts=opts), images_dir / LOG_NAME,
+                              fault="checkpoint.dump")
         if not resp.success:
-            raise CriuError(f"CRIU dump of pid {pid} failed (errno {resp.cr_errno}): "
-                            f"{_error_lines(images_dir / LOG_NAME)}")
+            lines = _error_lines(images_dir / LOG_NAME, pids=self._frozen_pids(freeze_cgroup),
+                                 ghost_limit=self.ghost_limit)
+            raise CriuError(f"CRIU dump of pid {pid} failed (errno {resp.cr_errno}): {lines}",
+                            lines)
         size = sum(p.stat().st_size for p in images_dir.iterdir()
                    if p.is_file() and p.suffix == ".img")
         return DumpResult(1000 * (time.perf_counter() - t0), size)
@@ -237,9 +394,15 @@ class Criu:
         # Many restores of one image may run at once (fork): one log each.
         log_name = f"restore-{Path(root).name}.log"
 
+        ours: list[BaseException] = []
+
         def on_notify(script: str, criu_pid: int) -> None:
             if script == "pre-resume" and freeze is not None:
-                freeze(criu_pid)
+                try:
+                    freeze(criu_pid)
+                except BaseException as e:
+                    ours.append(e)
+                    raise
         with _dir_fd(images_dir) as fd:
             opts = self._opts(fd, log_name, root=str(root), rst_sibling=True,
                               external=[f"mnt[root]:{root}"], manage_cgroups_mode=rpc.IGNORE,
@@ -247,8 +410,11 @@ class Criu:
             resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
                               images_dir / log_name, cgroup_procs, on_notify)
         if not resp.success:
+            if ours:  # our freeze failed, not CRIU's restore
+                raise ours[0]
+            lines = _error_lines(images_dir / log_name)
             raise CriuError(f"CRIU restore from {images_dir.name} failed (errno "
-                            f"{resp.cr_errno}): {_error_lines(images_dir / log_name)}")
+                            f"{resp.cr_errno}): {lines}", lines)
         (images_dir / log_name).unlink(missing_ok=True)
         return resp.restore.pid
 
@@ -275,10 +441,11 @@ def _dedupe(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
 
 
 def dedupe_pages(parent_dir: Path, new_dir: Path) -> int:
-    """Share identical 1 MiB ranges of new_dir's page images with parent_dir's;
+    """Share identical 1 MiB ranges of new_dir's page images (and ghost files: the
+    same deleted file held open is copied again by every dump) with parent_dir's;
     returns the bytes now shared."""
     shared = 0
-    for new in sorted(new_dir.glob("pages-*.img")):
+    for new in sorted([*new_dir.glob("pages-*.img"), *new_dir.glob("ghost-file-*.img")]):
         old = parent_dir / new.name
         if not old.exists():
             continue

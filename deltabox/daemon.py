@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import grp
 import hmac
+import math
 import os
+import secrets
 import signal
 import socket
+import sqlite3
 import time
 import traceback
 from pathlib import Path
@@ -34,10 +38,12 @@ from deltabox.cgroups import detect_driver
 from deltabox.config import CRIU_PREFIX, Config
 from deltabox.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                               SESSION_KIND_PB, image_pb, sandbox_pb)
-from deltabox.errors import DeltaboxError, InvalidArgument, NotFound, PermissionDenied
+from deltabox.errors import (DeltaboxError, InvalidArgument, NotFound, PermissionDenied,
+                             ResourceExhausted)
 from deltabox.images import ImportLimits, import_image
 from deltabox.metrics import Metrics
-from deltabox.sandbox import ExecEvent, SandboxManager
+from deltabox.sandbox import ExecEvent, ProcessInfo, SandboxManager
+from deltabox.space import StoreSpace
 from deltabox.store import Store, ensure_backing, release_backing
 
 __all__ = ["Daemon", "run_daemon"]
@@ -49,21 +55,115 @@ PR_SET_CHILD_SUBREAPER = 36
 
 # ---- errors and metrics, in one place ------------------------------------------------------
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, DeltaboxError):
-        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message
-    if isinstance(exc, (ValueError, TypeError, UnicodeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError):
-        return grpc.StatusCode.INTERNAL, f"{exc.strerror or exc} ({exc.filename or ''})"
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+# gRPC carries a status message in a trailer, percent-encoded; the client drops a call
+# whose trailers pass its metadata limit (8 KiB by default) and reports RESOURCE_EXHAUSTED
+# "Stream removed" instead. So a message (which may echo user input) is capped, in UTF-8
+# bytes: at most 3 KiB once percent-encoded.
+MAX_ERROR_MESSAGE_BYTES = 1024
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def cap_message(message: str, limit: int = MAX_ERROR_MESSAGE_BYTES) -> str:
+    """`message`, its middle cut out if it is longer than `limit` UTF-8 bytes: the head
+    names what failed, the tail often says why."""
+    raw = message.encode("utf-8", "backslashreplace")  # lone surrogates: as \udcff
+    if len(raw) <= limit:
+        return raw.decode()
+    head = raw[:limit * 2 // 3].decode("utf-8", "ignore")
+    tail = raw[len(raw) - limit // 4:].decode("utf-8", "ignore")
+    return f"{head}...[{len(raw) - len(head.encode()) - len(tail.encode())} bytes cut]...{tail}"
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, is the store
+    (or a disk limit) running out of blocks or inodes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return True
+        if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) == 13
+                                               or "disk is full" in str(exc)):
+            return True  # SQLITE_FULL
+        if os.strerror(errno.ENOSPC) in str(exc):
+            return True  # a helper's (CRIU's, the init's) report, wrapped
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _subject(request) -> str:
+    """What a request is about, for messages: its sandbox, checkpoint or name."""
+    for field in ("sandbox", "checkpoint", "name"):
+        value = getattr(request, field, "")
+        if isinstance(value, str) and value:
+            return f" of {field} {cap_message(repr(value), 100)}"
+    return ""
+
+
+class ErrorReporter:
+    """Turns any exception raised by a call into (status code, message).
+
+    - A `DeltaboxError` travels as its own code.
+    - The store (or a disk limit) out of space is RESOURCE_EXHAUSTED, whatever raised it.
+    - Anything else is a daemon bug: INTERNAL, with an error id that is also logged, with
+      the traceback, so the report can be found in the log. (A ValueError is no
+      exception: validation raises `InvalidArgument` explicitly.)
+    Messages never show the store's host paths, and are capped in length.
+    """
+
+    def __init__(self, space=None, host_paths: tuple[Path, ...] = ()):
+        self.space = space
+        paths = {str(p) for p in host_paths} | {str(p.resolve()) for p in host_paths}
+        self._host_paths = sorted((p for p in paths if p not in ("", "/")), key=len,
+                                  reverse=True)
+
+    def status(self, exc: BaseException, method: str,
+               request=None) -> tuple[grpc.StatusCode, str]:
+        if isinstance(exc, DeltaboxError) and exc.code != "INTERNAL":
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
+            message = exc.message
+        elif _out_of_space(exc):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            what = f"{method}{_subject(request)}"
+            message = self.space.full_message(what) if self.space else \
+                f"{what} failed: no space left in the store"
+            log.warning("rpc.store_full", method=method, error=self.scrub(str(exc)))
+        else:
+            code = grpc.StatusCode.INTERNAL
+            error_id = secrets.token_hex(4)
+            text = exc.message if isinstance(exc, DeltaboxError) else \
+                f"{type(exc).__name__}: {exc}"
+            message = (f"internal error in {method} (error id {error_id}; the daemon's log "
+                       f"has the details): {self.scrub(text)}")
+            log.error("rpc.internal_error", error_id=error_id, method=method,
+                      error=f"{type(exc).__name__}: {exc}",
+                      traceback="".join(traceback.format_exception(exc)))
+        return code, cap_message(self.scrub(message))
+
+    def scrub(self, message: str) -> str:
+        """`message` without the store's host paths (they tell a client about the host)."""
+        for path in self._host_paths:
+            message = message.replace(path, "<store>")
+        return message
+
+
+def _parse_request(deserialize, raw, method: str):
+    if deserialize is None or not isinstance(raw, bytes):
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or invalid UTF-8
+        raise InvalidArgument(f"malformed {method} request: it does not parse as the "
+                              f"method's protobuf message ({type(e).__name__})") from None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes, times each RPC, checks the TCP token."""
+    """Parses requests, maps errors to status codes (`ErrorReporter`), times each RPC,
+    checks the TCP token."""
 
-    def __init__(self, metrics: Metrics, token: str | None):
+    def __init__(self, metrics: Metrics, token: str | None, reporter: ErrorReporter | None = None):
         self.metrics = metrics
+        self.reporter = reporter or ErrorReporter()
         self.expected_authorization = None if token is None else f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
@@ -71,13 +171,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method.rsplit("/", 1)[-1]
-        metrics, expected = self.metrics, self.expected_authorization
+        metrics, expected, reporter = self.metrics, self.expected_authorization, self.reporter
+        # Requests arrive as bytes and are parsed here: a malformed one is then an
+        # INVALID_ARGUMENT of ours, not gRPC's UNKNOWN "Exception deserializing request".
+        deserialize = handler.request_deserializer
 
-        async def fail(context, exc: BaseException, started: float):
-            code, message = _status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("rpc.internal_error", method=method, error=message,
-                          traceback=traceback.format_exc())
+        async def fail(context, exc: BaseException, started: float, request=None):
+            code, message = reporter.status(exc, method, request)
             metrics.observe(method, code.name, time.monotonic() - started)
             await context.abort(code, message)
 
@@ -96,34 +196,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(raw, context):
                 started = time.monotonic()
+                request = None
                 try:
                     check_token(context)
+                    request = _parse_request(deserialize, raw, method)
                     reply = await inner_uu(request, context)
                 except Exception as e:  # noqa: BLE001 - every error becomes a status
-                    await fail(context, e, started)
+                    await fail(context, e, started, request)
                 metrics.observe(method, "OK", time.monotonic() - started)
                 return reply
-            return handler._replace(unary_unary=unary_unary)
+            return handler._replace(unary_unary=unary_unary, request_deserializer=None)
 
-        inner = handler.unary_stream or handler.stream_stream
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
 
-        async def streaming(request_or_iterator, context):
+            async def unary_stream(raw, context):
+                started = time.monotonic()
+                request = None
+                try:
+                    check_token(context)
+                    request = _parse_request(deserialize, raw, method)
+                    async for item in inner_us(request, context):
+                        yield item
+                except Exception as e:  # noqa: BLE001 - every error becomes a status
+                    await fail(context, e, started, request)
+                metrics.observe(method, "OK", time.monotonic() - started)
+            return handler._replace(unary_stream=unary_stream, request_deserializer=None)
+
+        inner_ss = handler.stream_stream
+        if inner_ss is None:
+            return handler
+
+        async def parsed(raw_iterator):
+            async for raw in raw_iterator:
+                yield _parse_request(deserialize, raw, method)
+
+        async def stream_stream(raw_iterator, context):
             started = time.monotonic()
             try:
                 check_token(context)
-                async for item in inner(request_or_iterator, context):
+                async for item in inner_ss(parsed(raw_iterator), context):
                     yield item
             except Exception as e:  # noqa: BLE001 - every error becomes a status
                 await fail(context, e, started)
             metrics.observe(method, "OK", time.monotonic() - started)
-
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming)
-        if handler.stream_stream:
-            return handler._replace(stream_stream=streaming)
-        return handler
+        return handler._replace(stream_stream=stream_stream, request_deserializer=None)
 
 
 # ---- servicers -----------------------------------------------------------------------------
@@ -136,6 +255,12 @@ def _exec_event_pb(ev: ExecEvent) -> pb.ExecEvent:
     if ev.kind == "stderr":
         return pb.ExecEvent(stderr=ev.data)
     return pb.ExecEvent(exit=_exit_pb(ev))
+
+
+def _process_pb(sandbox_id: str, p: ProcessInfo) -> pb.Process:
+    return pb.Process(sandbox_id=sandbox_id, id=p.id, pid=p.pid, command=p.command,
+                      running=p.running, exit_code=p.exit_code, signal=p.signal,
+                      stdout_bytes=p.stdout_bytes, stderr_bytes=p.stderr_bytes)
 
 
 def _exit_pb(ev: ExecEvent) -> pb.ExecExit:
@@ -153,7 +278,10 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         The daemon runs as root: without this any client could import (and then
         read in a sandbox) /etc/shadow or /root."""
         if not source:
-            raise InvalidArgument("source is required")
+            raise InvalidArgument("source is required: an absolute path below one of the "
+                                  "daemon's image directories")
+        if "\0" in source:
+            raise InvalidArgument(f"source must not contain NUL bytes: {source!r}")
         path = Path(source)
         if not path.is_absolute():
             raise InvalidArgument(f"source must be an absolute path on the daemon's host, "
@@ -172,6 +300,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
 
     async def ImportImage(self, request, context):
         source = self._import_source(request.source)
+        self.d.require_space(f"importing image {request.name!r}", "ImportImage")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -208,6 +337,7 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
     async def CreateSandbox(self, request, context):
         if not request.image:
             raise InvalidArgument("image is required")
+        self.d.require_space("creating a sandbox", "CreateSandbox")
         rec = await self.m.create(
             request.image, request.name, request.limits.memory_bytes, request.limits.pids,
             request.limits.cpus, NETWORK_FROM_PB.get(request.network, "invalid"),
@@ -231,10 +361,45 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
             if argv:
                 raise InvalidArgument("set either argv or shell, not both")
             argv = ["/bin/sh", "-c", request.shell]
+        _check_timeout(request.timeout_seconds)
+        if request.detach:
+            if request.timeout_seconds or request.max_output_bytes:
+                raise InvalidArgument("timeout_seconds and max_output_bytes do not apply to a "
+                                      "detached exec (WaitProcess takes a timeout)")
+            proc = await self.m.exec_detached(request.sandbox, argv, dict(request.env),
+                                              request.cwd, request.stdin)
+            yield pb.ExecEvent(started=pb.ExecStarted(pid=proc.pid, process=proc.id))
+            return
         async for ev in self.m.exec(request.sandbox, argv, dict(request.env), request.cwd,
                                     request.stdin, request.timeout_seconds,
                                     request.max_output_bytes):
             yield _exec_event_pb(ev)
+
+    async def ListProcesses(self, request, context):
+        rec = self.m.get(request.sandbox)
+        procs = await self.m.list_processes(request.sandbox)
+        return pb.ListProcessesResponse(processes=[_process_pb(rec.id, p) for p in procs])
+
+    async def GetProcess(self, request, context):
+        rec = self.m.get(request.sandbox)
+        return _process_pb(rec.id, await self.m.get_process(request.sandbox, request.process))
+
+    async def ProcessLogs(self, request, context):
+        async for ev in self.m.process_logs(request.sandbox, request.process, request.follow):
+            yield _exec_event_pb(ev)
+
+    async def SignalProcess(self, request, context):
+        rec = self.m.get(request.sandbox)
+        proc = await self.m.signal_process(request.sandbox, request.process,
+                                           int(request.signal or signal.SIGTERM))
+        return _process_pb(rec.id, proc)
+
+    async def WaitProcess(self, request, context):
+        _check_timeout(request.timeout_seconds)
+        rec = self.m.get(request.sandbox)
+        proc = await self.m.wait_process(request.sandbox, request.process,
+                                         request.timeout_seconds)
+        return _process_pb(rec.id, proc)
 
     async def OpenSession(self, request, context):
         kind = SESSION_KIND_FROM_PB.get(request.kind)
@@ -246,6 +411,7 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         return pb.Session(sandbox_id=rec.id, name=name, kind=SESSION_KIND_PB[kind], pid=pid)
 
     async def RunInSession(self, request, context):
+        _check_timeout(request.timeout_seconds)
         res = await self.m.run_in_session(request.sandbox, request.session, request.code,
                                           request.timeout_seconds)
         return pb.RunInSessionResponse(stdout=res.stdout, stderr=res.stderr,
@@ -270,6 +436,7 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         if first is None or first.WhichOneof("input") != "start":
             raise InvalidArgument("the first Shell message must be `start`")
         start = first.start
+        _check_window(start.rows, start.cols)
 
         async def inputs():
             async for msg in request_iterator:
@@ -277,6 +444,7 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
                 if which == "stdin":
                     yield "stdin", msg.stdin
                 elif which == "resize":
+                    _check_window(msg.resize.rows, msg.resize.cols)
                     yield "resize", (msg.resize.rows, msg.resize.cols)
 
         async for ev in self.m.shell(start.sandbox, list(start.argv), dict(start.env),
@@ -320,6 +488,18 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         return pb.MakeDirResponse()
 
 
+def _check_timeout(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise InvalidArgument(f"timeout_seconds must be a finite number >= 0 (0 = none), "
+                              f"not {seconds}")
+
+
+def _check_window(rows: int, cols: int) -> None:
+    if rows > 0xFFFF or cols > 0xFFFF:
+        raise InvalidArgument(f"a terminal window of {rows}x{cols}: rows and cols must be "
+                              "at most 65535")
+
+
 def _printable(path: str) -> str:
     """A file name for a protobuf string: bytes that are not UTF-8 (surrogate-escaped
     by Python) become backslash escapes (\\xff)."""
@@ -338,26 +518,32 @@ _MODE_FROM_PB = {pb.CHECKPOINT_MODE_UNSPECIFIED: "fs", pb.CHECKPOINT_MODE_FS: "f
                  pb.CHECKPOINT_MODE_FULL: "full"}
 
 
-def _checkpoint_pb(c) -> pb.CheckpointInfo:
-    return pb.CheckpointInfo(
+def _checkpoint_pb(c, ready: bool = False) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(ready=ready,
         id=c.id, sandbox_id=c.sandbox_id, parent_id=c.parent_id, label=c.label,
         mode=_MODE_PB.get(c.mode, 0), created_at=c.created_at, layer_ids=list(c.mount_layers),
         pinned=c.pinned, timings_ms={k: float(v) for k, v in c.stats.items()
                                      if k.endswith("_ms")},
         image_bytes=int(c.stats.get("image_bytes", 0)),
         image_shared_bytes=int(c.stats.get("shared_bytes", 0)),
-        layer_bytes=int(c.stats.get("cloned_bytes", 0)))
+        layer_bytes=int(c.stats.get("cloned_bytes", 0)),
+        restorable=c.restorable, unusable_reason=c.unusable_reason)
 
 
 class CheckpointsServicer(pb_grpc.CheckpointsServicer):
     def __init__(self, daemon: "Daemon"):
+        self.d = daemon
         self.m = daemon.manager
 
     async def Checkpoint(self, request, context):
         mode = _MODE_FROM_PB.get(request.mode)
         if mode is None:
             raise InvalidArgument(f"unknown checkpoint mode {request.mode}")
-        return _checkpoint_pb(await self.m.checkpoint(request.sandbox, request.label, mode))
+        self.m.get(request.sandbox)  # an unknown sandbox is NOT_FOUND, full store or not
+        self.d.require_space(f"a checkpoint of sandbox {request.sandbox!r}", "Checkpoint")
+        ckpt = await self.m.checkpoint(request.sandbox, request.label, mode,
+                                       request.wait_ready)
+        return _checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
     async def Rollback(self, request, context):
         rec, path, timings = await self.m.rollback(request.sandbox, request.checkpoint)
@@ -365,12 +551,14 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
 
     async def Fork(self, request, context):
         t0 = time.perf_counter()
+        self.m.store.get_checkpoint(request.checkpoint)  # NOT_FOUND first
+        self.d.require_space(f"forking checkpoint {request.checkpoint!r}", "Fork")
         results = await self.m.fork(request.checkpoint, request.n)
         total_ms = 1000 * (time.perf_counter() - t0)
         out = []
         for r in results:
             if isinstance(r, Exception):
-                code, message = _status_for(r)
+                code, message = self.d.reporter.status(r, "Fork", request)
                 out.append(pb.ForkResult(error=message, error_code=code.name))
             else:
                 out.append(pb.ForkResult(sandbox=sandbox_pb(r)))
@@ -382,7 +570,8 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
 
     async def ListCheckpoints(self, request, context):
         return pb.ListCheckpointsResponse(checkpoints=[
-            _checkpoint_pb(c) for c in self.m.list_checkpoints(request.sandbox)])
+            _checkpoint_pb(c, self.m.ready(c.id))
+            for c in self.m.list_checkpoints(request.sandbox)])
 
     async def Diff(self, request, context):
         entries = await self.m.diff(getattr(request, "from"), request.to)
@@ -394,7 +583,8 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
         return pb.DeleteCheckpointResponse()
 
     async def PinCheckpoint(self, request, context):
-        return _checkpoint_pb(self.m.pin_checkpoint(request.checkpoint, request.pinned))
+        ckpt = self.m.pin_checkpoint(request.checkpoint, request.pinned)
+        return _checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
 
 class SystemServicer(pb_grpc.SystemServicer):
@@ -402,11 +592,14 @@ class SystemServicer(pb_grpc.SystemServicer):
         self.d = daemon
 
     async def Status(self, request, context):
-        st = os.statvfs(self.d.store.root)
+        space = self.d.space.usage()
         return pb.StatusResponse(
             version=__version__, state_dir=str(self.d.config.state_dir),
-            store_backing=self.d.backing.kind, store_size_bytes=st.f_blocks * st.f_frsize,
-            store_free_bytes=st.f_bavail * st.f_frsize, sandboxes=len(self.d.manager.list()),
+            store_backing=self.d.backing.kind, store_size_bytes=space.size_bytes,
+            store_free_bytes=space.free_bytes, store_inodes=space.inodes,
+            store_free_inodes=space.free_inodes, store_reserve_bytes=space.reserve_bytes,
+            store_reserve_inodes=space.reserve_inodes,
+            store_below_reserve=space.below_reserve, sandboxes=len(self.d.manager.list()),
             images=len(self.d.store.list_images()), criu_version=self.d.criu_version,
             uptime_seconds=time.monotonic() - self.d.started,
             disk_quotas=self.d.store.quotas.state)
@@ -517,6 +710,16 @@ class Daemon:
             await asyncio.to_thread(release_backing, self.backing)
             raise
 
+    def require_space(self, what: str, method: str) -> None:
+        """Refuse new work while the store is below its reserve (`deltabox.space`). Only
+        calls that start new work are refused: deletions, rollbacks (they drop an upper)
+        and the daemon's own work (standbys, squashes) go on."""
+        try:
+            self.space.require(what)
+        except ResourceExhausted:
+            self.metrics.store_refusals.labels(method).inc()
+            raise
+
     def _check_tcp_config(self) -> None:
         cfg = self.config
         if cfg.tcp_address and not (cfg.tls_cert and cfg.tls_key and cfg.token):
@@ -525,6 +728,10 @@ class Daemon:
 
     async def _start_serving(self) -> None:
         self.store = Store(self.backing.root, durable=self.config.durable)
+        self.space = StoreSpace(self.backing.root, self.config.store_reserve,
+                                self.config.store_reserve_inodes)
+        self.metrics.track_store(self.space)
+        self.reporter = ErrorReporter(self.space, (self.config.state_dir, self.backing.root))
         self.manager = SandboxManager(self.config, self.store,
                                       detect_driver(self.store.instance_id), self.metrics)
         report = await self.manager.start()
@@ -533,7 +740,8 @@ class Daemon:
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.metrics, self.config.token)], options=opts)
+            interceptors=[ErrorInterceptor(self.metrics, self.config.token, self.reporter)],
+            options=opts)
         pb_grpc.add_ImagesServicer_to_server(ImagesServicer(self), self.server)
         pb_grpc.add_SandboxesServicer_to_server(SandboxesServicer(self), self.server)
         pb_grpc.add_CheckpointsServicer_to_server(CheckpointsServicer(self), self.server)
@@ -582,10 +790,12 @@ class Daemon:
         _sd_notify("STOPPING=1")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
-        await self.manager.shutdown()
-        self.store.close()
-        await asyncio.to_thread(release_backing, self.backing)
-        self.config.socket.unlink(missing_ok=True)
+        try:
+            await self.manager.shutdown()
+        finally:  # whatever failed above, the store is not left mounted
+            self.store.close()
+            await asyncio.to_thread(release_backing, self.backing)
+            self.config.socket.unlink(missing_ok=True)
         log.info("daemon.stopped")
 
 

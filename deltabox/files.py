@@ -52,6 +52,11 @@ def _split(path: str) -> tuple[str, str]:
     return str(p.parent), p.name
 
 
+def _check_mode(mode: int) -> None:
+    if not 0 <= mode <= 0o7777:
+        raise InvalidArgument(f"mode must be between 0 and 0o7777, not {mode:#o}")
+
+
 def _os_error(e: OSError, path: str) -> Exception:
     text = f"{path}: {os.strerror(e.errno) if e.errno else e}"
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -60,8 +65,12 @@ def _os_error(e: OSError, path: str) -> Exception:
         return AlreadyExists(text)
     if e.errno in (errno.EISDIR, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):
         return InvalidArgument(text)
+    if e.errno == errno.ENXIO:  # open(2) of a FIFO without a reader, or of a socket
+        return InvalidArgument(f"{path}: not a regular file")
     if e.errno == errno.ENOTEMPTY:
         return FailedPrecondition(text + " (use recursive)")
+    if e.errno in (errno.ETXTBSY, errno.EBUSY):
+        return FailedPrecondition(text)
     if e.errno in (errno.EACCES, errno.EPERM, errno.EXDEV):
         return PermissionDenied(text)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -150,6 +159,8 @@ class SandboxFiles:
 
     def write(self, path: str, data: bytes, mode: int = 0o644, append: bool = False,
               make_parents: bool = False) -> int:
+        _split(path)
+        _check_mode(mode)
         if make_parents:
             self.mkdir(str(PurePosixPath("/") / path) + "/..", parents=True, exist_ok=True)
         mode = mode or 0o644
@@ -249,6 +260,7 @@ class SandboxFiles:
 
     def mkdir(self, path: str, parents: bool = False, mode: int = 0o755,
               exist_ok: bool = False) -> None:
+        _check_mode(mode)
         p = PurePosixPath("/") / _split(path)[0] / _split(path)[1]
         p = PurePosixPath(os.path.normpath(p))
         parts = p.parts[1:]

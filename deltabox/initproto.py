@@ -27,7 +27,7 @@ from typing import AsyncIterator
 from deltabox import _linux
 from deltabox.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 
-__all__ = ["InitChannel", "Conversation", "Frame", "SOCKET_IN_SANDBOX"]
+__all__ = ["InitChannel", "Conversation", "Frame", "ProcessState", "SOCKET_IN_SANDBOX"]
 
 SOCKET_IN_SANDBOX = "/dev/.deltabox/init.sock"
 HEADER = struct.Struct("<BI")
@@ -35,11 +35,11 @@ MAX_PAYLOAD = 1 << 20
 RECV_CHUNK = 256 << 10
 
 # client -> init
-HELLO, SPAWN, ATTACH, STDIN, STDIN_EOF, SIGNAL, WINSIZE, LIST = (
-    b"H", b"S", b"A", b"I", b"i", b"K", b"W", b"L")
+HELLO, SPAWN, ATTACH, STDIN, STDIN_EOF, SIGNAL, WINSIZE, LIST, QUERY = (
+    b"H", b"S", b"A", b"I", b"i", b"K", b"W", b"L", b"Q")
 # init -> client
-HELLO_REPLY, STARTED, STDOUT, STDERR, EXIT, FAIL, LIST_REPLY = (
-    b"h", b"P", b"O", b"R", b"E", b"F", b"l")
+HELLO_REPLY, STARTED, STDOUT, STDERR, EXIT, FAIL, LIST_REPLY, QUERY_REPLY = (
+    b"h", b"P", b"O", b"R", b"E", b"F", b"l", b"q")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,21 @@ class Frame:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class ProcessState:
+    """A named process (a session or a kept process) as init's QUERY reports it."""
+    pid: int
+    command: str              # kept processes only
+    stdout_bytes: int         # everything it wrote; the tail holds the newest 1 MiB
+    stderr_bytes: int
+    status: int | None        # raw wait status once it has ended (and its output is read)
+    stdout: bytes = b""       # the tails, when asked for
+    stderr: bytes = b""
+
+
 def encode_spawn(argv: list[str], env: dict[str, str], cwd: str, pty: bool = False,
-                 rows: int = 0, cols: int = 0, session: str | None = None) -> bytes:
+                 rows: int = 0, cols: int = 0, session: str | None = None,
+                 keep: bool = False) -> bytes:
     recs = [f"a:{a}" for a in argv] + [f"e:{k}={v}" for k, v in env.items()]
     recs.append(f"c:{cwd or '/'}")
     if pty:
@@ -58,13 +71,43 @@ def encode_spawn(argv: list[str], env: dict[str, str], cwd: str, pty: bool = Fal
             recs.append(f"w:{rows}x{cols}")
     if session:
         recs.append(f"n:{session}")
+    if keep:
+        recs.append("k:1")
     for r in recs:
         if "\0" in r:
             raise InvalidArgument("argv, env and cwd must not contain NUL bytes")
-    return b"".join(r.encode() + b"\0" for r in recs)
+    payload = b"".join(r.encode() + b"\0" for r in recs)
+    if len(payload) > MAX_PAYLOAD:
+        # One SPAWN is one frame: init refuses a bigger one (a split one is malformed).
+        raise InvalidArgument(f"argv, env and cwd take {len(payload):,} bytes together; "
+                              f"a process is started with at most {MAX_PAYLOAD:,} (1 MiB): "
+                              "pass large data through stdin or a file")
+    return payload
 
 
 _ERRNO_RE = re.compile(r"errno=(\d+)")
+
+
+def _records(payload: bytes) -> dict[str, str]:
+    """'K:value\0' records of an init reply (untrusted: malformed ones are an error)."""
+    if payload and not payload.endswith(b"\0"):
+        raise Internal("sandbox init sent unterminated records")
+    out = {}
+    for rec in payload.split(b"\0")[:-1]:
+        if len(rec) < 2 or rec[1:2] != b":":
+            raise Internal("sandbox init sent a malformed record")
+        out[rec[:1].decode("ascii", "replace")] = rec[2:].decode(errors="replace")
+    return out
+
+
+def _count(value: str | None, what: str, signed: bool = False) -> int:
+    try:
+        n = int(value or "")
+    except ValueError:
+        raise Internal(f"sandbox init sent a bad {what}: {value!r}") from None
+    if not (-(1 << 31) <= n < (1 << 31) if signed else 0 <= n < (1 << 63)):
+        raise Internal(f"sandbox init sent a bad {what}: {value!r}")
+    return n
 
 
 def error_from_fail(message: str):
@@ -76,6 +119,9 @@ def error_from_fail(message: str):
         return NotFound(text)
     if code in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
         return InvalidArgument(text)
+    if code == errno_mod.E2BIG:  # execve: one string over 128 KiB, or all over ARG_MAX
+        return InvalidArgument(f"{text} (an argument or environment string is at most "
+                               "128 KiB: pass large data through stdin or a file)")
     if "no such session" in text:
         return NotFound(text)
     if code in (errno_mod.EBUSY, errno_mod.EEXIST):
@@ -235,12 +281,43 @@ class InitChannel:
                 pass
             return {parts[i].decode(): int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
 
+    async def query(self, name: str, signal: int = 0, output: bool = False,
+                    remove: bool = False) -> ProcessState:
+        """The state of a named process without attaching to it (QUERY); optionally
+        signal its group first, fetch its kept output, or forget it once ended."""
+        recs = [f"n:{name}"] + ([f"s:{int(signal)}"] if signal else []) + \
+            (["o:1"] if output else []) + (["r:1"] if remove else [])
+        if "\0" in name:
+            raise InvalidArgument("process names must not contain NUL bytes")
+        async with await self.connect() as conv:
+            await conv.send(QUERY, b"".join(r.encode() + b"\0" for r in recs))
+            frame = await conv.recv()
+            if frame is None:
+                raise Internal("sandbox init closed the connection before answering QUERY")
+            if frame.type == FAIL:
+                raise error_from_fail(frame.payload.decode(errors="replace"))
+            if frame.type != QUERY_REPLY:
+                raise Internal(f"sandbox init: unexpected frame {frame.type!r}")
+            recs_in = _records(frame.payload)
+            out, err = bytearray(), bytearray()
+            while (frame := await conv.recv()) is not None:
+                if frame.type == STDOUT:
+                    out += frame.payload
+                elif frame.type == STDERR:
+                    err += frame.payload
+        return ProcessState(
+            pid=_count(recs_in.get("p"), "pid"), command=recs_in.get("c", ""),
+            stdout_bytes=_count(recs_in.get("o", "0"), "byte count"),
+            stderr_bytes=_count(recs_in.get("e", "0"), "byte count"),
+            status=_count(recs_in["x"], "wait status", signed=True) if "x" in recs_in else None,
+            stdout=bytes(out), stderr=bytes(err))
+
     async def spawn(self, argv: list[str], env: dict[str, str], cwd: str = "/",
                     pty: bool = False, rows: int = 0, cols: int = 0,
-                    session: str | None = None) -> tuple[Conversation, int]:
+                    session: str | None = None, keep: bool = False) -> tuple[Conversation, int]:
         conv = await self.connect()
         try:
-            await conv.send(SPAWN, encode_spawn(argv, env, cwd, pty, rows, cols, session))
+            await conv.send(SPAWN, encode_spawn(argv, env, cwd, pty, rows, cols, session, keep))
             pid = await conv.expect_started()
         except BaseException:
             conv.close()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -32,22 +34,27 @@ import structlog
 from deltabox import _linux, deltafs, initproto
 from deltabox.cgroups import CgroupDriver, Limits
 from deltabox.config import Config, init_binary
-from deltabox.criu import Criu, find_criu
+from deltabox.criu import Criu, CriuError, find_criu
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
-                             NotFound, ResourceExhausted, Unimplemented)
+                             NotFound, ResourceExhausted)
+from deltabox.faults import crash_point
 from deltabox.files import SandboxFiles
 from deltabox.metrics import Metrics
-from deltabox.store import (CheckpointRecord, Mount, SandboxRecord, Store, _rmtree, new_id,
-                            validate_name)
+from deltabox.store import (CheckpointInUse, CheckpointRecord, Mount, SandboxRecord, Store,
+                            _rmtree, new_id, validate_name)
 
-__all__ = ["SandboxManager", "ExecEvent", "SessionResult", "SESSION_KINDS"]
+__all__ = ["SandboxManager", "ExecEvent", "SessionResult", "ProcessInfo", "SESSION_KINDS"]
 
 log = structlog.get_logger("deltabox.sandbox")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SESSION_KINDS = ("bash", "sh", "python")
+PROCESS_PREFIX = "exec/"  # init's name of a detached exec: exec/<process id>
+PROCESS_TAIL_BYTES = 1 << 20  # what init keeps of each stream of a detached exec
+MAX_DETACHED_STDIN = 1 << 20  # init buffers this much without the process reading it
 MAX_ENV_BYTES = 1 << 20
 DISK_BYTES_PER_INODE = 1024  # the default inode limit: one per KiB of the disk limit
+DELETE_WAIT_S = 150.0  # a deletion waits this long for rollbacks/forks of it (> CRIU's timeout)
 
 
 @dataclass
@@ -69,6 +76,26 @@ class SessionResult:
     stderr: bytes
     exit_code: int
     duration: float
+
+
+@dataclass
+class ProcessInfo:
+    """A detached exec: a process the sandbox's init keeps a record of (a *kept*
+    process, docs/init-protocol.md), named by `id`."""
+    id: str
+    pid: int
+    command: str
+    running: bool
+    exit_code: int = 0  # once ended; -1 when killed by a signal
+    signal: int = 0
+    stdout_bytes: int = 0  # everything it wrote; init keeps the newest PROCESS_TAIL_BYTES
+    stderr_bytes: int = 0
+
+    @classmethod
+    def from_state(cls, process_id: str, st: initproto.ProcessState) -> "ProcessInfo":
+        code, sig = _wait_status(st.status) if st.status is not None else (0, 0)
+        return cls(process_id, st.pid, st.command, st.status is None, code, sig,
+                   st.stdout_bytes, st.stderr_bytes)
 
 
 @dataclass
@@ -94,6 +121,8 @@ class _Runtime:
     active: int = 0  # conversations with init in flight (exec, session code, shell)
     # Closed while a full checkpoint dumps: new conversations wait for it.
     gate: asyncio.Event = field(default_factory=lambda: _open_event())
+    controls: int = 0  # short conversations in flight (see control())
+    controls_idle: asyncio.Event = field(default_factory=lambda: _open_event())
     closed: bool = False  # destroyed: background work must not attach anything
 
     @contextlib.asynccontextmanager
@@ -104,6 +133,21 @@ class _Runtime:
             yield
         finally:
             self.active -= 1
+
+    @contextlib.asynccontextmanager
+    async def control(self):
+        """A short conversation with init (a query, a signal, a detached spawn, a listing):
+        it waits while a full checkpoint dumps, and a checkpoint waits for it to end
+        instead of refusing, as it refuses while a long one (busy()) is attached."""
+        await self.gate.wait()
+        self.controls += 1
+        self.controls_idle.clear()
+        try:
+            yield
+        finally:
+            self.controls -= 1
+            if not self.controls:
+                self.controls_idle.set()
 
     @property
     def channel(self) -> initproto.InitChannel:
@@ -117,11 +161,72 @@ def _wait_status(status: int) -> tuple[int, int]:
     return os.WEXITSTATUS(status), 0
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def _process_start(pid: int) -> float:
+    """When `pid` started, in seconds since boot (0.0 if it is gone): with the pid, the
+    identity of a sandbox's init. Not wall-clock time: that is derived from the boot
+    time the kernel reports, which moves whenever the clock is stepped, and an init
+    that no longer matches its record would be restarted (its sessions lost)."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19]) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _same_process(pid: int, recorded_start: float) -> bool:
+    """Is `pid` the process recorded with `recorded_start`? Records written before
+    start times were boot-relative hold wall-clock times (> 1e9): those compare, to
+    the second, with the wall-clock start (the boot time may have moved since)."""
+    if not pid:
+        return False
+    if recorded_start < 1e9:
+        return _process_start(pid) == recorded_start
+    try:
+        return abs(psutil.Process(pid).create_time() - recorded_start) < 2.0
+    except psutil.Error:
+        return False
+
+
+class _CheckpointHolds:
+    """Checkpoints that operations in flight build on (a rollback, a fork, a body
+    double, a warm pool being restored): their branches are not recorded yet and CRIU
+    reads their images, so deleting them is ordered after them (`delete_checkpoint`).
+    Counts live on the event loop; `busy` is also read by the store's deletion
+    transaction in a worker thread (a dict lookup: atomic)."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+        self._released = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, checkpoint_id: str):
+        """Hold `checkpoint_id` (then read its record: a deletion that committed
+        before the hold has made it NotFound; one after it waits)."""
+        self._count[checkpoint_id] = self._count.get(checkpoint_id, 0) + 1
+        try:
+            yield
+        finally:
+            n = self._count.pop(checkpoint_id) - 1
+            if n:
+                self._count[checkpoint_id] = n
+            self._released.set()
+            self._released = asyncio.Event()
+
+    def busy(self, checkpoint_ids) -> list[str]:
+        return [c for c in checkpoint_ids if self._count.get(c)]
+
+    async def wait_released(self, checkpoint_ids, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while busy := self.busy(checkpoint_ids):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FailedPrecondition(f"checkpoint(s) {', '.join(busy)} are still in use "
+                                         f"by a rollback, fork or warm-up after {timeout:.0f} s")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._released.wait(), left)
 
 
 class SandboxManager:
@@ -138,16 +243,19 @@ class SandboxManager:
         self._pool_used: dict[str, float] = {}      # checkpoint -> last use (LRU)
         self._warm_sem = asyncio.Semaphore(2)        # restores in parallel (2 cores here)
         criu_binary = find_criu()
-        self.criu = Criu(criu_binary) if criu_binary else None
+        # Its helpers carry the store's instance id: orphans are found at start-up.
+        self.criu = Criu(criu_binary, owner=store.instance_id) if criu_binary else None
+        self._holds = _CheckpointHolds()
         self._background: set[asyncio.Task] = set()
         self._stopping = False
         self._to_reap: set[int] = set()  # killed inits not yet waited for
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
 
-    def _spawn_background(self, coro) -> None:
+    def _spawn_background(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # ---- start-up and shutdown -----------------------------------------------------
 
@@ -159,7 +267,13 @@ class SandboxManager:
 
     def _reconcile(self) -> dict:
         report = {"adopted": 0, "restarted": 0, "failed": 0, "removed": 0, "stray_mounts": 0,
-                  "stray_cgroups": 0}
+                  "stray_cgroups": 0, "thawed": 0, "orphaned_criu": 0}
+        # First the CRIU helpers a killed daemon left running: a dump still writes
+        # into tmp/ and holds its sandbox seized and frozen, a restore forks into a
+        # stray cgroup. They are given a moment to finish (killing a dump midway
+        # can leave its parasite in a process), then killed.
+        if self.criu is not None:
+            report["orphaned_criu"] = self.criu.end_orphans()
         records = {r.id: r for r in self.store.list_sandboxes()}
         branches = {r.branch_id for r in records.values()}
         # Anything not on a recorded branch (e.g. a standby of a crashed daemon) goes.
@@ -181,9 +295,13 @@ class SandboxManager:
                 report["removed"] += 1
             elif rec.state == "running":
                 rt = _Runtime(rec.init_pid, rec.branch_id)
-                if rec.init_pid and _process_start(rec.init_pid) == rec.init_start \
-                        and rec.init_pid in self.cgroups.pids(rec.branch_id):
+                if _same_process(rec.init_pid, rec.init_start) \
+                        and rec.init_pid in self.cgroups.pids(rec.branch_id) \
+                        and self._thaw_adopted(rec, report):
                     report["adopted"] += 1
+                    if rec.init_start >= 1e9:  # a wall-clock start: record it boot-relative
+                        self.store.set_sandbox_state(rec.id, "running", rec.init_pid,
+                                                     _process_start(rec.init_pid))
                 else:
                     self.cgroups.kill_all(rec.branch_id)
                     try:
@@ -201,10 +319,35 @@ class SandboxManager:
                     report["restarted"] += 1
                 self._recover_manifest(rec, rt)
                 self._runtime[rec.id] = rt
+            crash_point("reconcile")
         report.update(self.store.reconcile_disk())
         self.store.gc_layers()
         log.info("sandbox.reconciled", **report)
         return report
+
+    def _thaw_adopted(self, rec: SandboxRecord, report: dict) -> bool:
+        """Thaw an adopted sandbox: a daemon killed during a checkpoint (sink or dump)
+        or a rollback to a body double (switched, not yet resumed) left it frozen,
+        and every call into it would hang. False if it cannot be thawed (it is then
+        restarted on its branch)."""
+        try:
+            if not self._is_frozen(rec.branch_id):
+                return True
+            self.cgroups.thaw(rec.branch_id)
+        except (OSError, TimeoutError) as e:
+            log.error("reconcile.thaw_failed", sandbox=rec.id, error=str(e))
+            return False
+        log.warning("reconcile.thawed", sandbox=rec.id)
+        report["thawed"] += 1
+        return True
+
+    def _is_frozen(self, name: str) -> bool:
+        """Whether the cgroup is frozen or freezing (v1 freezer.state, v2 cgroup.events)."""
+        d = self.cgroups.freezer_path(name)
+        if (d / "freezer.state").exists():
+            return (d / "freezer.state").read_text().strip() != "THAWED"
+        return "frozen 1" in (d / "cgroup.events").read_text() \
+            or (d / "cgroup.freeze").read_text().strip() == "1"
 
     def _recover_manifest(self, rec: SandboxRecord, rt: _Runtime) -> None:
         """After a restart: which layers this branch sank, and a manifest naming
@@ -243,7 +386,22 @@ class SandboxManager:
             await asyncio.to_thread(self._kill_incarnation, rec.branch_id,
                                     rt.init_pid if rt else rec.init_pid, rec)
         self._runtime.clear()
+        # Then whatever no record or pool names (an incarnation some failed step left
+        # behind): its processes and mounts would keep the store busy, its loop attached.
+        await asyncio.to_thread(self._sweep_strays)
         await asyncio.to_thread(self.cgroups.release_parents)
+
+    def _sweep_strays(self) -> None:
+        for name in self.cgroups.names():
+            log.error("shutdown.stray_cgroup", cgroup=name)
+            try:
+                self._kill_incarnation(name, 0)
+            except (OSError, TimeoutError) as e:
+                log.error("shutdown.stray_cgroup_failed", cgroup=name, error=str(e))
+        for target in _linux.mounts_under(self.store.mnt_dir):
+            if target != str(self.store.mnt_dir):
+                log.error("shutdown.stray_mount", mount=target)
+                _linux.umount(target, _linux.MNT_DETACH)
 
     def _reap(self) -> None:
         """waitpid() the killed inits that have exited (never -1: that would steal
@@ -380,21 +538,13 @@ class SandboxManager:
                      cpus: float = 0.0, network: str = "none", env: dict | None = None,
                      hostname: str = "", disk_bytes: int = 0,
                      disk_inodes: int = 0) -> SandboxRecord:
-        if memory_bytes < 0 or pids < 0 or cpus < 0 or disk_bytes < 0 or disk_inodes < 0:
-            raise InvalidArgument("limits must be >= 0")
-        if not math.isfinite(cpus):
-            raise InvalidArgument(f"cpus limit must be a finite number, not {cpus}")
+        _check_limits(memory_bytes, pids, cpus, disk_bytes, disk_inodes)
         if network not in ("none", "nat"):
             raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
         env = dict(env or {})
         _check_env(env)
         name = validate_name(name, "sandbox") if name else _auto_name()
         hostname = validate_name(hostname or name, "host")
-        if memory_bytes and memory_bytes < 16 << 20:
-            raise InvalidArgument("memory limit must be at least 16 MiB")
-        # The init's copy of itself (~1 MiB) lives in the upper too.
-        if disk_bytes and disk_bytes < 16 << 20 or disk_inodes and disk_inodes < 1024:
-            raise InvalidArgument("disk limit must be at least 16 MiB and 1024 inodes")
         disk_bytes = disk_bytes or self.config.default_disk_bytes
         spec = {"memory_bytes": memory_bytes or self.config.default_memory_bytes,
                 "pids": pids or self.config.default_pids, "cpus": cpus, "network": network,
@@ -420,6 +570,7 @@ class SandboxManager:
         try:
             rt.init_pid, start = await asyncio.to_thread(
                 self._launch, rec, self.store.branch_mount(rec.branch_id), True, restore_from)
+            crash_point("fork.launched" if checkpoint_id else "create.launched")
             if restore_from is not None and fork_index >= 0:
                 await self._reseed(rt, fork_index)
             await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "running",
@@ -438,13 +589,17 @@ class SandboxManager:
         rt = self._runtime.get(rec.id)
         lock = rt.lock if rt else asyncio.Lock()
         async with lock:
+            init_pid = rt.init_pid if rt else rec.init_pid
+            # Marked first: a daemon killed half way through must not bring the sandbox
+            # back at its next start (a 'broken' record is torn down there).
+            await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "broken")
             try:
                 if rt is not None:
                     rt.closed = True  # a standby still being built retires itself
                     async with rt.standby_lock:
                         await self._drop_standby(rt)
-                await asyncio.to_thread(self._kill_incarnation, rec.branch_id,
-                                        rt.init_pid if rt else rec.init_pid, rec)
+                await asyncio.to_thread(self._kill_incarnation, rec.branch_id, init_pid, rec)
+                crash_point("destroy.killed")
             except Exception as e:
                 await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "broken")
                 raise Internal(f"destroying {rec.id} failed half way ({e}); it is marked broken, "
@@ -455,7 +610,10 @@ class SandboxManager:
 
     # ---- checkpoints (DeltaFS) ---------------------------------------------------------
 
-    async def checkpoint(self, ref: str, label: str = "", mode: str = "fs") -> CheckpointRecord:
+    async def checkpoint(self, ref: str, label: str = "", mode: str = "fs",
+                         wait_ready: bool = False) -> CheckpointRecord:
+        """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
+        in the background -- or before returning, with `wait_ready` (see `ready`)."""
         if mode not in ("fs", "full"):
             raise InvalidArgument(f"checkpoint mode must be 'fs' or 'full', not {mode!r}")
         if len(label) > 1024 or "\0" in label:
@@ -478,6 +636,7 @@ class SandboxManager:
                             "because their connections to the daemon cannot be restored. Idle "
                             "sessions are fine.")
                     await asyncio.to_thread(self._refuse_stopped, rec, rt.branch_id)
+                    await _controls_done(rt, rec.name)
                     await rt.channel.barrier()
                 ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
                                                mode)
@@ -488,11 +647,23 @@ class SandboxManager:
         self.metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
         log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
                  layers=len(ckpt.layers), **ckpt.stats)
-        self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
+        standby = self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
         self._spawn_background(self._maybe_squash(ckpt.id))
         if mode == "full":
             self._spawn_background(self._dedupe_images(ckpt))
+        if wait_ready:
+            await asyncio.shield(standby)  # a cancelled call leaves the build running
+            with contextlib.suppress(NotFound):  # the build may have marked it unusable
+                fresh = self.store.get_checkpoint(ckpt.id)
+                ckpt = dataclasses.replace(ckpt, unusable_reason=fresh.unusable_reason,
+                                           unusable_criu=fresh.unusable_criu)
         return ckpt
+
+    def ready(self, checkpoint_id: str) -> bool:
+        """Whether a body double (full) or standby (fs) of the checkpoint is built and
+        waiting: a rollback to it now takes the "double" / "standby" path."""
+        return any(rt.standby is not None and rt.standby.checkpoint_id == checkpoint_id
+                   for rt in self._runtime.values())
 
     async def _dedupe_images(self, ckpt: CheckpointRecord) -> None:
         """Share the pages a full checkpoint has in common with its parent's dump."""
@@ -535,6 +706,7 @@ class SandboxManager:
                 if d is not None:
                     _rmtree_quiet(d)
             raise
+        crash_point("checkpoint.committed")
         t2 = time.perf_counter()
         if tmp is not None:
             rt.own_layers.append(ckpt.layers[-1])
@@ -572,6 +744,7 @@ class SandboxManager:
         t1 = time.perf_counter()
         try:
             stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
+            crash_point("checkpoint.sink")
             t_sink = time.perf_counter()
             if images is not None:
                 dump = self._require_criu().dump(
@@ -604,10 +777,31 @@ class SandboxManager:
                                  f"{rec.name}; fork it instead")
 
     async def rollback(self, ref: str, checkpoint_id: str) -> tuple[SandboxRecord, str, dict]:
-        """Roll the sandbox back to a checkpoint: (record, path taken, timings in ms)."""
+        """Roll the sandbox back to a checkpoint: (record, path taken, timings in ms).
+
+        Restore first, then switch: the new incarnation (a ready body double or
+        standby, else a CRIU restore or a fresh init next to the old tree) is up
+        before anything of the old one is touched; then the records switch in one
+        transaction and the old tree is killed. A rollback that fails leaves the
+        sandbox exactly as it was (same processes, files, state).
+
+        Paths: "double" / "standby" (a ready one was swapped in), "double-waited" /
+        "standby-waited" (it was still being built: the rollback waited for it,
+        timings["wait_ms"]), "restore" / "fresh" (none was ready). It runs to its end
+        even if the caller goes away (what it builds must not be left unowned); the
+        checkpoint is held meanwhile, so a deletion of it waits."""
+        async def held():
+            async with self._holds.hold(checkpoint_id):
+                return await self._rollback(ref, checkpoint_id)
+        task = self._spawn_background(held())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a caller gone
+        return await asyncio.shield(task)
+
+    async def _rollback(self, ref: str, checkpoint_id: str) -> tuple[SandboxRecord, str, dict]:
         ckpt = self.store.get_checkpoint(checkpoint_id)
         rec = self.get(ref)
         self._check_in_tree(rec, ckpt)
+        self._refuse_unusable(ckpt)
         rt = self._runtime.get(rec.id)
         if rt is None:
             raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
@@ -615,51 +809,69 @@ class SandboxManager:
         t0 = time.perf_counter()
         async with rt.lock:
             rec = self.store.get_sandbox(rec.id)
+            if rt.closed or self._runtime.get(rec.id) is not rt or rec.state != "running":
+                raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
+            waited = False
             if rt.standby_lock.locked() and rt.standby_target == ckpt.id \
                     and (rt.standby is None or rt.standby.checkpoint_id != ckpt.id):
+                t_wait = time.perf_counter()
                 async with rt.standby_lock:  # almost ready: cheaper than a fresh start
                     pass
+                waited = True
+                timings["wait_ms"] = 1000 * (time.perf_counter() - t_wait)
             old_branch, old_pid = rt.branch_id, rt.init_pid
             standby = rt.standby if rt.standby and rt.standby.checkpoint_id == ckpt.id else None
+            if standby is None and ckpt.mode == "full":  # its double may have failed meanwhile
+                self._refuse_unusable(self.store.get_checkpoint(ckpt.id))
             if standby is not None:
                 rt.standby = None
-                path = "double" if ckpt.mode == "full" else "standby"
+                path = ("double" if ckpt.mode == "full" else "standby") + \
+                    ("-waited" if waited else "")
                 new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
-                self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
-                                         start)
-                # SIGKILL to the old init ends its whole pid namespace; unmounting
-                # and deleting its branch happen in the background.
-                _kill_quiet(old_pid)
-                if ckpt.mode == "full":
-                    self._resume(new_branch)  # the body double wakes up
-                if rec.spec.get("network") == "nat":
-                    await asyncio.to_thread(self._attach_network, rec, pid,
-                                            self.store.mnt_dir / new_branch)
             else:
                 path = "restore" if ckpt.mode == "full" else "fresh"
-                # End the old tree now (SIGKILL to its init ends its pid namespace);
-                # unmounting and deleting the old branch and the unused standby
-                # happen in the background, as on the standby path.
-                _kill_quiet(old_pid)
-                self._spawn_background(self._drop_standby(rt))
-                new_branch = new_id("br")
+                new_branch, pid = new_id("br"), 0
                 await asyncio.to_thread(self.store.new_branch_dirs, new_branch, ckpt.mount_layers,
                                         rec.spec)
                 try:
+                    # Next to the old tree: its own branch, cgroup and namespaces. The
+                    # network is attached once the old tree is gone (one veth name).
                     pid, start = await asyncio.to_thread(
                         self._launch, rec, self.store.branch_mount_for(new_branch,
                                                                        ckpt.mount_layers),
-                        True, self._images_for(ckpt))
-                except BaseException:
+                        False, self._images_for(ckpt))
+                except BaseException as e:
                     await asyncio.to_thread(self._retire_branch, new_branch, 0)
-                    await asyncio.to_thread(self.store.set_sandbox_state, rec.id, "stopped")
-                    self._runtime.pop(rec.id, None)
+                    if isinstance(e, CriuError):  # the checkpoint's fault? (in the background)
+                        self._spawn_background(self._recheck_restore(rec, ckpt, e))
                     raise
-                await asyncio.to_thread(self.store.switch_branch, rec, new_branch,
-                                        ckpt.mount_layers, ckpt.id, pid, start)
+            try:
+                crash_point("rollback.before_switch")
+                if standby is not None:  # one short transaction, no hop off the loop
+                    self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
+                                             start)
+                else:
+                    await asyncio.to_thread(self.store.switch_branch, rec, new_branch,
+                                            ckpt.mount_layers, ckpt.id, pid, start)
+            except BaseException:
+                await asyncio.to_thread(self._retire_branch, new_branch, pid)
+                raise
+            crash_point("rollback.after_switch")
+            # SIGKILL to the old init ends its whole pid namespace; unmounting and
+            # deleting its branch happen in the background.
+            _kill_quiet(old_pid)
+            if standby is not None and ckpt.mode == "full":
+                self._resume(new_branch)  # the body double wakes up
             rt.init_pid, rt.branch_id = pid, new_branch
             rt.own_layers, rt.manifest = [], deltafs.Manifest()
             rt.session_locks.clear()
+            if standby is None and rt.standby is not None:  # the old head's, now unused
+                unused, rt.standby = rt.standby, None
+                self._spawn_background(asyncio.to_thread(self._retire_branch, unused.branch_id,
+                                                         unused.init_pid))
+            if rec.spec.get("network") == "nat":
+                await asyncio.to_thread(self._attach_network, rec, pid,
+                                        self.store.mnt_dir / new_branch)
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
         self._spawn_background(asyncio.to_thread(self._retire_branch, old_branch, old_pid))
         self._spawn_background(self._prepare_standby(rec.id, ckpt.id))
@@ -699,7 +911,8 @@ class SandboxManager:
                     log.info("standby.skipped_over_budget", sandbox=sandbox_id,
                              budget=self.config.warm_budget_bytes)
                     return
-            standby = await self._build_standby(sandbox_id, checkpoint_id)
+            async with self._holds.hold(checkpoint_id):  # not deleted under the build
+                standby = await self._build_standby(sandbox_id, checkpoint_id)
             if standby is None:
                 return
             if rt.closed or rt.standby_target != checkpoint_id \
@@ -715,20 +928,102 @@ class SandboxManager:
             ckpt = self.store.get_checkpoint(checkpoint_id)
         except NotFound:
             return None
-        branch_id = new_id("br")
-        await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
-                                rec.spec)
-        mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
-        try:
-            # The network is attached when (if) the standby is promoted. A full
-            # checkpoint's standby is its body double: restored, left stopped.
-            pid, start = await asyncio.to_thread(self._launch, rec, mnt, False,
-                                                 self._images_for(ckpt), True)
-        except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
-            log.warning("standby.failed", sandbox=sandbox_id, error=str(e))
-            await asyncio.to_thread(self._retire_branch, branch_id, 0)
+        return await self._build_double(rec, ckpt, "standby")
+
+    async def _build_double(self, rec: SandboxRecord, ckpt: CheckpointRecord,
+                            what: str, first: Exception | None = None) -> _Standby | None:
+        """An incarnation of `ckpt` on a fresh branch, left frozen (a body double) for a
+        full checkpoint; None if it could not be made (an optimisation only: the
+        caller falls back to a restore).
+
+        A full checkpoint whose double fails is tried once more; failing again the
+        same way marks it unusable (see `_judge_double_failure`). `first`: a restore
+        of it that failed already (one attempt is left). A success clears a mark left
+        by another CRIU build."""
+        if ckpt.mode == "full" and self._known_unusable(ckpt):
             return None
-        return _Standby(branch_id, checkpoint_id, pid, start)
+        for attempt in (1, 2)[1 if first is not None else 0:]:
+            branch_id = new_id("br")
+            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
+                                    rec.spec)
+            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
+            try:
+                # The network is attached when (if) the standby is promoted. A full
+                # checkpoint's standby is its body double: restored, left frozen.
+                pid, start = await asyncio.to_thread(self._launch, rec, mnt, False,
+                                                     self._images_for(ckpt), True)
+            except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
+                log.warning(f"{what}.failed", sandbox=rec.id or None, checkpoint=ckpt.id,
+                            attempt=attempt, error=str(e))
+                await asyncio.to_thread(self._retire_branch, branch_id, 0)
+                if ckpt.mode != "full" or self._stopping or not _criu_own_failure(e):
+                    return None
+                if first is None:
+                    first = e
+                    continue
+                await asyncio.to_thread(self._judge_double_failure, ckpt, first, e)
+                return None
+            if ckpt.unusable_reason:
+                await asyncio.to_thread(self.store.set_unusable, ckpt.id, "")
+                log.info("checkpoint.restorable_again", checkpoint=ckpt.id,
+                         criu=self._criu_build())
+            return _Standby(branch_id, ckpt.id, pid, start)
+        return None
+
+    # ---- checkpoints that cannot be restored ----------------------------------------
+    #
+    # A full checkpoint is acknowledged when its dump succeeded, but some process trees
+    # dump and then never restore (a CRIU bug, e.g. CRIU issue #2687 before our patch
+    # 0002). Building the body double is the first restore: when it fails twice the
+    # same way, the checkpoint is marked unusable with CRIU's reason (store: unusable,
+    # unusable_criu), shown in CheckpointInfo and the tree, and rollback, fork and warm
+    # to it fail at once. The mark names the CRIU build: another build tries again.
+
+    async def _recheck_restore(self, rec: SandboxRecord, ckpt: CheckpointRecord,
+                               error: Exception) -> None:
+        """A restore of `ckpt` failed outside a double (a rollback's or a fork's): one
+        more, on a throwaway branch, tells whether the checkpoint is at fault."""
+        if ckpt.mode != "full" or not _criu_own_failure(error) or self._stopping \
+                or self._known_unusable(ckpt):
+            return
+        async with self._holds.hold(ckpt.id):
+            try:
+                ckpt = self.store.get_checkpoint(ckpt.id)
+            except NotFound:
+                return
+            sb = await self._build_double(rec, ckpt, "recheck", first=error)
+        if sb is not None:  # it restored this time: a transient failure
+            await asyncio.to_thread(self._retire_branch, sb.branch_id, sb.init_pid)
+
+    def _criu_build(self) -> str:
+        return self.criu.build_id() if self.criu is not None else ""
+
+    def _known_unusable(self, ckpt: CheckpointRecord) -> bool:
+        return bool(ckpt.unusable_reason) and ckpt.unusable_criu == self._criu_build()
+
+    def _refuse_unusable(self, ckpt: CheckpointRecord) -> None:
+        """Fail fast, with the reason, instead of a restore that is known to fail."""
+        if self._known_unusable(ckpt):
+            raise FailedPrecondition(
+                f"checkpoint {ckpt.id} cannot be restored: its processes failed to restore "
+                f"twice the same way ({ckpt.unusable_reason}); roll back to another "
+                "checkpoint")
+
+    def _judge_double_failure(self, ckpt: CheckpointRecord, first: Exception,
+                              second: Exception) -> None:
+        """Two restores of the images, on two fresh branches, failed. The same CRIU
+        error lines both times (numbers aside: pids, fds) mean the images cannot be
+        restored; different ones mean something transient (the host, not the
+        checkpoint), which leaves the checkpoint unmarked."""
+        a, b = (_comparable(getattr(e, "lines", str(e))) for e in (first, second))
+        if a != b:
+            log.info("checkpoint.double_failure_transient", checkpoint=ckpt.id,
+                     first=str(first), second=str(second))
+            return
+        reason = getattr(second, "lines", str(second))
+        self.store.set_unusable(ckpt.id, reason, self._criu_build())
+        log.error("checkpoint.unusable", checkpoint=ckpt.id, sandbox=ckpt.sandbox_id,
+                  reason=reason, criu=self._criu_build())
 
     async def _reseed(self, rt: _Runtime, index: int) -> None:
         """Clones of one process state share RNG state: tell each child its index
@@ -758,6 +1053,7 @@ class SandboxManager:
         if not isinstance(n, int) or not 0 <= n <= self.config.max_fork:
             raise InvalidArgument(f"n must be between 0 and {self.config.max_fork}")
         ckpt = self.store.get_checkpoint(checkpoint_id)
+        self._refuse_unusable(ckpt)
         if ckpt.spec.get("network") == "nat":
             raise FailedPrecondition("warm forks of NAT sandboxes are not supported yet")
         pool = self._pools.setdefault(ckpt.id, [])
@@ -774,7 +1070,9 @@ class SandboxManager:
     async def _warm_one(self, ckpt: CheckpointRecord) -> None:
         if self._stopping:
             return
-        async with self._warm_sem:
+        async with self._warm_sem, self._holds.hold(ckpt.id):
+            if not self.store.checkpoint_exists(ckpt.id):  # deleted before the hold
+                return
             # A double holds about its images' pages (an fs incarnation: ~nothing).
             need = int(ckpt.stats.get("image_bytes", 0))
             if self._pool_bytes() + need > self.config.warm_budget_bytes:
@@ -783,22 +1081,14 @@ class SandboxManager:
                     log.info("warm.skipped_over_budget", checkpoint=ckpt.id,
                              budget=self.config.warm_budget_bytes)
                     return
-            branch_id = new_id("br")
             shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, self._child_spec(ckpt))
-            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
-                                    shell.spec)
-            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
-            try:
-                pid, start = await asyncio.to_thread(self._launch, shell, mnt, False,
-                                                     self._images_for(ckpt), True)
-            except Exception as e:  # noqa: BLE001 - warming is an optimisation only
-                log.warning("warm.failed", checkpoint=ckpt.id, error=str(e))
-                await asyncio.to_thread(self._retire_branch, branch_id, 0)
+            sb = await self._build_double(shell, ckpt, "warm")
+            if sb is None:
                 return
         if ckpt.id not in self._pools or self._stopping:  # dropped meanwhile
-            await asyncio.to_thread(self._retire_branch, branch_id, pid)
+            await asyncio.to_thread(self._retire_branch, sb.branch_id, sb.init_pid)
             return
-        self._pools[ckpt.id].append(_Standby(branch_id, ckpt.id, pid, start))
+        self._pools[ckpt.id].append(sb)
 
     def _pool_bytes(self) -> int:
         """Memory held by prepared incarnations: warm pools and sandboxes' standbys."""
@@ -833,6 +1123,12 @@ class SandboxManager:
             await asyncio.to_thread(self._retire_branch, sb.branch_id, sb.init_pid)
 
     async def fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
+        """n new sandboxes from a checkpoint (see `_fork`); a deletion of the checkpoint
+        waits until they are up."""
+        async with self._holds.hold(checkpoint_id):
+            return await self._fork(checkpoint_id, n)
+
+    async def _fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
         """n new sandboxes from a checkpoint; one result (record or error) per child.
 
         Warm incarnations (see `warm`) are adopted first, the rest start cold
@@ -840,6 +1136,7 @@ class SandboxManager:
         if not isinstance(n, int) or not 1 <= n <= self.config.max_fork:
             raise InvalidArgument(f"n must be between 1 and {self.config.max_fork}")
         ckpt = self.store.get_checkpoint(checkpoint_id)
+        self._refuse_unusable(ckpt)
         spec = self._child_spec(ckpt)
         pool = self._pools.get(ckpt.id, [])
         self._pool_used[ckpt.id] = time.monotonic()
@@ -859,6 +1156,7 @@ class SandboxManager:
                                           sb.init_pid, sb.init_start)
             rt = _Runtime(sb.init_pid, sb.branch_id)
             self._runtime[rec.id] = rt
+            crash_point("fork.adopted")
             if ckpt.mode == "full":
                 self._resume(sb.branch_id)
                 await self._reseed(rt, i)
@@ -869,6 +1167,10 @@ class SandboxManager:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
+        failed = next((r for r in results if isinstance(r, CriuError)), None)
+        if failed is not None:  # the checkpoint's fault? (in the background)
+            shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, spec)
+            self._spawn_background(self._recheck_restore(shell, ckpt, failed))
         self.metrics.forked.labels("warm").inc(len(warm))
         self.metrics.forked.labels("cold").inc(n - len(warm))
         log.info("checkpoint.forked", checkpoint=ckpt.id, n=n, warm=len(warm),
@@ -907,13 +1209,23 @@ class SandboxManager:
         return await asyncio.to_thread(deltafs.diff_chains, chain_a, chain_b)
 
     async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:
+        """Delete a checkpoint (with cascade, its subtree). Ordered after the rollbacks,
+        forks and double builds in flight on any of them: it waits for them (then,
+        e.g., refuses the checkpoint a rollback just made a sandbox's head)."""
         self.store.get_checkpoint(checkpoint_id)
-        deleted = await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id, cascade)
-        for cid in deleted:  # standbys and warm pools sat on them
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id,
+                                                  cascade, self._holds.busy, False)
+                break
+            except CheckpointInUse as e:
+                await self._holds.wait_released(e.checkpoint_ids, DELETE_WAIT_S)
+        for cid in deleted:  # standbys and warm pools sit on them: gone before their files
             await self._drop_pool(cid)
             for rt in self._runtime.values():
                 if rt.standby is not None and rt.standby.checkpoint_id == cid:
                     await self._drop_standby(rt)
+        await asyncio.to_thread(self.store.remove_checkpoint_files, deleted)
         return deleted
 
     def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
@@ -1053,6 +1365,123 @@ class SandboxManager:
                 if timer:
                     timer.cancel()
 
+    # ---- detached execs (kept processes) -------------------------------------------------
+    # Started with exec(detach=True): the init owns them (a session-like record that
+    # outlives the process), so they survive the call, the daemon's restart and full
+    # checkpoints. No connection stays open for them: they never hold up a checkpoint.
+
+    async def exec_detached(self, ref: str, argv: list[str], env: dict | None = None,
+                            cwd: str = "/", stdin: bytes = b"") -> ProcessInfo:
+        """Start argv and return at once with its handle; stdin is written, then closed."""
+        if not argv or not argv[0]:
+            raise InvalidArgument("argv must not be empty")
+        if len(stdin) > MAX_DETACHED_STDIN:
+            raise InvalidArgument(f"a detached exec takes at most {MAX_DETACHED_STDIN} bytes "
+                                  "of stdin")
+        rec, rt = self._running(ref)
+        process_id = "p-" + secrets.token_hex(5)
+        async with rt.control():
+            conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/",
+                                               session=PROCESS_PREFIX + process_id, keep=True)
+            async with conv:  # closing detaches it; init takes the input first
+                await _feed_stdin(conv, stdin)
+        log.info("exec.detached", sandbox=rec.id, process=process_id, pid=pid)
+        return ProcessInfo(process_id, pid, " ".join(argv)[:255], True)
+
+    async def _query_process(self, ref: str, process_id: str, signal_number: int = 0,
+                             output: bool = False) -> initproto.ProcessState:
+        validate_name(process_id, "process")
+        rec, rt = self._running(ref)
+        async with rt.control():
+            try:
+                return await rt.channel.query(PROCESS_PREFIX + process_id, signal_number,
+                                              output)
+            except NotFound:
+                raise NotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
+
+    async def list_processes(self, ref: str) -> list[ProcessInfo]:
+        """Detached execs, running or ended (init remembers the 32 that ended last)."""
+        rec, rt = self._running(ref)
+        async with rt.control():
+            names = [n for n in await rt.channel.list_sessions() if n.startswith(PROCESS_PREFIX)]
+        out = []
+        for name in reversed(names):  # init lists the newest first
+            try:
+                st = await self._query_process(ref, name[len(PROCESS_PREFIX):])
+            except NotFound:  # forgotten in between
+                continue
+            out.append(ProcessInfo.from_state(name[len(PROCESS_PREFIX):], st))
+        return out
+
+    async def get_process(self, ref: str, process_id: str) -> ProcessInfo:
+        return ProcessInfo.from_state(process_id, await self._query_process(ref, process_id))
+
+    async def signal_process(self, ref: str, process_id: str, sig: int) -> ProcessInfo:
+        """Send `sig` to the process group of a running detached exec."""
+        if not 1 <= sig <= 64:
+            raise InvalidArgument(f"signal must be 1-64, not {sig}")
+        st = await self._query_process(ref, process_id, sig)
+        if st.status is not None:
+            raise FailedPrecondition(f"process {process_id} has ended")
+        return ProcessInfo.from_state(process_id, st)
+
+    async def wait_process(self, ref: str, process_id: str, timeout: float = 0.0) -> ProcessInfo:
+        """Wait until the detached exec ends. It polls (no connection stays open, so a
+        checkpoint may run meanwhile); DeadlineExceeded after `timeout` (0 = none)."""
+        if timeout < 0:
+            raise InvalidArgument("timeout must be >= 0")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        delay = 0.005
+        while True:
+            st = await self._query_process(ref, process_id)
+            if st.status is not None:
+                return ProcessInfo.from_state(process_id, st)
+            left = deadline - loop.time() if deadline is not None else delay
+            if left <= 0:
+                raise DeadlineExceeded(f"process {process_id} still runs after {timeout}s")
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.2)
+
+    async def process_logs(self, ref: str, process_id: str,
+                           follow: bool = False) -> AsyncIterator[ExecEvent]:
+        """The kept output of a detached exec (stdout, then stderr: their interleaving is
+        not kept), then `exit` if it has ended. `follow`: attach, relay live output and
+        end with its exit -- an attached call, like exec (one follower at a time)."""
+        if not follow:
+            st = await self._query_process(ref, process_id, output=True)
+            if st.stdout:
+                yield ExecEvent("stdout", data=st.stdout, pid=st.pid)
+            if st.stderr:
+                yield ExecEvent("stderr", data=st.stderr, pid=st.pid)
+            if st.status is not None:
+                yield _process_exit(st, len(st.stdout), len(st.stderr))
+            return
+        validate_name(process_id, "process")
+        rec, rt = self._running(ref)
+        sizes = {initproto.STDOUT: 0, initproto.STDERR: 0}
+        async with rt.busy():
+            try:
+                conv, _ = await rt.channel.attach(PROCESS_PREFIX + process_id)
+            except NotFound:
+                raise NotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
+            except FailedPrecondition:
+                raise FailedPrecondition(f"process {process_id} is followed by another "
+                                         "call") from None
+            async with conv:
+                async for frame in conv.frames():
+                    if frame.type in sizes:
+                        sizes[frame.type] += len(frame.payload)
+                        yield ExecEvent("stdout" if frame.type == initproto.STDOUT
+                                        else "stderr", data=frame.payload)
+                    elif frame.type == initproto.EXIT:
+                        break
+                else:
+                    raise Internal("the sandbox's init closed the connection before the "
+                                   "process ended (was the sandbox destroyed?)")
+        st = await self._query_process(ref, process_id)
+        yield _process_exit(st, sizes[initproto.STDOUT], sizes[initproto.STDERR])
+
     # ---- sessions --------------------------------------------------------------------
 
     async def open_session(self, ref: str, kind: str = "bash", name: str = "",
@@ -1061,27 +1490,36 @@ class SandboxManager:
             raise InvalidArgument(f"session kind must be one of {SESSION_KINDS}")
         name = validate_name(name, "session") if name else f"{kind}-{secrets.token_hex(3)}"
         rec, rt = self._running(ref)
-        existing = await self._sessions(rt)
-        if name in existing:
-            raise FailedPrecondition(f"session {name!r} exists in {rec.name}")
-        argv = {"bash": ["bash", "--noprofile", "--norc"], "sh": ["sh"],
-                "python": ["python3", "-u", "-c", _PYTHON_DRIVER]}[kind]
-        conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/",
-                                           session=f"{kind}/{name}")
-        async with conv:
-            if kind != "python":
-                # A trap (unlike SIG_IGN) is reset on exec: SIGINT still stops the
-                # running command, while the shell itself survives to report.
-                await conv.send(initproto.STDIN, b"trap ':' INT\n")
+        # Ordered with rollbacks (and checkpoints): a session opened while a rollback
+        # swaps incarnations would start in the old one, be acknowledged, then die
+        # with it.
+        async with rt.lock:
+            if rt.closed or self._runtime.get(rec.id) is not rt:
+                raise FailedPrecondition(f"sandbox {rec.name} is not running")
+            existing = await self._sessions(rt)
+            if name in existing:
+                raise FailedPrecondition(f"session {name!r} exists in {rec.name}")
+            argv = {"bash": ["bash", "--noprofile", "--norc"], "sh": ["sh"],
+                    "python": ["python3", "-u", "-c", _PYTHON_DRIVER]}[kind]
+            conv, pid = await rt.channel.spawn(argv, self._env(rec, env), cwd or "/",
+                                               session=f"{kind}/{name}")
+            async with conv:
+                if kind != "python":
+                    # A trap (unlike SIG_IGN) is reset on exec: SIGINT still stops the
+                    # running command, while the shell itself survives to report.
+                    await conv.send(initproto.STDIN, b"trap ':' INT\n")
         log.info("session.opened", sandbox=rec.id, session=name, kind=kind, pid=pid)
         return name, pid
 
     async def _sessions(self, rt: _Runtime) -> dict[str, tuple[str, int]]:
         """name -> (kind, pid) of live sessions, as init reports them."""
         out = {}
-        for key, pid in (await rt.channel.list_sessions()).items():
+        async with rt.control():
+            listed = await rt.channel.list_sessions()
+        for key, pid in listed.items():
             kind, _, name = key.partition("/")
-            out[name] = (kind, pid)
+            if kind in SESSION_KINDS:  # not a detached exec
+                out[name] = (kind, pid)
         return out
 
     async def list_sessions(self, ref: str) -> list[tuple[str, str, int]]:
@@ -1131,7 +1569,7 @@ class SandboxManager:
             payload = (f"eval \"$(cat <<'__DBX_{nonce}__'\n{code}\n__DBX_{nonce}__\n)\"\n"
                        f"printf '\\036{nonce}:%d\\036' \"$?\"; printf '\\036{nonce}\\036' >&2\n"
                        ).encode()
-        out_end = re_out = f"\x1e{nonce}:".encode()
+        re_out = f"\x1e{nonce}:".encode()
         err_end = f"\x1e{nonce}\x1e".encode()
         out, err = bytearray(), bytearray()
         started = time.monotonic()
@@ -1240,6 +1678,25 @@ def _rmtree_quiet(path: Path) -> None:
         log.warning("cleanup.failed", path=str(path), error=str(e))
 
 
+# errno names in CRIU's error lines that say the host ran short, not that the
+# images are bad: such a failure never marks a checkpoint unusable.
+_SHORTAGE = ("ENOSPC", "No space left", "ENOMEM", "Cannot allocate memory", "EAGAIN",
+             "Resource temporarily unavailable", "EMFILE", "ENFILE", "Too many open files",
+             "EDQUOT", "Disk quota exceeded")
+
+
+def _criu_own_failure(e: Exception) -> bool:
+    """A restore CRIU itself refused (not a timeout, not a shortage of memory, disk,
+    pids or fds, not the daemon's own mount or cgroup work)."""
+    return isinstance(e, CriuError) and not e.timed_out \
+        and not any(s in f"{e} {e.lines}" for s in _SHORTAGE)
+
+
+def _comparable(lines: str) -> str:
+    """CRIU error lines with the numbers (pids, fds, ids) blanked out."""
+    return re.sub(r"\d+", "N", lines)
+
+
 def _kill_quiet(pid: int) -> None:
     """SIGKILL a sandbox's init: the kernel then kills its whole pid namespace."""
     if pid:
@@ -1247,6 +1704,22 @@ def _kill_quiet(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _process_exit(st: initproto.ProcessState, stdout_seen: int, stderr_seen: int) -> ExecEvent:
+    code, sig = _wait_status(st.status or 0)
+    return ExecEvent("exit", pid=st.pid, exit_code=code, signal=sig,
+                     stdout_truncated=st.stdout_bytes > stdout_seen,
+                     stderr_truncated=st.stderr_bytes > stderr_seen)
+
+
+async def _controls_done(rt: _Runtime, name: str, timeout: float = 10.0) -> None:
+    """Before a dump: let short conversations (rt.control()) end; the gate is closed."""
+    try:
+        await asyncio.wait_for(rt.controls_idle.wait(), timeout)
+    except asyncio.TimeoutError:
+        raise FailedPrecondition(f"{rt.controls} short call(s) to sandbox {name}'s init did "
+                                 f"not end within {timeout}s") from None
 
 
 async def _feed_stdin(conv: initproto.Conversation, data: bytes) -> None:
@@ -1264,6 +1737,33 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# Limits the kernel takes (pids.max: at most PID_MAX_LIMIT; a CFS quota: at least 1 ms
+# per 100 ms period) and that leave a sandbox able to start (its init and a process).
+MIN_MEMORY_BYTES = 16 << 20
+MIN_PIDS, MAX_PIDS = 4, 1 << 22
+MIN_CPUS = 0.01
+MIN_DISK_BYTES, MIN_DISK_INODES = 16 << 20, 1024  # the init's copy of itself lives there
+
+
+def _check_limits(memory_bytes: int, pids: int, cpus: float, disk_bytes: int,
+                  disk_inodes: int) -> None:
+    """Refuse limits the kernel would reject (or that leave no sandbox), naming the field
+    and its bounds; 0 means the default everywhere."""
+    ncpu = os.cpu_count() or 1
+    if not (math.isfinite(cpus) and (cpus == 0 or MIN_CPUS <= cpus <= ncpu)):
+        raise InvalidArgument(f"cpus limit must be between {MIN_CPUS} and {ncpu} (the host's "
+                              f"CPUs), or 0 for no quota; not {cpus}")
+    for name, value, low, high, unit in (
+            ("memory", memory_bytes, MIN_MEMORY_BYTES, None, "16 MiB"),
+            ("pids", pids, MIN_PIDS, MAX_PIDS, str(MIN_PIDS)),
+            ("disk", disk_bytes, MIN_DISK_BYTES, None, "16 MiB"),
+            ("disk_inodes", disk_inodes, MIN_DISK_INODES, None, str(MIN_DISK_INODES))):
+        if value != 0 and (value < low or high is not None and value > high):
+            bounds = f"between {unit} and {high:,}" if high else f"at least {unit}"
+            raise InvalidArgument(f"{name} limit must be {bounds} (0 = the daemon's "
+                                  f"default), not {value:,}")
 
 
 def _check_env(env: dict) -> None:

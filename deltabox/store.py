@@ -15,7 +15,9 @@ branch
     (DeltaFS) make new branches over a checkpoint's chain.
 checkpoint
     (DeltaFS/DeltaCR issues) an immutable node of a sandbox's snapshot tree: a
-    layer chain, plus a process image in full mode.
+    layer chain, plus a process image in full mode. A full checkpoint whose
+    processes turn out not to restore is marked *unusable* (with CRIU's reason):
+    its content never changes, what is known about it may.
 body double
     (DeltaCR) a checkpoint restored ahead of time, stopped, on its own branch.
 
@@ -41,6 +43,7 @@ Layout under the store root (an XFS filesystem with reflink)::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -61,14 +64,25 @@ import structlog
 from deltabox import _linux, deltafs
 from deltabox._quota import DiskLimit, ProjectQuotas, kernel_has_xfs_quota, super_options
 from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from deltabox.faults import crash_point
 
 __all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
-           "ensure_backing", "validate_name", "new_id"]
+           "CheckpointInUse", "ensure_backing", "validate_name", "new_id"]
 
 log = structlog.get_logger("deltabox.store")
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class CheckpointInUse(FailedPrecondition):
+    """A deletion found checkpoints that operations in flight build on (see
+    `Store.delete_checkpoint`); nothing was deleted."""
+
+    def __init__(self, checkpoint_ids: list[str]):
+        super().__init__(f"checkpoint(s) {', '.join(checkpoint_ids)} are in use by a rollback, "
+                         "fork or warm-up in flight")
+        self.checkpoint_ids = checkpoint_ids
 
 
 def validate_name(name: str, what: str) -> str:
@@ -142,6 +156,14 @@ class CheckpointRecord:
     stats: dict
     image: str
     spec: dict              # the sandbox's spec at checkpoint time (for fork)
+    # FULL: why its processes cannot be restored ("" = not known to be broken), and
+    # the CRIU build that found it (another build may restore it: see SandboxManager).
+    unusable_reason: str = ""
+    unusable_criu: str = ""
+
+    @property
+    def restorable(self) -> bool:
+        return not self.unusable_reason
 
     @property
     def mount_layers(self) -> tuple[str, ...]:
@@ -252,16 +274,56 @@ def read_instance_id(state_dir: Path) -> str | None:
     return row[0] if row else None
 
 
-def release_backing(backing: Backing, wait: float = 3.0) -> None:
+def release_backing(backing: Backing, wait: float = 3.0, busy_wait: float = 5.0) -> None:
     """Unmount the loop-backed store; its loop device (autoclear) then detaches,
     which the kernel does asynchronously: wait for it, so that "stopped" means
-    nothing is left."""
+    nothing is left.
+
+    The store is never left mounted: busy (EBUSY: a process still has a file, cwd or
+    mount in it) for longer than `busy_wait`, it is detached lazily, naming the
+    processes that hold it; the loop device then detaches when the last of them
+    lets go."""
     if backing.kind != "loop-image" or not _linux.is_mountpoint(backing.root):
         return
-    _linux.umount(backing.root)
+    deadline = time.monotonic() + busy_wait
+    while True:
+        try:
+            _linux.umount(backing.root)
+            break
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            if time.monotonic() > deadline:
+                log.error("store.busy_detached_lazily", store=str(backing.root),
+                          mounts=_linux.mounts_under(backing.root)[:10],
+                          holders=_store_users(backing.root)[:10])
+                _linux.umount(backing.root, _linux.MNT_DETACH)
+                break
+            time.sleep(0.05)
     deadline = time.monotonic() + wait
     while _loop_devices_for(backing.image) and time.monotonic() < deadline:
         time.sleep(0.01)
+    if _loop_devices_for(backing.image):
+        log.error("store.loop_device_still_attached", image=str(backing.image),
+                  devices=_loop_devices_for(backing.image),
+                  holders=_store_users(backing.root)[:10])
+
+
+def _store_users(root: Path) -> list[str]:
+    """'pid (comm)' of the processes with a cwd, root or open file below `root`."""
+    prefix = str(root)
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(proc / "cwd"), os.readlink(proc / "root")]
+            links += [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            if any(t == prefix or t.startswith(prefix + "/") for t in links):
+                found.append(f"{proc.name} ({(proc / 'comm').read_text().strip()})")
+        except OSError:
+            pass
+    return found
 
 
 def _loop_devices_for(image: Path | None) -> list[str]:
@@ -307,7 +369,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     label TEXT NOT NULL, mode TEXT NOT NULL, created_at REAL NOT NULL,
     layers TEXT NOT NULL, mount TEXT NOT NULL, squashed TEXT NOT NULL DEFAULT '',
     pinned INTEGER NOT NULL DEFAULT 0, stats TEXT NOT NULL DEFAULT '{}',
-    image TEXT NOT NULL, spec TEXT NOT NULL);
+    image TEXT NOT NULL, spec TEXT NOT NULL,
+    unusable TEXT NOT NULL DEFAULT '', unusable_criu TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS checkpoints_parent ON checkpoints(parent_id);
 CREATE INDEX IF NOT EXISTS checkpoints_sandbox ON checkpoints(sandbox_id);
 """
@@ -339,10 +402,20 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         try:
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._check_schema_version()
         except BaseException:
             self._db.close()  # an open DB would keep the store busy (no unmount)
             raise
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since schema version 1 (additive, with defaults: a store
+        written before them reads as if nothing had been marked)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(checkpoints)")}
+        for col in ("unusable", "unusable_criu"):
+            if col not in have:
+                self._db.execute(f"ALTER TABLE checkpoints ADD COLUMN {col} TEXT NOT NULL "
+                                 "DEFAULT ''")
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -413,6 +486,7 @@ class Store:
                 db.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
                            (name, json.dumps(layer_ids), now, source, source_format, sum(sizes)))
                 self._drop_unused_layers(db, old_layers)
+                crash_point("import.commit")
         except BaseException:
             for dst, src in moved:  # the rows are gone: put the dirs back for clean-up
                 dst.rename(src)
@@ -624,6 +698,7 @@ class Store:
                 db.execute("UPDATE sandboxes SET head=? WHERE id=?", (ckpt.id, sandbox.id))
                 if images is not None:
                     images.rename(self.images_path(ckpt.id))
+                crash_point("checkpoint.commit")
         except BaseException:
             if moved:
                 self.layer_path(layer_id).rename(new_layer_dir)
@@ -634,7 +709,7 @@ class Store:
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
         if not isinstance(checkpoint_id, str) or not checkpoint_id:
             raise InvalidArgument("a checkpoint id is required")
-        rows = self._query("SELECT * FROM checkpoints WHERE id=?", (checkpoint_id,))
+        rows = self._query(f"SELECT {_CKPT_COLS} FROM checkpoints WHERE id=?", (checkpoint_id,))
         if not rows:
             raise NotFound(f"no checkpoint {checkpoint_id!r}")
         return _checkpoint(rows[0])
@@ -643,12 +718,12 @@ class Store:
         """The sandbox's checkpoints plus their ancestors (forks start in another
         sandbox's tree), oldest first."""
         found = {r[0]: _checkpoint(r) for r in self._query(
-            "SELECT * FROM checkpoints WHERE sandbox_id=?", (sandbox.id,))}
+            f"SELECT {_CKPT_COLS} FROM checkpoints WHERE sandbox_id=?", (sandbox.id,))}
         todo = [c.parent_id for c in found.values()] + [sandbox.head]
         while todo:
             cid = todo.pop()
             if cid and cid not in found:
-                rows = self._query("SELECT * FROM checkpoints WHERE id=?", (cid,))
+                rows = self._query(f"SELECT {_CKPT_COLS} FROM checkpoints WHERE id=?", (cid,))
                 if rows:
                     found[cid] = _checkpoint(rows[0])
                     todo.append(found[cid].parent_id)
@@ -738,6 +813,13 @@ class Store:
                 db.execute("UPDATE checkpoints SET stats=? WHERE id=?",
                            (json.dumps({**json.loads(row[0]), **extra}), checkpoint_id))
 
+    def set_unusable(self, checkpoint_id: str, reason: str, criu_build: str = "") -> None:
+        """Record that the checkpoint's processes cannot be restored (by `criu_build`),
+        or with reason "" that they can. A deleted checkpoint is left alone."""
+        with self.transaction() as db:
+            db.execute("UPDATE checkpoints SET unusable=?, unusable_criu=? WHERE id=?",
+                       (reason, criu_build if reason else "", checkpoint_id))
+
     def set_pinned(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
         with self.transaction() as db:
             if db.execute("UPDATE checkpoints SET pinned=? WHERE id=?",
@@ -745,9 +827,16 @@ class Store:
                 raise NotFound(f"no checkpoint {checkpoint_id!r}")
         return self.get_checkpoint(checkpoint_id)
 
-    def delete_checkpoint(self, checkpoint_id: str, cascade: bool = False) -> list[str]:
+    def delete_checkpoint(self, checkpoint_id: str, cascade: bool = False,
+                          in_use=None, remove_files: bool = True) -> list[str]:
         """Delete a checkpoint (and with cascade its descendants); free unused layers.
-        Returns the deleted ids."""
+        Returns the deleted ids.
+
+        `in_use(ids)` names those of the doomed ids that operations in flight build
+        on; it is asked inside the transaction (so an operation that starts after it
+        finds the checkpoint gone), and any answer raises `CheckpointInUse`. With
+        `remove_files` False the caller removes the files later
+        (`remove_checkpoint_files`), once nothing is mounted over them."""
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone():
                 raise NotFound(f"no checkpoint {checkpoint_id!r}")
@@ -771,6 +860,9 @@ class Store:
             if heads:
                 raise FailedPrecondition(f"sandbox(es) {', '.join(heads)} run on top of it; "
                                          "roll them back elsewhere or destroy them first")
+            busy = in_use(doomed) if in_use is not None else []
+            if busy:
+                raise CheckpointInUse(busy)
             layers: set[str] = set()
             for (ids, mount, squashed) in db.execute(
                     f"SELECT layers, mount, squashed FROM checkpoints WHERE id IN ({marks})",
@@ -780,10 +872,18 @@ class Store:
                     layers.add(squashed)
             db.execute(f"DELETE FROM checkpoints WHERE id IN ({marks})", doomed)
             self._drop_unused_layers(db, sorted(layers))
-        self.delete_unreferenced_layer_dirs()
-        for cid in doomed:
-            _rmtree(self.images_path(cid))
+        if remove_files:
+            self.remove_checkpoint_files(doomed)
         return doomed
+
+    def remove_checkpoint_files(self, checkpoint_ids: list[str]) -> None:
+        """After `delete_checkpoint`: the layers no row refers to, and the images."""
+        self.delete_unreferenced_layer_dirs()
+        for cid in checkpoint_ids:
+            _rmtree(self.images_path(cid))
+
+    def checkpoint_exists(self, checkpoint_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
 
     def set_squashed(self, checkpoint_id: str, base: tuple[str, ...], layer_dir: Path,
                      expect_mount: tuple[str, ...]) -> str | None:
@@ -801,6 +901,7 @@ class Store:
             layer_dir.rename(self.layer_path(layer_id))
             db.execute("UPDATE checkpoints SET squashed=?, mount=? WHERE id=?",
                        (layer_id, json.dumps(list(base) + [layer_id]), checkpoint_id))
+            crash_point("squash.commit")
         return layer_id
 
     def rebase_on_squashed(self, checkpoint_id: str) -> int:
@@ -891,11 +992,18 @@ def _sandbox(r: tuple) -> SandboxRecord:
                          head=r[9])
 
 
+# Named, not `*`: columns added later (ALTER TABLE) sit in whatever order the store
+# acquired them.
+_CKPT_COLS = ("id, sandbox_id, parent_id, label, mode, created_at, layers, mount, squashed, "
+              "pinned, stats, image, spec, unusable, unusable_criu")
+
+
 def _checkpoint(r: tuple) -> CheckpointRecord:
     return CheckpointRecord(id=r[0], sandbox_id=r[1], parent_id=r[2], label=r[3], mode=r[4],
                             created_at=r[5], layers=tuple(json.loads(r[6])),
                             mount=tuple(json.loads(r[7])), squashed=r[8], pinned=bool(r[9]),
-                            stats=json.loads(r[10]), image=r[11], spec=json.loads(r[12]))
+                            stats=json.loads(r[10]), image=r[11], spec=json.loads(r[12]),
+                            unusable_reason=r[13], unusable_criu=r[14])
 
 
 def _syncfs(path: Path) -> None:

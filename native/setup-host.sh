@@ -31,6 +31,8 @@ PACKAGES=(
     uuid-dev libdrm-dev
     # runtime / tooling
     iproute2 iptables util-linux xz-utils zstd ca-certificates curl libffi-dev python3-venv
+    # systemd-analyze (tests/test_install.py verifies the unit); installs no init system
+    systemd
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -35,8 +35,8 @@ def test_within_budget_rollback_uses_the_double(new_daemon):
         sbx = c.create("tiny")
         sh = sbx.open_session("sh", name="sh")
         sh.run("X=1")
-        ck = sbx.checkpoint(full=True)
-        time.sleep(1.0)
+        ck = sbx.checkpoint(full=True, wait_ready=True)
+        assert ck.ready
         sh.run("X=2")
         r = sbx.rollback(ck)
         assert r.path == "double", r.path

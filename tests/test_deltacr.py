@@ -10,7 +10,8 @@ rollback paths where it matters:
   store (its body double was "evicted" when a newer checkpoint was taken).
 
 Background processes are started with `spawn()`: a python launcher that `setsid`s the child and
-returns only once it has exec'd, so init's kill of the exec's process group cannot race it.
+returns only once it has exec'd. (Background jobs survive their exec since issue 8; the
+launcher predates that and still gives each process a session of its own.)
 Processes report through files (logs of consecutive integers: a rollback must leave a log that is
 a prefix of the checkpoint's plus new writes, with no gap and no line from the abandoned future) or
 through signals that make them write a report.
@@ -192,6 +193,10 @@ def rollback(sbx, ckpt, path: str, state_dir: Path, before: set[int] = frozenset
     """Roll back and check which path the daemon took."""
     if path == "double":
         double_ready(state_dir, before)
+        # ... and the daemon holds it (else the rollback reports "double-waited")
+        cid = getattr(ckpt, "id", ckpt)
+        wait_for(lambda: any(c.id == cid and c.ready for c in sbx.checkpoints()),
+                 "the daemon to hold the body double")
     res = sbx.rollback(ckpt)
     assert res.path == path, (res.path, res.timings_ms)
     return res

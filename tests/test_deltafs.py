@@ -963,10 +963,9 @@ def test_rollback_standby_and_fresh_paths_give_the_same_files(client, sbx):
     c1 = sbx.checkpoint()
     s1 = snapshot(sbx)
     sh(sbx, "echo 2 > /work/f && rm /work/k && mkdir /work/d")
-    c2 = sbx.checkpoint()
+    c2 = sbx.checkpoint(wait_ready=True)  # the standby for c2 (the head) is built
     s2 = snapshot(sbx)
     sh(sbx, "echo 3 > /work/f && echo after > /work/after")   # after c2: not in it
-    time.sleep(1.0)  # the standby for c2 (the head) is built in the background
     r = sbx.rollback(c2)
     assert r.path == "standby"
     assert_same_tree(snapshot(sbx), s2, "rollback through the standby")

@@ -430,3 +430,205 @@ def test_unknown_method_is_unimplemented(channel):
     call = channel.unary_unary("/deltabox.v1.Sandboxes/NoSuchMethod")
     err = rpc_error(lambda: call(b""))
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---- statuses that must not lie (issue 8) --------------------------------------------------
+
+@pytest.mark.parametrize("limits,field,bound", [
+    ({"pids": 2 ** 62}, "pids", "4,194,304"), ({"pids": (1 << 22) + 1}, "pids", "4,194,304"),
+    ({"pids": 1}, "pids", "between 4"),
+    ({"cpus": 1e9}, "cpus", "0.01"), ({"cpus": 1e-9}, "cpus", "0.01"),
+    ({"cpus": 0.001}, "cpus", "0.01"),
+], ids=["pids-2^62", "pids-over-max", "pids-1", "cpus-1e9", "cpus-1e-9", "cpus-0.001"])
+def test_limits_the_kernel_refuses_are_invalid_arguments(client, stubs, limits, field, bound):
+    """Not INTERNAL "Invalid argument ()" from a cgroup file: the field and its bounds."""
+    before = {s.id for s in client.list()}
+    cgroups = sandbox_cgroups()
+    try:
+        with pytest.raises(deltabox.InvalidArgument) as exc:
+            client.create("tiny", **limits)
+        assert exc.value.message.startswith(f"{field} limit must be "), exc.value.message
+        assert bound in exc.value.message, exc.value.message
+        raw = pb.Limits(pids=limits.get("pids", 0), cpus=limits.get("cpus", 0.0))
+        err = rpc_error(lambda: stubs.sandboxes.CreateSandbox(
+            pb.CreateSandboxRequest(image="tiny", limits=raw)))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, field, bound)
+        assert {s.id for s in client.list()} == before
+        assert no_new_cgroups(cgroups), "a failed create left a cgroup"
+    finally:
+        for s in client.list():
+            if s.id not in before:
+                s.destroy()
+
+
+def test_limits_at_their_bounds_work(client):
+    with client.create("tiny", pids=4, cpus=0.01) as sbx:
+        assert sbx.exec(["echo", "ok"]).stdout == b"ok\n"
+        assert (sbx.info.limits.pids, sbx.info.limits.cpus) == (4, 0.01)
+
+
+def test_argv_and_env_over_the_init_frame_are_refused_clearly(tiny, stubs):
+    """One SPAWN request is one frame of at most 1 MiB; a bigger one was split into frames
+    the init rejects (INTERNAL "records must be NUL-terminated")."""
+    many = ["true"] + ["a" * 1000] * 600
+    env = {f"V{i}": "b" * 1000 for i in range(500)}
+    with pytest.raises(deltabox.InvalidArgument, match="1,048,576") as exc:
+        tiny.exec(many, env=env)
+    assert "argv, env and cwd" in exc.value.message
+    err = rpc_error(lambda: stubs.sandboxes.Exec(pb.ExecRequest(sandbox=tiny.id, argv=many,
+                                                                env=env)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "1,048,576")
+    with pytest.raises(deltabox.InvalidArgument, match="1,048,576"):
+        tiny.exec(["sh", "-c", "true", "x" * 1000] + ["y" * 100_000] * 11)
+    # just under the frame: sent whole and run
+    r = tiny.exec(["sh", "-c", 'echo $#; echo ${#V0}', "sh"] + ["a" * 9000] * 90,
+                  env={f"V{i}": "b" * 1000 for i in range(100)})
+    assert r.exit_code == 0 and r.stdout == b"90\n1000\n", r
+    # one string over the kernel's 128 KiB (MAX_ARG_STRLEN): execve's E2BIG, said clearly
+    with pytest.raises(deltabox.InvalidArgument, match="128 KiB"):
+        tiny.exec(["echo", "z" * (200 << 10)])
+    assert tiny.exec(["echo", "alive"]).stdout == b"alive\n"
+
+
+def test_append_to_a_fifo_is_not_a_regular_file(tiny, stubs):
+    tiny.exec("mkfifo /tmp/fifo").check()
+    with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
+        tiny.write_file("/tmp/fifo", b"x", append=True)
+    with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
+        tiny.read_file("/tmp/fifo")
+    # with a reader waiting: opened, but still not written to
+    tiny.exec("(cat /tmp/fifo > /tmp/got &) ; sleep 0.2")
+    with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
+        tiny.write_file("/tmp/fifo", b"x", append=True)
+    assert tiny.stat("/tmp/fifo").type == pb.FILE_TYPE_OTHER
+    err = rpc_error(lambda: stubs.sandboxes.WriteFile(pb.WriteFileRequest(
+        sandbox=tiny.id, path="/tmp/m", data=b"x", mode=0o200000)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "mode", "0o7777")
+    err = rpc_error(lambda: stubs.sandboxes.MakeDir(pb.MakeDirRequest(
+        sandbox=tiny.id, path="/tmp/d", mode=0xFFFFFFFF)))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "mode")
+
+
+GARBAGE = b"\xff\xff\xff\xff\x0f"              # a varint that never ends
+BAD_UTF8 = b"\x0a\x03\xff\xfe\xfd"              # field 1 (a string) = invalid UTF-8
+
+
+@pytest.mark.parametrize("path,kind", [
+    ("/deltabox.v1.Sandboxes/GetSandbox", "unary_unary"),
+    ("/deltabox.v1.Sandboxes/CreateSandbox", "unary_unary"),
+    ("/deltabox.v1.Sandboxes/Exec", "unary_stream"),
+    ("/deltabox.v1.Images/ImportImage", "unary_stream"),
+    ("/deltabox.v1.Sandboxes/Shell", "stream_stream"),
+])
+@pytest.mark.parametrize("payload", [GARBAGE, BAD_UTF8], ids=["garbage", "bad-utf8"])
+def test_malformed_protobuf_is_invalid_argument(client, channel, path, kind, payload):
+    seen = rpc_count(client, path.rsplit("/", 1)[1])
+    call = getattr(channel, kind)(path)
+    send = iter([payload]) if kind == "stream_stream" else payload
+    err = rpc_error(lambda: call(send))
+    assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "malformed", path.rsplit("/", 1)[1])
+    assert rpc_count(client, path.rsplit("/", 1)[1]) == seen + 1  # counted, as any error
+    assert client.status().sandboxes >= 0  # the daemon carries on
+
+
+LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize("value", [LONG, "é" * 5_000, "\U0001F600" * 3_000],
+                         ids=["ascii-10k", "latin-10k", "emoji-12k"])
+def test_long_inputs_are_not_echoed_whole(client, stubs, value):
+    """gRPC's client drops trailers over 8 KiB (RESOURCE_EXHAUSTED "Stream removed"):
+    what a message echoes is cut to fit."""
+    with pytest.raises(deltabox.InvalidArgument) as exc:
+        client.create("tiny", name=value)
+    msg = exc.value.message
+    assert msg.startswith("invalid sandbox name") and "bytes cut" in msg, msg[:200]
+    assert len(msg.encode()) <= 1024 and msg.endswith("starting with a letter or digit")
+    with pytest.raises(deltabox.NotFound, match="bytes cut"):
+        client.get(value)
+    err = rpc_error(lambda: stubs.sandboxes.OpenSession(pb.OpenSessionRequest(
+        sandbox=value)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND, (err.code(), err.details()[:200])
+    with pytest.raises(deltabox.InvalidArgument):
+        client.import_image(value, TINY_TAR)
+
+
+def test_import_with_an_empty_source_is_refused(client, stubs, tmp_path, monkeypatch):
+    """Path("").resolve() is the current directory: the client imported it silently."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sh").write_text("not busybox\n")
+    monkeypatch.chdir(tmp_path)  # below /tmp, one of the test daemon's image dirs
+    seen = rpc_count(client, "ImportImage")
+    with pytest.raises(ValueError, match="source is required"):
+        client.import_image("from-cwd", "")
+    assert rpc_count(client, "ImportImage") == seen, "the call reached the daemon"
+    assert "from-cwd" not in {i.name for i in client.list_images()}
+    for source, mention in (("", "source is required"), ("relative/x.tar", "absolute"),
+                            (str(TINY_TAR) + "\0x", "NUL")):
+        err = rpc_error(lambda: stubs.images.ImportImage(pb.ImportImageRequest(
+            name="from-cwd", source=source)))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, mention)
+    assert "from-cwd" not in {i.name for i in client.list_images()}
+
+
+def test_a_daemon_bug_is_internal_with_an_error_id_in_the_log(tmp_path):
+    """A ValueError or TypeError raised by the daemon's own code is a bug, not the client's
+    invalid argument (validation raises InvalidArgument explicitly): INTERNAL, with an id
+    that the log has too, with the traceback. Shown on the daemon's interceptor, serving a
+    real gRPC server with methods that fail each way."""
+    import asyncio
+
+    import structlog.testing
+
+    from deltabox.daemon import ErrorInterceptor
+    from deltabox.errors import InvalidArgument
+    from deltabox.metrics import Metrics
+
+    async def value_error(request, context):
+        raise ValueError("too many values to unpack")
+
+    async def type_error(request, context):
+        return None + 1
+
+    async def invalid(request, context):
+        raise InvalidArgument(f"no good: {request.sandbox}")
+
+    def handler(fn):
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=pb.GetSandboxRequest.FromString,
+            response_serializer=pb.Sandbox.SerializeToString)
+
+    async def run() -> dict:
+        server = grpc.aio.server(interceptors=[ErrorInterceptor(Metrics(), None)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.Bugs", {
+            "ValueError": handler(value_error), "TypeError": handler(type_error),
+            "Invalid": handler(invalid)})])
+        server.add_insecure_port(f"unix:{tmp_path / 's.sock'}")
+        await server.start()
+        out = {}
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path / 's.sock'}") as ch:
+                for name in ("ValueError", "TypeError", "Invalid"):
+                    call = ch.unary_unary(f"/t.Bugs/{name}",
+                                          request_serializer=pb.GetSandboxRequest.SerializeToString,
+                                          response_deserializer=pb.Sandbox.FromString)
+                    try:
+                        await call(pb.GetSandboxRequest(sandbox="s1"))
+                    except grpc.aio.AioRpcError as e:
+                        out[name] = (e.code(), e.details())
+        finally:
+            await server.stop(None)
+        return out
+
+    with structlog.testing.capture_logs() as logs:
+        got = asyncio.run(run())
+    assert got["Invalid"] == (grpc.StatusCode.INVALID_ARGUMENT, "no good: s1")
+    for name in ("ValueError", "TypeError"):
+        code, details = got[name]
+        assert code == grpc.StatusCode.INTERNAL, (name, code, details)
+        m = re.search(r"error id ([0-9a-f]{8})", details)
+        assert m, details
+        assert name in details, details
+        logged = [e for e in logs if e.get("error_id") == m.group(1)]
+        assert len(logged) == 1 and logged[0]["event"] == "rpc.internal_error", logs
+        assert f"{name}:" in logged[0]["traceback"] and name in logged[0]["method"]

@@ -16,6 +16,7 @@ import io
 import json
 import lzma
 import os
+import shlex
 import stat
 import struct
 import subprocess
@@ -507,3 +508,92 @@ def test_malformed_layered_sources(client, daemon, tmp_path, sources):
 def test_missing_source_is_not_found(client, tmp_path):
     with pytest.raises(deltabox.NotFound, match="nosuchfile"):
         client.import_image("t-missing", tmp_path / "nosuchfile.tar")
+
+
+# ---- the image's root directory ------------------------------------------------------------
+
+def _tiny_without_root() -> Layer:
+    """tiny's entries without its "./" entry: the layer's root mode is the importer's."""
+    lay = Layer()
+    with tarfile.open(TINY_TAR) as src:
+        for m in src:
+            if m.name.strip("/") not in ("", "."):
+                lay.tf.addfile(m, src.extractfile(m) if m.isreg() else None)
+    return lay
+
+
+def _root_source(tmp_path: Path, fmt: str, root_mode: int | None) -> Path:
+    """A tiny image in `fmt` whose root has `root_mode` ("./" entry), or no "./" entry."""
+    base = _tiny_without_root()
+    if root_mode is not None:
+        base.dir(".", root_mode)
+    data = base.bytes()
+    if fmt == "tar":
+        return _write(tmp_path / "root.tar", data)
+    if fmt == "docker":  # the upper layer carries the root: overlay shows the top one
+        upper = Layer().file("./etc/motd", b"hi\n")
+        if root_mode is not None:
+            upper.dir(".", root_mode)
+        return _write(tmp_path / "root-docker.tar", docker_archive([data, upper.bytes()]))
+    if fmt == "oci":
+        return oci_layout(tmp_path / "root-oci", [data])
+    src = tmp_path / "root-dir"
+    src.mkdir()
+    subprocess.run(["tar", "-x", "-f", str(_write(tmp_path / "x.tar", data)), "-C", str(src),
+                    "--numeric-owner", "--same-permissions", "--same-owner"], check=True)
+    os.chmod(src, 0o755 if root_mode is None else root_mode)
+    return src
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def as_nobody(cmd: str) -> str:
+    """`cmd` run by uid 65534 (busybox's su: root needs no password)."""
+    return f"su -s /bin/sh nobody -c {shlex.quote(cmd)}"
+
+
+@pytest.mark.parametrize("fmt", ["tar", "docker", "oci", "dir"])
+def test_a_non_root_user_can_use_an_imported_image(client, images, tmp_path, fmt):
+    """The layer root came from a temp dir (0700): nobody but root could even run /bin/ls."""
+    name = f"t-root-{fmt}"
+    client.import_image(name, _root_source(tmp_path, fmt, None))
+    images.append(name)
+    with client.create(name) as sbx:
+        assert sh(sbx, "stat -c '%a %u %g' /") == "755 0 0\n"
+        r = sbx.exec(as_nobody("/bin/ls /"))
+        assert r.exit_code == 0 and b"bin" in r.stdout.split(), r
+        r = sbx.exec(as_nobody("id -u; cat /etc/passwd >/dev/null && echo read"))
+        assert r.stdout == b"65534\nread\n", r
+        # a checkpoint's layer, and the upper of a rollback, keep the root's mode
+        sbx.exec("touch /new").check()
+        ck = sbx.checkpoint()
+        sbx.rollback(ck)
+        assert sh(sbx, "stat -c '%a' /") == "755\n"
+        assert sbx.exec(as_nobody("/bin/ls /")).exit_code == 0
+
+
+@pytest.mark.parametrize("fmt", ["tar", "docker", "oci", "dir"])
+def test_the_images_own_root_mode_is_kept(client, images, tmp_path, fmt):
+    name = f"t-root750-{fmt}"
+    client.import_image(name, _root_source(tmp_path, fmt, 0o750))
+    images.append(name)
+    with client.create(name) as sbx:
+        assert sh(sbx, "stat -c '%a' /") == "750\n"
+        assert sbx.exec(as_nobody("/bin/ls /")).exit_code != 0  # the image said so
+        # and it is kept across a checkpoint and a rollback (a new upper)
+        ck = sbx.checkpoint()
+        sbx.exec("touch /new").check()
+        sbx.rollback(ck)
+        assert sh(sbx, "stat -c '%a' /") == "750\n"
+
+
+def test_python_runs_as_a_non_root_user_in_the_demo_image(demo):
+    """The demo image (debootstrap: a dynamically linked python and libc)."""
+    setpriv = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+    r = demo.exec(f"{setpriv} python3 -c 'import os, json; print(os.getuid(), "
+                  "json.dumps(sorted(os.listdir(\"/\"))[:1]))'")
+    assert r.exit_code == 0 and r.stdout.startswith(b"65534 "), r
+    assert demo.exec(f"{setpriv} /bin/ls /").exit_code == 0

@@ -28,8 +28,8 @@ from deltabox.cgroups import CgroupV1
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 CLEAN = {**NOTHING, "sandbox_inits": []}
-# A process that outlives the exec that started it: in its own session (the exec's process
-# group is killed when the exec ends), waiting until setsid has happened.
+# A process that outlives the exec that started it, in its own session (waiting until setsid
+# has happened, so it is a session leader by the time the exec returns).
 BACKGROUND = ("setsid sleep 1000 >/dev/null 2>&1 </dev/null & p=$!; "
               "while [ \"$(cut -d' ' -f6 /proc/$p/stat)\" != \"$p\" ]; do sleep 0.01; done")
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -94,7 +94,7 @@ def test_nat_reaches_outside_but_not_the_host(client, peer_host):
 
 
 # A TCP server in a sandbox (for 60 s) that answers 'sandbox here'. It listens before the
-# exec returns, and is in its own session by then: an exec's process group ends with it.
+# exec returns, and is in its own session by then.
 SERVE = ("import os,socket,sys,time\n"
          "s=socket.socket(); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(); s.settimeout(1)\n"
          "r,w=os.pipe()\n"

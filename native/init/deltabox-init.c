@@ -69,6 +69,9 @@
 #define READ_CHUNK        65536
 #define MAX_SESSION_NAME  255
 #define IDLE_BUF_CAP      65536         /* free emptied buffers bigger than this */
+#define MAX_COMMAND       255           /* a kept process's command line, for listings */
+#define MAX_KEPT_EXITED   32            /* exited kept processes remembered */
+#define MAX_LINGERING     128           /* ended conversations whose pipes are drained */
 
 /* ------------------------------------------------------------------ utils */
 
@@ -188,10 +191,16 @@ struct proc {
     int stdin_broken;       /* the child's stdin is gone: drop further input */
     char *session;          /* persistent session name, or NULL */
     struct conn *conn;      /* attached connection, or NULL (detached session) */
-    struct buf held_out, held_err;  /* output kept while detached */
+    struct buf held_out, held_err;  /* output kept while detached (kept: the tail) */
+    int keep;               /* a detached exec: the record outlives the process */
+    char *command;          /* kept: argv joined by spaces, for listings */
+    uint64_t out_total, err_total;  /* bytes the process wrote on each stream */
     int exited;
     int status;             /* raw wait status, valid once exited */
     int64_t exit_ms;
+    int reported;           /* exited, output read (or grace over), 'E' sent if attached */
+    int lingering;          /* conversation over; background processes still hold the
+                               pipes: read and discard until they close them */
     int dead;               /* torn down; freed at the end of the loop turn */
 };
 
@@ -233,13 +242,23 @@ static void conn_send_u32(struct conn *c, char type, uint32_t v)
 }
 
 static void proc_destroy(struct proc *p);
+static void proc_retire(struct proc *p);
 
-/* The connection of a process went away (closed, failed, or finished). */
+/* The connection of a process went away (closed, failed, or finished).
+ * Sessions and kept processes are merely detached.  A plain process still
+ * running was cancelled: its group dies.  One that has exited (its 'E' not
+ * sent yet) leaves its background processes alone, as after a normal end. */
 static void proc_conn_gone(struct proc *p)
 {
     p->conn = NULL;
-    if (!p->session)
-        proc_destroy(p);    /* nobody will ever read it: kill its group */
+    if (p->session)
+        return;
+    if (p->exited) {
+        proc_retire(p);
+    } else {
+        kill(-p->pid, SIGKILL);
+        proc_destroy(p);
+    }
 }
 
 /* End the conversation: detach or kill the process now, close the socket
@@ -280,6 +299,32 @@ static void conn_fail(struct conn *c, int err, const char *fmt, ...)
     conn_end(c);
 }
 
+/* Close the child's stdin (pipes; with a pty it is the master, closed with
+ * the output). */
+static void proc_close_stdin(struct proc *p)
+{
+    if (!p->pty && p->in_fd >= 0)
+        close(p->in_fd);
+    if (!p->pty)
+        p->in_fd = -1;
+    buf_free(&p->stdin_buf);
+}
+
+static void proc_close_output(struct proc *p)
+{
+    if (p->out_fd >= 0)
+        close(p->out_fd);
+    if (p->err_fd >= 0)
+        close(p->err_fd);
+    if (p->pty)
+        p->in_fd = -1;
+    p->out_fd = p->err_fd = -1;
+    p->out_eof = p->err_eof = 1;
+    accept_paused = 0;      /* fds were freed */
+}
+
+/* Free the record and its pipes.  It kills nothing: a process that is still
+ * running was killed by the caller (cancel) or is meant to go on running. */
 static void proc_destroy(struct proc *p)
 {
     if (p->dead)
@@ -289,24 +334,50 @@ static void proc_destroy(struct proc *p)
         p->conn->proc = NULL;
         p->conn = NULL;
     }
-    /* Whatever is left of the process group (the leader, or background
-     * children of an exited leader) dies with the conversation, so nothing
-     * keeps running unobserved.  pid reuse is not a concern: pids are
-     * allocated cyclically, so a just-reaped pid is not handed out again
-     * before the whole range wraps. */
-    kill(-p->pid, SIGKILL);
-    if (!p->pty && p->in_fd >= 0)
-        close(p->in_fd);
-    close(p->out_fd);
-    if (p->err_fd >= 0)
-        close(p->err_fd);
-    p->in_fd = p->out_fd = p->err_fd = -1;
-    accept_paused = 0;      /* fds were freed */
-    buf_free(&p->stdin_buf);
+    proc_close_stdin(p);
+    proc_close_output(p);
     buf_free(&p->held_out);
     buf_free(&p->held_err);
     free(p->session);
-    p->session = NULL;
+    free(p->command);
+    p->session = p->command = NULL;
+}
+
+/* The conversation is over (the process exited and 'E' went out, or a kept
+ * record was removed), but what it left running in the background may still
+ * hold its stdout/stderr: keep reading them and throw the bytes away, so that
+ * such a process never dies of SIGPIPE or blocks on a full pipe.  At most
+ * MAX_LINGERING records linger (each holds two fds); beyond, the oldest one's
+ * pipes are closed. */
+static void proc_retire(struct proc *p)
+{
+    struct proc *oldest = NULL;
+    int n = 0;
+
+    if (p->dead || p->lingering)
+        return;
+    if (p->conn) {
+        p->conn->proc = NULL;
+        p->conn = NULL;
+    }
+    if (p->out_eof && (p->err_fd < 0 || p->err_eof)) {
+        proc_destroy(p);
+        return;
+    }
+    p->lingering = 1;
+    proc_close_stdin(p);
+    buf_free(&p->held_out);
+    buf_free(&p->held_err);
+    free(p->session);
+    free(p->command);
+    p->session = p->command = NULL;
+    for (struct proc *q = procs; q; q = q->next)
+        if (!q->dead && q->lingering) {
+            n++;
+            oldest = q;     /* procs is newest first */
+        }
+    if (n > MAX_LINGERING)
+        proc_destroy(oldest);
 }
 
 static struct proc *find_session(const char *name)
@@ -321,9 +392,13 @@ static struct proc *find_session(const char *name)
 
 static void proc_deliver(struct proc *p, int is_err, const char *data, size_t n)
 {
+    if (p->lingering)
+        return;
+    *(is_err ? &p->err_total : &p->out_total) += n;
     if (p->conn)
         conn_send(p->conn, is_err ? 'R' : 'O', data, n);
-    else
+    /* A kept process's log is its tail, attached or not. */
+    if (!p->conn || p->keep)
         buf_append_bounded(is_err ? &p->held_err : &p->held_out, data, n, DETACHED_LIMIT);
 }
 
@@ -371,16 +446,46 @@ static void proc_drain(struct proc *p)
     }
 }
 
-/* After the exit and the output: 'E' to the client, then tear down. */
+/* Kept processes that have exited are remembered up to MAX_KEPT_EXITED; then
+ * the one that ended first is forgotten. */
+static void evict_kept(void)
+{
+    struct proc *oldest = NULL;
+    int n = 0;
+
+    for (struct proc *q = procs; q; q = q->next)
+        if (!q->dead && q->keep && q->reported && !q->lingering) {
+            n++;
+            if (!oldest || q->exit_ms <= oldest->exit_ms)
+                oldest = q;
+        }
+    if (n > MAX_KEPT_EXITED)
+        proc_retire(oldest);
+}
+
+/* After the exit and the output: 'E' to the client.  Then a plain process or
+ * a session is retired, leaving its background processes running; a kept
+ * process stays listed with its status and output until removed. */
 static void proc_check_done(struct proc *p, int64_t now)
 {
     if (p->dead || !p->exited)
         return;
+    if (p->lingering || p->reported) {
+        /* only background writers left: close the pipes once they are done */
+        if (proc_output_done(p) && p->out_fd >= 0) {
+            if (p->lingering)
+                proc_destroy(p);
+            else
+                proc_close_output(p);
+        }
+        return;
+    }
     if (!proc_output_done(p)) {
         if (now < p->exit_ms + EOF_GRACE_MS)
             return;
         proc_drain(p);
     }
+    p->reported = 1;
     if (p->conn) {
         struct conn *c = p->conn;
         conn_send_u32(c, 'E', (uint32_t)p->status);
@@ -388,7 +493,12 @@ static void proc_check_done(struct proc *p, int64_t now)
         p->conn = NULL;
         c->closing = 1;
     }
-    proc_destroy(p);
+    if (p->keep) {
+        proc_close_stdin(p);
+        evict_kept();
+    } else {
+        proc_retire(p);
+    }
 }
 
 /* ------------------------------------------------------------- child stdin */
@@ -424,6 +534,7 @@ struct spawn_req {
     int use_pty;
     struct winsize ws;
     const char *session;
+    int keep;
 };
 
 static char *default_env[] = {
@@ -456,6 +567,7 @@ static const char *parse_spawn(char *payload, size_t n, struct spawn_req *r)
         case 'e': r->envp[envc++] = val; break;
         case 'c': r->cwd = val; break;
         case 't': r->use_pty = strcmp(val, "1") == 0; break;
+        case 'k': r->keep = strcmp(val, "1") == 0; break;
         case 'n':
             if (!*val || strlen(val) > MAX_SESSION_NAME)
                 return "session name must be 1-255 bytes";
@@ -476,6 +588,8 @@ static const char *parse_spawn(char *payload, size_t n, struct spawn_req *r)
     }
     if (argc == 0)
         return "no argv";
+    if (r->keep && !r->session)
+        return "a kept process needs a name (n:)";
     r->argv[argc] = NULL;
     r->envp[envc] = NULL;
     return NULL;
@@ -654,6 +768,19 @@ static void spawn_proc(struct conn *c, const struct spawn_req *r)
     p->out_fd = mine[1];
     p->err_fd = r->use_pty ? -1 : mine[2];
     p->session = r->session ? xstrdup(r->session) : NULL;
+    p->keep = r->keep;
+    if (r->keep) {
+        struct buf cmd = {0};
+        for (char **a = r->argv; *a; a++) {
+            if (a != r->argv)
+                buf_append(&cmd, " ", 1);
+            buf_append(&cmd, *a, strlen(*a));
+        }
+        if (cmd.len > MAX_COMMAND)
+            cmd.len = MAX_COMMAND;
+        buf_append(&cmd, "", 1);
+        p->command = cmd.data;
+    }
     p->conn = c;
     c->proc = p;
     p->next = procs;
@@ -724,16 +851,114 @@ static void handle_attach(struct conn *c, const char *payload, size_t n)
         conn_fail(c, EBUSY, "attach %s: session busy", name);
         return;
     }
-    p->conn = c;
-    c->proc = p;
     conn_send_u32(c, 'P', (uint32_t)p->pid);
-    /* What the session wrote while nobody listened comes first. */
+    /* What the session wrote while nobody listened comes first (a kept
+     * process: its whole tail, which it keeps). */
     if (p->held_out.len)
         conn_send(c, 'O', p->held_out.data + p->held_out.off, p->held_out.len);
     if (p->held_err.len)
         conn_send(c, 'R', p->held_err.data + p->held_err.off, p->held_err.len);
-    buf_free(&p->held_out);
-    buf_free(&p->held_err);
+    if (!p->keep) {
+        buf_free(&p->held_out);
+        buf_free(&p->held_err);
+    }
+    if (p->reported) {      /* a kept process that has ended */
+        conn_send_u32(c, 'E', (uint32_t)p->status);
+        conn_end(c);
+        return;
+    }
+    p->conn = c;
+    c->proc = p;
+}
+
+static void append_record(struct buf *b, char key, const char *fmt, ...)
+{
+    char val[32];
+    char head[2] = {key, ':'};
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(val, sizeof val, fmt, ap);
+    va_end(ap);
+    buf_append(b, head, 2);
+    buf_append(b, val, strlen(val) + 1);
+}
+
+/* QUERY: the state of a named process without attaching to it, optionally
+ * signalling it, sending its kept output, or forgetting it once ended. */
+static void handle_query(struct conn *c, char *payload, size_t n)
+{
+    const char *name = NULL;
+    int sig = 0, with_output = 0, remove = 0;
+    struct buf b = {0};
+    struct proc *p;
+
+    if (c->used) {
+        conn_fail(c, EBUSY, "query: connection already has a process");
+        return;
+    }
+    c->used = 1;
+    if (n == 0 || payload[n - 1] != '\0') {
+        conn_fail(c, EINVAL, "query: records must be NUL-terminated");
+        return;
+    }
+    for (char *rec = payload; rec < payload + n; rec += strlen(rec) + 1) {
+        char *val = rec + 2, *end;
+        if (strlen(rec) < 2 || rec[1] != ':') {
+            conn_fail(c, EINVAL, "query: malformed record");
+            return;
+        }
+        switch (rec[0]) {
+        case 'n': name = val; break;
+        case 'o': with_output = strcmp(val, "1") == 0; break;
+        case 'r': remove = strcmp(val, "1") == 0; break;
+        case 's':
+            sig = (int)strtol(val, &end, 10);
+            if (*end || sig < 1 || sig >= _NSIG) {
+                conn_fail(c, EINVAL, "query: bad signal");
+                return;
+            }
+            break;
+        default:
+            conn_fail(c, EINVAL, "query: unknown record key");
+            return;
+        }
+    }
+    if (!name || !*name || strlen(name) > MAX_SESSION_NAME) {
+        conn_fail(c, EINVAL, "query: a name (n:) of 1-255 bytes is required");
+        return;
+    }
+    p = find_session(name);
+    if (!p) {
+        conn_fail(c, ENOENT, "query %s: no such process", name);
+        return;
+    }
+    if (remove && !p->reported) {
+        conn_fail(c, EBUSY, "query %s: still running", name);
+        return;
+    }
+    /* Only while init has not reaped it: its pid (the group's id) cannot have
+     * been reused. */
+    if (sig && !p->exited)
+        kill(-p->pid, sig);
+    append_record(&b, 'p', "%d", (int)p->pid);
+    if (p->command) {
+        buf_append(&b, "c:", 2);
+        buf_append(&b, p->command, strlen(p->command) + 1);
+    }
+    append_record(&b, 'o', "%llu", (unsigned long long)p->out_total);
+    append_record(&b, 'e', "%llu", (unsigned long long)p->err_total);
+    if (p->reported)
+        append_record(&b, 'x', "%d", p->status);
+    conn_send(c, 'q', b.data, b.len);
+    buf_free(&b);
+    if (with_output && p->held_out.len)
+        conn_send(c, 'O', p->held_out.data + p->held_out.off, p->held_out.len);
+    if (with_output && p->held_err.len)
+        conn_send(c, 'R', p->held_err.data + p->held_err.off, p->held_err.len);
+    if (remove)
+        proc_retire(p);
+    conn_end(c);
 }
 
 static void handle_stdin(struct conn *c, const char *payload, size_t n)
@@ -825,6 +1050,7 @@ static void dispatch_frame(struct conn *c, char type, char *payload, size_t n)
     case 'K': handle_signal(c, (unsigned char *)payload, n); break;
     case 'W': handle_winsize(c, (unsigned char *)payload, n); break;
     case 'L': handle_list(c); break;
+    case 'Q': handle_query(c, payload, n); break;
     default: protocol_error(c, "unknown frame type"); break;
     }
 }
@@ -1003,7 +1229,7 @@ static int poll_timeout(int64_t now)
     int64_t best = -1;
 
     for (struct proc *p = procs; p; p = p->next) {
-        if (p->dead || !p->exited || proc_output_done(p))
+        if (p->dead || !p->exited || p->reported || p->lingering || proc_output_done(p))
             continue;
         int64_t left = p->exit_ms + EOF_GRACE_MS - now;
         if (left < 0)

@@ -30,7 +30,7 @@ CAP_SYS_ADMIN = 21
 
 # --------------------------------------------------------------- protocol client
 
-def spawn_payload(argv, env=None, cwd=None, pty=False, winsize=None, session=None):
+def spawn_payload(argv, env=None, cwd=None, pty=False, winsize=None, session=None, keep=False):
     recs = [b"a:" + a.encode() for a in argv]
     recs += [b"e:" + e.encode() for e in (env or [])]
     if cwd:
@@ -41,7 +41,14 @@ def spawn_payload(argv, env=None, cwd=None, pty=False, winsize=None, session=Non
         recs.append(b"w:%dx%d" % winsize)
     if session:
         recs.append(b"n:" + session.encode())
+    if keep:
+        recs.append(b"k:1")
     return b"".join(r + b"\0" for r in recs)
+
+
+def records(payload):
+    assert payload.endswith(b"\0"), payload
+    return {r[:1].decode(): r[2:].decode() for r in payload.split(b"\0")[:-1]}
 
 
 class Conn:
@@ -195,6 +202,36 @@ class Sandbox:
     def inside(self, path):
         """A path inside the sandbox, seen from the host."""
         return f"/proc/{self.pid}/root{path}"
+
+    def query(self, name, **recs):
+        """QUERY `name`: (records of `q`, stdout tail, stderr tail), or the `F` payload."""
+        c = self.connect()
+        c.send("Q", b"".join(f"{k}:{v}".encode() + b"\0" for k, v in
+                             [("n", name), *recs.items()]))
+        f = c.recv()
+        if f[0] == "F":
+            assert c.recv() is None
+            return f[1]
+        assert f[0] == "q", f
+        out, err = b"", b""
+        while (g := c.recv()) is not None:
+            if g[0] == "O":
+                out += g[1]
+            elif g[0] == "R":
+                err += g[1]
+            else:
+                raise AssertionError(f"unexpected frame {g!r} after q")
+        return records(f[1]), out, err
+
+    def alive(self, pid):
+        """Running (not a zombie) inside the sandbox."""
+        try:
+            return open(self.inside(f"/proc/{pid}/stat")).read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def nfds(self):
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def destroy(self):
         pids = [p for p in [self.pid] + self.extra_pids if p]
@@ -367,8 +404,8 @@ def t_disconnect_kills(sb):
 
 
 def t_background_grandchild(sb):
-    """E comes ~100 ms after the exit even if a grandchild holds the pipe;
-    the grandchild (same process group) is killed after E."""
+    """E comes ~100 ms after the exit even if a grandchild holds the pipe; the
+    grandchild (same process group) keeps running, re-parented to init."""
     c = sb.connect()
     t0 = time.monotonic()
     pid = c.spawn(["sh", "-c", "sleep 30 & echo $! ; echo started"])
@@ -377,8 +414,113 @@ def t_background_grandchild(sb):
     assert st == 0 and out.endswith(b"started\n"), (out, st)
     assert dt < 2, f"E took {dt:.2f}s"
     bg = int(out.split()[0])
-    wait_for(lambda: not os.path.exists(sb.inside(f"/proc/{bg}")), what="background sleep to die")
     assert pid != bg
+    time.sleep(0.3)
+    assert sb.alive(bg), "the background sleep died with its exec"
+    stat = open(sb.inside(f"/proc/{bg}/stat")).read().rsplit(")", 1)[1].split()
+    assert (int(stat[1]), int(stat[2])) == (1, pid), stat   # ppid init, pgid the exec's
+    sb.run(["kill", "-9", str(bg)])
+    wait_for(lambda: not os.path.exists(sb.inside(f"/proc/{bg}")), what="the sleep to be reaped")
+    wait_for(lambda: sb.nfds() == 5, what="init to drop the ended exec's pipes")
+
+
+def t_background_writer_is_drained(sb):
+    """A background process that keeps writing to the ended exec's stdout and stderr
+    (in its own session, or not) is neither killed by SIGPIPE nor blocked: init reads
+    and discards its output until it closes the pipes."""
+    out, _, st = sb.run(["sh", "-c", "setsid sh -c 'while :; do head -c 70000 /dev/zero; "
+                         "echo e >&2; sleep 0.01; done' & echo $!"])
+    bg = int(out.split(b"\n")[0])
+    time.sleep(1.0)
+    assert sb.alive(bg), "the background writer died"
+    assert sb.nfds() == 7, "init holds its stdout and stderr pipes"
+    sb.run(["kill", "-9", str(bg)])
+    wait_for(lambda: sb.nfds() == 5, what="init to close the pipes at EOF")
+
+
+def t_timeout_signal_reaches_background(sb):
+    """K (what the daemon's timeout sends) reaches the whole group, background jobs too;
+    a disconnect while the process runs kills the group."""
+    c = sb.connect()
+    c.spawn(["sh", "-c", "sleep 100 & echo $!; sleep 100"])
+    f = c.recv()
+    bg = int(f[1])
+    c.send("K", struct.pack("<I", 9))
+    _, _, st = c.collect()
+    assert os.WTERMSIG(st) == 9
+    wait_for(lambda: not sb.alive(bg), what="the background sleep to die of K")
+    c = sb.connect()
+    c.spawn(["sh", "-c", "sleep 100 & echo $!; sleep 100"])
+    bg = int(c.recv()[1])
+    c.close()
+    wait_for(lambda: not sb.alive(bg), what="the background sleep to die with the call")
+    wait_for(lambda: sb.nfds() == 5, what="init to drop the pipes")
+
+
+def t_kept_process(sb):
+    """k:1 -- a detached exec: status, tail and output survive detach and exit."""
+    c = sb.connect()
+    try:
+        c.spawn(["true"], keep=True)
+        raise AssertionError("a kept process without a name was accepted")
+    except SpawnFailed as e:
+        assert e.frame == ("F", b"errno=22 spawn: a kept process needs a name (n:)"), e.frame
+    c = sb.connect()
+    pid = c.spawn(["sh", "-c", "echo out; echo err >&2; read x; echo got $x; exit 3"],
+                  session="exec/k1", keep=True)
+    c.close()
+    time.sleep(0.2)
+    recs, out, err = sb.query("exec/k1", o=1)
+    assert recs == {"p": str(pid), "c": "sh -c echo out; echo err >&2; read x; echo got $x; exit 3",
+                    "o": "4", "e": "4"}, recs
+    assert (out, err) == (b"out\n", b"err\n")
+    assert sb.query("exec/k1", r=1) == b"errno=16 query exec/k1: still running"
+    a = sb.connect()
+    a.send("A", b"exec/k1")
+    assert struct.unpack("<I", a.expect("P"))[0] == pid
+    assert (a.expect("O"), a.expect("R")) == (b"out\n", b"err\n")   # the tail, replayed
+    assert sb.query("exec/k1")[0]["p"] == str(pid)  # QUERY does not conflict with A
+    a.send("I", b"v\n")
+    out, _, st = a.collect()
+    assert out == b"got v\n" and exit_code(st) == 3, (out, st)
+    recs, out, err = sb.query("exec/k1", o=1, s=9)
+    assert recs["x"] == str(st) and (out, err) == (b"out\ngot v\n", b"err\n"), (recs, out)
+    l = sb.connect()
+    l.send("L")
+    assert b"exec/k1\0" in l.expect("l")
+    for _ in range(2):   # an ended kept process replays its tail and E, every time
+        a = sb.connect()
+        a.send("A", b"exec/k1")
+        a.expect("P")
+        assert a.collect() == (b"out\ngot v\n", b"err\n", st)
+    assert sb.query("exec/k1", r=1)[0]["x"] == str(st)
+    assert sb.query("exec/k1") == b"errno=2 query exec/k1: no such process"
+    # signal by QUERY, tail bounded to 1 MiB, counters complete
+    c = sb.connect()
+    pid = c.spawn(["sh", "-c", "cat /data/big; exec sleep 100"], session="exec/k2", keep=True)
+    c.close()
+    wait_for(lambda: sb.query("exec/k2")[0]["o"] == str(len(sb.big)), what="the output")
+    recs, out, _ = sb.query("exec/k2", s=15, o=1)
+    assert "x" not in recs and out == sb.big[-(1 << 20):]
+    wait_for(lambda: "x" in sb.query("exec/k2")[0], what="SIGTERM to end it")
+    assert os.WTERMSIG(int(sb.query("exec/k2", r=1)[0]["x"])) == 15
+    assert sb.query("nosuch") == b"errno=2 query nosuch: no such process"
+    wait_for(lambda: sb.nfds() == 5, what="init to drop the kept processes' pipes")
+
+
+def t_kept_processes_are_bounded(sb):
+    """At most 32 ended kept processes are remembered: the first to end goes first."""
+    for i in range(34):
+        c = sb.connect()
+        c.spawn(["true"], session=f"exec/b{i}", keep=True)
+        c.close()
+        wait_for(lambda: "x" in sb.query(f"exec/b{i}")[0], what=f"b{i} to end")
+    l = sb.connect()
+    l.send("L")
+    names = set(l.expect("l").split(b"\0")[0::2]) - {b""}
+    assert names == {f"exec/b{i}".encode() for i in range(2, 34)}, sorted(names)
+    for i in range(2, 34):
+        assert "x" in sb.query(f"exec/b{i}", r=1)[0]
 
 
 def t_session(sb):
@@ -730,6 +872,14 @@ def t_criu_dump_restore(sb):
     c.spawn(["cat"], pty=True, session="ckpty")
     c.close()
     sb.run(["sh", "-c", "echo kept > /tmp/file"])
+    # what an exec left running (its group and session leader are gone: CRIU restores
+    # them through helpers) and a kept process
+    out, _, _ = sb.run(["sh", "-c", "sleep 1000 & echo $!"])
+    left = int(out)
+    c = sb.connect()
+    kept = c.spawn(["sh", "-c", "echo kept-out; exec sleep 1000"], session="exec/ck", keep=True)
+    c.close()
+    wait_for(lambda: sb.query("exec/ck")[0]["o"] == "9", what="the kept process's output")
     quiesce(sb)
 
     img = os.path.join(sb.base, "img")
@@ -781,6 +931,13 @@ def t_criu_dump_restore(sb):
         assert os.WTERMSIG(st) == 9
         out, _, st = box.run(["sh", "-c", "cat /tmp/file; hostname"])
         assert out == f"kept\n{HOSTNAME}\n".encode(), out
+        assert box.alive(left), "the exec's background sleep was not restored"
+        recs, out, _ = box.query("exec/ck", o=1, s=9)
+        assert recs["p"] == str(kept) and "x" not in recs and out == b"kept-out\n", (recs, out)
+        wait_for(lambda: "x" in box.query("exec/ck")[0], what="the kept process to end")
+        assert os.WTERMSIG(int(box.query("exec/ck", r=1)[0]["x"])) == 9
+        box.run(["kill", "-9", str(left)])
+        wait_for(lambda: not box.alive(left), what="the background sleep to end")
         out, _, _ = box.run(["ls", "/proc"])
         assert sorted(int(x) for x in out.split() if x.isdigit())[0] == 1
     # the two copies are independent: a write in one is not seen in the other
@@ -793,7 +950,9 @@ def t_criu_dump_restore(sb):
 TESTS = [
     t_launcher_reports_errors, t_hello, t_echo, t_exit_code_and_stderr, t_exec_missing,
     t_bad_cwd, t_env, t_stdin_relay, t_big_output, t_slow_reader_backpressure, t_signal,
-    t_disconnect_kills, t_background_grandchild, t_session, t_detached_output_is_bounded,
+    t_disconnect_kills, t_background_grandchild, t_background_writer_is_drained,
+    t_timeout_signal_reaches_background, t_kept_process, t_kept_processes_are_bounded,
+    t_session, t_detached_output_is_bounded,
     t_stdin_backpressure, t_dump_barrier, t_session_exit_while_detached,
     t_pty, t_isolation, t_planted_symlinks, t_proc_masks, t_zombies_reaped, t_concurrent, t_protocol_errors,
     t_init_holds_nothing_from_host, t_criu_dump_restore, t_init_holds_nothing_from_host,

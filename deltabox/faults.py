@@ -1,0 +1,44 @@
+"""Named crash points, for the crash battery (tests/test_crash.py).
+
+`DELTABOX_FAULT=<point>[@<n>]` in the daemon's environment makes it SIGKILL itself the
+n-th time (default: the first) it reaches `<point>` -- a crash at an exact step, which
+random kills hit only by luck. Unset (always, outside tests) a crash point costs one
+comparison. The points, in the order an operation reaches them:
+
+    checkpoint.sink        frozen, the upper sunk into a tmp layer, nothing dumped yet
+    checkpoint.dump        `criu swrk` asked to dump (it runs on, orphaned)
+    checkpoint.commit      in the commit transaction: layer and images renamed, not committed
+    checkpoint.committed   committed, not yet acknowledged (no body double yet)
+    rollback.before_switch the new incarnation (double, standby or restore) up, records old
+    rollback.after_switch  records switched, the old incarnation still alive (a double frozen)
+    fork.launched          a cold child restored, recorded 'creating'
+    fork.adopted           a warm child recorded 'running', still frozen
+    create.launched        the init started, recorded 'creating'
+    destroy.killed         the processes killed, the record not yet deleted
+    import.commit          in the image's commit transaction: layers renamed, not committed
+    squash.commit          in the squash's transaction: the layer renamed, not committed
+    reconcile              start-up, after each recorded sandbox is reconciled
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+__all__ = ["crash_point"]
+
+_point, _, _nth = os.environ.get("DELTABOX_FAULT", "").partition("@")
+_remaining = int(_nth or 1)
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if DELTABOX_FAULT names this point (and hit count)."""
+    global _remaining
+    if name != _point:
+        return
+    with _lock:
+        _remaining -= 1
+        if _remaining == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
