@@ -250,6 +250,19 @@ def cmd_exec(args, client) -> int:
         return 0
     events = sbx.exec_stream(cmd, env=_parse_env(args.env), cwd=args.cwd or "",
                              stdin=stdin, timeout=args.timeout or 0)
+    out, err, exit_ = _relay(args, events)
+    if args.json:
+        _out(args, {"exit_code": exit_.exit_code, "signal": exit_.signal,
+                    "timed_out": exit_.timed_out, "stdout": b"".join(out).decode(errors="replace"),
+                    "stderr": b"".join(err).decode(errors="replace")})
+    if exit_.timed_out and not args.json:
+        print(f"deltabox: timed out after {args.timeout}s", file=sys.stderr)
+    return exit_.exit_code if exit_.signal == 0 else 128 + exit_.signal
+
+
+def _relay(args, events) -> tuple[list[bytes], list[bytes], object]:
+    """Copy an exec's (or a process's) output events to our stdout/stderr as they come,
+    or collect them for --json; returns (stdout chunks, stderr chunks, the exit or None)."""
     out, err, exit_ = [], [], None
     for ev in events:
         which = ev.WhichOneof("event")
@@ -261,13 +274,7 @@ def cmd_exec(args, client) -> int:
                                                      sys.stderr.flush())
         elif which == "exit":
             exit_ = ev.exit
-    if args.json:
-        _out(args, {"exit_code": exit_.exit_code, "signal": exit_.signal,
-                    "timed_out": exit_.timed_out, "stdout": b"".join(out).decode(errors="replace"),
-                    "stderr": b"".join(err).decode(errors="replace")})
-    if exit_.timed_out and not args.json:
-        print(f"deltabox: timed out after {args.timeout}s", file=sys.stderr)
-    return exit_.exit_code if exit_.signal == 0 else 128 + exit_.signal
+    return out, err, exit_
 
 
 def _process_state(p) -> str:
@@ -292,17 +299,7 @@ def cmd_ps(args, client) -> int:
 
 def cmd_logs(args, client) -> int:
     proc = client.get(args.sandbox).process(args.process)
-    out, err, exit_ = [], [], None
-    for ev in proc.logs_stream(follow=args.follow):
-        which = ev.WhichOneof("event")
-        if which == "stdout":
-            out.append(ev.stdout) if args.json else (sys.stdout.buffer.write(ev.stdout),
-                                                     sys.stdout.flush())
-        elif which == "stderr":
-            err.append(ev.stderr) if args.json else (sys.stderr.buffer.write(ev.stderr),
-                                                     sys.stderr.flush())
-        elif which == "exit":
-            exit_ = ev.exit
+    out, err, exit_ = _relay(args, proc.logs_stream(follow=args.follow))
     if args.json:
         _out(args, {"stdout": b"".join(out).decode(errors="replace"),
                     "stderr": b"".join(err).decode(errors="replace"),

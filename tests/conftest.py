@@ -115,6 +115,24 @@ def sandbox_inits(state_dir: Path) -> list[int]:
     return instance_processes(instance, "deltabox-init") if instance else []
 
 
+def freezer_state(pid: int) -> str:
+    """THAWED, FREEZING or FROZEN: the state of the process's cgroup freezer (v1
+    freezer.state, or v2 cgroup.freeze as seen in cgroup.events)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return "THAWED"
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        if ctrl == "freezer":
+            f = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+            return f.read_text().strip() if f.exists() else "THAWED"
+        if ctrl == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.events"
+            return "FROZEN" if f.exists() and "frozen 1" in f.read_text() else "THAWED"
+    return "THAWED"
+
+
 def leftovers(state_dir: Path) -> dict[str, list]:
     """What of a daemon is still in the kernel: mounts, loop devices, inits."""
     sd = str(state_dir)

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 import deltabox
-from conftest import (DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, leftovers,
+from conftest import (DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, freezer_state, leftovers,
                       store_instance)
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox.cgroups import instance_processes
@@ -52,20 +52,8 @@ def wait_for(fn, what: str, timeout: float = 15.0, interval: float = 0.05):
 
 
 def frozen(pid: int) -> bool:
-    """Is the process's cgroup frozen (v1 freezer or v2 cgroup.freeze)?"""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        _, ctrl, path = line.split(":", 2)
-        if ctrl == "freezer":
-            f = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
-            return f.exists() and f.read_text().strip() != "THAWED"
-        if ctrl == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.events"
-            return f.exists() and "frozen 1" in f.read_text()
-    return False
+    """Is the process's cgroup frozen or freezing?"""
+    return freezer_state(pid) != "THAWED"
 
 
 def criu_helpers(state_dir: Path) -> list[int]:

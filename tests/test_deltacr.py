@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import deltabox
-from conftest import DEMO_TAR, TINY_TAR, leftovers, sandbox_inits
+from conftest import DEMO_TAR, TINY_TAR, freezer_state, leftovers, sandbox_inits
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -153,26 +153,9 @@ def _host_state(pid: int) -> str | None:
         return None
 
 
-def _frozen(pid: int) -> bool:
-    """Is the process's cgroup frozen (v1 freezer or v2 cgroup.freeze)?"""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        _, ctrl, path = line.split(":", 2)
-        if ctrl == "freezer":
-            f = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
-            return f.exists() and f.read_text().strip() == "FROZEN"
-        if ctrl == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
-            f = Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.events"
-            return f.exists() and "frozen 1" in f.read_text()
-    return False
-
-
 def doubles(state_dir: Path) -> set[int]:
     """Host pids of the inits of body doubles (restored, frozen) of a daemon's store."""
-    return {p for p in sandbox_inits(state_dir) if _frozen(p)}
+    return {p for p in sandbox_inits(state_dir) if freezer_state(p) == "FROZEN"}
 
 
 def double_ready(state_dir: Path, before: set[int]) -> None:
