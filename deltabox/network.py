@@ -31,6 +31,7 @@ veth and its sysctls, which disappear with the sandbox's network namespace;
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
@@ -38,6 +39,7 @@ import subprocess
 import threading
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 __all__ = ["attach_nat", "detach_nat", "allocate_index", "addresses", "host_nameservers",
            "MAX_SANDBOXES"]
@@ -172,8 +174,7 @@ def attach_nat(sandbox_id: str, init_pid: int, index: int) -> str:
     host_ip, sbx_ip = addresses(index)
     host_if = _host_ifname(sandbox_id)
     with IPRoute() as ipr:
-        for idx in ipr.link_lookup(ifname=host_if):  # leftover of a crashed attempt
-            ipr.link("del", index=idx)
+        _delete_link(ipr, host_if)  # of the previous incarnation, or a crashed attempt
         ipr.link("add", ifname=host_if, kind="veth",
                  peer={"ifname": "eth0", "net_ns_pid": init_pid})
         idx = ipr.link_lookup(ifname=host_if)[0]
@@ -227,8 +228,19 @@ def _in_netns(pid: int, work) -> None:
 
 def detach_nat(sandbox_id: str) -> None:
     with IPRoute() as ipr:
-        for idx in ipr.link_lookup(ifname=_host_ifname(sandbox_id)):
+        _delete_link(ipr, _host_ifname(sandbox_id))
+
+
+def _delete_link(ipr: IPRoute, ifname: str) -> None:
+    """Delete the link if it exists. When a sandbox's network namespace dies (its init
+    was just killed) the kernel deletes its veth pair itself, asynchronously: a link
+    that vanishes between the lookup and the delete is gone, as wanted."""
+    for idx in ipr.link_lookup(ifname=ifname):
+        try:
             ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
 
 
 def _resolv_conf_servers(path: str) -> list[str]:

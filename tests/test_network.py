@@ -137,7 +137,7 @@ V6_FRAMES = r"""
 import json, socket, struct, sys
 port, host_mac = int(sys.argv[1]), bytes.fromhex(sys.argv[2].replace(":", ""))
 def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b + b"\0" * (len(b) % 2)))
+    s = sum(struct.unpack("!%dH" % ((len(b) + 1) // 2), b + b"\0" * (len(b) % 2)))
     while s >> 16:
         s = (s >> 16) + (s & 0xffff)
     return ~s & 0xffff
