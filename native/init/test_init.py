@@ -227,7 +227,7 @@ class Sandbox:
         """Running (not a zombie) inside the sandbox."""
         try:
             return open(self.inside(f"/proc/{pid}/stat")).read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ESRCH: reaped while we read
             return False
 
     def nfds(self):
@@ -784,7 +784,7 @@ def t_zombies_reaped(sb):
             if d.isdigit():
                 try:
                     s = open(sb.inside(f"/proc/{d}/stat")).read()
-                except FileNotFoundError:
+                except (FileNotFoundError, ProcessLookupError):
                     continue
                 if s.rsplit(")", 1)[1].split()[0] == "Z":
                     return False
