@@ -404,7 +404,7 @@ class DaemonBench:
         from deltabox.client import Client
         from deltabox.demo import _start_daemon
         from deltabox.config import DEFAULT_IMAGE_DIR
-        from deltabox.store import read_instance_id
+        from deltabox.store.metadata import read_instance_id
         if os.geteuid() != 0:
             raise SystemExit("deltabox bench runs its own daemon, which needs root")
         self.preflight()
@@ -724,8 +724,8 @@ def _cleanup_leftovers(state: Path, instance: str | None) -> str:
     """Kill sandbox inits, remove cgroups and unmount what the stopped daemon left
     under `state` (leaked incarnations of store `instance`); returns what was
     done, '' if nothing."""
-    from deltabox import _linux
-    from deltabox.cgroups import instance_processes
+    from deltabox.host import linux
+    from deltabox.host.cgroups import instance_processes
     killed, cgroups = [], set()
     for pid in instance_processes(instance, "deltabox-init") if instance else []:
         pid_dir = Path(f"/proc/{pid}")
@@ -757,10 +757,10 @@ def _cleanup_leftovers(state: Path, instance: str | None) -> str:
                 break
             except OSError:
                 time.sleep(0.02)
-    mounts = sorted(_linux.mounts_under(state), key=len, reverse=True)
+    mounts = sorted(linux.mounts_under(state), key=len, reverse=True)
     for m in mounts:
         subprocess.run(["umount", m], capture_output=True)
-        if _linux.is_mountpoint(m):
+        if linux.is_mountpoint(m):
             subprocess.run(["umount", "-l", m], capture_output=True)
     leftover_mounts = [m for m in mounts if not m.endswith("/store")]
     if not killed and not leftover_mounts:
@@ -1209,7 +1209,7 @@ class CRBench(DaemonBench):
     # -- set-up ---------------------------------------------------------------------------
 
     def preflight(self) -> None:
-        from deltabox.criu import find_criu
+        from deltabox.host.criu import find_criu
         self.demo_tar = CACHE / "images" / "demo.tar"
         if not self.demo_tar.exists():
             raise SystemExit(f"{self.demo_tar} is missing: run `make setup` "

@@ -108,7 +108,7 @@ def _apply_config_file(args, path: str) -> None:
 def cmd_daemon(args) -> int:
     from deltabox.client import TOKEN_ENV, load_token
     from deltabox.config import Config
-    from deltabox.daemon import run_daemon
+    from deltabox.server.app import run_daemon
     if args.token is not None:
         raise SystemExit("deltabox daemon: --token is refused: any host user can read it in "
                          "/proc/<pid>/cmdline. Use --token-file PATH (a chmod-600 file) or "
@@ -146,8 +146,8 @@ def cmd_daemon(args) -> int:
         cfg.store_reserve = args.store_reserve
     if args.store_reserve_inodes is not None:
         cfg.store_reserve_inodes = args.store_reserve_inodes
-    from deltabox.images import ImportLimits
-    from deltabox.space import StoreSpace
+    from deltabox.core.images import ImportLimits
+    from deltabox.store.space import StoreSpace
     try:
         ImportLimits.from_config(cfg)  # refuse bad limits now, not at the first import
         StoreSpace(cfg.state_dir, cfg.store_reserve, cfg.store_reserve_inodes)

@@ -51,7 +51,7 @@ class Config:
     # and a client (a socket-group member) must not make it read any host path.
     image_dirs: tuple[Path, ...] = (DEFAULT_IMAGE_DIR,)
     # Below this much free space in the store, new work (create, checkpoint, fork, import)
-    # is refused (deltabox.space): a size ("1G") or a percentage ("5%"); None = 5%, at
+    # is refused (deltabox.store.space): a size ("1G") or a percentage ("5%"); None = 5%, at
     # most 4 GiB. Inodes: a count or a percentage of the store's; None = 1%.
     store_reserve: str | None = None
     store_reserve_inodes: str | None = None

@@ -54,7 +54,7 @@ class Metrics:
             self._recent.setdefault(method, deque(maxlen=self._window)).append(seconds)
 
     def track_store(self, space) -> None:
-        """Gauges of the store's size, free space and reserve (a `deltabox.space.StoreSpace`),
+        """Gauges of the store's size, free space and reserve (a `deltabox.store.space.StoreSpace`),
         read at each scrape."""
         for field, name, what in (
                 ("size_bytes", "deltabox_store_size_bytes", "Size of the store"),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import deltabox
-from deltabox.criu import find_criu
+from deltabox.host.criu import find_criu
 
 
 def pct(xs: list[float], p: float) -> float:

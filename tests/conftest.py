@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import deltabox
-from deltabox.cgroups import instance_processes
-from deltabox.store import read_instance_id
+from deltabox.host.cgroups import instance_processes
+from deltabox.store.metadata import read_instance_id
 
 CACHE = Path(os.environ.get("DELTABOX_CACHE", "/var/cache/deltabox"))
 TINY_TAR = CACHE / "images" / "tiny.tar"

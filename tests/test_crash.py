@@ -33,7 +33,7 @@ import deltabox
 from conftest import (DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, freezer_state, leftovers,
                       store_instance)
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-from deltabox.cgroups import instance_processes
+from deltabox.host.cgroups import instance_processes
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 
@@ -535,7 +535,7 @@ def test_init_identity_does_not_follow_the_wall_clock(daemon, tiny):
     """Adoption after a restart compares the init's start time with its record; the
     wall-clock start time moves when the clock is stepped (the kernel's boot time is
     derived from it), and a mismatch restarts the sandbox: its sessions are lost."""
-    from deltabox import sandbox as sb
+    from deltabox.core import sandboxes as sb
     import psutil._pslinux as pslinux
     pid = tiny.info.init_pid
     recorded = sb._process_start(pid)

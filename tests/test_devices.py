@@ -2,7 +2,7 @@
 
 Two layers keep host devices out: branch overlays are mounted nodev and the
 sandbox has no CAP_MKNOD; these tests check the third, the cgroup's device
-list (deltabox.cgroups.DEVICE_ALLOW), on its own -- through nodes placed where
+list (deltabox.host.cgroups.DEVICE_ALLOW), on its own -- through nodes placed where
 nodev does not apply. The BPF program of the v2 driver is tested for real on
 this hybrid host's unified hierarchy, where such programs apply too.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deltabox import cgroups
+from deltabox.host import cgroups
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 

@@ -580,7 +580,7 @@ def test_a_daemon_bug_is_internal_with_an_error_id_in_the_log(tmp_path):
 
     import structlog.testing
 
-    from deltabox.daemon import ErrorInterceptor
+    from deltabox.server.app import ErrorInterceptor
     from deltabox.errors import InvalidArgument
     from deltabox.metrics import Metrics
 

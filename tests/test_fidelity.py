@@ -648,7 +648,7 @@ def test_refused_with_a_clear_message(daemon, demo, case):
     program, words = REFUSED[case]
     if case == "ghost-over-limit":
         # one byte over the limit, sparse: the check is on the blocks a copy would take
-        from deltabox.criu import GHOST_LIMIT
+        from deltabox.host.criu import GHOST_LIMIT
         sh(demo, f"mkdir -p /work && head -c {GHOST_LIMIT + (1 << 20)} /dev/zero | tr '\\0' x "
                  "> /work/huge.bin")
     put(demo, "/work/bad.py", program)
@@ -696,10 +696,10 @@ def test_failed_restore_without_a_double_marks_the_checkpoint_too(new_daemon, mo
 
 
 def test_what_counts_as_the_checkpoints_fault():
-    """The verdict on two failed restores (deltabox.sandbox): CRIU's own error, the same
+    """The verdict on two failed restores (deltabox.core.sandboxes): CRIU's own error, the same
     both times but for pids and fds, marks; a timeout, a shortage or another error does not."""
-    from deltabox.criu import CriuError
-    from deltabox.sandbox import _comparable, _criu_own_failure
+    from deltabox.host.criu import CriuError
+    from deltabox.core.sandboxes import _comparable, _criu_own_failure
     a = CriuError("restore failed", "1: Error (criu/namespaces.c:258): Can't setns 6/mnt: EINVAL")
     b = CriuError("restore failed", "7: Error (criu/namespaces.c:258): Can't setns 9/mnt: EINVAL")
     assert _criu_own_failure(a) and _comparable(a.lines) == _comparable(b.lines)

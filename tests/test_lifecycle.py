@@ -24,7 +24,7 @@ import pytest
 import deltabox
 from conftest import TINY_TAR, leftovers, sandbox_cgroups, sandbox_inits
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-from deltabox.cgroups import CgroupV1
+from deltabox.host.cgroups import CgroupV1
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 CLEAN = {**NOTHING, "sandbox_inits": []}

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from deltabox import network
+from deltabox.host import network
 
 PEER_IP = "10.99.0.2"
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltabox import _linux
+from deltabox.host import linux
 
 __all__ = ["Limits", "CgroupDriver", "detect_driver", "DeviceRule", "DEVICE_ALLOW",
            "attach_device_filter"]
@@ -81,7 +81,7 @@ def attach_device_filter(cgroup_dir: Path, rules: tuple[DeviceRule, ...] = DEVIC
     devices (a BPF program; replaces the one attached before)."""
     fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _linux.attach_device_filter(fd, _device_rule_tuples(rules))
+        linux.attach_device_filter(fd, _device_rule_tuples(rules))
     finally:
         os.close(fd)
 
@@ -407,7 +407,7 @@ def detect_driver(instance: str) -> CgroupDriver:
         driver: CgroupDriver = CgroupV2(instance)
         # Refuse to start (rather than fail every create) where the kernel cannot
         # load the device filter: no CONFIG_CGROUP_BPF, or no CAP_BPF/CAP_SYS_ADMIN.
-        os.close(_linux.load_device_filter(_device_rule_tuples(DEVICE_ALLOW)))
+        os.close(linux.load_device_filter(_device_rule_tuples(DEVICE_ALLOW)))
     elif all((CGROUP_ROOT / c).is_dir() for c in CgroupV1.CONTROLLERS):
         driver = CgroupV1(instance)
     else:

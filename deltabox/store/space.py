@@ -1,7 +1,7 @@
 """The store's free space, and the reserve that new work may not eat into.
 
 Every sandbox's upper, every checkpoint layer, CRIU images and the metadata
-database share one XFS filesystem. Per-sandbox disk limits (`deltabox._quota`)
+database share one XFS filesystem. Per-sandbox disk limits (`deltabox.host.quota`)
 keep one sandbox from taking it all where the kernel enforces them; the reserve
 is the daemon's own line: below it, new work (create, checkpoint, fork, import)
 is refused with RESOURCE_EXHAUSTED *before* the store is full, so the database,
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltabox.errors import ResourceExhausted
-from deltabox.images import _human as human_bytes
+from deltabox.core.images import _human as human_bytes
 
 __all__ = ["StoreSpace", "SpaceUsage", "parse_reserve", "DEFAULT_RESERVE",
            "DEFAULT_RESERVE_INODES"]

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from deltabox import _linux
+from deltabox.host import linux
 from deltabox.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["InitChannel", "Conversation", "Frame", "ProcessState", "SOCKET_IN_SANDBOX"]
@@ -225,9 +225,9 @@ class InitChannel:
         no symlink (or magic link) followed."""
         root = os.open(f"/proc/{self.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = _linux.openat2(root, SOCKET_IN_SANDBOX, os.O_PATH | os.O_NOFOLLOW,
-                                resolve=_linux.RESOLVE_IN_ROOT | _linux.RESOLVE_NO_SYMLINKS
-                                | _linux.RESOLVE_NO_MAGICLINKS)
+            fd = linux.openat2(root, SOCKET_IN_SANDBOX, os.O_PATH | os.O_NOFOLLOW,
+                                resolve=linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_SYMLINKS
+                                | linux.RESOLVE_NO_MAGICLINKS)
         finally:
             os.close(root)
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from deltabox import _linux
+from deltabox.host import linux
 from deltabox.errors import Internal, NotFound
 
 __all__ = ["Manifest", "SinkStats", "scan_upper", "sink_upper_into_layer", "lookup",
@@ -93,7 +93,7 @@ def _key(st: os.stat_result) -> EntryKey:
 # resolve further. A symlink met on the way gives ELOOP and the path counts as absent:
 # what it named is not a directory any more.
 
-_RESOLVE = _linux.RESOLVE_BENEATH | _linux.RESOLVE_NO_SYMLINKS | _linux.RESOLVE_NO_XDEV
+_RESOLVE = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_XDEV
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # not there, or not below a directory now
 _PATH_CHUNK = 3800  # bytes of path per openat2 call: PATH_MAX is 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -104,7 +104,7 @@ def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
     too: with O_PATH|O_NOFOLLOW the link itself is opened, else ELOOP) and without
     leaving the tree. Paths longer than PATH_MAX are opened a chunk at a time."""
     if len(os.fsencode(rel)) < _PATH_CHUNK:
-        return _linux.openat2(dir_fd, rel or ".", flags, 0, _RESOLVE)
+        return linux.openat2(dir_fd, rel or ".", flags, 0, _RESOLVE)
     parts = rel.split("/")
     fd, owned = dir_fd, False
     try:
@@ -113,7 +113,7 @@ def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
         for part in parts[:-1]:
             n = len(os.fsencode(part)) + 1
             if chunk and size + n >= _PATH_CHUNK:
-                nxt = _linux.openat2(fd, "/".join(chunk), os.O_PATH | os.O_DIRECTORY, 0,
+                nxt = linux.openat2(fd, "/".join(chunk), os.O_PATH | os.O_DIRECTORY, 0,
                                      _RESOLVE)
                 if owned:
                     os.close(fd)
@@ -121,7 +121,7 @@ def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
             chunk.append(part)
             size += n
         chunk.append(parts[-1])
-        return _linux.openat2(fd, "/".join(chunk), flags, 0, _RESOLVE)
+        return linux.openat2(fd, "/".join(chunk), flags, 0, _RESOLVE)
     finally:
         if owned:
             os.close(fd)
@@ -466,14 +466,14 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
 
 def _copy_entry(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
                 stats: SinkStats) -> None:
-    _linux.clone_entry(upper_fd, layer_fd, rel, st)
+    linux.clone_entry(upper_fd, layer_fd, rel, st)
     if stat.S_ISREG(st.st_mode):
         stats.cloned_bytes += st.st_size
 
 
 def _copy_metadata(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
                    keep_opaque: bool = True) -> None:
-    _linux.copy_meta(upper_fd, layer_fd, rel, st, keep_opaque)
+    linux.copy_meta(upper_fd, layer_fd, rel, st, keep_opaque)
 
 
 def _link(tree: _Tree, existing: str, new: str) -> None:

@@ -61,15 +61,16 @@ from typing import Iterator
 
 import structlog
 
-from deltabox import _linux, deltafs
-from deltabox._quota import DiskLimit, ProjectQuotas, kernel_has_xfs_quota, super_options
+from deltabox.host import linux
+from deltabox.core import deltafs
+from deltabox.host.quota import DiskLimit, ProjectQuotas, kernel_has_xfs_quota, super_options
 from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from deltabox.faults import crash_point
 
 __all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
            "CheckpointInUse", "ensure_backing", "validate_name", "new_id"]
 
-log = structlog.get_logger("deltabox.store")
+log = structlog.get_logger("deltabox.store.metadata")
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -106,7 +107,7 @@ class Mount:
     options: tuple[str, ...]
 
     def mount(self) -> None:
-        _linux.mount_overlay(self.target, list(self.lowers), self.upper, self.work,
+        linux.mount_overlay(self.target, list(self.lowers), self.upper, self.work,
                              self.options, readonly=self.upper is None)
 
 
@@ -189,7 +190,7 @@ def _probe_reflink(directory: Path) -> None:
     try:
         src.write_bytes(b"deltabox reflink probe\n" * 200)
         with open(src, "rb") as s, open(dst, "wb") as d:
-            _linux.ficlone(s.fileno(), d.fileno())
+            linux.ficlone(s.fileno(), d.fileno())
         if dst.read_bytes() != src.read_bytes():
             raise OSError("reflinked copy differs from its source")
     except OSError as e:
@@ -214,16 +215,16 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
     os.chmod(state_dir, 0o700)
     root = state_dir / "store"
     root.mkdir(exist_ok=True)
-    if _linux.is_mountpoint(root):
+    if linux.is_mountpoint(root):
         kind, image = "loop-image", state_dir / "store.xfs"
         # Left by a crashed daemon, possibly an older one: enforce today's flags.
-        _linux.mount("none", root, None, _linux.MS_REMOUNT | _linux.MS_BIND | _linux.MS_NOSUID
-                     | _linux.MS_NODEV | _linux.MS_NOATIME)
+        linux.mount("none", root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID
+                     | linux.MS_NODEV | linux.MS_NOATIME)
         if not super_options(root) & {"prjquota", "pquota"} and kernel_has_xfs_quota():
             # A remount cannot turn quotas on, and adopted sandboxes keep the store
             # busy: disk limits wait for the next clean start (a fresh mount).
             log.warning("store.quota_off_until_clean_restart", store=str(root))
-    elif _linux.filesystem_type(state_dir) == _linux.XFS_SUPER_MAGIC:
+    elif linux.filesystem_type(state_dir) == linux.XFS_SUPER_MAGIC:
         kind, image = "host-xfs", None
     else:
         kind, image = "loop-image", state_dir / "store.xfs"
@@ -237,7 +238,7 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
             log.info("store.image_created", image=str(image), size=image_size)
         # "loop" makes mount(8) attach a loop device with autoclear: unmounting
         # the store releases the device, so nothing is left behind. prjquota:
-        # per-branch disk limits (deltabox._quota); quotas can only be turned on
+        # per-branch disk limits (deltabox.host.quota); quotas can only be turned on
         # at mount time, so an older image gets them here, at its next start.
         options = "loop,noatime,nosuid,nodev"
         if kernel_has_xfs_quota() is not False:
@@ -252,7 +253,7 @@ def ensure_backing(state_dir: Path, image_size: str = "64G") -> Backing:
         if res.returncode != 0:
             raise RuntimeError(f"mounting the store image {image} failed: {res.stderr.strip()}")
         # Private, so overlay mounts under it do not propagate into other namespaces.
-        _linux.mount("none", root, None, _linux.MS_PRIVATE)
+        linux.mount("none", root, None, linux.MS_PRIVATE)
     os.chmod(root, 0o700)
     _probe_reflink(root)
     return Backing(root=root, kind=kind, image=image)
@@ -283,21 +284,21 @@ def release_backing(backing: Backing, wait: float = 3.0, busy_wait: float = 5.0)
     mount in it) for longer than `busy_wait`, it is detached lazily, naming the
     processes that hold it; the loop device then detaches when the last of them
     lets go."""
-    if backing.kind != "loop-image" or not _linux.is_mountpoint(backing.root):
+    if backing.kind != "loop-image" or not linux.is_mountpoint(backing.root):
         return
     deadline = time.monotonic() + busy_wait
     while True:
         try:
-            _linux.umount(backing.root)
+            linux.umount(backing.root)
             break
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
             if time.monotonic() > deadline:
                 log.error("store.busy_detached_lazily", store=str(backing.root),
-                          mounts=_linux.mounts_under(backing.root)[:10],
+                          mounts=linux.mounts_under(backing.root)[:10],
                           holders=_store_users(backing.root)[:10])
-                _linux.umount(backing.root, _linux.MNT_DETACH)
+                linux.umount(backing.root, linux.MNT_DETACH)
                 break
             time.sleep(0.05)
     deadline = time.monotonic() + wait
@@ -803,7 +804,7 @@ class Store:
     def delete_branch_dirs(self, branch_id: str) -> None:
         self._remove_branch_tree(self.branches_dir / branch_id)
         target = self.mnt_dir / branch_id
-        if target.exists() and not _linux.is_mountpoint(target):
+        if target.exists() and not linux.is_mountpoint(target):
             target.rmdir()
 
     def update_stats(self, checkpoint_id: str, extra: dict) -> None:
@@ -954,7 +955,7 @@ class Store:
                 self._remove_branch_tree(d)
                 removed["branches"] += 1
         for d in self.mnt_dir.iterdir():
-            if d.name not in known_branches and not _linux.is_mountpoint(d):
+            if d.name not in known_branches and not linux.is_mountpoint(d):
                 d.rmdir()
                 removed["mnt"] += 1
         known_checkpoints = {r[0] for r in self._query("SELECT id FROM checkpoints")}
@@ -1037,9 +1038,9 @@ def _rmtree(path: Path) -> None:
     branch's deletion and every later start-up's reconciliation)."""
     if not path.exists() and not path.is_symlink():
         return
-    if _linux.mounts_under(path):
+    if linux.mounts_under(path):
         raise RuntimeError(f"refusing to delete {path}: mounts below it "
-                           f"{_linux.mounts_under(path)}")
+                           f"{linux.mounts_under(path)}")
     if not path.is_dir() or path.is_symlink():
         path.unlink()
         return

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import structlog
 
-from deltabox import _linux
+from deltabox.host import linux
 
 __all__ = ["ProjectQuotas", "DiskLimit", "QuotaUsage", "get_project", "set_project",
            "kernel_has_xfs_quota", "super_options"]
@@ -175,7 +175,7 @@ def super_options(target: str | os.PathLike) -> set[str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            if _linux._unescape(left.split()[4]) == want:
+            if linux._unescape(left.split()[4]) == want:
                 found = set(right.split()[2].split(","))  # the last mount on top wins
     return found
 
@@ -215,13 +215,13 @@ class ProjectQuotas:
         self._used: set[int] = set(_host_projects())
         self._low = 1  # every id below this is in use
         self.tagging, self.enforced, self.state = self._probe()
-        if not self.enforced and not _linux.is_mountpoint(root):
+        if not self.enforced and not linux.is_mountpoint(root):
             # A host filesystem: without quotas we cannot see which ids its other
             # users hold, so we take none (a loop-backed store is ours alone).
             self.tagging = False
 
     def _probe(self) -> tuple[bool, bool, str]:
-        if _linux.filesystem_type(self.root) != _linux.XFS_SUPER_MAGIC:
+        if linux.filesystem_type(self.root) != linux.XFS_SUPER_MAGIC:
             return False, False, "unavailable: the store is not on XFS"
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

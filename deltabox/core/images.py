@@ -64,16 +64,16 @@ from typing import BinaryIO, Callable, Iterator
 
 import structlog
 
-from deltabox import _linux
+from deltabox.host import linux
 from deltabox.config import Config
-from deltabox.deltafs import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, open_beneath, proc_fd_path,
+from deltabox.core.deltafs import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, open_beneath, proc_fd_path,
                               remove_tree_contents, walk_tree)
 from deltabox.errors import InvalidArgument, NotFound, ResourceExhausted
-from deltabox.store import ImageRecord, Store, _rmtree, validate_name
+from deltabox.store.metadata import ImageRecord, Store, _rmtree, validate_name
 
 __all__ = ["import_image", "detect_format", "Progress", "ImportLimits"]
 
-log = structlog.get_logger("deltabox.images")
+log = structlog.get_logger("deltabox.core.images")
 
 Progress = Callable[[str, int, int], None]  # (phase, done_bytes, total_bytes)
 CHUNK = 1 << 20
@@ -89,7 +89,7 @@ MAX_JSON_BYTES = 16 << 20       # manifest.json, index.json, manifest and config
 MAX_LINK_HOPS = 16              # symlinks/hardlinks followed to find an archive member
 MAX_ARCHIVE_MEMBERS = 100_000   # members of a docker-save/OCI tar (layers are members)
 USER_OVERLAY_XATTR_PREFIX = "user.overlay."
-_BENEATH = _linux.RESOLVE_BENEATH | _linux.RESOLVE_NO_MAGICLINKS
+_BENEATH = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_MAGICLINKS
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CONTENT_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
                    errno.ENOENT, errno.EINVAL, errno.EMLINK, errno.EXDEV, errno.ENOTEMPTY,
@@ -945,7 +945,7 @@ def _copy_host_file(dir_fd: int, name: str, st: os.stat_result,
                                       dir_fd=dir_fd), where, st)
         try:
             try:
-                _linux.ficlone(src, dst)  # the same XFS: share the blocks
+                linux.ficlone(src, dst)  # the same XFS: share the blocks
             except OSError:
                 left = st.st_size
                 while left > 0:
@@ -1029,7 +1029,7 @@ class _DirArchive(_Archive):
         where = f"{self.source}: {_show(name)}"
         try:
             # Symlinks inside the layout are followed; out of it (absolute, `..`) not.
-            pfd = _linux.openat2(self.fd, name, os.O_PATH, 0, _BENEATH)
+            pfd = linux.openat2(self.fd, name, os.O_PATH, 0, _BENEATH)
         except OSError as e:
             if e.errno == errno.EXDEV:
                 raise InvalidArgument(f"{where}: a symlink that points outside the "

@@ -40,7 +40,7 @@ __all__ = ["Criu", "CriuError", "DumpResult", "find_criu"]
 
 LOG_NAME = "criu.log"
 OWNER_ENV = "DELTABOX_CRIU_OWNER"
-log = structlog.get_logger("deltabox.criu")
+log = structlog.get_logger("deltabox.host.criu")
 ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
 
 # Files a process holds open after they were deleted or replaced (`mv new old`, `git

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-from deltabox.images import ImageRecord
-from deltabox.store import SandboxRecord
+from deltabox.core.images import ImageRecord
+from deltabox.store.metadata import SandboxRecord
 
 __all__ = ["sandbox_pb", "image_pb", "STATE_PB", "NETWORK_PB", "NETWORK_FROM_PB",
            "SESSION_KIND_FROM_PB", "SESSION_KIND_PB", "FILE_TYPE_PB"]

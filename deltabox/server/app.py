@@ -34,21 +34,21 @@ from grpc_reflection.v1alpha import reflection
 from deltabox import __version__
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
-from deltabox.cgroups import detect_driver
+from deltabox.host.cgroups import detect_driver
 from deltabox.config import CRIU_PREFIX, Config
-from deltabox.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
+from deltabox.server.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                               SESSION_KIND_PB, image_pb, sandbox_pb)
 from deltabox.errors import (DeltaboxError, InvalidArgument, NotFound, PermissionDenied,
                              ResourceExhausted)
-from deltabox.images import ImportLimits, import_image
+from deltabox.core.images import ImportLimits, import_image
 from deltabox.metrics import Metrics
-from deltabox.sandbox import ExecEvent, ProcessInfo, SandboxManager
-from deltabox.space import StoreSpace
-from deltabox.store import Store, ensure_backing, release_backing
+from deltabox.core.sandboxes import ExecEvent, ProcessInfo, SandboxManager
+from deltabox.store.space import StoreSpace
+from deltabox.store.metadata import Store, ensure_backing, release_backing
 
 __all__ = ["Daemon", "run_daemon"]
 
-log = structlog.get_logger("deltabox.daemon")
+log = structlog.get_logger("deltabox.server.app")
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -711,7 +711,7 @@ class Daemon:
             raise
 
     def require_space(self, what: str, method: str) -> None:
-        """Refuse new work while the store is below its reserve (`deltabox.space`). Only
+        """Refuse new work while the store is below its reserve (`deltabox.store.space`). Only
         calls that start new work are refused: deletions, rollbacks (they drop an upper)
         and the daemon's own work (standbys, squashes) go on."""
         try:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from deltabox import _linux
-from deltabox.deltafs import remove_tree_contents
+from deltabox.host import linux
+from deltabox.core.deltafs import remove_tree_contents
 from deltabox.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                              PermissionDenied, ResourceExhausted)
 
@@ -117,7 +117,7 @@ class SandboxFiles:
             raise FailedPrecondition(f"the sandbox's files are not reachable: "
                                      f"{os.strerror(e.errno)}") from None
         try:
-            fd = _linux.openat2(root, path, flags, mode)
+            fd = linux.openat2(root, path, flags, mode)
         except OSError as e:
             raise _os_error(e, path) from None
         finally:

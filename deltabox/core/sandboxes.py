@@ -8,7 +8,7 @@ minimal /dev, drops capabilities and becomes pid 1. The record then turns
 'running' with the init's (pid, start time): a pid alone may be reused.
 
 Everything that runs in a sandbox is a child of its init, reached over a unix
-socket inside the sandbox (`deltabox.initproto`), so the whole tree stays
+socket inside the sandbox (`deltabox.host.initproto`), so the whole tree stays
 inside the namespaces and the cgroup -- and can be checkpointed later.
 """
 
@@ -31,21 +31,23 @@ from typing import AsyncIterator
 import psutil
 import structlog
 
-from deltabox import _linux, deltafs, initproto
-from deltabox.cgroups import CgroupDriver, Limits
+from deltabox.host import linux
+from deltabox.core import deltafs
+from deltabox.host import initproto
+from deltabox.host.cgroups import CgroupDriver, Limits
 from deltabox.config import Config, init_binary
-from deltabox.criu import Criu, CriuError, find_criu
+from deltabox.host.criu import Criu, CriuError, find_criu
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                              NotFound, ResourceExhausted)
 from deltabox.faults import crash_point
-from deltabox.files import SandboxFiles
+from deltabox.core.files import SandboxFiles
 from deltabox.metrics import Metrics
-from deltabox.store import (CheckpointInUse, CheckpointRecord, Mount, SandboxRecord, Store,
+from deltabox.store.metadata import (CheckpointInUse, CheckpointRecord, Mount, SandboxRecord, Store,
                             _rmtree, new_id, validate_name)
 
 __all__ = ["SandboxManager", "ExecEvent", "SessionResult", "ProcessInfo", "SESSION_KINDS"]
 
-log = structlog.get_logger("deltabox.sandbox")
+log = structlog.get_logger("deltabox.core.sandboxes")
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SESSION_KINDS = ("bash", "sh", "python")
@@ -277,9 +279,9 @@ class SandboxManager:
         records = {r.id: r for r in self.store.list_sandboxes()}
         branches = {r.branch_id for r in records.values()}
         # Anything not on a recorded branch (e.g. a standby of a crashed daemon) goes.
-        for target in _linux.mounts_under(self.store.mnt_dir):
+        for target in linux.mounts_under(self.store.mnt_dir):
             if target != str(self.store.mnt_dir) and Path(target).name not in branches:
-                _linux.umount(target, _linux.MNT_DETACH)
+                linux.umount(target, linux.MNT_DETACH)
                 report["stray_mounts"] += 1
         for name in self.cgroups.names() - branches:
             try:
@@ -398,10 +400,10 @@ class SandboxManager:
                 self._kill_incarnation(name, 0)
             except (OSError, TimeoutError) as e:
                 log.error("shutdown.stray_cgroup_failed", cgroup=name, error=str(e))
-        for target in _linux.mounts_under(self.store.mnt_dir):
+        for target in linux.mounts_under(self.store.mnt_dir):
             if target != str(self.store.mnt_dir):
                 log.error("shutdown.stray_mount", mount=target)
-                _linux.umount(target, _linux.MNT_DETACH)
+                linux.umount(target, linux.MNT_DETACH)
 
     def _reap(self) -> None:
         """waitpid() the killed inits that have exited (never -1: that would steal
@@ -442,7 +444,7 @@ class SandboxManager:
         """
         branch_id = Path(mnt.target).name
         Path(mnt.target).mkdir(exist_ok=True)
-        if not _linux.is_mountpoint(mnt.target):
+        if not linux.is_mountpoint(mnt.target):
             mnt.mount()
         limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
         procs = self.cgroups.create(branch_id, limits)
@@ -493,14 +495,14 @@ class SandboxManager:
                 except (OSError, IndexError):
                     continue
                 if state in ("T", "t"):
-                    from deltabox.criu import _sandbox_pid
+                    from deltabox.host.criu import _sandbox_pid
                     raise FailedPrecondition(
                         f"{_sandbox_pid(pid)} in sandbox {rec.name} is stopped (SIGSTOP or "
                         "job control); CRIU cannot checkpoint a stopped process in a frozen "
                         "sandbox: continue it (kill -CONT) first")
 
     def _attach_network(self, rec: SandboxRecord, pid: int, root: Path) -> None:
-        from deltabox import network as net
+        from deltabox.host import network as net
         net.attach_nat(rec.id, pid, rec.spec["net_index"])
         servers = net.host_nameservers()
         if servers:
@@ -519,13 +521,13 @@ class SandboxManager:
             self._reap()
         if rec is not None and rec.spec.get("network") == "nat" \
                 and rec.branch_id == branch_id:
-            from deltabox import network as net
+            from deltabox.host import network as net
             net.detach_nat(rec.id)
-        for m in _linux.mounts_under(self.store.mnt_dir / branch_id):
+        for m in linux.mounts_under(self.store.mnt_dir / branch_id):
             try:
-                _linux.umount(m)
+                linux.umount(m)
             except OSError:
-                _linux.umount(m, _linux.MNT_DETACH)
+                linux.umount(m, linux.MNT_DETACH)
 
     def _retire_branch(self, branch_id: str, init_pid: int) -> None:
         """Tear down a branch that no record refers to any more, and delete it."""
@@ -559,7 +561,7 @@ class SandboxManager:
         spec = dict(spec)
         async with self._create_lock:
             if spec["network"] == "nat":
-                from deltabox import network as net
+                from deltabox.host import network as net
                 used = {r.spec["net_index"] for r in self.store.list_sandboxes()
                         if "net_index" in r.spec}
                 spec["net_index"] = net.allocate_index(used)
@@ -673,7 +675,7 @@ class SandboxManager:
             return
         if parent is None or parent.mode != "full":
             return
-        from deltabox.criu import dedupe_pages
+        from deltabox.host.criu import dedupe_pages
         shared = await asyncio.to_thread(dedupe_pages, self.store.images_path(parent.id),
                                          self.store.images_path(ckpt.id))
         await asyncio.to_thread(self.store.update_stats, ckpt.id, {"shared_bytes": shared})
@@ -1287,7 +1289,7 @@ class SandboxManager:
     def files(self, ref: str) -> SandboxFiles:
         rec = self.get(ref)
         root = self.store.mnt_dir / rec.branch_id
-        if not _linux.is_mountpoint(root):
+        if not linux.is_mountpoint(root):
             raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}: its files are not "
                                      "mounted")
         return SandboxFiles(root, self.config.max_file_read_bytes)

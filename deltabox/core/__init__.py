@@ -1,0 +1,1 @@
+"""Sandboxes and their mechanisms: lifecycle, DeltaFS, DeltaCR, warm pools, processes."""

@@ -1,0 +1,1 @@
+"""The state directory: sandbox/checkpoint metadata, its on-disk layout and the XFS backing."""
