@@ -24,7 +24,7 @@ import grpc
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
-from deltabox.errors import DeltaboxError, error_for_code
+from deltabox.errors import ERROR_METADATA_KEY, DeltaboxError, SessionNotFound, error_for_code
 
 __all__ = ["Client", "AsyncClient", "Sandbox", "AsyncSandbox", "Session", "AsyncSession",
            "Process", "AsyncProcess", "ProcessOutput",
@@ -108,7 +108,11 @@ def _import_source(source: str | os.PathLike) -> str:
 
 
 def _error(e: grpc.RpcError) -> DeltaboxError:
-    return error_for_code(e.code().name, e.details() or e.code().name)
+    """The exception the daemon raised: its code's class, or its domain class when the
+    daemon named one in the trailing metadata (errors.ERROR_METADATA_KEY)."""
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    domain = next((v for k, v in trailers or () if k == ERROR_METADATA_KEY), "")
+    return error_for_code(e.code().name, e.details() or e.code().name, domain)
 
 
 @dataclass
@@ -531,7 +535,7 @@ class Sandbox:
         for s in self.list_sessions():
             if s.name == name:
                 return Session(self, s)
-        raise error_for_code("NOT_FOUND", f"no session {name!r}")
+        raise SessionNotFound(f"no session {name!r}")
 
     # files
     def read_file(self, path: str, offset: int = 0, length: int = 0) -> bytes:

@@ -129,6 +129,29 @@ def test_unknown_sandbox_is_not_found_client(client):
         assert exc.value.code == "NOT_FOUND"
 
 
+
+def test_not_found_names_what_is_missing(client, tiny):
+    """A caller can tell a missing sandbox from a missing checkpoint, image, session or path:
+    the daemon names the domain class and the client raises that very class (still a
+    NotFound, with the NOT_FOUND code)."""
+    cases = [
+        (deltabox.SandboxNotFound, lambda: client.get(UNKNOWN)),
+        (deltabox.CheckpointNotFound, lambda: tiny.rollback("ckpt-0000000000000000")),
+        (deltabox.CheckpointNotFound, lambda: client.fork("ckpt-0000000000000000", 1)),
+        (deltabox.ImageNotFound, lambda: client.create("no-such-image")),
+        (deltabox.ImageNotFound, lambda: client.remove_image("no-such-image")),
+        (deltabox.SessionNotFound, lambda: tiny.session("ghost-session").run("true")),
+        (deltabox.PathNotFound, lambda: tiny.read_file("/no/such/file")),
+    ]
+    for cls, call in cases:
+        with pytest.raises(deltabox.NotFound) as exc:
+            call()
+        assert type(exc.value) is cls, (cls.__name__, type(exc.value).__name__, exc.value.message)
+        assert exc.value.code == "NOT_FOUND"
+    others = [c for c, _ in cases]
+    assert len({c.__name__ for c in others}) == 5 and all(issubclass(c, deltabox.NotFound)
+                                                          for c in others)
+
 def test_unknown_session_is_not_found(tiny, stubs):
     for call in (lambda: stubs.sandboxes.RunInSession(pb.RunInSessionRequest(
                      sandbox=tiny.id, session="ghost-session", code="true")),

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from deltabox.host import linux
 from deltabox.core.deltafs import remove_tree_contents
-from deltabox.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from deltabox.errors import (AlreadyExists, PathNotFound, FailedPrecondition, InvalidArgument, NotFound,
                              PermissionDenied, ResourceExhausted)
 
 __all__ = ["SandboxFiles", "FileInfo"]
@@ -60,7 +60,7 @@ def _check_mode(mode: int) -> None:
 def _os_error(e: OSError, path: str) -> Exception:
     text = f"{path}: {os.strerror(e.errno) if e.errno else e}"
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return NotFound(text)
+        return PathNotFound(text)
     if e.errno == errno.EEXIST:
         return AlreadyExists(text)
     if e.errno in (errno.EISDIR, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):

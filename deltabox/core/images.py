@@ -68,7 +68,7 @@ from deltabox.host import linux
 from deltabox.config import Config
 from deltabox.core.deltafs import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, open_beneath, proc_fd_path,
                               remove_tree_contents, walk_tree)
-from deltabox.errors import InvalidArgument, NotFound, ResourceExhausted
+from deltabox.errors import ImageNotFound, InvalidArgument, ResourceExhausted
 from deltabox.store.metadata import ImageRecord, Store, _rmtree, validate_name
 
 __all__ = ["import_image", "detect_format", "Progress", "ImportLimits"]
@@ -164,7 +164,7 @@ def detect_format(source: Path) -> str:
             return "oci"
         return "dir"
     if not source.is_file():
-        raise NotFound(f"image source {source} does not exist")
+        raise ImageNotFound(f"image source {source} does not exist")
     if _compression(source) is None:
         names = _top_level_names(source, {"manifest.json", "oci-layout", "index.json"})
         if "manifest.json" in names:

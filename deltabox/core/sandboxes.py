@@ -38,6 +38,7 @@ from deltabox.host.cgroups import CgroupDriver, Limits
 from deltabox.config import Config, init_binary
 from deltabox.host.criu import Criu, CriuError, find_criu
 from deltabox.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+                             ProcessNotFound, SessionNotFound,
                              NotFound, ResourceExhausted)
 from deltabox.faults import crash_point
 from deltabox.core.files import SandboxFiles
@@ -1399,7 +1400,7 @@ class SandboxManager:
                 return await rt.channel.query(PROCESS_PREFIX + process_id, signal_number,
                                               output)
             except NotFound:
-                raise NotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
+                raise ProcessNotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
 
     async def list_processes(self, ref: str) -> list[ProcessInfo]:
         """Detached execs, running or ended (init remembers the 32 that ended last)."""
@@ -1466,7 +1467,7 @@ class SandboxManager:
             try:
                 conv, _ = await rt.channel.attach(PROCESS_PREFIX + process_id)
             except NotFound:
-                raise NotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
+                raise ProcessNotFound(f"no process {process_id!r} in sandbox {rec.name}") from None
             except FailedPrecondition:
                 raise FailedPrecondition(f"process {process_id} is followed by another "
                                          "call") from None
@@ -1533,7 +1534,7 @@ class SandboxManager:
         rec, rt = self._running(ref)
         sessions = await self._sessions(rt)
         if name not in sessions:
-            raise NotFound(f"no session {name!r} in {rec.name}")
+            raise SessionNotFound(f"no session {name!r} in {rec.name}")
         conv, _ = await rt.channel.attach(f"{sessions[name][0]}/{name}")
         async with conv:
             await conv.send_signal(signal.SIGKILL)
@@ -1548,7 +1549,7 @@ class SandboxManager:
             raise InvalidArgument("timeout must be >= 0")
         sessions = await self._sessions(rt)
         if name not in sessions:
-            raise NotFound(f"no session {name!r} in {rec.name}")
+            raise SessionNotFound(f"no session {name!r} in {rec.name}")
         kind = sessions[name][0]
         lock = rt.session_locks.setdefault(name, asyncio.Lock())
         if lock.locked():

@@ -38,8 +38,8 @@ from deltabox.host.cgroups import detect_driver
 from deltabox.config import CRIU_PREFIX, Config
 from deltabox.server.convert import (FILE_TYPE_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                               SESSION_KIND_PB, image_pb, sandbox_pb)
-from deltabox.errors import (DeltaboxError, InvalidArgument, NotFound, PermissionDenied,
-                             ResourceExhausted)
+from deltabox.errors import (ERROR_METADATA_KEY, DeltaboxError, ImageNotFound, InvalidArgument,
+                             PermissionDenied, ResourceExhausted, domain_name)
 from deltabox.core.images import ImportLimits, import_image
 from deltabox.metrics import Metrics
 from deltabox.core.sandboxes import ExecEvent, ProcessInfo, SandboxManager
@@ -179,6 +179,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def fail(context, exc: BaseException, started: float, request=None):
             code, message = reporter.status(exc, method, request)
             metrics.observe(method, code.name, time.monotonic() - started)
+            if code != grpc.StatusCode.INTERNAL and (domain := domain_name(exc)):
+                context.set_trailing_metadata(((ERROR_METADATA_KEY, domain),))
             await context.abort(code, message)
 
         def check_token(context):
@@ -289,7 +291,7 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         try:
             real = path.resolve(strict=True)
         except OSError:
-            raise NotFound(f"image source {source} does not exist") from None
+            raise ImageNotFound(f"image source {source} does not exist") from None
         dirs = self.d.config.image_dirs
         if not any(real.is_relative_to(d.resolve()) for d in dirs):
             raise PermissionDenied(

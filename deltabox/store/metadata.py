@@ -64,7 +64,8 @@ import structlog
 from deltabox.host import linux
 from deltabox.core import deltafs
 from deltabox.host.quota import DiskLimit, ProjectQuotas, kernel_has_xfs_quota, super_options
-from deltabox.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from deltabox.errors import (AlreadyExists, CheckpointNotFound, FailedPrecondition, ImageNotFound,
+                             InvalidArgument, NotFound, SandboxNotFound)
 from deltabox.faults import crash_point
 
 __all__ = ["Store", "Mount", "ImageRecord", "SandboxRecord", "BranchRecord", "CheckpointRecord",
@@ -529,7 +530,7 @@ class Store:
     def get_image(self, name: str) -> ImageRecord:
         rows = self._query("SELECT * FROM images WHERE name=?", (name,))
         if not rows:
-            raise NotFound(f"no image named {name!r}")
+            raise ImageNotFound(f"no image named {name!r}")
         return _image(rows[0])
 
     def list_images(self) -> list[ImageRecord]:
@@ -539,7 +540,7 @@ class Store:
         with self.transaction() as db:
             row = db.execute("SELECT layer_ids FROM images WHERE name=?", (name,)).fetchone()
             if row is None:
-                raise NotFound(f"no image named {name!r}")
+                raise ImageNotFound(f"no image named {name!r}")
             users = [r[0] for r in db.execute("SELECT name FROM sandboxes WHERE image=?", (name,))]
             if users:
                 raise FailedPrecondition(f"image {name!r} is used by sandboxes: {', '.join(users)}")
@@ -567,7 +568,7 @@ class Store:
                     raise AlreadyExists(f"a sandbox named {name!r} exists")
                 if from_checkpoint and not db.execute(
                         "SELECT 1 FROM checkpoints WHERE id=?", (from_checkpoint,)).fetchone():
-                    raise NotFound(f"checkpoint {from_checkpoint} was deleted")
+                    raise CheckpointNotFound(f"checkpoint {from_checkpoint} was deleted")
                 db.execute("INSERT INTO branches VALUES (?,?,?)",
                            (sbx.branch_id, json.dumps(list(lower)), sbx.created_at))
                 db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec,"
@@ -591,7 +592,7 @@ class Store:
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM checkpoints WHERE id=?",
                               (from_checkpoint,)).fetchone():
-                raise NotFound(f"checkpoint {from_checkpoint} was deleted")
+                raise CheckpointNotFound(f"checkpoint {from_checkpoint} was deleted")
             db.execute("INSERT INTO branches VALUES (?,?,?)",
                        (branch_id, json.dumps(list(lower)), sbx.created_at))
             db.execute("INSERT INTO sandboxes (id,name,image,state,branch_id,created_at,spec,"
@@ -626,7 +627,7 @@ class Store:
     def get_sandbox(self, ref: str) -> SandboxRecord:
         rows = self._query("SELECT * FROM sandboxes WHERE id=? OR name=?", (ref, ref))
         if not rows:
-            raise NotFound(f"no sandbox {ref!r}")
+            raise SandboxNotFound(f"no sandbox {ref!r}")
         return _sandbox(rows[0])
 
     def list_sandboxes(self) -> list[SandboxRecord]:
@@ -712,7 +713,7 @@ class Store:
             raise InvalidArgument("a checkpoint id is required")
         rows = self._query(f"SELECT {_CKPT_COLS} FROM checkpoints WHERE id=?", (checkpoint_id,))
         if not rows:
-            raise NotFound(f"no checkpoint {checkpoint_id!r}")
+            raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r}")
         return _checkpoint(rows[0])
 
     def checkpoint_tree(self, sandbox: SandboxRecord) -> list[CheckpointRecord]:
@@ -748,7 +749,7 @@ class Store:
         with self.transaction() as db:
             if head and not db.execute("SELECT 1 FROM checkpoints WHERE id=?",
                                        (head,)).fetchone():
-                raise NotFound(f"checkpoint {head} was deleted")
+                raise CheckpointNotFound(f"checkpoint {head} was deleted")
             db.execute("INSERT INTO branches VALUES (?,?,?)",
                        (new_branch_id, json.dumps(list(lower)), time.time()))
             db.execute("UPDATE sandboxes SET branch_id=?, head=?, state='running', init_pid=?, "
@@ -825,7 +826,7 @@ class Store:
         with self.transaction() as db:
             if db.execute("UPDATE checkpoints SET pinned=? WHERE id=?",
                           (int(pinned), checkpoint_id)).rowcount == 0:
-                raise NotFound(f"no checkpoint {checkpoint_id!r}")
+                raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r}")
         return self.get_checkpoint(checkpoint_id)
 
     def delete_checkpoint(self, checkpoint_id: str, cascade: bool = False,
@@ -840,7 +841,7 @@ class Store:
         (`remove_checkpoint_files`), once nothing is mounted over them."""
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)).fetchone():
-                raise NotFound(f"no checkpoint {checkpoint_id!r}")
+                raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r}")
             doomed, todo = [], [checkpoint_id]
             while todo:
                 cid = todo.pop()
