@@ -696,15 +696,15 @@ def test_failed_restore_without_a_double_marks_the_checkpoint_too(new_daemon, mo
 
 
 def test_what_counts_as_the_checkpoints_fault():
-    """The verdict on two failed restores (deltabox.core.sandboxes): CRIU's own error, the same
+    """The verdict on two failed restores (deltabox.core.deltacr): CRIU's own error, the same
     both times but for pids and fds, marks; a timeout, a shortage or another error does not."""
     from deltabox.host.criu import CriuError
-    from deltabox.core.sandboxes import _comparable, _criu_own_failure
+    from deltabox.core.deltacr import comparable, criu_own_failure
     a = CriuError("restore failed", "1: Error (criu/namespaces.c:258): Can't setns 6/mnt: EINVAL")
     b = CriuError("restore failed", "7: Error (criu/namespaces.c:258): Can't setns 9/mnt: EINVAL")
-    assert _criu_own_failure(a) and _comparable(a.lines) == _comparable(b.lines)
-    assert not _criu_own_failure(CriuError("x", "Can't create inotify: Too many open files"))
-    assert not _criu_own_failure(CriuError("x", "write: No space left on device"))
-    assert not _criu_own_failure(CriuError("criu did not finish", timed_out=True))
-    assert not _criu_own_failure(OSError(16, "Device or resource busy"))
-    assert _comparable("Can't open fd=4") != _comparable("Can't setns 6/mnt")
+    assert criu_own_failure(a) and comparable(a.lines) == comparable(b.lines)
+    assert not criu_own_failure(CriuError("x", "Can't create inotify: Too many open files"))
+    assert not criu_own_failure(CriuError("x", "write: No space left on device"))
+    assert not criu_own_failure(CriuError("criu did not finish", timed_out=True))
+    assert not criu_own_failure(OSError(16, "Device or resource busy"))
+    assert comparable("Can't open fd=4") != comparable("Can't setns 6/mnt")

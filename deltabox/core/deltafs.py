@@ -27,27 +27,25 @@ directory carries trusted.overlay.opaque=y. Other trusted.overlay.* xattrs
 Branches mount with redirect_dir=off, so renaming a directory that came from a
 lower layer fails with EXDEV and tools fall back to copying -- as with
 Docker's overlay2 -- and no layer ever holds a redirect.
+
+The walks below a tree's root are `deltabox.core.fdwalk`'s: fd-relative, never following
+a symlink (uppers and layers are written by root inside a sandbox; see docs/security.md).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from deltabox.host import linux
+from deltabox.core.fdwalk import OPAQUE_XATTR, Tree, copy_dir_meta, proc_fd_path, walk_tree
 from deltabox.errors import Internal, NotFound
 
 __all__ = ["Manifest", "SinkStats", "scan_upper", "sink_upper_into_layer", "lookup",
-           "diff_chains", "manifest_from_layers", "squash_chain", "squash_deltas", "is_whiteout",
-           "walk_tree", "remove_tree_contents", "open_beneath", "proc_fd_path"]
-
-OVERLAY_XATTR_PREFIX = "trusted.overlay."
-OPAQUE_XATTR = "trusted.overlay.opaque"
+           "diff_chains", "manifest_from_layers", "squash_chain", "squash_deltas", "is_whiteout"]
 
 # (inode, ctime_ns, st_mode): what `scan_upper` records per entry.
 EntryKey = tuple[int, int, int]
@@ -79,278 +77,6 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 def _key(st: os.stat_result) -> EntryKey:
     return (st.st_ino, st.st_ctime_ns, st.st_mode)
-
-
-# ---- trees the sandbox wrote -----------------------------------------------------------
-#
-# Uppers and layers are written by root inside a sandbox, so everything below their roots
-# is hostile: a symlink to / (or /proc/1/root, or ../../..) where a directory was, and in a
-# live upper one swapped in while the daemon walks it. Nothing here resolves a path below a
-# tree's root through the host's namespace. A tree is opened once by its root (a directory
-# the daemon made); below it, directories are opened by the kernel from that fd with
-# openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), or from their parent's fd with
-# O_NOFOLLOW, and entries are then reached with *at() calls on a single name, which never
-# resolve further. A symlink met on the way gives ELOOP and the path counts as absent:
-# what it named is not a directory any more.
-
-_RESOLVE = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_XDEV
-_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # not there, or not below a directory now
-_PATH_CHUNK = 3800  # bytes of path per openat2 call: PATH_MAX is 4096
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
-    """Open `rel` below the directory `dir_fd` without following any symlink (a final one
-    too: with O_PATH|O_NOFOLLOW the link itself is opened, else ELOOP) and without
-    leaving the tree. Paths longer than PATH_MAX are opened a chunk at a time."""
-    if len(os.fsencode(rel)) < _PATH_CHUNK:
-        return linux.openat2(dir_fd, rel or ".", flags, 0, _RESOLVE)
-    parts = rel.split("/")
-    fd, owned = dir_fd, False
-    try:
-        chunk: list[str] = []
-        size = 0
-        for part in parts[:-1]:
-            n = len(os.fsencode(part)) + 1
-            if chunk and size + n >= _PATH_CHUNK:
-                nxt = linux.openat2(fd, "/".join(chunk), os.O_PATH | os.O_DIRECTORY, 0,
-                                     _RESOLVE)
-                if owned:
-                    os.close(fd)
-                fd, owned, chunk, size = nxt, True, [], 0
-            chunk.append(part)
-            size += n
-        chunk.append(parts[-1])
-        return linux.openat2(fd, "/".join(chunk), flags, 0, _RESOLVE)
-    finally:
-        if owned:
-            os.close(fd)
-
-
-def proc_fd_path(dir_fd: int, rel: str) -> str:
-    """A name for `rel` (one component, or below directories opened beneath) in
-    `dir_fd`, for the l*xattr calls that take paths only."""
-    return f"/proc/self/fd/{dir_fd}/{rel}"
-
-
-def _opaque_at(dir_fd: int, name: str) -> bool:
-    """Does the directory `name` in `dir_fd` carry the opaque mark? (l*xattr on a single
-    name below the fd's magic link: nothing is followed)"""
-    try:
-        return os.getxattr(proc_fd_path(dir_fd, name), OPAQUE_XATTR,
-                           follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
-def walk_tree(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
-    """Every entry below the directory `root_fd`, parents before children, as
-    (relative path, lstat, fd of its directory, its name).
-
-    No symlink is ever followed: each directory is opened from its parent's fd with
-    O_NOFOLLOW|O_DIRECTORY, so one swapped for a symlink (or removed) since it was listed
-    is skipped, never entered. One fd per level, so paths longer than PATH_MAX are fine;
-    the yielded directory fd is valid until the next step of the walk."""
-    stack: list[tuple[str, int, list[str]]] = []
-    rel, fd = "", os.open(".", _DIR_FLAGS, dir_fd=root_fd)
-    try:
-        while True:
-            subdirs: list[str] = []
-            with os.scandir(fd) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    yield (f"{rel}/{entry.name}" if rel else entry.name), st, fd, entry.name
-                    if stat.S_ISDIR(st.st_mode):
-                        subdirs.append(entry.name)
-            stack.append((rel, fd, subdirs))
-            fd = -1
-            while stack and fd < 0:
-                prel, pfd, pending = stack[-1]
-                if not pending:
-                    stack.pop()
-                    os.close(pfd)
-                    continue
-                name = pending.pop()
-                try:
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-                except OSError as e:
-                    if e.errno not in _GONE:
-                        raise
-                    continue
-                rel = f"{prel}/{name}" if prel else name
-            if fd < 0:
-                return
-    finally:
-        if fd >= 0:  # being listed, not on the stack yet
-            os.close(fd)
-        for _, sfd, _ in stack:
-            os.close(sfd)
-
-
-def remove_tree_contents(dir_fd: int) -> None:
-    """Delete everything inside the directory `dir_fd`, never following a symlink (each
-    subdirectory is opened from its parent's fd with O_NOFOLLOW) and without recursion:
-    a sandbox can nest directories thousands of levels deep."""
-    stack: list[tuple[int, str, list[str]]] = []
-    fd, name = os.open(".", _DIR_FLAGS, dir_fd=dir_fd), ""
-    try:
-        while True:
-            if fd >= 0:
-                subdirs = []
-                with os.scandir(fd) as it:
-                    for entry in it:
-                        if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.name)
-                        else:
-                            _unlink_quiet(fd, entry.name)
-                stack.append((fd, name, subdirs))
-                fd = -1
-            top, top_name, pending = stack[-1]
-            if pending:
-                sub = pending.pop()
-                try:
-                    fd, name = os.open(sub, _DIR_FLAGS, dir_fd=top), sub
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # not a directory any more
-                        _unlink_quiet(top, sub)
-                    elif e.errno != errno.ENOENT:
-                        raise
-                continue
-            stack.pop()
-            os.close(top)
-            if not stack:
-                return
-            os.rmdir(top_name, dir_fd=stack[-1][0])
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        for sfd, _, _ in stack:
-            os.close(sfd)
-
-
-def _unlink_quiet(dir_fd: int, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-
-
-class _Tree:
-    """A layer, or an upper, opened once by its root; everything below is reached from
-    that fd (see above). Entries seen are remembered, so one diff or squash stats each
-    path of a tree once and sees one state of a live upper for it."""
-
-    KEEP = 64  # parent directory fds kept open (LRU): entries come grouped by directory
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._parents: OrderedDict[str, int] = OrderedDict()
-        self._entries: dict[str, tuple[os.stat_result, bool] | None] = {}
-
-    def close(self) -> None:
-        for fd in self._parents.values():
-            os.close(fd)
-        self._parents.clear()
-        os.close(self.fd)
-
-    def at(self, rel: str) -> tuple[int, str]:
-        """(fd of rel's directory, rel's last component) for *at() calls, which then
-        cannot cross a symlink; ("root fd", ".") for the root. The fd stays valid for
-        the next KEEP - 1 calls. Raises OSError (ELOOP, ENOTDIR, ENOENT) if the
-        directory is not one (any more)."""
-        parent, _, name = rel.rpartition("/")
-        if not parent:
-            return self.fd, name or "."
-        fd = self._parents.get(parent)
-        if fd is None:
-            fd = open_beneath(self.fd, parent, os.O_PATH | os.O_DIRECTORY)
-            self._parents[parent] = fd
-            if len(self._parents) > self.KEEP:
-                os.close(self._parents.popitem(last=False)[1])
-        else:
-            self._parents.move_to_end(parent)
-        return fd, name
-
-    def entry(self, rel: str) -> tuple[os.stat_result, bool] | None:
-        """(lstat, opaque) of `rel`, or None if it is not in this tree (now)."""
-        if rel in self._entries:
-            return self._entries[rel]
-        try:
-            fd, name = self.at(rel)
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in _GONE:
-                raise
-            found = None
-        else:
-            found = (st, stat.S_ISDIR(st.st_mode) and _opaque_at(fd, name))
-        self._entries[rel] = found
-        return found
-
-    def is_opaque(self, rel: str) -> bool:
-        found = self.entry(rel)
-        return found is not None and found[1]
-
-    def listdir(self, rel: str) -> list[tuple[str, os.stat_result, bool]]:
-        """(name, lstat, opaque) of each entry of the directory `rel`; [] if it is not a
-        directory (any more)."""
-        try:
-            pfd, name = self.at(rel)
-            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-        except OSError as e:
-            if e.errno not in _GONE:
-                raise
-            return []
-        out = []
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    opaque = stat.S_ISDIR(st.st_mode) and _opaque_at(fd, entry.name)
-                    out.append((entry.name, st, opaque))
-                    self._entries[f"{rel}/{entry.name}" if rel else entry.name] = (st, opaque)
-        finally:
-            os.close(fd)
-        return out
-
-    def walk(self) -> Iterator[tuple[str, os.stat_result, bool]]:
-        """(path, lstat, opaque) of every entry below the root (see `walk_tree`)."""
-        for rel, st, dir_fd, name in walk_tree(self.fd):
-            opaque = stat.S_ISDIR(st.st_mode) and _opaque_at(dir_fd, name)
-            self._entries[rel] = (st, opaque)
-            yield rel, st, opaque
-
-    def readlink(self, rel: str) -> str | None:
-        try:
-            fd, name = self.at(rel)
-            return os.readlink(name, dir_fd=fd)
-        except OSError as e:
-            if e.errno not in _GONE + (errno.EINVAL,):
-                raise
-            return None
-
-    def open_regular(self, rel: str) -> int | None:
-        """A read fd of the regular file `rel`, or None if it is not one (now).
-        O_NONBLOCK: a FIFO swapped in must not block a daemon thread."""
-        try:
-            fd, name = self.at(rel)
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=fd)
-        except OSError as e:
-            if e.errno not in _GONE + (errno.ENXIO, errno.EACCES):
-                raise
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return fd
 
 
 def scan_upper(upper: Path) -> dict[str, tuple[EntryKey, os.stat_result]]:
@@ -421,9 +147,9 @@ def sink_upper_into_layer(upper: Path, layer: Path, manifest: Manifest,
         if stat.S_ISDIR(scan[rel][1].st_mode):
             needed_dirs.add(rel)
 
-    # The sandbox is frozen, yet the upper is still reached only through `_Tree.at`: a
+    # The sandbox is frozen, yet the upper is still reached only through `Tree.at`: a
     # single name below a parent opened without following symlinks.
-    up, out = _Tree(upper), _Tree(layer)
+    up, out = Tree(upper), Tree(layer)
     try:
         # An opaque mark hides every layer below, including this branch's earlier
         # checkpoint layers: keep it only for a directory that is new since the
@@ -476,7 +202,7 @@ def _copy_metadata(upper_fd: int, layer_fd: int, rel: str, st: os.stat_result,
     linux.copy_meta(upper_fd, layer_fd, rel, st, keep_opaque)
 
 
-def _link(tree: _Tree, existing: str, new: str) -> None:
+def _link(tree: Tree, existing: str, new: str) -> None:
     """Hardlink `new` to `existing`, both in `tree` (one the daemon is writing)."""
     src_fd, src_name = tree.at(existing)
     dst_fd, dst_name = tree.at(new)
@@ -488,11 +214,11 @@ def _link(tree: _Tree, existing: str, new: str) -> None:
 class _Chain:
     """A stack of trees (bottom first) read as overlayfs merges them."""
 
-    def __init__(self, trees: list[_Tree]):
+    def __init__(self, trees: list[Tree]):
         self.trees = trees
-        self._dirs: dict[str, list[_Tree]] = {"": list(reversed(trees))}
+        self._dirs: dict[str, list[Tree]] = {"": list(reversed(trees))}
 
-    def dir_instances(self, rel: str) -> list[_Tree]:
+    def dir_instances(self, rel: str) -> list[Tree]:
         """The trees whose instance of directory `rel` overlayfs merges, top first: down
         to an opaque one, or to a whiteout or non-directory, which end the merge. []
         if `rel` is not a visible directory."""
@@ -501,7 +227,7 @@ class _Chain:
             todo.append(d)
             d = _parent(d)
         for d in reversed(todo):  # parents first: no recursion, however deep
-            merged: list[_Tree] = []
+            merged: list[Tree] = []
             for tree in self._dirs[_parent(d)]:
                 found = tree.entry(d)
                 if found is None:
@@ -515,7 +241,7 @@ class _Chain:
             self._dirs[d] = merged
         return self._dirs[rel]
 
-    def lookup(self, rel: str) -> tuple[_Tree, os.stat_result] | None:
+    def lookup(self, rel: str) -> tuple[Tree, os.stat_result] | None:
         """(tree, lstat) of the entry that is visible at `rel`, or None."""
         if not rel:
             top = self.trees[-1]
@@ -543,17 +269,17 @@ class _Chain:
         return out
 
 
-def _open_trees(paths: Iterable[Path], trees: dict[Path, _Tree]) -> list[_Tree]:
-    """Open each path once (shared layers are one `_Tree`), into `trees`."""
+def _open_trees(paths: Iterable[Path], trees: dict[Path, Tree]) -> list[Tree]:
+    """Open each path once (shared layers are one `Tree`), into `trees`."""
     out = []
     for p in paths:
         if p not in trees:
-            trees[p] = _Tree(p)
+            trees[p] = Tree(p)
         out.append(trees[p])
     return out
 
 
-def _close_trees(trees: dict[Path, _Tree]) -> None:
+def _close_trees(trees: dict[Path, Tree]) -> None:
     for t in trees.values():
         t.close()
 
@@ -563,7 +289,7 @@ def lookup(chain: list[Path], rel: str) -> tuple[Path, os.stat_result] | None:
 
     Returns (layer, lstat) of the entry that is visible, or None.
     """
-    trees: dict[Path, _Tree] = {}
+    trees: dict[Path, Tree] = {}
     try:
         found = _Chain(_open_trees(chain, trees)).lookup(rel)
         return None if found is None else (found[0].path, found[1])
@@ -588,7 +314,7 @@ def manifest_from_layers(layers: Iterable[Path]) -> Manifest:
     return Manifest(entries)
 
 
-def _same(a: tuple[_Tree, os.stat_result], b: tuple[_Tree, os.stat_result], rel: str) -> bool:
+def _same(a: tuple[Tree, os.stat_result], b: tuple[Tree, os.stat_result], rel: str) -> bool:
     (ta, sa), (tb, sb) = a, b
     if ta is tb:
         return True
@@ -607,7 +333,7 @@ def _same(a: tuple[_Tree, os.stat_result], b: tuple[_Tree, os.stat_result], rel:
     return True
 
 
-def _same_content(ta: _Tree, tb: _Tree, rel: str) -> bool:
+def _same_content(ta: Tree, tb: Tree, rel: str) -> bool:
     """Do the regular files at `rel` hold the same bytes? (False if either one is not a
     regular file any more: a live upper changed under the diff)"""
     fa = ta.open_regular(rel)
@@ -637,11 +363,11 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
     examined: the cost follows the distance between a and b, not tree size.
 
     Either chain may end in a live sandbox's upper, which its processes change under the
-    walk: every path is resolved below a tree's fd (see `_Tree`), so a directory swapped
+    walk: every path is resolved below a tree's fd (see `Tree`), so a directory swapped
     for a symlink shows up as a change or not at all, never as a walk outside the tree.
     Errors name sandbox paths only, never the store's.
     """
-    trees: dict[Path, _Tree] = {}
+    trees: dict[Path, Tree] = {}
     try:
         try:
             ta, tb = _open_trees(a, trees), _open_trees(b, trees)
@@ -701,18 +427,18 @@ def _diff(a: _Chain, b: _Chain) -> list[tuple[str, str]]:
     return sorted(changes.items())
 
 
-def _is_dir(entry: tuple[_Tree, os.stat_result]) -> bool:
+def _is_dir(entry: tuple[Tree, os.stat_result]) -> bool:
     return stat.S_ISDIR(entry[1].st_mode)
 
 
-def _delta_entries(rel: str, dirs: list[_Tree]) -> dict[str, tuple[str, list[_Tree]]]:
+def _delta_entries(rel: str, dirs: list[Tree]) -> dict[str, tuple[str, list[Tree]]]:
     """The entries of directory `rel` merged over `dirs` (the trees holding an instance
     of it, top first, already cut after the first opaque one), for a stack of *delta*
     layers that will lie over others: name -> (kind, the trees of that entry's instances,
     top first), kind one of 'whiteout' (hides what is below), 'file', 'dir' or
     'opaque-dir' (hides what is below). A directory's instances run down to an opaque
     one, a non-directory or a whiteout, which end the merge."""
-    result: dict[str, tuple[str, list[_Tree]]] = {}
+    result: dict[str, tuple[str, list[Tree]]] = {}
     decided: set[str] = set()
     for tree in dirs:
         for name, st, opaque in tree.listdir(rel):
@@ -746,7 +472,7 @@ def _delta_entries(rel: str, dirs: list[_Tree]) -> dict[str, tuple[str, list[_Tr
     return result
 
 
-def _copy_linked(src: _Tree, out: _Tree, rel: str, st: os.stat_result,
+def _copy_linked(src: Tree, out: Tree, rel: str, st: os.stat_result,
                  links: dict[tuple[int, int], str], stats: SinkStats) -> None:
     """Recreate the non-directory `rel` of `src` in `out` (regular files reflinked); a
     further name of an inode already copied (`links`: inode -> first name) becomes a
@@ -761,10 +487,10 @@ def _copy_linked(src: _Tree, out: _Tree, rel: str, st: os.stat_result,
         links[ident] = rel
 
 
-def _copy_dir_meta_at(src: _Tree, out: _Tree, rel: str, opaque: bool = False) -> None:
+def _copy_dir_meta_at(src: Tree, out: Tree, rel: str, opaque: bool = False) -> None:
     src_fd, name = src.at(rel)
     dst_fd, _ = out.at(rel)
-    _copy_dir_meta(src_fd, name, dst_fd, name, os.stat(name, dir_fd=src_fd,
+    copy_dir_meta(src_fd, name, dst_fd, name, os.stat(name, dir_fd=src_fd,
                                                         follow_symlinks=False))
     if opaque:
         os.setxattr(proc_fd_path(dst_fd, name), OPAQUE_XATTR, b"y", follow_symlinks=False)
@@ -778,16 +504,16 @@ def squash_deltas(chain: list[Path], layer: Path) -> int:
     This is what keeps squashing cheap: its cost follows what the sandbox
     changed, not the size of the image below."""
     layer.mkdir()
-    trees: dict[Path, _Tree] = {}
+    trees: dict[Path, Tree] = {}
     try:
         src = list(reversed(_open_trees(chain, trees)))
-        out = trees.setdefault(layer, _Tree(layer))
+        out = trees.setdefault(layer, Tree(layer))
         count = 0
         links: dict[tuple[int, int], str] = {}
         # (dir, its instances, under an opaque dir): whiteouts below an opaque directory
         # hide nothing and overlayfs would list them as phantom entries.
-        stack: list[tuple[str, list[_Tree], bool]] = [("", src, False)]
-        dirs_done: list[tuple[str, _Tree, bool]] = []
+        stack: list[tuple[str, list[Tree], bool]] = [("", src, False)]
+        dirs_done: list[tuple[str, Tree, bool]] = []
         while stack:
             d, instances_of_d, hidden_below = stack.pop()
             for name, (kind, instances) in _delta_entries(d, instances_of_d).items():
@@ -824,14 +550,14 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
     Hardlinks inside one source layer stay hardlinks.
     """
     layer.mkdir()
-    trees: dict[Path, _Tree] = {}
+    trees: dict[Path, Tree] = {}
     try:
         src = list(reversed(_open_trees(chain, trees)))
-        out = trees.setdefault(layer, _Tree(layer))
+        out = trees.setdefault(layer, Tree(layer))
         count = 0
         links: dict[tuple[int, int], str] = {}
-        stack: list[tuple[str, list[_Tree]]] = [("", src)]
-        top_dirs: list[tuple[str, _Tree]] = []
+        stack: list[tuple[str, list[Tree]]] = [("", src)]
+        top_dirs: list[tuple[str, Tree]] = []
         while stack:
             d, instances_of_d = stack.pop()
             top_dirs.append((d, instances_of_d[0]))
@@ -857,16 +583,3 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
         return count
     finally:
         _close_trees(trees)
-
-
-def _copy_dir_meta(src_parent: int, src_name: str, dst_parent: int, dst_name: str,
-                   st: os.stat_result) -> None:
-    os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_parent, follow_symlinks=False)
-    os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_parent)
-    src, dst = proc_fd_path(src_parent, src_name), proc_fd_path(dst_parent, dst_name)
-    for name in os.listxattr(src, follow_symlinks=False):
-        if not name.startswith(OVERLAY_XATTR_PREFIX):
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False),
-                        follow_symlinks=False)
-    os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_parent,
-             follow_symlinks=False)

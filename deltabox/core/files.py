@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from deltabox.host import linux
-from deltabox.core.deltafs import remove_tree_contents
-from deltabox.errors import (AlreadyExists, PathNotFound, FailedPrecondition, InvalidArgument, NotFound,
-                             PermissionDenied, ResourceExhausted)
+from deltabox.core.fdwalk import remove_tree_contents
+from deltabox.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                             ResourceExhausted, error_from_errno)
 
 __all__ = ["SandboxFiles", "FileInfo"]
 
@@ -58,24 +58,14 @@ def _check_mode(mode: int) -> None:
 
 
 def _os_error(e: OSError, path: str) -> Exception:
+    """errors.error_from_errno, with the hints a file call can add; the OSError itself
+    (INTERNAL) for an errno without a mapping."""
     text = f"{path}: {os.strerror(e.errno) if e.errno else e}"
-    if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        return PathNotFound(text)
-    if e.errno == errno.EEXIST:
-        return AlreadyExists(text)
-    if e.errno in (errno.EISDIR, errno.EINVAL, errno.ELOOP, errno.ENAMETOOLONG):
-        return InvalidArgument(text)
     if e.errno == errno.ENXIO:  # open(2) of a FIFO without a reader, or of a socket
-        return InvalidArgument(f"{path}: not a regular file")
-    if e.errno == errno.ENOTEMPTY:
-        return FailedPrecondition(text + " (use recursive)")
-    if e.errno in (errno.ETXTBSY, errno.EBUSY):
-        return FailedPrecondition(text)
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EXDEV):
-        return PermissionDenied(text)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return ResourceExhausted(text)
-    return e
+        text = f"{path}: not a regular file"
+    elif e.errno == errno.ENOTEMPTY:
+        text += " (use recursive)"
+    return error_from_errno(e.errno or 0, text) or e
 
 
 def _lstat_at(dir_fd: int, name: str) -> tuple[os.stat_result, str]:

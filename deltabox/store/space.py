@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltabox.errors import ResourceExhausted
-from deltabox.core.images import _human as human_bytes
+from deltabox.units import human_bytes
 
 __all__ = ["StoreSpace", "SpaceUsage", "parse_reserve", "DEFAULT_RESERVE",
            "DEFAULT_RESERVE_INODES"]

@@ -1,0 +1,373 @@
+"""DeltaCR: checkpoints of a sandbox's processes (CRIU), and the incarnations made from them.
+
+Every rule that distinguishes a full checkpoint from a filesystem one lives here; the rest
+of the core asks this module instead of testing the mode itself:
+
+- Taking one (`DeltaCR.quiesced`, `dump_frozen`): CRIU is required and NAT sandboxes are
+  refused; the sandbox's dump gate is closed, calls attached to init (exec, session code,
+  shell) make it refuse, job-control-stopped processes make it refuse (CRIU would hang on
+  them in a frozen cgroup), short calls are waited for, init's barrier is crossed; then the
+  processes are dumped in the same frozen instant as DeltaFS sinks the files. Afterwards the
+  images are deduplicated against the parent's (`after_checkpoint`).
+- Restoring one: a fresh branch with the checkpoint's processes (`images_for` tells the
+  launcher what to restore), left frozen as a **body double** (`build_double`) and thawed
+  when it takes over (`wake`); a fork's children are re-seeded (`reseed`).
+- Judging one: a full checkpoint whose restores fail twice the same way is marked unusable
+  (with CRIU's reason and build), and refused at once afterwards (`refuse_unusable`).
+- `Standbys`: each running sandbox keeps one prepared incarnation of its head checkpoint --
+  a body double (full) or a fresh init on the checkpoint's files (fs) -- within the memory
+  budget, so a rollback to it is a record swap (`deltabox.core.rollback`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from pathlib import Path
+
+import structlog
+
+from deltabox.core.files import SandboxFiles
+from deltabox.core.incarnation import Incarnations
+from deltabox.core.runtime import Runtime, SandboxContext, Standby
+from deltabox.core.sessions import Sessions
+from deltabox.core.warm import MemoryBudget
+from deltabox.errors import FailedPrecondition, NotFound
+from deltabox.host.criu import CriuError
+from deltabox.store.records import CheckpointRecord, SandboxRecord, new_id
+from deltabox.types import CheckpointMode, NetworkMode, RollbackPath, SessionKind
+
+__all__ = ["DeltaCR", "Standbys", "criu_own_failure", "comparable"]
+
+log = structlog.get_logger("deltabox.core.deltacr")
+
+# errno names in CRIU's error lines that say the host ran short, not that the
+# images are bad: such a failure never marks a checkpoint unusable.
+_SHORTAGE = ("ENOSPC", "No space left", "ENOMEM", "Cannot allocate memory", "EAGAIN",
+             "Resource temporarily unavailable", "EMFILE", "ENFILE", "Too many open files",
+             "EDQUOT", "Disk quota exceeded")
+
+
+def criu_own_failure(e: Exception) -> bool:
+    """A restore CRIU itself refused (not a timeout, not a shortage of memory, disk,
+    pids or fds, not the daemon's own mount or cgroup work)."""
+    return isinstance(e, CriuError) and not e.timed_out \
+        and not any(s in f"{e} {e.lines}" for s in _SHORTAGE)
+
+
+def comparable(lines: str) -> str:
+    """CRIU error lines with the numbers (pids, fds, ids) blanked out."""
+    return re.sub(r"\d+", "N", lines)
+
+
+class DeltaCR:
+    """Full checkpoints: take, restore, judge."""
+
+    def __init__(self, ctx: SandboxContext, incarnations: Incarnations,
+                 sessions: Sessions) -> None:
+        self._ctx = ctx
+        self.store = ctx.store
+        self.cgroups = ctx.cgroups
+        self._incarnations = incarnations
+        self._sessions = sessions
+
+    # ---- taking a full checkpoint -----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self, rec: SandboxRecord, rt: Runtime, mode: str):
+        """Around a checkpoint (the caller holds rt.lock): for a full one, the sandbox's
+        processes are made dumpable first and the gate stays closed until it is done."""
+        if mode != CheckpointMode.FULL:
+            yield
+            return
+        self._ctx.require_criu()
+        if rec.spec.get("network") == NetworkMode.NAT:
+            raise FailedPrecondition("full checkpoints of NAT sandboxes are not supported "
+                                     "yet (the veth to the host cannot be restored)")
+        # Close the gate first: calls arriving from now on wait for the dump.
+        rt.gate.close()
+        try:
+            if rt.gate.active:
+                raise FailedPrecondition(
+                    f"{rt.gate.active} call(s) are running in sandbox {rec.name} (exec, "
+                    "session code or shell); a full checkpoint needs them finished, "
+                    "because their connections to the daemon cannot be restored. Idle "
+                    "sessions are fine.")
+            await asyncio.to_thread(self._refuse_stopped, rec, rt.branch_id)
+            await rt.gate.controls_done(rec.name)
+            await rt.channel.barrier()
+            yield
+        finally:
+            rt.gate.open()
+
+    def _refuse_stopped(self, rec: SandboxRecord, branch_id: str) -> None:
+        """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs
+        in the kernel): refuse before freezing, naming the process."""
+        for pid in self.cgroups.pids(branch_id):
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                if state in ("T", "t"):
+                    from deltabox.host.criu import _sandbox_pid
+                    raise FailedPrecondition(
+                        f"{_sandbox_pid(pid)} in sandbox {rec.name} is stopped (SIGSTOP or "
+                        "job control); CRIU cannot checkpoint a stopped process in a frozen "
+                        "sandbox: continue it (kill -CONT) first")
+
+    def new_images_dir(self, mode: str) -> Path | None:
+        """Where a checkpoint's process images go (None: a filesystem checkpoint)."""
+        return self.store.new_tmp_dir() if mode == CheckpointMode.FULL else None
+
+    def dump_frozen(self, rec: SandboxRecord, rt: Runtime, images: Path,
+                    sink_fs_ms: float) -> dict[str, float]:
+        """Dump the frozen sandbox's processes into `images`; the phases' stats."""
+        dump = self._ctx.require_criu().dump(
+            rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
+            self.cgroups.freezer_path(rec.branch_id))
+        return {"dump_ms": dump.ms, "sink_fs_ms": sink_fs_ms, "image_bytes": dump.image_bytes}
+
+    def after_checkpoint(self, ckpt: CheckpointRecord) -> None:
+        if ckpt.mode == CheckpointMode.FULL:
+            self._ctx.spawn(self._dedupe_images(ckpt))
+
+    async def _dedupe_images(self, ckpt: CheckpointRecord) -> None:
+        """Share the pages a full checkpoint has in common with its parent's dump."""
+        try:
+            parent = self.store.get_checkpoint(ckpt.parent_id) if ckpt.parent_id else None
+        except NotFound:
+            return
+        if parent is None or parent.mode != CheckpointMode.FULL:
+            return
+        from deltabox.host.criu import dedupe_pages
+        shared = await asyncio.to_thread(dedupe_pages, self.store.images_path(parent.id),
+                                         self.store.images_path(ckpt.id))
+        await asyncio.to_thread(self.store.update_stats, ckpt.id, {"shared_bytes": shared})
+        log.info("checkpoint.images_deduplicated", checkpoint=ckpt.id, shared_bytes=shared)
+
+    # ---- restoring one ---------------------------------------------------------------
+
+    def images_for(self, ckpt: CheckpointRecord) -> Path | None:
+        """What a new incarnation of `ckpt` restores (None: it starts a fresh init)."""
+        return self.store.images_path(ckpt.id) if ckpt.mode == CheckpointMode.FULL else None
+
+    def rollback_path(self, ckpt: CheckpointRecord, prepared: bool,
+                      waited: bool) -> RollbackPath:
+        if ckpt.mode == CheckpointMode.FULL:
+            if prepared:
+                return RollbackPath.DOUBLE_WAITED if waited else RollbackPath.DOUBLE
+            return RollbackPath.RESTORE
+        if prepared:
+            return RollbackPath.STANDBY_WAITED if waited else RollbackPath.STANDBY
+        return RollbackPath.FRESH
+
+    def wake(self, ckpt: CheckpointRecord, branch_id: str) -> None:
+        """A prepared incarnation takes over: a body double is thawed, and its processes
+        go on exactly where the dump left them (no signal is delivered to them)."""
+        if ckpt.mode == CheckpointMode.FULL:
+            self.cgroups.thaw(branch_id)
+
+    async def wake_child(self, ckpt: CheckpointRecord, rt: Runtime, index: int) -> None:
+        """A warm incarnation becomes fork child `index`."""
+        if ckpt.mode == CheckpointMode.FULL:
+            self.wake(ckpt, rt.branch_id)
+            await self.reseed(rt, index)
+
+    async def reseed(self, rt: Runtime, index: int) -> None:
+        """Clones of one process state share RNG state: tell each child its index
+        (/.deltabox/fork-index) and re-seed Python sessions' `random` from os.urandom."""
+        await asyncio.to_thread(
+            SandboxFiles(self.store.mnt_dir / rt.branch_id, 1 << 20).write,
+            "/.deltabox/fork-index", f"{index}\n".encode())
+        for key in (await rt.channel.list_sessions()):
+            kind, _, name = key.partition("/")
+            if kind == SessionKind.PYTHON:
+                await self._sessions.run_locked(rt, kind, name,
+                                                "__import__('random').seed()", 10.0)
+
+    async def build_double(self, rec: SandboxRecord, ckpt: CheckpointRecord,
+                           what: str, first: Exception | None = None) -> Standby | None:
+        """An incarnation of `ckpt` on a fresh branch, left frozen (a body double) for a
+        full checkpoint; None if it could not be made (an optimisation only: the
+        caller falls back to a restore).
+
+        A full checkpoint whose double fails is tried once more; failing again the
+        same way marks it unusable (see `_judge_double_failure`). `first`: a restore
+        of it that failed already (one attempt is left). A success clears a mark left
+        by another CRIU build."""
+        full = ckpt.mode == CheckpointMode.FULL
+        if full and self._known_unusable(ckpt):
+            return None
+        for attempt in (1, 2)[1 if first is not None else 0:]:
+            branch_id = new_id("br")
+            await asyncio.to_thread(self.store.new_branch_dirs, branch_id, ckpt.mount_layers,
+                                    rec.spec)
+            mnt = self.store.branch_mount_for(branch_id, ckpt.mount_layers)
+            try:
+                # The network is attached when (if) the standby is promoted. A full
+                # checkpoint's standby is its body double: restored, left frozen.
+                pid, start = await asyncio.to_thread(self._incarnations.launch, rec, mnt, False,
+                                                     self.images_for(ckpt), True)
+            except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
+                log.warning(f"{what}.failed", sandbox=rec.id or None, checkpoint=ckpt.id,
+                            attempt=attempt, error=str(e))
+                await asyncio.to_thread(self._incarnations.retire, branch_id, 0)
+                if not full or self._ctx.stopping or not criu_own_failure(e):
+                    return None
+                if first is None:
+                    first = e
+                    continue
+                await asyncio.to_thread(self._judge_double_failure, ckpt, first, e)
+                return None
+            if ckpt.unusable_reason:
+                await asyncio.to_thread(self.store.set_unusable, ckpt.id, "")
+                log.info("checkpoint.restorable_again", checkpoint=ckpt.id,
+                         criu=self._ctx.criu_build())
+            return Standby(branch_id, ckpt.id, pid, start)
+        return None
+
+    # ---- checkpoints that cannot be restored ----------------------------------------
+    #
+    # A full checkpoint is acknowledged when its dump succeeded, but some process trees
+    # dump and then never restore (a CRIU bug, e.g. CRIU issue #2687 before our patch
+    # 0002). Building the body double is the first restore: when it fails twice the
+    # same way, the checkpoint is marked unusable with CRIU's reason (store: unusable,
+    # unusable_criu), shown in CheckpointInfo and the tree, and rollback, fork and warm
+    # to it fail at once. The mark names the CRIU build: another build tries again.
+
+    def after_restore_failure(self, rec: SandboxRecord, ckpt: CheckpointRecord,
+                              error: BaseException) -> None:
+        """A restore of `ckpt` outside a double (a rollback's, a fork's) failed: is the
+        checkpoint at fault? Found out in the background."""
+        if isinstance(error, CriuError):
+            self._ctx.spawn(self._recheck_restore(rec, ckpt, error))
+
+    async def _recheck_restore(self, rec: SandboxRecord, ckpt: CheckpointRecord,
+                               error: Exception) -> None:
+        """One more restore, on a throwaway branch, tells whether the checkpoint is at
+        fault."""
+        if ckpt.mode != CheckpointMode.FULL or not criu_own_failure(error) \
+                or self._ctx.stopping or self._known_unusable(ckpt):
+            return
+        async with self._ctx.holds.hold(ckpt.id):
+            try:
+                ckpt = self.store.get_checkpoint(ckpt.id)
+            except NotFound:
+                return
+            sb = await self.build_double(rec, ckpt, "recheck", first=error)
+        if sb is not None:  # it restored this time: a transient failure
+            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
+
+    def _known_unusable(self, ckpt: CheckpointRecord) -> bool:
+        return bool(ckpt.unusable_reason) and ckpt.unusable_criu == self._ctx.criu_build()
+
+    def refuse_unusable(self, ckpt: CheckpointRecord) -> None:
+        """Fail fast, with the reason, instead of a restore that is known to fail."""
+        if self._known_unusable(ckpt):
+            raise FailedPrecondition(
+                f"checkpoint {ckpt.id} cannot be restored: its processes failed to restore "
+                f"twice the same way ({ckpt.unusable_reason}); roll back to another "
+                "checkpoint")
+
+    def refuse_unusable_now(self, ckpt: CheckpointRecord) -> None:
+        """`refuse_unusable` on the stored record: a double may have failed meanwhile."""
+        if ckpt.mode == CheckpointMode.FULL:
+            self.refuse_unusable(self.store.get_checkpoint(ckpt.id))
+
+    def _judge_double_failure(self, ckpt: CheckpointRecord, first: Exception,
+                              second: Exception) -> None:
+        """Two restores of the images, on two fresh branches, failed. The same CRIU
+        error lines both times (numbers aside: pids, fds) mean the images cannot be
+        restored; different ones mean something transient (the host, not the
+        checkpoint), which leaves the checkpoint unmarked."""
+        a, b = (comparable(getattr(e, "lines", str(e))) for e in (first, second))
+        if a != b:
+            log.info("checkpoint.double_failure_transient", checkpoint=ckpt.id,
+                     first=str(first), second=str(second))
+            return
+        reason = getattr(second, "lines", str(second))
+        self.store.set_unusable(ckpt.id, reason, self._ctx.criu_build())
+        log.error("checkpoint.unusable", checkpoint=ckpt.id, sandbox=ckpt.sandbox_id,
+                  reason=reason, criu=self._ctx.criu_build())
+
+
+class Standbys:
+    """Each running sandbox's standby: its head checkpoint's filesystem mounted on its own
+    fresh branch with an init already running on it (fs), or its body double (full).
+    Rolling back to that checkpoint then only swaps records and kills the old tree."""
+
+    def __init__(self, ctx: SandboxContext, deltacr: DeltaCR, incarnations: Incarnations,
+                 budget: MemoryBudget) -> None:
+        self._ctx = ctx
+        self._deltacr = deltacr
+        self._incarnations = incarnations
+        self._budget = budget
+
+    def ready(self, checkpoint_id: str) -> bool:
+        """Whether a body double (full) or standby (fs) of the checkpoint is built and
+        waiting: a rollback to it now takes the "double" / "standby" path."""
+        return any(rt.standby.built is not None and rt.standby.built.checkpoint_id ==
+                   checkpoint_id for rt in self._ctx.runtimes.values())
+
+    async def prepare(self, sandbox_id: str, checkpoint_id: str) -> None:
+        """Make the sandbox's standby an incarnation of `checkpoint_id` (its head).
+
+        One build at a time per sandbox (rt.standby.building); a request superseded by a
+        newer one (rt.standby.target moved on), or for a sandbox destroyed meanwhile,
+        builds nothing or retires what it built -- nothing is ever left unowned."""
+        ctx = self._ctx
+        rt = ctx.runtimes.get(sandbox_id)
+        if rt is None or rt.closed or ctx.stopping or not ctx.config.standby:
+            return
+        slot = rt.standby
+        slot.target = checkpoint_id
+        async with slot.building:
+            if rt.closed or slot.target != checkpoint_id:
+                return
+            if slot.built is not None and slot.built.checkpoint_id == checkpoint_id:
+                return
+            await self.drop(rt)
+            # A double will hold about what the sandbox holds now.
+            need = ctx.cgroups.memory_usage(rt.branch_id)
+            if not await self._budget.make_room(need, keep=""):
+                # Over the memory budget: no double; a rollback takes the
+                # restore path (and prepares one again if there is room then).
+                log.info("standby.skipped_over_budget", sandbox=sandbox_id,
+                         budget=ctx.config.warm_budget_bytes)
+                return
+            async with ctx.holds.hold(checkpoint_id):  # not deleted under the build
+                standby = await self._build(sandbox_id, checkpoint_id)
+            if standby is None:
+                return
+            if rt.closed or slot.target != checkpoint_id \
+                    or ctx.runtimes.get(sandbox_id) is not rt:
+                await asyncio.to_thread(self._incarnations.retire, standby.branch_id,
+                                        standby.init_pid)
+                return
+            slot.built = standby
+
+    async def _build(self, sandbox_id: str, checkpoint_id: str) -> Standby | None:
+        try:
+            rec = self._ctx.store.get_sandbox(sandbox_id)
+            ckpt = self._ctx.store.get_checkpoint(checkpoint_id)
+        except NotFound:
+            return None
+        return await self._deltacr.build_double(rec, ckpt, "standby")
+
+    async def drop(self, rt: Runtime) -> None:
+        standby, rt.standby.built = rt.standby.built, None
+        if standby is not None:
+            await asyncio.to_thread(self._incarnations.retire, standby.branch_id,
+                                    standby.init_pid)
+
+    async def drop_for(self, checkpoint_id: str) -> None:
+        """Drop the standbys of a deleted checkpoint."""
+        for rt in self._ctx.runtimes.values():
+            if rt.standby.built is not None and rt.standby.built.checkpoint_id == checkpoint_id:
+                await self.drop(rt)

@@ -1,0 +1,167 @@
+"""Incarnations: a branch mounted, a cgroup, and an init (fresh, or restored by CRIU).
+
+A sandbox's processes live in one incarnation at a time; a rollback builds a new one next
+to the old before switching, a standby or a warm pool holds spare ones. This module starts
+them (`Incarnations.launch`: mount + cgroup + init or restore, the network attached), tears
+them down (`kill`, `retire`), reaps their inits, and identifies processes by (pid, start
+time) -- a pid alone may be reused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import structlog
+
+from deltabox.config import init_binary
+from deltabox.core.files import SandboxFiles
+from deltabox.core.runtime import SandboxContext
+from deltabox.errors import Internal
+from deltabox.host import linux
+from deltabox.host.cgroups import Limits
+from deltabox.store.records import Mount, SandboxRecord
+from deltabox.types import NetworkMode
+
+__all__ = ["Incarnations", "process_start", "same_process", "alive", "kill_quiet"]
+
+log = structlog.get_logger("deltabox.core.incarnation")
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_start(pid: int) -> float:
+    """When `pid` started, in seconds since boot (0.0 if it is gone): with the pid, the
+    identity of a sandbox's init. Not wall-clock time: that is derived from the boot
+    time the kernel reports, which moves whenever the clock is stepped, and an init
+    that no longer matches its record would be restarted (its sessions lost)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19]) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def same_process(pid: int, recorded_start: float) -> bool:
+    """Is `pid` the process recorded with `recorded_start`? Records written before
+    start times were boot-relative hold wall-clock times (> 1e9): those compare, to
+    the second, with the wall-clock start (the boot time may have moved since)."""
+    if not pid:
+        return False
+    if recorded_start < 1e9:
+        return process_start(pid) == recorded_start
+    try:
+        return abs(psutil.Process(pid).create_time() - recorded_start) < 2.0
+    except psutil.Error:
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaps it if it is our (subreaped) zombie
+    except ChildProcessError:
+        pass
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_quiet(pid: int) -> None:
+    """SIGKILL a sandbox's init: the kernel then kills its whole pid namespace."""
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Incarnations:
+    """Starts and ends incarnations; blocking (call it from a worker thread)."""
+
+    def __init__(self, ctx: SandboxContext) -> None:
+        self.store = ctx.store
+        self.cgroups = ctx.cgroups
+        self._ctx = ctx  # for CRIU, found once by the manager
+        self._to_reap: set[int] = set()  # killed inits not yet waited for
+
+    def launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True,
+               restore_from: Path | None = None, stopped: bool = False) -> tuple[int, float]:
+        """Mount a branch, create its cgroup, start the sandbox; (pid, start time).
+
+        It starts with a fresh init, or -- `restore_from` a checkpoint's process
+        images (DeltaCR) -- with the checkpoint's processes, left stopped if
+        `stopped` (a body double). The cgroup is named after the branch: every
+        rollback makes a new branch, so an incarnation being torn down never
+        shares a cgroup with its successor.
+        """
+        branch_id = Path(mnt.target).name
+        Path(mnt.target).mkdir(exist_ok=True)
+        if not linux.is_mountpoint(mnt.target):
+            mnt.mount()
+        limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
+        procs = self.cgroups.create(branch_id, limits)
+        if restore_from is not None:
+            def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
+                self.cgroups.move_to_own_cgroups(criu_pid)
+                self.cgroups.freeze(branch_id)
+            pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), procs,
+                                                   freeze if stopped else None)
+            return pid, process_start(pid)
+        argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
+        for p in procs:
+            argv += ["--cgroup-procs", str(p)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise Internal(f"starting the sandbox's init failed: {res.stderr.strip()}")
+        pid = int(res.stdout.split()[0])
+        if network and rec.spec.get("network") == NetworkMode.NAT:
+            self.attach_network(rec, pid, Path(mnt.target))
+        return pid, process_start(pid)
+
+    def attach_network(self, rec: SandboxRecord, pid: int, root: Path) -> None:
+        from deltabox.host import network as net
+        net.attach_nat(rec.id, pid, rec.spec["net_index"])
+        servers = net.host_nameservers()
+        if servers:
+            SandboxFiles(root, 1 << 20).write(
+                "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in servers).encode())
+
+    def kill(self, branch_id: str, init_pid: int, rec: SandboxRecord | None = None) -> None:
+        """Kill an incarnation's processes, remove its cgroup, unmount its branch."""
+        self.cgroups.kill_all(branch_id)
+        self.cgroups.remove(branch_id)
+        if init_pid:
+            # The daemon is a subreaper (and restores are its children): the
+            # killed init is ours to reap, once it has exited -- see reap().
+            self._to_reap.add(init_pid)
+            self.reap()
+        if rec is not None and rec.spec.get("network") == NetworkMode.NAT \
+                and rec.branch_id == branch_id:
+            from deltabox.host import network as net
+            net.detach_nat(rec.id)
+        for m in linux.mounts_under(self.store.mnt_dir / branch_id):
+            try:
+                linux.umount(m)
+            except OSError:
+                linux.umount(m, linux.MNT_DETACH)
+
+    def retire(self, branch_id: str, init_pid: int) -> None:
+        """Tear down a branch that no record refers to any more, and delete it."""
+        self.kill(branch_id, init_pid)
+        self.store.delete_branch_dirs(branch_id)
+
+    def reap(self) -> None:
+        """waitpid() the killed inits that have exited (never -1: that would steal
+        the exit status of the daemon's other children, e.g. a launcher's)."""
+        for pid in list(self._to_reap):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not our child, or already reaped
+                done = pid
+            if done:
+                self._to_reap.discard(pid)

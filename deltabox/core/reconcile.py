@@ -1,0 +1,210 @@
+"""Start-up, watching and shutdown: the kernel's state brought in line with the database.
+
+At start-up (`Reconciler.start`) CRIU helpers a killed daemon left are ended, mounts and
+cgroups no record names are removed, half-created or half-destroyed sandboxes are torn
+down, and each running sandbox is adopted (its init is the recorded (pid, start time); it
+is thawed if a killed checkpoint or rollback left it frozen) or restarted on its branch.
+While the daemon runs, a sandbox whose init died turns 'stopped'. At shutdown every
+incarnation is killed and unmounted; records stay 'running', so the next start restarts
+them (files kept, processes fresh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+
+from deltabox.core import deltafs
+from deltabox.core.deltacr import Standbys
+from deltabox.core.incarnation import Incarnations, alive, process_start, same_process
+from deltabox.core.runtime import Runtime, SandboxContext
+from deltabox.core.warm import WarmPools
+from deltabox.faults import crash_point
+from deltabox.host import linux
+from deltabox.store.records import SandboxRecord
+from deltabox.types import SandboxState
+
+__all__ = ["Reconciler"]
+
+log = structlog.get_logger("deltabox.core.reconcile")
+
+
+class Reconciler:
+    def __init__(self, ctx: SandboxContext, incarnations: Incarnations, standbys: Standbys,
+                 pools: WarmPools) -> None:
+        self._ctx = ctx
+        self.store = ctx.store
+        self.cgroups = ctx.cgroups
+        self._incarnations = incarnations
+        self._standbys = standbys
+        self._pools = pools
+        self._monitor: asyncio.Task | None = None
+
+    async def start(self) -> dict:
+        """Reconcile the kernel's state with the database; adopt or restart sandboxes."""
+        report = await asyncio.to_thread(self._reconcile)
+        self._monitor = asyncio.create_task(self._watch_inits())
+        return report
+
+    def _reconcile(self) -> dict:
+        inc = self._incarnations
+        report = {"adopted": 0, "restarted": 0, "failed": 0, "removed": 0, "stray_mounts": 0,
+                  "stray_cgroups": 0, "thawed": 0, "orphaned_criu": 0}
+        # First the CRIU helpers a killed daemon left running: a dump still writes
+        # into tmp/ and holds its sandbox seized and frozen, a restore forks into a
+        # stray cgroup. They are given a moment to finish (killing a dump midway
+        # can leave its parasite in a process), then killed.
+        if self._ctx.criu is not None:
+            report["orphaned_criu"] = self._ctx.criu.end_orphans()
+        records = {r.id: r for r in self.store.list_sandboxes()}
+        branches = {r.branch_id for r in records.values()}
+        # Anything not on a recorded branch (e.g. a standby of a crashed daemon) goes.
+        for target in linux.mounts_under(self.store.mnt_dir):
+            if target != str(self.store.mnt_dir) and Path(target).name not in branches:
+                linux.umount(target, linux.MNT_DETACH)
+                report["stray_mounts"] += 1
+        for name in self.cgroups.names() - branches:
+            try:
+                self.cgroups.kill_all(name)
+                self.cgroups.remove(name)
+                report["stray_cgroups"] += 1
+            except (OSError, TimeoutError) as e:  # one bad stray must not stop start-up
+                log.error("reconcile.stray_cgroup_failed", cgroup=name, error=str(e))
+        for rec in records.values():
+            if rec.state in (SandboxState.CREATING, SandboxState.BROKEN):
+                inc.kill(rec.branch_id, rec.init_pid, rec)
+                self.store.delete_sandbox(rec.id)
+                report["removed"] += 1
+            elif rec.state == SandboxState.RUNNING:
+                rt = Runtime(rec.init_pid, rec.branch_id)
+                if same_process(rec.init_pid, rec.init_start) \
+                        and rec.init_pid in self.cgroups.pids(rec.branch_id) \
+                        and self._thaw_adopted(rec, report):
+                    report["adopted"] += 1
+                    if rec.init_start >= 1e9:  # a wall-clock start: record it boot-relative
+                        self.store.set_sandbox_state(rec.id, SandboxState.RUNNING,
+                                                     rec.init_pid, process_start(rec.init_pid))
+                else:
+                    self.cgroups.kill_all(rec.branch_id)
+                    try:
+                        rt.init_pid, start = inc.launch(rec,
+                                                        self.store.branch_mount(rec.branch_id))
+                    except Exception as e:  # noqa: BLE001 - one sandbox must not stop the daemon
+                        # Its tree may be what refuses (root inside can break its own
+                        # launch): it stays recorded, stopped, files kept.
+                        log.error("reconcile.restart_failed", sandbox=rec.id, error=str(e))
+                        inc.kill(rec.branch_id, 0)
+                        self.store.set_sandbox_state(rec.id, SandboxState.STOPPED)
+                        report["failed"] += 1
+                        continue
+                    self.store.set_sandbox_state(rec.id, SandboxState.RUNNING, rt.init_pid,
+                                                 start)
+                    report["restarted"] += 1
+                self._recover_manifest(rec, rt)
+                self._ctx.runtimes[rec.id] = rt
+            crash_point("reconcile")
+        report.update(self.store.reconcile_disk())
+        self.store.gc_layers()
+        log.info("sandbox.reconciled", **report)
+        return report
+
+    def _thaw_adopted(self, rec: SandboxRecord, report: dict) -> bool:
+        """Thaw an adopted sandbox: a daemon killed during a checkpoint (sink or dump)
+        or a rollback to a body double (switched, not yet resumed) left it frozen,
+        and every call into it would hang. False if it cannot be thawed (it is then
+        restarted on its branch)."""
+        try:
+            if not self._is_frozen(rec.branch_id):
+                return True
+            self.cgroups.thaw(rec.branch_id)
+        except (OSError, TimeoutError) as e:
+            log.error("reconcile.thaw_failed", sandbox=rec.id, error=str(e))
+            return False
+        log.warning("reconcile.thawed", sandbox=rec.id)
+        report["thawed"] += 1
+        return True
+
+    def _is_frozen(self, name: str) -> bool:
+        """Whether the cgroup is frozen or freezing (v1 freezer.state, v2 cgroup.events)."""
+        d = self.cgroups.freezer_path(name)
+        if (d / "freezer.state").exists():
+            return (d / "freezer.state").read_text().strip() != "THAWED"
+        return "frozen 1" in (d / "cgroup.events").read_text() \
+            or (d / "cgroup.freeze").read_text().strip() == "1"
+
+    def _recover_manifest(self, rec: SandboxRecord, rt: Runtime) -> None:
+        """After a restart: which layers this branch sank, and a manifest naming
+        their paths (keys unknown, so the next checkpoint re-sinks the upper)."""
+        lower = self.store.get_branch(rec.branch_id).lower
+        if rec.head:
+            layers = self.store.get_checkpoint(rec.head).layers
+            if layers[:len(lower)] == lower:
+                rt.own_layers = list(layers[len(lower):])
+        rt.manifest = deltafs.manifest_from_layers(
+            self.store.layer_path(lid) for lid in rt.own_layers)
+
+    async def _watch_inits(self) -> None:
+        """Mark sandboxes whose init died as 'stopped' (and reap the init)."""
+        runtimes = self._ctx.runtimes
+        while True:
+            await asyncio.sleep(1.0)
+            self._incarnations.reap()
+            for sid, rt in list(runtimes.items()):
+                if rt.lock.locked():
+                    continue
+                if not alive(rt.init_pid):
+                    log.warning("sandbox.init_died", sandbox=sid, pid=rt.init_pid)
+                    runtimes.pop(sid, None)
+                    await self._standbys.drop(rt)
+                    await asyncio.to_thread(self.store.set_sandbox_state, sid,
+                                            SandboxState.STOPPED)
+
+    async def shutdown(self, keep_sandboxes: bool = False) -> None:
+        """Stop every sandbox's processes and unmount its branch. Records stay
+        'running', so the next start restarts them (files kept, processes fresh).
+        `keep_sandboxes`: drop only what no later daemon adopts (standbys, warm pools,
+        background work); sandboxes stay running and mounted for the next start."""
+        ctx, inc = self._ctx, self._incarnations
+        if self._monitor:
+            self._monitor.cancel()
+        ctx.stopping = True
+        for rt in ctx.runtimes.values():
+            rt.closed = True
+        # Let background work (standbys, warm pools, squashes) finish rather than
+        # cancel it mid-restore: a cancelled task leaves its worker thread running
+        # and what it creates unretired. They are bounded by CRIU's timeout.
+        while ctx.background:
+            await asyncio.gather(*list(ctx.background), return_exceptions=True)
+        for rt in ctx.runtimes.values():
+            async with rt.standby.building:  # an in-flight build retires itself (closed)
+                pass
+        for rt in ctx.runtimes.values():
+            await self._standbys.drop(rt)
+        await self._pools.drop_all()
+        if keep_sandboxes:
+            ctx.runtimes.clear()
+            return
+        # Every recorded sandbox, running or not (a stopped one is still mounted).
+        for rec in await asyncio.to_thread(self.store.list_sandboxes):
+            rt = ctx.runtimes.get(rec.id)
+            await asyncio.to_thread(inc.kill, rec.branch_id,
+                                    rt.init_pid if rt else rec.init_pid, rec)
+        ctx.runtimes.clear()
+        # Then whatever no record or pool names (an incarnation some failed step left
+        # behind): its processes and mounts would keep the store busy, its loop attached.
+        await asyncio.to_thread(self._sweep_strays)
+        await asyncio.to_thread(self.cgroups.release_parents)
+
+    def _sweep_strays(self) -> None:
+        for name in self.cgroups.names():
+            log.error("shutdown.stray_cgroup", cgroup=name)
+            try:
+                self._incarnations.kill(name, 0)
+            except (OSError, TimeoutError) as e:
+                log.error("shutdown.stray_cgroup_failed", cgroup=name, error=str(e))
+        for target in linux.mounts_under(self.store.mnt_dir):
+            if target != str(self.store.mnt_dir):
+                log.error("shutdown.stray_mount", mount=target)
+                linux.umount(target, linux.MNT_DETACH)

@@ -1,0 +1,269 @@
+"""Checkpoints (DeltaFS) and the checkpoint tree: take, list, diff, delete, pin, squash.
+
+A checkpoint freezes the sandbox's cgroup, sinks the branch's upper directory into a new
+immutable layer (reflinks; `deltafs.sink_upper_into_layer`), and -- for a full checkpoint --
+has DeltaCR dump the processes in the same frozen instant (`deltabox.core.deltacr`); then
+it thaws and records the checkpoint in one store transaction. Afterwards, in the
+background: the sandbox's standby for it is prepared, a deep chain is squashed into one
+layer, a full checkpoint's images are deduplicated.
+
+Deleting a checkpoint waits for the rollbacks, forks and double builds that hold it
+(`runtime.CheckpointHolds`); its standbys and warm pools go before its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import structlog
+
+from deltabox.core import deltafs
+from deltabox.core.deltacr import DeltaCR, Standbys
+from deltabox.core.runtime import Runtime, SandboxContext
+from deltabox.core.warm import WarmPools
+from deltabox.errors import InvalidArgument, NotFound
+from deltabox.faults import crash_point
+from deltabox.store.checkpoints import CheckpointInUse
+from deltabox.store.layout import remove_tree
+from deltabox.store.records import CheckpointRecord, SandboxRecord
+from deltabox.types import CheckpointMode
+
+__all__ = ["Snapshots", "rmtree_quiet", "DELETE_WAIT_S"]
+
+log = structlog.get_logger("deltabox.core.snapshots")
+
+DELETE_WAIT_S = 150.0  # a deletion waits this long for rollbacks/forks of it (> CRIU's timeout)
+
+
+def rmtree_quiet(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except OSError as e:
+        log.warning("cleanup.failed", path=str(path), error=str(e))
+
+
+class Snapshots:
+    """Checkpoints of running sandboxes, and their tree."""
+
+    def __init__(self, ctx: SandboxContext, deltacr: DeltaCR, standbys: Standbys,
+                 pools: WarmPools) -> None:
+        self._ctx = ctx
+        self.store = ctx.store
+        self.config = ctx.config
+        self._deltacr = deltacr
+        self._standbys = standbys
+        self._pools = pools
+        self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
+
+    async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
+                         wait_ready: bool = False) -> CheckpointRecord:
+        """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
+        in the background -- or before returning, with `wait_ready` (see `ready`)."""
+        if mode not in (CheckpointMode.FS, CheckpointMode.FULL):
+            raise InvalidArgument(f"checkpoint mode must be 'fs' or 'full', not {mode!r}")
+        if len(label) > 1024 or "\0" in label:
+            raise InvalidArgument("label must be at most 1024 characters without NUL")
+        rec, rt = self._ctx.running(ref)
+        async with rt.lock:
+            async with self._deltacr.quiesced(rec, rt, mode):
+                ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
+                                               mode)
+        metrics = self._ctx.metrics
+        metrics.checkpoints.labels(mode).inc()
+        metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
+        metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
+        log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
+                 layers=len(ckpt.layers), **ckpt.stats)
+        standby = self._ctx.spawn(self._standbys.prepare(rec.id, ckpt.id))
+        self._ctx.spawn(self._maybe_squash(ckpt.id))
+        self._deltacr.after_checkpoint(ckpt)
+        if wait_ready:
+            await asyncio.shield(standby)  # a cancelled call leaves the build running
+            with contextlib.suppress(NotFound):  # the build may have marked it unusable
+                fresh = self.store.get_checkpoint(ckpt.id)
+                ckpt = dataclasses.replace(ckpt, unusable_reason=fresh.unusable_reason,
+                                           unusable_criu=fresh.unusable_criu)
+        return ckpt
+
+    def _checkpoint_blocking(self, sandbox_id: str, rt: Runtime, label: str,
+                             mode: str) -> CheckpointRecord:
+        """Sink (and dump), then record, in one worker thread (one hop off the loop)."""
+        rec = self.store.get_sandbox(sandbox_id)
+        t0 = time.perf_counter()
+        images = self._deltacr.new_images_dir(mode)
+        try:
+            tmp, manifest, stats, frozen_ms = self._sink(rec, rt, images)
+        except BaseException:
+            if images is not None:
+                rmtree_quiet(images)
+            raise
+        t1 = time.perf_counter()
+        lower = self.store.get_branch(rec.branch_id).lower
+        base = lower + tuple(rt.own_layers)
+        # What to mount: the head's chain (squashed, once it is) plus the new layer.
+        base_mount = self.shortest_mount(rec.head) if rec.head and rt.own_layers else lower
+        try:
+            ckpt = self.store.commit_checkpoint(
+                rec, label, mode, base, base_mount, tmp,
+                {"changed": stats.changed, "whiteouts": stats.whiteouts,
+                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms}, images)
+        except BaseException:
+            for d in (tmp, images):
+                if d is not None:
+                    rmtree_quiet(d)
+            raise
+        crash_point("checkpoint.committed")
+        t2 = time.perf_counter()
+        if tmp is not None:
+            rt.own_layers.append(ckpt.layers[-1])
+        rt.manifest = manifest
+        ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
+                           "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
+        return ckpt
+
+    def shortest_mount(self, checkpoint_id: str) -> tuple[str, ...]:
+        """The checkpoint's mount chain, rebased on its nearest squashed ancestor on
+        the same lineage: checkpoints taken while a squash ran mount the squashed
+        layer plus their newer layers as soon as it is there."""
+        head = self.store.get_checkpoint(checkpoint_id)
+        if len(head.mount_layers) <= self.config.max_chain_depth:
+            return head.mount_layers
+        anc = head
+        while anc.parent_id:
+            anc = self.store.get_checkpoint(anc.parent_id)
+            if head.layers[:len(anc.layers)] != anc.layers:
+                break  # another lineage (a rollback target's chain)
+            if anc.squashed:
+                return anc.mount_layers + head.layers[len(anc.layers):]
+        return head.mount_layers
+
+    def _sink(self, rec: SandboxRecord, rt: Runtime, images: Path | None = None):
+        """Freeze, sink the upper's changes into a new tmp layer dir, (dump the
+        processes into `images`: the same frozen instant), thaw.
+
+        Returns (tmp dir or None if nothing changed, new manifest, stats, ms frozen)."""
+        cgroups = self._ctx.cgroups
+        upper = self.store.branches_dir / rec.branch_id / "upper"
+        manifest = rt.manifest or deltafs.Manifest()
+        tmp = self.store.new_tmp_dir()
+        t0 = time.perf_counter()
+        cgroups.freeze(rec.branch_id)
+        t1 = time.perf_counter()
+        try:
+            stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
+            crash_point("checkpoint.sink")
+            t_sink = time.perf_counter()
+            if images is not None:
+                stats.phases_ms.update(self._deltacr.dump_frozen(rec, rt, images,
+                                                                 1000 * (t_sink - t1)))
+        except BaseException:
+            cgroups.thaw(rec.branch_id)
+            rmtree_quiet(tmp)
+            raise
+        t2 = time.perf_counter()
+        cgroups.thaw(rec.branch_id)
+        t3 = time.perf_counter()
+        frozen_ms = 1000 * (t3 - t0)
+        stats.phases_ms.update({"freeze_ms": 1000 * (t1 - t0), "copy_ms": 1000 * (t2 - t1),
+                                "thaw_ms": 1000 * (t3 - t2)})
+        if stats.changed == 0 and stats.whiteouts == 0:
+            rmtree_quiet(tmp)
+            tmp = None
+        return tmp, new_manifest, stats, frozen_ms
+
+    # ---- the tree ------------------------------------------------------------------
+
+    def list_checkpoints(self, ref: str) -> list[CheckpointRecord]:
+        return self.store.checkpoint_tree(self._ctx.get(ref))
+
+    def _chain_for(self, ref: str) -> list[Path]:
+        """Layer dirs of a checkpoint, or of a live sandbox (its lower + its upper).
+
+        Only these roots are host paths (the daemon's own directories); everything
+        below them is the sandbox's, and deltafs reaches it fd-relative only."""
+        try:
+            ckpt = self.store.get_checkpoint(ref)
+            return [self.store.layer_path(lid) for lid in ckpt.mount_layers]
+        except NotFound:
+            pass
+        try:
+            rec = self._ctx.get(ref)
+        except NotFound:
+            raise NotFound(f"{ref!r} is neither a checkpoint nor a sandbox") from None
+        lower = self.store.get_branch(rec.branch_id).lower
+        return [self.store.layer_path(lid) for lid in lower] + [
+            self.store.branches_dir / rec.branch_id / "upper"]
+
+    async def diff(self, a: str, b: str) -> list[tuple[str, str]]:
+        if not a or not b:
+            raise InvalidArgument("diff needs two checkpoints (or sandboxes)")
+        chain_a, chain_b = self._chain_for(a), self._chain_for(b)
+        # A live sandbox's upper is read while its processes run, not frozen: a diff
+        # can take long and would stop the agent for all of it. Safe because deltafs
+        # resolves every path below a tree's fd without following symlinks, so a
+        # directory swapped for a symlink to / is seen as a change, never walked.
+        return await asyncio.to_thread(deltafs.diff_chains, chain_a, chain_b)
+
+    async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:
+        """Delete a checkpoint (with cascade, its subtree). Ordered after the rollbacks,
+        forks and double builds in flight on any of them: it waits for them (then,
+        e.g., refuses the checkpoint a rollback just made a sandbox's head)."""
+        holds = self._ctx.holds
+        self.store.get_checkpoint(checkpoint_id)
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.store.delete_checkpoint, checkpoint_id,
+                                                  cascade, holds.busy, False)
+                break
+            except CheckpointInUse as e:
+                await holds.wait_released(e.checkpoint_ids, DELETE_WAIT_S)
+        for cid in deleted:  # standbys and warm pools sit on them: gone before their files
+            await self._pools.drop(cid)
+            await self._standbys.drop_for(cid)
+        await asyncio.to_thread(self.store.remove_checkpoint_files, deleted)
+        return deleted
+
+    def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
+        return self.store.set_pinned(checkpoint_id, pinned)
+
+    async def _maybe_squash(self, checkpoint_id: str) -> None:
+        """Squash a deep chain into one layer (reflinks) so lookups stay flat."""
+        try:
+            ckpt = self.store.get_checkpoint(checkpoint_id)
+        except NotFound:
+            return
+        if len(ckpt.mount_layers) <= self.config.max_chain_depth or ckpt.squashed:
+            return
+        if self._squash_lock.locked():
+            return  # coalesce: the next checkpoint retries if its chain is still deep
+        async with self._squash_lock:
+            tmp = self.store.new_tmp_dir()
+            try:
+                mount = ckpt.mount_layers
+                # Keep the image's layers and squash what the sandbox added above
+                # them (a delta squash: cost follows the changes, not the image).
+                try:
+                    image = self.store.get_image(ckpt.image).layer_ids
+                except NotFound:
+                    image = ()
+                base = image if mount[:len(image)] == image and image else ()
+                chain = [self.store.layer_path(lid) for lid in mount[len(base):]]
+                squash = deltafs.squash_deltas if base else deltafs.squash_chain
+                t0 = time.perf_counter()
+                n = await asyncio.to_thread(squash, chain, tmp / "layer")
+                await asyncio.to_thread(self.store.set_squashed, checkpoint_id, base,
+                                        tmp / "layer", mount)
+                # Checkpoints taken while it ran extend it: rebase them on it.
+                await asyncio.to_thread(self.store.rebase_on_squashed, checkpoint_id)
+                log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(mount),
+                         kept=len(base), entries=n,
+                         ms=round(1000 * (time.perf_counter() - t0), 1))
+            except NotFound:
+                pass
+            finally:
+                await asyncio.to_thread(rmtree_quiet, tmp)
+            await asyncio.to_thread(self.store.gc_layers)

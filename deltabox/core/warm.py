@@ -1,0 +1,160 @@
+"""Warm pools for forks, and the one memory budget of prepared incarnations.
+
+`warm(checkpoint, n)` prepares up to n incarnations of a checkpoint ahead of a fork (body
+doubles for full checkpoints, inits on ready branches for fs ones); `fork` adopts them first
+(`take`). Restores run `config.restore_parallelism` at a time.
+
+Prepared incarnations -- warm pools and every sandbox's standby -- hold memory the sandboxes
+did not ask for; `MemoryBudget` keeps them together under `config.warm_budget_bytes`, evicting
+whole pools, least recently used first, to make room. An evicted checkpoint stays restorable
+(its images are on the store): only the head start is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deltabox.core.incarnation import Incarnations
+from deltabox.core.runtime import SandboxContext, Standby
+from deltabox.errors import FailedPrecondition, InvalidArgument, NotFound
+from deltabox.store.records import CheckpointRecord, SandboxRecord
+from deltabox.types import NetworkMode
+
+if TYPE_CHECKING:
+    from deltabox.core.deltacr import DeltaCR
+
+__all__ = ["WarmPools", "MemoryBudget", "child_spec"]
+
+log = structlog.get_logger("deltabox.core.warm")
+
+
+def child_spec(ckpt: CheckpointRecord) -> dict:
+    """The spec of a sandbox made from `ckpt` (a fork's child): its network gets its own
+    address."""
+    return {k: v for k, v in ckpt.spec.items() if k not in ("net_index", "ip_address")}
+
+
+class MemoryBudget:
+    """Memory held by prepared incarnations (warm pools and sandboxes' standbys) against
+    `config.warm_budget_bytes`."""
+
+    def __init__(self, ctx: SandboxContext, pools: WarmPools) -> None:
+        self._ctx = ctx
+        self._pools = pools
+
+    def held(self) -> int:
+        cgroups = self._ctx.cgroups
+        total = 0
+        for sb in self._pools.incarnations():
+            total += cgroups.memory_usage(sb.branch_id)
+        for rt in self._ctx.runtimes.values():
+            if rt.standby.built is not None:
+                total += cgroups.memory_usage(rt.standby.built.branch_id)
+        return total
+
+    async def make_room(self, need: int, keep: str) -> bool:
+        """Whether `need` more bytes fit, after evicting pools (but `keep`'s) if not."""
+        if self.held() + need > self._ctx.config.warm_budget_bytes:
+            await self._evict(keep, need)
+            if self.held() + need > self._ctx.config.warm_budget_bytes:
+                return False
+        return True
+
+    async def _evict(self, keep: str, need: int) -> None:
+        """Drop whole pools, least recently used first, until `need` more bytes fit
+        under the budget. Pinned checkpoints keep theirs."""
+        for cid in self._pools.least_recently_used():
+            if self.held() + need <= self._ctx.config.warm_budget_bytes:
+                return
+            if cid == keep:
+                continue
+            try:
+                if self._ctx.store.get_checkpoint(cid).pinned:
+                    continue
+            except NotFound:
+                pass
+            await self._pools.drop(cid)
+            log.info("warm.evicted", checkpoint=cid)
+
+
+class WarmPools:
+    """Prepared incarnations of checkpoints, waiting for a fork."""
+
+    def __init__(self, ctx: SandboxContext, deltacr: DeltaCR,
+                 incarnations: Incarnations) -> None:
+        self._ctx = ctx
+        self._deltacr = deltacr
+        self._incarnations = incarnations
+        self._pools: dict[str, list[Standby]] = {}  # checkpoint -> its warm incarnations
+        self._used: dict[str, float] = {}  # checkpoint -> last use (LRU)
+        self._restores = asyncio.Semaphore(ctx.config.restore_parallelism)
+        self.budget = MemoryBudget(ctx, self)
+
+    def incarnations(self):
+        for pool in self._pools.values():
+            yield from pool
+
+    def least_recently_used(self) -> list[str]:
+        return sorted(self._pools, key=lambda c: self._used.get(c, 0))
+
+    async def warm(self, checkpoint_id: str, n: int, wait: bool = False) -> int:
+        """Prepare up to n incarnations of a checkpoint for a coming fork (body doubles
+        for full checkpoints, inits on ready branches for fs ones). Returns how many
+        are ready (after preparing them, if `wait`)."""
+        ctx = self._ctx
+        if not isinstance(n, int) or not 0 <= n <= ctx.config.max_fork:
+            raise InvalidArgument(f"n must be between 0 and {ctx.config.max_fork}")
+        ckpt = ctx.store.get_checkpoint(checkpoint_id)
+        self._deltacr.refuse_unusable(ckpt)
+        if ckpt.spec.get("network") == NetworkMode.NAT:
+            raise FailedPrecondition("warm forks of NAT sandboxes are not supported yet")
+        pool = self._pools.setdefault(ckpt.id, [])
+        self._used[ckpt.id] = time.monotonic()
+        missing = max(0, n - len(pool))
+        jobs = [self._warm_one(ckpt) for _ in range(missing)]
+        if wait:
+            await asyncio.gather(*jobs, return_exceptions=True)
+        else:
+            for job in jobs:
+                ctx.spawn(job)
+        return len(self._pools.get(ckpt.id, []))
+
+    async def _warm_one(self, ckpt: CheckpointRecord) -> None:
+        ctx = self._ctx
+        if ctx.stopping:
+            return
+        async with self._restores, ctx.holds.hold(ckpt.id):
+            if not ctx.store.checkpoint_exists(ckpt.id):  # deleted before the hold
+                return
+            # A double holds about its images' pages (an fs incarnation: ~nothing).
+            need = int(ckpt.stats.get("image_bytes", 0))
+            if not await self.budget.make_room(need, keep=ckpt.id):
+                log.info("warm.skipped_over_budget", checkpoint=ckpt.id,
+                         budget=ctx.config.warm_budget_bytes)
+                return
+            shell = SandboxRecord("", "", ckpt.image, "", "", 0.0, child_spec(ckpt))
+            sb = await self._deltacr.build_double(shell, ckpt, "warm")
+            if sb is None:
+                return
+        if ckpt.id not in self._pools or ctx.stopping:  # dropped meanwhile
+            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
+            return
+        self._pools[ckpt.id].append(sb)
+
+    def take(self, checkpoint_id: str, n: int) -> list[Standby]:
+        """Up to n warm incarnations of the checkpoint, for a fork (they leave the pool)."""
+        pool = self._pools.get(checkpoint_id, [])
+        self._used[checkpoint_id] = time.monotonic()
+        return [pool.pop() for _ in range(min(n, len(pool)))]
+
+    async def drop(self, checkpoint_id: str) -> None:
+        for sb in self._pools.pop(checkpoint_id, []):
+            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
+
+    async def drop_all(self) -> None:
+        for cid in list(self._pools):
+            await self.drop(cid)
