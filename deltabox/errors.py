@@ -8,6 +8,8 @@ remotely.
 
 from __future__ import annotations
 
+import errno as _errno
+
 __all__ = [
     "DeltaboxError",
     "InvalidArgument",
@@ -27,6 +29,7 @@ __all__ = [
     "ProcessNotFound",
     "PathNotFound",
     "error_for_code",
+    "error_from_errno",
     "ERROR_METADATA_KEY",
 ]
 
@@ -136,3 +139,48 @@ def domain_name(exc: BaseException) -> str:
     """The name the daemon sends for `exc` under ERROR_METADATA_KEY ("" = none)."""
     name = type(exc).__name__
     return name if _DOMAIN.get(name) is type(exc) else ""
+
+
+# errno -> error class, for errors of work done on a sandbox's behalf (its files, its execs).
+# ENOENT/ENOTDIR are in error_from_errno itself: they name a path only where the caller says.
+_ERRNO_CLASS = {
+    _errno.EEXIST: AlreadyExists,
+    _errno.EACCES: PermissionDenied, _errno.EPERM: PermissionDenied,
+    _errno.EXDEV: PermissionDenied, _errno.EROFS: PermissionDenied,
+    _errno.ENOMEM: ResourceExhausted, _errno.EAGAIN: ResourceExhausted,
+    _errno.ENOSPC: ResourceExhausted, _errno.EDQUOT: ResourceExhausted,
+    _errno.EFBIG: ResourceExhausted, _errno.EMFILE: ResourceExhausted,
+    _errno.ENFILE: ResourceExhausted,
+    _errno.EISDIR: InvalidArgument, _errno.EINVAL: InvalidArgument,
+    _errno.ELOOP: InvalidArgument, _errno.ENAMETOOLONG: InvalidArgument,
+    _errno.ENOEXEC: InvalidArgument, _errno.E2BIG: InvalidArgument,
+    _errno.ENXIO: InvalidArgument,
+    _errno.ENOTEMPTY: FailedPrecondition, _errno.EBUSY: FailedPrecondition,
+    _errno.ETXTBSY: FailedPrecondition,
+}
+
+
+def error_from_errno(err: int, text: str, *, path: bool = True) -> DeltaboxError | None:
+    """The error for a failed system call made on a sandbox's behalf; ``text`` becomes its
+    message (name the path or step, never a host path). The one errno mapping of DeltaBox:
+
+    ==========================================  =====================================
+    ENOENT, ENOTDIR                             PathNotFound (NotFound if not ``path``)
+    EEXIST                                      AlreadyExists
+    EACCES, EPERM, EXDEV, EROFS                 PermissionDenied
+    ENOMEM, EAGAIN, ENOSPC, EDQUOT, EFBIG,      ResourceExhausted (a limit of the
+    EMFILE, ENFILE                              sandbox or of the host was hit)
+    EISDIR, EINVAL, ELOOP, ENAMETOOLONG,        InvalidArgument (the request cannot
+    ENOEXEC, E2BIG, ENXIO                       work as asked)
+    ENOTEMPTY, EBUSY, ETXTBSY                   FailedPrecondition (it may work later)
+    anything else                               None: the caller's bug or the host's,
+                                                reported as INTERNAL by the caller
+    ==========================================  =====================================
+
+    ``path``: the errno came from resolving a path inside the sandbox, so ENOENT means
+    that path is missing (PathNotFound); False where the missing thing is something else.
+    """
+    if err in (_errno.ENOENT, _errno.ENOTDIR):
+        return PathNotFound(text) if path else NotFound(text)
+    cls = _ERRNO_CLASS.get(err)
+    return cls(text) if cls is not None else None

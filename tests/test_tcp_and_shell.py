@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -75,7 +77,7 @@ def test_tcp_needs_tls_and_the_token(new_daemon, tls_files, tmp_path, monkeypatc
     with deltabox.Client(target, tls_ca=cert) as c:
         with pytest.raises(deltabox.PermissionDenied):
             c.list()
-    with deltabox.Client(target) as c:  # plaintext: the TLS port does not speak it
+    with deltabox.Client(target, retry=None) as c:  # plaintext: the TLS port does not speak it
         with pytest.raises(deltabox.DeltaboxError):
             c.status()
     # Missing, malformed, repeated or a prefix of the right one: all refused alike.
@@ -115,6 +117,39 @@ def test_cli_talks_to_a_tcp_daemon(new_daemon, tls_files, tmp_path, monkeypatch)
     token_file.chmod(0o644)
     r = cli("--token-file", str(token_file), "status")
     assert r.returncode == 2 and "group or others" in r.stderr and "cli-s3cret" not in r.stderr
+
+
+def test_cli_address_tls_and_token_file_drive_a_sandbox(new_daemon, tls_files, tmp_path):
+    """`--address HOST:PORT --tls-ca FILE --token-file FILE`: the whole round trip of a
+    sandbox over TCP, and nothing without the token."""
+    key, cert = tls_files
+    port = _free_port()
+    token_file = _token_file(tmp_path / "token", "addr-s3cret\n")
+    d = new_daemon(extra_args=("--tcp", f"127.0.0.1:{port}", "--tls-cert", str(cert),
+                               "--tls-key", str(key), "--token-file", str(token_file))).start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+    env = {k: v for k, v in os.environ.items() if k not in ("DELTABOX_TOKEN", "DELTABOX_SOCKET")}
+
+    def cli(*args, token: bool = True):
+        auth = ("--token-file", str(token_file)) if token else ()
+        return subprocess.run([sys.executable, "-m", "deltabox.cli", "--address",
+                               f"127.0.0.1:{port}", "--tls-ca", str(cert), *auth, *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+    r = cli("create", "tiny", "--name", "over-tcp")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    r = cli("exec", "over-tcp", "--", "sh", "-c", "echo hi-$((6*7)); exit 5")
+    assert (r.returncode, r.stdout) == (5, "hi-42\n"), r.stderr
+    r = cli("--json", "ls")
+    assert [(b["id"], b["state"]) for b in json.loads(r.stdout)] == [(sid, "running")]
+    r = cli("ls", token=False)
+    assert r.returncode == 1 and "PermissionDenied" in r.stderr
+    assert cli("rm", sid).returncode == 0
+    with d.client() as c:
+        assert c.list() == []
+    r = cli("--socket", str(d.socket), "ls")
+    assert r.returncode != 0 and "not both" in r.stderr
 
 
 def test_daemon_takes_the_token_from_the_environment(new_daemon, tls_files, monkeypatch):
@@ -169,25 +204,25 @@ def test_bad_token_files_are_refused(tmp_path, mode, content, error):
     assert r.returncode != 0 and error in r.stderr and str(token_file) in r.stderr, r.stderr
     assert "s3cret" not in r.stderr
     assert not state.exists()
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(deltabox.InvalidArgument, match=error):
         deltabox.client.read_token_file(token_file)
 
 
 def test_token_file_checks(tmp_path):
     assert deltabox.client.read_token_file(_token_file(tmp_path / "a", "abc\n")) == "abc"
     assert deltabox.client.read_token_file(_token_file(tmp_path / "b", "abc")) == "abc"
-    with pytest.raises(ValueError, match="cannot open"):
+    with pytest.raises(deltabox.InvalidArgument, match="cannot open"):
         deltabox.client.read_token_file(tmp_path / "missing")
-    with pytest.raises(ValueError, match="not a regular file"):
+    with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
         deltabox.client.read_token_file(tmp_path)
     other = _token_file(tmp_path / "c", "abc")
     os.chown(other, 65534, 65534)
-    with pytest.raises(ValueError, match="uid 65534"):
+    with pytest.raises(deltabox.InvalidArgument, match="uid 65534"):
         deltabox.client.read_token_file(other)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(deltabox.InvalidArgument, match="not both"):
         deltabox.Client("localhost:1", tls_ca=tmp_path / "x", token="a",
                         token_file=tmp_path / "a")
-    with pytest.raises(ValueError, match="TLS"):  # a token never travels in plaintext
+    with pytest.raises(deltabox.InvalidArgument, match="TLS"):  # a token never travels in plaintext
         deltabox.Client("localhost:1", token_file=tmp_path / "a")
 
 
@@ -226,3 +261,29 @@ def test_shell_rpc_needs_start_first(daemon, tiny):
         list(stub.Shell(iter([pb.ShellInput(stdin=b"x")]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     channel.close()
+
+
+def test_client_shell_runs_an_interactive_shell(tiny):
+    """Client.shell / Sandbox.shell: the Shell RPC without touching stubs."""
+    with tiny._client.shell(tiny.id, ["/bin/sh"], rows=30, cols=100) as sh:
+        sh.resize(40, 120)
+        sh.send("stty size; tty; echo hi-$((6*7)); exit 3\n")
+        out = b"".join(sh)
+    assert b"hi-42" in out and b"/dev/pts/" in out and b"40 120" in out
+    assert sh.exit is not None and sh.exit.exit_code == 3 and sh.exit.status == 3
+    with tiny.shell(["/bin/sh"]) as sh:
+        sh.send(b"kill -9 $$\n")
+        assert b"".join(sh) is not None
+    assert sh.exit.signal == 9 and sh.exit.status == 128 + 9
+
+
+def test_async_client_shell(daemon, tiny):
+    async def go():
+        async with deltabox.AsyncClient(daemon.socket) as c:
+            sbx = await c.get(tiny.id)
+            async with sbx.shell(["/bin/sh"]) as sh:
+                await sh.send("echo async-$((6*7)); exit 4\n")
+                out = b"".join([data async for data in sh])
+            return out, sh.exit
+    out, exit_ = asyncio.run(go())
+    assert b"async-42" in out and exit_.exit_code == 4

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from deltabox.host import linux
-from deltabox.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from deltabox.errors import (Internal, InvalidArgument, ProcessNotFound, ResourceExhausted,
+                             SessionNotFound, Unavailable, error_from_errno)
 
 __all__ = ["InitChannel", "Conversation", "Frame", "ProcessState", "SOCKET_IN_SANDBOX"]
 
@@ -111,24 +112,23 @@ def _count(value: str | None, what: str, signed: bool = False) -> int:
 
 
 def error_from_fail(message: str):
-    """Map an init 'F' frame to a domain error."""
+    """Map an init 'F' frame ("errno=<n> <step>: <message>") to a domain error, through
+    the one errno mapping (errors.error_from_errno) plus what only the init's words say."""
     m = _ERRNO_RE.search(message)
     code = int(m.group(1)) if m else 0
     text = _ERRNO_RE.sub("", message).strip()
-    if code in (errno_mod.ENOENT, errno_mod.ENOTDIR):
-        return NotFound(text)
-    if code in (errno_mod.EACCES, errno_mod.ENOEXEC, errno_mod.EISDIR):
-        return InvalidArgument(text)
+    if code == errno_mod.ENOENT and "no such session" in text:
+        return SessionNotFound(text)
+    if code == errno_mod.ENOENT and "no such process" in text:
+        return ProcessNotFound(text)
     if code == errno_mod.E2BIG:  # execve: one string over 128 KiB, or all over ARG_MAX
         return InvalidArgument(f"{text} (an argument or environment string is at most "
                                "128 KiB: pass large data through stdin or a file)")
-    if "no such session" in text:
-        return NotFound(text)
-    if code in (errno_mod.EBUSY, errno_mod.EEXIST):
-        return FailedPrecondition(text)
-    if code in (errno_mod.EAGAIN, errno_mod.ENOMEM):
-        return FailedPrecondition(f"{text} (the sandbox is at its pids or memory limit)")
-    return Internal(f"sandbox init: {message}")
+    if code in (errno_mod.EAGAIN, errno_mod.ENOMEM):  # fork or exec inside the limits
+        return ResourceExhausted(f"{text} (the sandbox is at its pids or memory limit)")
+    # EINVAL from the init is a request of ours it found malformed: our bug, not the caller's.
+    err = error_from_errno(code, text) if code and code != errno_mod.EINVAL else None
+    return err or Internal(f"sandbox init: {message}")
 
 
 class Conversation:
