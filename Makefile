@@ -16,14 +16,15 @@ test: setup
 
 setup: host venv build
 
-# apt packages, CRIU >= 4 (built from Debian's source if needed), the tiny and demo images
+# apt packages, CRIU >= 4 (built from Debian's source if needed), the tiny and demo images,
+# the systemd rootfs that tests/test_service_e2e.py boots with systemd-nspawn
 host:
 	bash native/setup-host.sh all
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[server,cli,test]'
 	touch $@
 
 venv: $(VENV)/.installed

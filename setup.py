@@ -1,4 +1,9 @@
-"""Builds the generated and native parts (native/build.py) into wheels as well."""
+"""Builds the generated and native parts (native/build.py) into wheels as well.
+
+The generated gRPC code is always built. The native parts (the cffi extension and the static
+sandbox init) are built when a C compiler and cffi are present, else skipped with a warning:
+the client needs neither, and the daemon refuses to start without them, naming the fix.
+"""
 
 import importlib.util
 from pathlib import Path
@@ -18,7 +23,8 @@ def _native_build():
 class BuildWithNative(build_py):
     def run(self):
         super().run()
-        _native_build().build_all(Path(self.build_lib).resolve() / "deltabox")
+        _native_build().build_all(Path(self.build_lib).resolve() / "deltabox",
+                                  native_optional=True)
 
 
 setup(cmdclass={"build_py": BuildWithNative})

@@ -1,9 +1,11 @@
-"""structlog set-up: JSON lines on stderr (journald keeps them), one event per line."""
+"""structlog set-up: JSON lines on stderr (journald keeps them), one event per line.
+
+The level is the daemon's log-level setting (`deltabox.config`; $DELTABOX_LOG_LEVEL is read
+there, once, at start-up)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
@@ -11,8 +13,8 @@ import structlog
 __all__ = ["configure_logging"]
 
 
-def configure_logging(level: str | None = None, json: bool = True) -> None:
-    level_name = (level or os.environ.get("DELTABOX_LOG_LEVEL", "info")).upper()
+def configure_logging(level: str = "info", json: bool = True) -> None:
+    level_name = level.upper()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[

@@ -1,13 +1,21 @@
-"""Operation latencies: Prometheus histograms plus exact recent p50/p95 for `Stats`."""
+"""Operation latencies: Prometheus histograms plus exact recent p50/p95 for `Stats`.
+
+One `Metrics` per daemon, with its own registry. Its text reaches scrapers two ways, the same
+bytes both: in the gRPC `Stats` reply (`prometheus_text`), and, when the daemon is given a
+metrics-address, over HTTP (`MetricsHTTPServer`, off by default).
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                               start_http_server)
 
-__all__ = ["Metrics"]
+from deltabox.stats import percentile
+
+__all__ = ["Metrics", "MetricsHTTPServer"]
 
 # How a rollback went (RollbackResponse.path): a ready body double / standby swapped
 # in, one the rollback waited for while it was being built, or none (a CRIU restore /
@@ -77,18 +85,11 @@ class Metrics:
         with self._lock:
             for method, values in sorted(self._recent.items()):
                 s = sorted(values)
-                out.append((method, len(s), 1000 * _pct(s, 50), 1000 * _pct(s, 95)))
+                out.append((method, len(s), 1000 * percentile(s, 50), 1000 * percentile(s, 95)))
         return out
 
     def prometheus_text(self) -> str:
         return generate_latest(self.registry).decode()
-
-
-def _pct(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, round(pct / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def _read_store(space, field: str) -> float:
@@ -96,3 +97,30 @@ def _read_store(space, field: str) -> float:
         return float(getattr(space.usage(), field))
     except OSError:  # the store is being unmounted
         return float("nan")
+
+
+class MetricsHTTPServer:
+    """`GET /metrics` of a `Metrics`' registry, for Prometheus, at "HOST:PORT".
+
+    prometheus_client's own WSGI server (a daemon thread): the registry is already a
+    prometheus_client one and it is thread-safe, so nothing of ours runs on the event loop
+    while a scrape reads it. No TLS and no token: bind it to 127.0.0.1 or a private
+    network. Port 0 picks a free port (`address` then says which).
+    """
+
+    def __init__(self, metrics: Metrics, address: str):
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            self._server, self._thread = start_http_server(int(port), host, metrics.registry)
+        except OSError as e:
+            raise SystemExit(f"metrics-address {address}: cannot listen: {e.strerror}") from None
+        bound_host, bound_port = self._server.server_address[:2]
+        self.address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else \
+            f"{bound_host}:{bound_port}"
+        self.url = f"http://{self.address}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

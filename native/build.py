@@ -6,7 +6,9 @@
 2. the cffi extension deltabox._native from native/src,
 3. the static sandbox init native/init -> DIR/_bin/deltabox-init.
 
-setup.py calls the same `build_all` for wheels. Each step is skipped when its
+setup.py calls the same `build_all` for wheels, with the native parts (2 and 3) optional:
+where there is no C compiler or cffi they are skipped with a warning, and the package is
+then the client only. Run by hand, every step is required. Each step is skipped when its
 output is newer than its inputs, so a second run takes a fraction of a second.
 """
 
@@ -88,10 +90,27 @@ def build_init(package_dir: Path) -> None:
                    env={**os.environ, "MAKEFLAGS": ""})
 
 
-def build_all(package_dir: Path) -> None:
+def build_all(package_dir: Path, native_optional: bool = False) -> bool:
+    """Build everything into `package_dir`. The generated code is always built (the client
+    needs it). With `native_optional` (setup.py: a client-only install needs no compiler),
+    a native part that cannot be built is skipped with a warning; returns whether both
+    native parts were built."""
     build_protos(package_dir)
-    build_native(package_dir)
-    build_init(package_dir)
+    try:
+        build_native(package_dir)
+        build_init(package_dir)
+    except Exception as e:  # noqa: BLE001 - cffi missing, no compiler, make failed...
+        if not native_optional:
+            raise
+        reason = f"{type(e).__name__}: {e}".strip()
+        print(f"""
+WARNING: deltabox's native parts were NOT built ({reason[:300]}).
+  The client works without them; the daemon (`deltabox daemon`) refuses to start.
+  To build them: install a C compiler, make and static libc (apt-get install
+  build-essential) and cffi, then reinstall: pip install 'deltabox[server]'.
+""", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 if __name__ == "__main__":

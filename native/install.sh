@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install DeltaBox as a host service, or remove it again.
 #
-#   native/install.sh install | uninstall | status
+#   native/install.sh install | uninstall | status | wheel [DIR]
 #
 # install: builds the project's wheel (native init + cffi extension inside), a venv from it in
 #   $PREFIX/venv (Debian's python3, nothing under /root), `deltabox` on PATH, the unit, the
@@ -20,6 +20,8 @@
 #   PYTHON    interpreter for the installed venv (default /usr/bin/python3)
 #   BUILD_PYTHON  interpreter that builds the wheel (default .venv/bin/python: no downloads)
 #   PURGE=1   uninstall also removes the state dir and the config
+#   WHEEL     install this wheel (made by `native/install.sh wheel DIR`) instead of building
+#             one: a host without compilers (tests/test_service_e2e.py's container)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +36,7 @@ GROUP=${GROUP:-deltabox}
 PYTHON=${PYTHON:-/usr/bin/python3}
 BUILD_PYTHON=${BUILD_PYTHON:-$ROOT/.venv/bin/python}
 PURGE=${PURGE:-0}
+WHEEL=${WHEEL:-}
 UNIT=deltabox.service
 
 D=$DESTDIR  # shorthand: every path written is $D<final path>
@@ -68,15 +71,19 @@ build_wheel() {
     fi
     local whl
     whl=$(ls "$out"/deltabox-*.whl)
-    # The wheel must carry the native parts, or the daemon fails at the first sandbox.
-    "$PYTHON" - "$whl" <<'EOF' || die "the wheel lacks the native init or the cffi extension"
+    check_wheel "$whl"
+    printf '%s\n' "$whl"
+}
+
+# The wheel must carry the native parts, or the daemon fails at the first sandbox.
+check_wheel() {
+    "$PYTHON" - "$1" <<'EOF' || die "the wheel lacks the native init or the cffi extension"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 ok = "deltabox/_bin/deltabox-init" in names and any(
     n.startswith("deltabox/_native") and n.endswith(".so") for n in names)
 sys.exit(0 if ok else 1)
 EOF
-    printf '%s\n' "$whl"
 }
 
 
@@ -98,9 +105,15 @@ do_install() {
     local venv=$D$PREFIX/venv whl
     install -d -m 0755 "$D$PREFIX"
 
-    log "wheel: building from $ROOT"
     TMP=$(mktemp -d /tmp/deltabox-install.XXXXXX)
-    whl=$(build_wheel "$TMP/wheels" | tail -n1)
+    if [[ -n $WHEEL ]]; then
+        [[ -f $WHEEL ]] || die "WHEEL=$WHEEL: no such file"
+        whl=$WHEEL
+        check_wheel "$whl"
+    else
+        log "wheel: building from $ROOT"
+        whl=$(build_wheel "$TMP/wheels" | tail -n1)
+    fi
     log "wheel: $(basename "$whl") (has deltabox/_bin/deltabox-init and _native*.so)"
 
     # A venv holds absolute paths, so it is created in place; an upgrade reinstalls the
@@ -110,7 +123,8 @@ do_install() {
         "$PYTHON" -m venv "$venv"
     fi
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$whl"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$whl"
+    # The daemon's dependencies are the `server` extra (the base install is the client).
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$whl[server,cli]"
     # -I: the installed package, not the one in the current directory
     "$venv/bin/python" -I -c 'import deltabox._native, deltabox.config as c; c.init_binary()' ||
         die "the installed package does not import its native parts"
@@ -215,8 +229,14 @@ do_status() {
 }
 
 case ${1:-} in
+wheel)  # build the wheel only, into ${2:-dist}; prints its path
+    TMP=$(mktemp -d /tmp/deltabox-install.XXXXXX)
+    mkdir -p "${2:-dist}"
+    whl=$(build_wheel "$TMP/wheels" | tail -n1)
+    mv -f "$whl" "${2:-dist}/"
+    printf '%s\n' "${2:-dist}/$(basename "$whl")" ;;
 install) do_install ;;
 uninstall) do_uninstall ;;
 status) do_status ;;
-*) echo "usage: $0 install|uninstall|status  (env: DESTDIR PREFIX PURGE=1 ...)" >&2; exit 2 ;;
+*) echo "usage: $0 install|uninstall|status|wheel [DIR]  (env: DESTDIR PREFIX PURGE=1 ...)" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # Prepare a fresh DeltaBox host (Debian 12 bookworm, root): packages, CRIU 4.1.1 + libcriu,
 # and the two rootfs images the daemon and tests use.
 #
-#   native/setup-host.sh packages | criu | image-tiny | image-demo | all
+#   native/setup-host.sh packages | criu | image-tiny | image-demo | service-rootfs | all
 #
 # Idempotent and cached: every step first validates its result (not just a stamp) and
 # returns at once when it is already there, so a second `all` takes seconds.
@@ -33,6 +33,8 @@ PACKAGES=(
     iproute2 iptables util-linux xz-utils zstd ca-certificates curl libffi-dev python3-venv
     # systemd-analyze (tests/test_install.py verifies the unit); installs no init system
     systemd
+    # systemd-nspawn: tests/test_service_e2e.py boots the service-rootfs under a real systemd
+    systemd-container
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -440,15 +442,59 @@ step_image_demo() {
     log "image-demo: $out $(human_size "$out")"
 }
 
+# 5. service-rootfs: a Debian rootfs whose PID 1 is systemd, for tests/test_service_e2e.py
+# (`systemd-nspawn --boot`; this VM has no systemd as PID 1). It holds what `make install`
+# and the daemon need at run time: python3-venv, xfsprogs, iproute2/iptables, CRIU's shared
+# libraries (CRIU itself is bind-mounted from $CRIU_PREFIX). Kept as a directory; each test
+# run boots an overlay of it, so the cached tree never changes.
+
+SERVICE_ROOTFS=$CACHE/service-rootfs
+SERVICE_PACKAGES=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,xfsprogs,iproute2,iptables,procps,libbsd0,libgnutls30,libnftables1,libprotobuf-c1,libnl-3-200,libnet1,libjansson4
+
+step_service_rootfs() {
+    need_root
+    local out=$SERVICE_ROOTFS/root stamp=$SERVICE_ROOTFS/stamp want tmp mirror suite
+    command -v debootstrap >/dev/null || die "debootstrap missing: run '$0 packages' first"
+    suite=$(os_codename)
+    want="$suite $SERVICE_PACKAGES"
+    if [[ -x $out/lib/systemd/systemd && $(cat "$stamp" 2>/dev/null) == "$want" ]]; then
+        log "service-rootfs: $out present"
+        return
+    fi
+    mirror=$(debian_mirror)
+    mkdir -p "$SERVICE_ROOTFS"
+    tmp=$(mktemp -d "$SERVICE_ROOTFS/.new.XXXXXX")
+    TMPDIRS+=("$tmp")
+    log "service-rootfs: debootstrap --variant=minbase $suite $mirror (takes a few minutes)"
+    debootstrap --variant=minbase --include="$SERVICE_PACKAGES" "$suite" "$tmp/root" "$mirror" \
+        >"$tmp/debootstrap.log" 2>&1 ||
+        { cp "$tmp/debootstrap.log" "$CACHE/service-rootfs-debootstrap.log"; tail -n 20 "$tmp/debootstrap.log" >&2;
+          die "debootstrap failed (log: $CACHE/service-rootfs-debootstrap.log)"; }
+    find "$tmp/root/var/cache/apt/archives" -maxdepth 1 -type f -name '*.deb' -delete
+    # A container boots faster and quieter without these; the test drives it with nsenter.
+    local unit
+    for unit in console-getty.service getty@.service systemd-networkd.service \
+        systemd-resolved.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
+        fstrim.timer systemd-timesyncd.service; do
+        ln -sfn /dev/null "$tmp/root/etc/systemd/system/$unit"
+    done
+    echo deltabox-e2e >"$tmp/root/etc/hostname"
+    rm -rf "$out"
+    mv "$tmp/root" "$out"
+    printf '%s\n' "$want" >"$stamp"
+    log "service-rootfs: $out $(du -sh "$out" | cut -f1)"
+}
+
 # ---------------------------------------------------------------------------------------------
 
 usage() {
     cat >&2 <<EOF
-usage: $0 {packages|criu|image-tiny|image-demo|all} ...
+usage: $0 {packages|criu|image-tiny|image-demo|service-rootfs|all} ...
   packages    apt-get install the host packages (only those missing)
   criu        build CRIU $CRIU_VERSION + libcriu into $CRIU_PREFIX (from Debian $CRIU_SUITE source)
   image-tiny  busybox rootfs tarball  $IMAGES/tiny.tar
   image-demo  debootstrap rootfs tarball $IMAGES/demo.tar (python3, git)
+  service-rootfs  debootstrap rootfs with systemd $SERVICE_ROOTFS/root (tests/test_service_e2e.py)
   all         all of the above, in that order
 cache: $CACHE (DELTABOX_CACHE), CRIU prefix: $CRIU_PREFIX (DELTABOX_CRIU_PREFIX)
 EOF
@@ -461,7 +507,8 @@ run_step() {
     criu) timed criu step_criu ;;
     image-tiny) timed image-tiny step_image_tiny ;;
     image-demo) timed image-demo step_image_demo ;;
-    all) for s in packages criu image-tiny image-demo; do run_step "$s"; done ;;
+    service-rootfs) timed service-rootfs step_service_rootfs ;;
+    all) for s in packages criu image-tiny image-demo service-rootfs; do run_step "$s"; done ;;
     *) usage ;;
     esac
 }

@@ -81,9 +81,13 @@ def _start_ticks(pid: int) -> int:
     return 0 if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def find_criu() -> Path | None:
-    from deltabox.config import CRIU_PREFIX
-    for candidate in (CRIU_PREFIX / "sbin" / "criu", Path("/usr/local/sbin/criu")):
+def find_criu(prefix: Path | None = None) -> Path | None:
+    """CRIU under `prefix` (the daemon passes its criu-prefix setting; other callers get
+    $DELTABOX_CRIU_PREFIX or /opt/deltabox/criu), else /usr/local/sbin/criu."""
+    from deltabox.config import DEFAULT_CRIU_PREFIX
+    if prefix is None:
+        prefix = Path(os.environ.get("DELTABOX_CRIU_PREFIX") or DEFAULT_CRIU_PREFIX)
+    for candidate in (prefix / "sbin" / "criu", Path("/usr/local/sbin/criu")):
         if candidate.exists():
             return candidate
     return None
