@@ -1,69 +1,47 @@
 """`deltabox demo`: a guided tour on a throw-away daemon.
 
-Starts a daemon on a temporary state dir (a loop-backed XFS image), imports
-the demo image (debootstrap + python3 + git, built by native/setup-host.sh),
-and shows what an agent harness does with it: create, exec, persistent
-sessions, files, isolation -- with the latencies measured on this machine.
-Everything is removed at the end.
+Starts a daemon on a temporary state dir (`deltabox.testing.ThrowawayDaemon`: a
+loop-backed XFS image), imports the demo image (debootstrap + python3 + git, built by
+native/setup-host.sh), and shows what an agent harness does with it:
+
+1. the tour: create, exec, persistent sessions, files, isolation, and the latency of
+   create / exec / destroy on this machine;
+2. time travel, what the project exists for: a full checkpoint of a sandbox whose
+   Python session holds a variable, a destructive step (the project deleted, the
+   variable overwritten), a rollback that brings files AND the session's variable back,
+   a fork into children that each diverge, and the checkpoint tree.
+
+Every time printed is measured around the client call (what the caller waits for,
+through gRPC), not the daemon's own accounting. Everything is removed at the end.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.tree import Tree
 
 import deltabox
+from deltabox.stats import percentile
+from deltabox.testing import ThrowawayDaemon
 
 console = Console()
 
-
-def _pcts(samples: list[float]) -> tuple[float, float]:
-    s = sorted(samples)
-    return 1000 * statistics.median(s), 1000 * s[min(len(s) - 1, int(0.95 * len(s)))]
-
-
-def _start_daemon(state: Path, image_dirs: tuple[Path, ...] = ()) -> subprocess.Popen:
-    """A throw-away daemon on `state`; `image_dirs` replace its default image dirs."""
-    sock = state / "deltabox.sock"
-    extra = [arg for d in image_dirs for arg in ("--image-dir", str(d))]
-    proc = subprocess.Popen([sys.executable, "-m", "deltabox.cli", "daemon", "--state-dir",
-                             str(state), "--socket", str(sock), "--store-size", "16G", *extra],
-                            stdout=open(state.parent / "daemon.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon failed: {(state.parent / 'daemon.log').read_text()}")
-        if sock.exists():
-            try:
-                with deltabox.Client(sock) as c:
-                    c.status()
-                return proc
-            except deltabox.DeltaboxError:
-                pass
-        time.sleep(0.05)
-    raise SystemExit("daemon did not start")
+CHILDREN = 4
+PROJECT = "/work/project"
 
 
 def run(image_tar: Path) -> int:
     if os.geteuid() != 0:
         raise SystemExit("the demo runs a daemon, which needs root")
-    base = Path(tempfile.mkdtemp(prefix="deltabox-demo-"))
-    state = base / "state"
-    state.mkdir()
     console.rule("[bold]DeltaBox demo")
-    console.print(f"daemon state dir {state} (loop-backed XFS with reflinks)")
-    proc = _start_daemon(state)
-    try:
-        with deltabox.Client(state / "deltabox.sock") as c:
+    with ThrowawayDaemon(image_dirs=(image_tar.parent,)) as daemon:
+        console.print(f"daemon state dir {daemon.state_dir} (loop-backed XFS with reflinks)")
+        with daemon.client() as c:
             st = c.status()
             console.print(f"daemon {st.version} up, store {st.store_backing}, CRIU "
                           f"{st.criu_version or 'not installed'}")
@@ -73,10 +51,11 @@ def run(image_tar: Path) -> int:
                           f"{len(img.layer_ids)} layer(s)")
             _tour(c)
             _latencies(c)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        subprocess.run(["rm", "-rf", str(base)])
+            if st.criu_version:
+                _time_travel(c)
+            else:
+                console.print("[yellow]CRIU is not installed: full checkpoints (time travel) "
+                              "skipped[/]")
     console.rule("[bold green]done: everything cleaned up")
     return 0
 
@@ -127,14 +106,125 @@ def _latencies(c: deltabox.Client, n: int = 15) -> None:
         t2 = time.perf_counter()
         sbx.destroy()
         t3 = time.perf_counter()
-        create.append(t1 - t0)
-        exec_.append(t2 - t1)
-        destroy.append(t3 - t2)
-    table = Table("operation (through gRPC)", "p50 ms", "p95 ms", box=None)
+        create.append(1000 * (t1 - t0))
+        exec_.append(1000 * (t2 - t1))
+        destroy.append(1000 * (t3 - t2))
+    table = Table(f"operation (through gRPC, n={n})", "p50 ms", "p95 ms", box=None)
     for name, xs in (("create", create), ("exec true", exec_), ("destroy", destroy)):
-        p50, p95 = _pcts(xs)
-        table.add_row(name, f"{p50:.1f}", f"{p95:.1f}")
+        table.add_row(name, f"{percentile(xs, 50):.1f}", f"{percentile(xs, 95):.1f}")
     console.print(table)
+
+
+def _timed(fn, *args, **kw):
+    """(fn's result, milliseconds the caller waited for it)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, 1000 * (time.perf_counter() - t0)
+
+
+def _step(ms: float, what: str) -> None:
+    console.print(f"[cyan]{ms:8.1f} ms[/]  {what}")
+
+
+def _state(sbx, py) -> str:
+    """What the agent has: the project's files and the session's variables."""
+    r = sbx.exec(f"test -d {PROJECT} && ls {PROJECT} | paste -sd' '")
+    files = r.stdout.decode().strip() if r.exit_code == 0 else "(gone)"
+    return f"files: {files} | " + py.run("print(f'{plan=} {step=}')").stdout.decode().strip()
+
+
+def _path_note(path) -> str:
+    """The rollback path the daemon took, in words."""
+    notes = {"double": "a ready double swapped in",
+             "double-waited": "waited for its double",
+             "restore": "no double: CRIU restore"}
+    return f"[bold]{path}[/]: {notes.get(str(path), '')}"
+
+
+def _wait_ready(sbx, ckpt_id: str, timeout: float = 30.0) -> None:
+    """Until the checkpoint's body double is built (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(ck.id == ckpt_id and ck.ready for ck in sbx.checkpoints()):
+            return
+        time.sleep(0.05)
+
+
+def _time_travel(c: deltabox.Client) -> None:
+    console.rule("time travel: checkpoint, break, roll back, fork")
+    with c.create("demo", name="agent", memory=512 << 20) as sbx:
+        sbx.write_file(f"{PROJECT}/calc.py", "def add(a, b):\n    return a + b\n",
+                       make_parents=True)
+        sbx.write_file(f"{PROJECT}/README.md", "# calc\n")
+        py = sbx.open_session("python", name="agent")
+        py.run("plan = ['read', 'fix', 'test']; step = 2")
+        console.print(f"           start: {_state(sbx, py)}")
+
+        ck, ms = _timed(sbx.checkpoint, "before the mistake", full=True)
+        _step(ms, f"full checkpoint {ck.id}: files + processes, the session too")
+        _, ms = _timed(sbx.exec, f"rm -rf {PROJECT}")
+        _step(ms, f"the agent runs `rm -rf {PROJECT}`")
+        _, ms = _timed(py.run, "plan = None; step = -1")
+        _step(ms, "... and overwrites its session's variables")
+        console.print(f"           now:  {_state(sbx, py)}")
+
+        rb, ms = _timed(sbx.rollback, ck)
+        _step(ms, f"rollback at once ({_path_note(rb.path)})")
+        console.print(f"           back: {_state(sbx, py)}")
+
+        _, ms = _timed(_wait_ready, sbx, ck.id)
+        _step(ms, "the agent thinks; meanwhile the daemon rebuilds the body double")
+        sbx.exec(f"rm -rf {PROJECT}")
+        py.run("plan = None")
+        rb, ms = _timed(sbx.rollback, ck)
+        _step(ms, f"same mistake again, rollback ({_path_note(rb.path)})")
+        console.print(f"           back: {_state(sbx, py)}")
+
+        kids, ms = _timed(c.fork, ck, CHILDREN)
+        _step(ms, f"fork into {CHILDREN} children (cold: each restored, files + session)")
+        _diverge(kids)
+        _show_tree(sbx, kids)
+        for kid in kids:
+            if kid.sandbox is not None:
+                kid.sandbox.destroy()
+
+
+def _diverge(kids) -> None:
+    """Each child tries a different fix, in its own files and its own copy of the session."""
+    fixes = ["return a + b  # unchanged", "return sum((a, b))", "return b + a",
+             "return a - (-b)"]
+    table = Table("child", "its edit", "its session", "checkpoint ms", box=None)
+    for i, kid in enumerate(kids):
+        if kid.error is not None:
+            table.add_row(f"#{i}", f"[red]fork failed: {kid.error}[/]", "", "")
+            continue
+        sbx = kid.sandbox
+        py = sbx.session("agent")
+        sbx.exec(["sed", "-i", f"s/return a + b/{fixes[i % len(fixes)]}/", f"{PROJECT}/calc.py"])
+        py.run(f"step = {3 + i}; plan.append('try fix #{i}')")
+        _, ms = _timed(sbx.checkpoint, f"child {i}: fix #{i}", full=True)
+        edit = sbx.exec(f"grep return {PROJECT}/calc.py").stdout.decode().strip()
+        step = py.run("print(f'step={step}, {len(plan)} in plan')").stdout.decode().strip()
+        table.add_row(f"#{i} {sbx.name}", edit, step, f"{ms:.1f}")
+    console.print(table)
+
+
+def _show_tree(root, kids) -> None:
+    """The checkpoint tree of the root and its children, merged by checkpoint id."""
+    sandboxes = [root] + [k.sandbox for k in kids if k.sandbox is not None]
+    names = {s.id: s.name for s in sandboxes}
+    nodes = {ck.id: ck for s in sandboxes for ck in s.checkpoints()}
+    children: dict[str, list] = {}
+    for ck in sorted(nodes.values(), key=lambda ck: ck.created_at):
+        children.setdefault(ck.parent_id if ck.parent_id in nodes else "", []).append(ck)
+    tree = Tree("[bold]checkpoint tree[/]")
+
+    def add(branch, parent_id: str) -> None:
+        for ck in children.get(parent_id, []):
+            owner = names.get(ck.sandbox_id, ck.sandbox_id)
+            add(branch.add(f"{ck.id} {ck.label!r} (of {owner})"), ck.id)
+    add(tree, "")
+    console.print(tree)
 
 
 def main(argv: list[str] | None = None) -> int:

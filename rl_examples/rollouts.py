@@ -1,21 +1,28 @@
-"""RL-style rollouts on DeltaBox, with sandbox work overlapped with generation.
+"""RL-style rollouts on DeltaBox: how long the policy waits for the sandboxes.
 
     sudo .venv/bin/python rl_examples/rollouts.py [--socket PATH] [--envs 4] [--steps 8]
 
-Each environment is a sandbox with a persistent bash session. A step is:
-the policy generates an action (here a stand-in that takes --gen-ms; put your
-model's generate() there), the action runs in the sandbox, and the sandbox is
-checkpointed. With probability --p-fail an action "breaks" the environment and
-the episode rolls back to the last good checkpoint -- the branching and
-rewinding an RL trainer or tree search does all the time.
+A batch of --envs environments, each a sandbox with a persistent bash session, is
+driven by one policy (one accelerator). A round is:
+  1. the policy generates one action per environment (a stand-in that takes --gen-ms;
+     put your model's batched generate() there): the accelerator is busy;
+  2. every environment runs its action, then the environment is *checked* (a command
+     in the sandbox: the state file exists and holds only numbers). With probability
+     --p-fail an action is destructive (it deletes or corrupts the state), the check
+     fails, and the environment rolls back to its last good full checkpoint -- files
+     and the bash session together; otherwise it is checkpointed;
+  3. a learner step of --train-ms (0 by default): the accelerator is busy.
 
-Two schedules are timed on the same work:
-- sequential: generate, then checkpoint / rollback, one after the other;
-- overlapped: the checkpoint of step t runs while the policy generates step t+1
-  (AsyncClient), so the accelerator waits only for what is unfinished.
+Two schedules run the same actions (same seeds):
+- sequential: each round waits for its checkpoints before the next generation;
+- overlapped: the checkpoints of round t run while the policy generates round t+1
+  (AsyncClient); the next action waits only for the unfinished part.
 
-It prints the paper's utilisation U = (T_gen + T_train) / (T_sandbox + T_gen + T_train)
-for both (T_train = 0 here; pass --train-ms to model a learner step per round).
+Everything is measured on the wall clock of the whole batch: T_gen and T_train are the
+wall time of the generation and learner phases, `wall` is first generation to last
+checkpoint acknowledged (the last round's checkpoints are waited for and counted), and
+U = (T_gen + T_train) / wall is the share of time the accelerator works. The
+per-operation latencies (client-side, p50/p95) are printed beside it.
 """
 
 from __future__ import annotations
@@ -24,77 +31,131 @@ import argparse
 import asyncio
 import random
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import deltabox
+from deltabox.stats import summary
+
+STATE = "/work/state"
+# The environment is healthy when its state file exists and holds only numbers.
+CHECK = f"test -f {STATE}/log && ! grep -qvE '^[0-9]+$' {STATE}/log"
+DESTRUCTIVE = [f"rm -rf {STATE}", f"echo corrupted > {STATE}/log", f"rm -f {STATE}/log"]
 
 
-class Clock:
-    def __init__(self):
-        self.gen = self.sandbox = self.train = 0.0
+@dataclass
+class Latencies:
+    """Client-side milliseconds per sandbox operation, over all environments."""
+    ms: dict[str, list[float]] = field(default_factory=lambda: {
+        "action": [], "check": [], "checkpoint": [], "rollback": []})
+    rollback_paths: Counter = field(default_factory=Counter)  # "double", "double-waited", ...
 
-    def utilisation(self) -> float:
-        busy = self.gen + self.train
-        return busy / (busy + self.sandbox) if busy + self.sandbox else 0.0
-
-
-async def generate(args, rng: random.Random) -> str:
-    """Stand-in for the policy's generate(): returns a shell action."""
-    await asyncio.sleep(args.gen_ms / 1000)
-    n = rng.randint(0, 1000)
-    if rng.random() < args.p_fail:
-        return "rm -rf /work/state"  # a destructive action: needs a rollback
-    return f"echo {n} >> /work/state/log && wc -l < /work/state/log"
+    async def timed(self, op: str, coro):
+        t0 = time.perf_counter()
+        out = await coro
+        self.ms[op].append(1000 * (time.perf_counter() - t0))
+        return out
 
 
-async def episode(client, args, seed: int, overlapped: bool, clock: Clock) -> int:
-    rng = random.Random(seed)
-    async with await client.create("demo") as sbx:
+class Environment:
+    """One sandbox, its bash session and its last good checkpoint."""
+
+    def __init__(self, sbx, sh, good, seed: int, lat: Latencies):
+        self.sbx, self.sh, self.good = sbx, sh, good
+        self.rng = random.Random(seed)
+        self.lat = lat
+        self.pending: asyncio.Task | None = None  # an in-flight checkpoint (overlapped)
+        self.rollbacks = 0
+
+    @classmethod
+    async def create(cls, client, seed: int, lat: Latencies) -> "Environment":
+        sbx = await client.create("demo")
         sh = await sbx.open_session("bash")
-        await sh.run("mkdir -p /work/state && : > /work/state/log")
+        await sh.run(f"mkdir -p {STATE} && : > {STATE}/log")
         good = await sbx.checkpoint("start", full=True)
-        pending = None  # an in-flight checkpoint (overlapped mode)
-        rollbacks = 0
+        return cls(sbx, sh, good, seed, lat)
+
+    def propose(self, p_fail: float) -> str:
+        """The action the policy 'generated' for this environment."""
+        if self.rng.random() < p_fail:
+            return self.rng.choice(DESTRUCTIVE)
+        return f"echo {self.rng.randint(0, 1000)} >> {STATE}/log"
+
+    async def settle(self) -> None:
+        """Wait for the checkpoint still in flight, if any (it becomes the good one)."""
+        if self.pending is not None:
+            self.good = await self.pending
+            self.pending = None
+
+    async def step(self, action: str, step: int, overlapped: bool) -> None:
+        await self.settle()
+        await self.lat.timed("action", self.sh.run(action))
+        healthy = (await self.lat.timed("check", self.sh.run(CHECK))).exit_code == 0
+        if not healthy:
+            res = await self.lat.timed("rollback", self.sbx.rollback(self.good))
+            self.lat.rollback_paths[str(res.path)] += 1
+            self.rollbacks += 1
+            if (await self.sh.run(CHECK)).exit_code != 0:  # untimed: the example's own test
+                raise RuntimeError(f"{self.sbx.id}: still broken after a rollback")
+            return
+        ckpt = self.lat.timed("checkpoint", self.sbx.checkpoint(f"step {step}", full=True))
+        if overlapped:
+            self.pending = asyncio.ensure_future(ckpt)
+        else:
+            self.good = await ckpt
+
+
+async def generate(envs: list[Environment], args) -> list[str]:
+    """Stand-in for the policy's batched generate(): one action per environment."""
+    await asyncio.sleep(args.gen_ms / 1000)
+    return [env.propose(args.p_fail) for env in envs]
+
+
+async def run_schedule(client, args, overlapped: bool) -> dict:
+    lat = Latencies()
+    envs = list(await asyncio.gather(*(Environment.create(client, seed, lat)
+                                       for seed in range(args.envs))))
+    try:
+        t_gen = t_train = 0.0
+        t0 = time.perf_counter()
         for step in range(args.steps):
-            t0 = time.perf_counter()
-            action = await generate(args, rng)  # the checkpoint of step t-1 runs meanwhile
-            t1 = time.perf_counter()
-            clock.gen += t1 - t0
-            if pending is not None:
-                good = await pending  # only what the generation did not hide is waited
-                pending = None
-                clock.sandbox += time.perf_counter() - t1
-            result = await sh.run(action)
-            t2 = time.perf_counter()
-            if result.exit_code != 0 or "rm -rf" in action:
-                await sbx.rollback(good)  # full checkpoint: the session comes back too
-                rollbacks += 1
-                clock.sandbox += time.perf_counter() - t2
-                continue
-            if overlapped:
-                pending = asyncio.ensure_future(sbx.checkpoint(f"step {step}", full=True))
-            else:
-                good = await sbx.checkpoint(f"step {step}", full=True)
-            clock.sandbox += time.perf_counter() - t2
+            g0 = time.perf_counter()
+            actions = await generate(envs, args)  # round t-1's checkpoints run meanwhile
+            t_gen += time.perf_counter() - g0
+            await asyncio.gather(*(env.step(a, step, overlapped)
+                                   for env, a in zip(envs, actions)))
             if args.train_ms:
-                await asyncio.sleep(args.train_ms / 1000)
-                clock.train += args.train_ms / 1000
-        if pending is not None:
-            await pending
-        return rollbacks
+                l0 = time.perf_counter()
+                await asyncio.sleep(args.train_ms / 1000)  # stand-in for the learner step
+                t_train += time.perf_counter() - l0
+        await asyncio.gather(*(env.settle() for env in envs))  # the last round's waits count
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(env.sbx.destroy() for env in envs), return_exceptions=True)
+    return {"schedule": "overlapped" if overlapped else "sequential", "wall_s": wall,
+            "t_gen_s": t_gen, "t_train_s": t_train, "U": (t_gen + t_train) / wall,
+            "rollbacks": sum(env.rollbacks for env in envs),
+            "rollback_paths": dict(lat.rollback_paths),
+            "latency_ms": {op: summary(xs, 1) for op, xs in lat.ms.items()}}
 
 
 async def run(args) -> None:
     async with deltabox.AsyncClient(args.socket) as client:
-        for overlapped in (False, True):
-            clock = Clock()
-            t0 = time.perf_counter()
-            rollbacks = await asyncio.gather(*(episode(client, args, seed, overlapped, clock)
-                                               for seed in range(args.envs)))
-            wall = time.perf_counter() - t0
-            name = "overlapped" if overlapped else "sequential"
-            print(f"{name:10s}: {args.envs} envs x {args.steps} steps in {wall:6.2f} s, "
-                  f"rollbacks {sum(rollbacks)}, T_gen {clock.gen:6.2f} s, "
-                  f"T_sandbox {clock.sandbox:6.2f} s, U = {clock.utilisation():.2f}")
+        results = [await run_schedule(client, args, overlapped) for overlapped in (False, True)]
+    print(f"{args.envs} environments x {args.steps} rounds, generation {args.gen_ms:.0f} ms, "
+          f"learner {args.train_ms:.0f} ms, p_fail {args.p_fail}")
+    print(f"{'schedule':11s} {'wall s':>7s} {'T_gen s':>8s} {'T_train s':>9s} "
+          f"{'waited s':>9s} {'U':>5s} {'rollbacks':>9s}")
+    for r in results:
+        idle = r["wall_s"] - r["t_gen_s"] - r["t_train_s"]
+        print(f"{r['schedule']:11s} {r['wall_s']:7.2f} {r['t_gen_s']:8.2f} "
+              f"{r['t_train_s']:9.2f} {idle:9.2f} {r['U']:5.2f} {r['rollbacks']:9d}")
+    print("client-side latency per operation, ms (p50 / p95, n):")
+    for r in results:
+        cells = [f"{op} {s['p50']}/{s['p95']} (n={s['n']})"
+                 for op, s in r["latency_ms"].items() if s["n"]]
+        print(f"  {r['schedule']:11s} " + ", ".join(cells)
+              + f"; rollback paths {r['rollback_paths']}")
 
 
 def main() -> None:

@@ -1,18 +1,28 @@
-"""Tree search over code edits on DeltaBox: checkpoint, try, roll back, fork.
+"""Tree search over code edits on DeltaBox: checkpoint, fork, score, roll back to the best.
 
-    sudo .venv/bin/python rl_examples/tree_search.py [--socket PATH] [--width 4]
+    sudo .venv/bin/python rl_examples/tree_search.py [--socket PATH] [--width 4] [--cold]
 
-A small repository with two bugs lives in a sandbox. At every level the
-"policy" proposes `width` candidate edits (here: a fixed list of plausible
-patches, shuffled -- swap in your model); each candidate is tried on its own
-fork of the current checkpoint, scored by running the test suite, and the best
-child becomes the next level's checkpoint. Meanwhile the parent sandbox keeps a
-persistent Python session whose state survives rollbacks (full checkpoints).
+A small repository with two bugs lives in a sandbox (the "root"), beside a persistent
+Python session `notes` that keeps the search's history. At every level:
+  1. the root's state is a full checkpoint (files + processes, the session included);
+  2. `Warm(checkpoint, width)` is sent as a hint (it returns at once) and the root runs
+     the test suite -- real work the body doubles are built behind; with --cold no
+     hint is sent (the last level's hint is not used: its tests pass; the daemon keeps
+     that pool until its warm memory budget evicts it);
+  3. the "policy" proposes `width` candidate edits (a fixed list of plausible patches,
+     shuffled -- swap in your model); `Fork(checkpoint, width)` makes one child per
+     candidate: it adopts the warm incarnations ready by then and restores the rest
+     cold (the warm-up's own work ran beside the root's tests, in their wall time);
+  4. each child applies its edit, appends it to its copy of the `notes` history, and is
+     scored by running the tests;
+  5. the best child is checkpointed and the root is ROLLED BACK to that child's
+     checkpoint: files and the session's history come back from the child; the
+     children are destroyed.
 
-What it shows: fork(n) of a checkpoint, rollback, the tree (`deltabox tree`),
-diff between checkpoints, and how little time the sandbox side takes compared
-with running the tests themselves. Needs a running daemon with the `demo`
-image (`deltabox image import demo /var/cache/deltabox/images/demo.tar`).
+Every time printed is the client's wall clock around the call. What it shows: warm,
+fork(n) of a checkpoint, rollback across the tree, the diff between checkpoints, and
+how the sandbox side compares with running the tests themselves. Needs a running
+daemon with the `demo` image (`deltabox image import demo /var/cache/deltabox/images/demo.tar`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import random
 import time
 
 import deltabox
+from deltabox.stats import summary
 
 REPO = {
     "/work/repo/calc.py": (
@@ -59,32 +70,32 @@ def main() -> None:
     ap.add_argument("--socket")
     ap.add_argument("--width", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--think", type=float, default=0.5,
-                    help="seconds the (simulated) model takes to propose edits; the daemon "
-                         "warms the fork's body doubles meanwhile")
+    ap.add_argument("--cold", action="store_true", help="no Warm hint before each fork")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    timings: dict[str, list[float]] = {"checkpoint": [], "fork": [], "score": [],
-                                       "destroy": []}
+    timings: dict[str, list[float]] = {op: [] for op in (
+        "checkpoint", "warm hint", "fork", "rollback", "destroy", "score (tests)")}
 
     def timed(kind, fn, *a, **kw):
         t0 = time.perf_counter()
         out = fn(*a, **kw)
-        timings[kind].append(time.perf_counter() - t0)
+        timings[kind].append(1000 * (time.perf_counter() - t0))
         return out
 
+    t_start = time.perf_counter()
     with deltabox.Client(args.socket) as client, client.create("demo", name="search-root") as root:
         for path, text in REPO.items():
             root.write_file(path, text, make_parents=True)
         notes = root.open_session("python", name="notes")
         notes.run("history = []")
-        best = timed("checkpoint", root.checkpoint, "start", full=True)
+        start = best = timed("checkpoint", root.checkpoint, "start", full=True)
         level = 0
-        while failures(root) and level < 4:
+        while True:
+            if not args.cold:  # a hint: the doubles are built while the root's tests run
+                timed("warm hint", client.warm, best, args.width)
+            if not timed("score (tests)", failures, root) or level == 4:
+                break
             level += 1
-            # Hint first, then "think": the daemon restores the children meanwhile.
-            client.warm(best, args.width)
-            time.sleep(args.think)
             proposals = rng.sample(CANDIDATES, min(args.width, len(CANDIDATES)))
             children = timed("fork", client.fork, best, len(proposals))
             scored = []
@@ -94,27 +105,30 @@ def main() -> None:
                     continue
                 sbx = child.sandbox
                 sbx.exec(["sed", "-i", sed, "/work/repo/calc.py"])
-                n = timed("score", failures, sbx)
+                sbx.session("notes").run(f"history.append({desc!r})")
+                n = timed("score (tests)", failures, sbx)
                 scored.append((n, desc, sbx))
                 print(f"  level {level}: {desc:28s} -> {n} failing tests")
             n, desc, winner = min(scored, key=lambda s: s[0])
-            # Move the parent to the winner's state: the same edit, then a checkpoint.
-            root.rollback(best)
-            sed = dict(CANDIDATES)[desc]
-            root.exec(["sed", "-i", sed, "/work/repo/calc.py"])
-            notes.run(f"history.append({desc!r})")
-            best = timed("checkpoint", root.checkpoint, desc, full=True)
+            # The root becomes the winner: its checkpoint, rolled back to across the tree.
+            best = timed("checkpoint", winner.checkpoint, desc, full=True)
+            res = timed("rollback", root.rollback, best)
             for _, _, sbx in scored:
                 timed("destroy", sbx.destroy)
-            print(f"level {level}: kept {desc!r} ({n} failing)")
-        print("history in the persistent session:",
+            print(f"level {level}: root rolled back to the best child {best.id} "
+                  f"({desc!r}, {n} failing; rollback path {res.path})")
+        print("history in the root's session:",
               notes.run("print(history)").stdout.decode().strip())
-        print("diff start -> final:", client.diff(root.checkpoints()[0], best))
-        print("\nsandbox-side time per operation (through gRPC):")
-        for kind, xs in timings.items():
-            if xs:
-                xs.sort()
-                print(f"  {kind:10s} n={len(xs):3d} p50 {1000 * xs[len(xs) // 2]:8.1f} ms")
+        changes = [f"{e.change} {e.path}" for e in client.diff(start, best)
+                   if e.path.startswith("/work/")]
+        print("diff start -> final, under /work:", ", ".join(changes))
+    wall = 1000 * (time.perf_counter() - t_start)
+    print(f"\nclient-side time per operation, ms (whole run {wall:.0f} ms):")
+    for kind, xs in timings.items():
+        if xs:
+            s = summary(xs, 1)
+            print(f"  {kind:14s} n={s['n']:3d} p50 {s['p50']:8.1f} p95 {s['p95']:8.1f} "
+                  f"total {sum(xs):8.1f}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -21,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import deltabox
+from deltabox.testing import ThrowawayDaemon
 from deltabox.host.cgroups import instance_processes
 from deltabox.store.metadata import read_instance_id
 
@@ -29,69 +28,53 @@ TINY_TAR = CACHE / "images" / "tiny.tar"
 DEMO_TAR = CACHE / "images" / "demo.tar"
 
 
+# An offline host the demo image (~260 MB) cannot reach -- e.g. the cgroup-v2 machine of
+# docs/testing.md, sent native/offline-bundle.sh's tiny image only -- sets
+# DELTABOX_TESTS_WITHOUT_DEMO=1: a test that asks for the demo image is skipped, not failed.
+WITHOUT_DEMO = os.environ.get("DELTABOX_TESTS_WITHOUT_DEMO") == "1" and not DEMO_TAR.exists()
+
+
+def _skip_if_demo_missing(error: Exception) -> None:
+    if WITHOUT_DEMO and isinstance(error, deltabox.ImageNotFound) and (
+            "'demo'" in str(error) or str(DEMO_TAR) in str(error)):
+        pytest.skip("needs the demo image, absent here (DELTABOX_TESTS_WITHOUT_DEMO=1)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    try:
+        return (yield)
+    except deltabox.ImageNotFound as e:
+        _skip_if_demo_missing(e)
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except deltabox.ImageNotFound as e:
+        _skip_if_demo_missing(e)
+        raise
+
+
 def pytest_configure(config):
     if os.geteuid() != 0:
         raise pytest.UsageError("DeltaBox's tests are privileged: run them as root")
 
 
-class DaemonProcess:
-    """A `deltabox daemon` subprocess with its own state dir and socket."""
+class DaemonProcess(ThrowawayDaemon):
+    """A `deltabox daemon` subprocess with its own state dir and socket
+    (`deltabox.testing.ThrowawayDaemon`), reading images from the cache and tmp dirs."""
 
     def __init__(self, state_dir: Path, store_size: str = "16G", extra_args: tuple = ()):
-        self.state_dir = state_dir
-        self.extra_args = tuple(extra_args)
-        self.socket = state_dir / "deltabox.sock"
-        self.store_size = store_size
-        self.log_path = state_dir.parent / f"{state_dir.name}.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(state_dir, store_size=store_size, extra_args=extra_args,
+                         image_dirs=(TINY_TAR.parent, Path(tempfile.gettempdir())))
 
     def start(self, timeout: float = 30) -> "DaemonProcess":
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deltabox.cli", "daemon", "--state-dir", str(self.state_dir),
-             "--socket", str(self.socket), "--store-size", self.store_size,
-             # the tests' images live in the cache and in tmp dirs
-             "--image-dir", str(TINY_TAR.parent), "--image-dir", tempfile.gettempdir(),
-             *self.extra_args],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            if self.socket.exists():
-                try:
-                    with self.client() as c:
-                        c.status()
-                    store_instance(self.state_dir)
-                    return self
-                except deltabox.DeltaboxError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def client(self) -> deltabox.Client:
-        return deltabox.Client(self.socket)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait: the graceful path."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. Sandboxes, mounts and the loop device stay behind."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def cli(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "deltabox.cli", "--socket", str(self.socket),
-                               *args], capture_output=True, input=input, timeout=120)
+        super().start(timeout)
+        store_instance(self.state_dir)
+        return self
 
 
 _INSTANCES: dict[Path, str] = {}
@@ -175,13 +158,14 @@ def workdir():
 
 @pytest.fixture(scope="session")
 def daemon(workdir):
-    for tar in (TINY_TAR, DEMO_TAR):
+    for tar in (TINY_TAR, *(() if WITHOUT_DEMO else (DEMO_TAR,))):
         if not tar.exists():
             raise RuntimeError(f"{tar} is missing: run `make setup` (native/setup-host.sh)")
     d = DaemonProcess(workdir / "main").start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
-        c.import_image("demo", DEMO_TAR)
+        if not WITHOUT_DEMO:
+            c.import_image("demo", DEMO_TAR)
     yield d
     with d.client() as c:
         for s in c.list():

@@ -32,7 +32,6 @@ import pytest
 import deltabox
 from conftest import (DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, freezer_state, leftovers,
                       store_instance)
-from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox.host.cgroups import instance_processes
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
@@ -178,7 +177,7 @@ def versioned_sandbox(c, name: str, v: str = "v1"):
 def assert_alive(s) -> None:
     """Running, not frozen, and it answers."""
     info = s.refresh().info
-    assert info.state == pb.SANDBOX_STATE_RUNNING, info
+    assert info.state == deltabox.SandboxState.RUNNING, info
     assert not frozen(info.init_pid), f"sandbox {info.name} is frozen"
     assert s.exec("echo alive", timeout=20).stdout == b"alive\n"
 
@@ -460,7 +459,7 @@ def test_failed_rollback_leaves_the_sandbox_as_it_was(daemon, demo):
     with pytest.raises(deltabox.FailedPrecondition):
         demo.rollback(c1)
     info = demo.refresh().info
-    assert info.state == pb.SANDBOX_STATE_RUNNING, info
+    assert info.state == deltabox.SandboxState.RUNNING, info
     assert info.init_pid == init, "the old processes were replaced"
     assert sorted(p.pid for p in psutil.Process(init).children(recursive=True)) == procs
     assert version_of(demo) == expected("v3")
@@ -535,14 +534,14 @@ def test_init_identity_does_not_follow_the_wall_clock(daemon, tiny):
     """Adoption after a restart compares the init's start time with its record; the
     wall-clock start time moves when the clock is stepped (the kernel's boot time is
     derived from it), and a mismatch restarts the sandbox: its sessions are lost."""
-    from deltabox.core import sandboxes as sb
+    from deltabox.core.incarnation import process_start
     import psutil._pslinux as pslinux
     pid = tiny.info.init_pid
-    recorded = sb._process_start(pid)
+    recorded = process_start(pid)
     real = pslinux.boot_time
     pslinux.boot_time = lambda: real() + 1.0  # the clock was stepped by a second
     try:
-        assert sb._process_start(pid) == recorded
+        assert process_start(pid) == recorded
     finally:
         pslinux.boot_time = real
 

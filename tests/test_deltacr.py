@@ -9,6 +9,10 @@ rollback paths where it matters:
 - "restore": a checkpoint that is not the latest one is restored by CRIU from its images on the
   store (its body double was "evicted" when a newer checkpoint was taken).
 
+`rollback()` checks the path on the processes, not only on the daemon's reply: the sandbox's
+init after a "double" rollback was a frozen double before it, after a "restore" a new process
+(tests/observing.py finds a sandbox's init by its pid namespace).
+
 Background processes are started with `spawn()`: a python launcher that `setsid`s the child and
 returns only once it has exec'd. (Background jobs survive their exec since issue 8; the
 launcher predates that and still gives each process a session of its own.)
@@ -33,7 +37,8 @@ import pytest
 
 import deltabox
 from conftest import DEMO_TAR, TINY_TAR, freezer_state, leftovers, sandbox_inits
-from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
+from observing import doubles, live_init
+from waiting import stays, wait_for
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -97,17 +102,6 @@ def state(sbx, pid: int) -> str:
     return r.stdout.decode().rsplit(")", 1)[1].split()[0] if r.exit_code == 0 else "gone"
 
 
-def wait_for(fn, what: str, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def numbers(data: bytes) -> list[str]:
     """Complete lines of a log (a line being written may be cut short)."""
     return data.decode(errors="replace").split("\n")[:-1]
@@ -153,11 +147,6 @@ def _host_state(pid: int) -> str | None:
         return None
 
 
-def doubles(state_dir: Path) -> set[int]:
-    """Host pids of the inits of body doubles (restored, frozen) of a daemon's store."""
-    return {p for p in sandbox_inits(state_dir) if freezer_state(p) == "FROZEN"}
-
-
 def double_ready(state_dir: Path, before: set[int]) -> None:
     wait_for(lambda: doubles(state_dir) - before, "the body double to be prepared")
 
@@ -173,15 +162,24 @@ def double_settled(state_dir: Path) -> None:
 
 
 def rollback(sbx, ckpt, path: str, state_dir: Path, before: set[int] = frozenset()):
-    """Roll back and check which path the daemon took."""
+    """Roll back and check which path was taken -- on the processes, not only on the
+    daemon's word: "double" makes a body double that was frozen before the call the
+    sandbox's running init; "restore" starts an init that did not exist before it."""
     if path == "double":
         double_ready(state_dir, before)
         # ... and the daemon holds it (else the rollback reports "double-waited")
         cid = getattr(ckpt, "id", ckpt)
         wait_for(lambda: any(c.id == cid and c.ready for c in sbx.checkpoints()),
                  "the daemon to hold the body double")
+    frozen, inits = doubles(state_dir), set(sandbox_inits(state_dir))
     res = sbx.rollback(ckpt)
     assert res.path == path, (res.path, res.timings_ms)
+    init = live_init(state_dir, sbx)
+    if path == "double":
+        assert init in frozen, f"init {init} was not one of the frozen doubles {frozen}"
+    else:
+        assert init not in inits, f"init {init} existed before the restore"
+    assert freezer_state(init) == "THAWED", init
     return res
 
 
@@ -216,7 +214,7 @@ def _double_settled(request):
     demo, daemon = request.getfixturevalue("demo"), request.getfixturevalue("daemon")
     yield
     try:
-        full = any(c.mode == pb.CHECKPOINT_MODE_FULL for c in demo.checkpoints())
+        full = any(c.mode == deltabox.CheckpointMode.FULL for c in demo.checkpoints())
     except deltabox.DeltaboxError:
         return
     if full:
@@ -555,7 +553,7 @@ def test_100mb_process_and_counter_come_back_exactly(daemon, demo):
     wait_for(lambda: counted(demo, "/work/mem.log") > 5, "the counter")
     demo.write_file("/work/data.txt", "at checkpoint")
     ckpt, before = full_checkpoint(daemon, demo, "mem")
-    assert ckpt.mode == pb.CHECKPOINT_MODE_FULL
+    assert ckpt.mode == deltabox.CheckpointMode.FULL
     at_ckpt = counted(demo, "/work/mem.log")          # >= the checkpoint's count
     tree = procs(demo)
     assert (daemon.state_dir / "store" / "images" / ckpt.id).is_dir()
@@ -635,7 +633,8 @@ def test_multithreaded_process(daemon, demo):
     tree = procs(demo)
 
     def mutate():
-        time.sleep(0.3)
+        # the logs move past the checkpoint first: a rollback must take them back
+        wait_for(lambda: all(counted(demo, p) > at_ckpt[p] + 3 for p in logs), "the threads")
         sh(demo, f"kill -9 {pid}")
         for p in logs:
             demo.write_file(p, "garbage\n")
@@ -675,8 +674,10 @@ def test_pipeline_fifo_socketpair_and_unix_socket(daemon, demo):
     assert len(tree) == 1 + 3 + 2 + 2 + 2     # init, sh+2 pipeline, fifo pair, pair, srv+client
 
     def mutate():
-        time.sleep(0.3)
-        sh(demo, "kill -9 " + " ".join(str(p) for p in tree if p != 1))
+        wait_for(lambda: all(counted(demo, p) > at_ckpt[p] + 3 for p in logs), "the flows")
+        # (a pair's child exits by itself once its parent is killed: kill may miss it)
+        sh(demo, "kill -9 " + " ".join(str(p) for p in tree if p != 1) + " 2>/dev/null; true")
+        wait_for(lambda: not (set(procs(demo)) & set(tree)) - {1}, "the tree to be killed")
         sh(demo, "rm -f /work/fifo /work/u.sock")
 
     def verify(path):
@@ -712,7 +713,7 @@ def test_tcp_server_and_established_connection(daemon, demo):
     tree = procs(demo)
 
     def mutate():
-        time.sleep(0.3)
+        wait_for(lambda: counted(demo, "/work/tcp.log") > at_ckpt + 3, "the client")
         sh(demo, f"kill -9 {server}")
         wait_for(lambda: state(demo, client) == "gone", "the client to notice")
 
@@ -840,10 +841,10 @@ def test_rollback_delivers_no_signal_the_checkpoint_did_not_have(daemon, demo, p
         _, newer = full_checkpoint(daemon, demo, "newer")
         double_ready(daemon.state_dir, newer)
     rollback(demo, ckpt, path, daemon.state_dir, before)
-    time.sleep(0.3)
     assert state(demo, pid) in ("S", "R")
-    assert demo.read_file("/work/conts") == b"0", \
-        f"rollback via {path} delivered SIGCONT to pid {pid}"
+    # a signal sent by the rollback is handled within a loop turn (50 ms) of conts.py
+    stays(lambda: demo.read_file("/work/conts") == b"0",
+          f"no SIGCONT to pid {pid} after the rollback via {path}", duration=0.5)
 
 
 @pytest.mark.parametrize("path", ["restore", "double"])
@@ -878,10 +879,13 @@ def test_monotonic_clock_does_not_jump_by_the_time_since_the_checkpoint(daemon, 
             "the double waited"
 
 
-def test_stopped_process_is_checkpointed_and_stays_stopped(new_daemon):
-    """kill -STOP (or ^Z) on one process must not wedge a full checkpoint; rolled back,
-    the process is stopped again on both paths. A separate daemon: a hang here would
-    otherwise take the shared one down with it."""
+def test_stopped_process_refuses_a_full_checkpoint_naming_it_and_leaves_nothing(new_daemon):
+    """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs in the
+    kernel), so the daemon refuses a full checkpoint while one is stopped (kill -STOP,
+    ^Z): at once, naming the process, and leaving no trace -- no checkpoint, no images,
+    no body double, the sandbox thawed and the process still stopped. Once it is
+    continued, the checkpoint works. A separate daemon: a hang here would otherwise take
+    the shared one down with it."""
     d = new_daemon().start()
     c = d.client()
     c.import_image("tiny", TINY_TAR)
@@ -891,7 +895,9 @@ def test_stopped_process_is_checkpointed_and_stays_stopped(new_daemon):
     pid = int(sbx.read_file("/tmp/pid"))
     sh(sbx, f"kill -STOP {pid}")
     assert state(sbx, pid) == "T"
-    before = doubles(d.state_dir)
+    init = live_init(d.state_dir, sbx)
+    store = d.state_dir / "store"
+    images_before = set(os.listdir(store / "images"))
     result: dict = {}
 
     def checkpoint():
@@ -911,22 +917,25 @@ def test_stopped_process_is_checkpointed_and_stays_stopped(new_daemon):
         double_settled(d.state_dir)
         pytest.fail(f"a full checkpoint with a stopped process (pid {pid}) hung for > 8 s "
                     f"(returned after a manual thaw: {result})")
-    if "error" in result:  # refusing is acceptable if it is clear and harmless
-        msg = str(result["error"])
-        assert isinstance(result["error"], deltabox.FailedPrecondition), msg
-        assert "stopped" in msg and str(pid) in msg, msg
-        assert state(sbx, pid) == "T" and sh(sbx, "echo ok") == "ok\n"
-        return
-    ckpt = result["ckpt"]
-    assert state(sbx, pid) == "T"
+    assert "error" in result, f"a stopped process was checkpointed: {result}"
+    err = result["error"]
+    assert isinstance(err, deltabox.FailedPrecondition), repr(err)
+    assert "stopped" in str(err) and re.search(rf"\b{pid}\b", str(err)), str(err)
+    # nothing left behind: no checkpoint record, no images, no temporary dirs, no double;
+    # the sandbox runs (thawed) and the process is still stopped
+    assert sbx.checkpoints() == []
+    assert set(os.listdir(store / "images")) == images_before
+    assert not list((store / "tmp").iterdir())
+    assert set(sandbox_inits(d.state_dir)) == {init}, "a double or a stray init was started"
+    assert freezer_state(init) == "THAWED"
+    assert state(sbx, pid) == "T" and sh(sbx, "echo ok") == "ok\n"
+    # continued, it is an ordinary process: the checkpoint is taken and restores
     sh(sbx, f"kill -CONT {pid}")
-    rollback(sbx, ckpt, "double", d.state_dir, before)
-    assert state(sbx, pid) == "T", "the body double's SIGCONT resumed a stopped process"
-    before = doubles(d.state_dir)
-    sbx.checkpoint("newer", full=True)
-    double_ready(d.state_dir, before)
-    rollback(sbx, ckpt, "restore", d.state_dir)
-    assert state(sbx, pid) == "T"
+    ckpt = sbx.checkpoint("continued", full=True)
+    sh(sbx, f"kill -9 {pid}")
+    double_ready(d.state_dir, set())
+    rollback(sbx, ckpt, "double", d.state_dir)
+    assert state(sbx, pid) in ("S", "R")
     double_settled(d.state_dir)
     sbx.destroy()
     assert d.stop() == 0
@@ -1023,13 +1032,20 @@ def test_fork_four_children_diverge_independently(daemon, demo, client):
     bash = demo.open_session("bash", name="sh")
     bash.run("V=parent")
     wait_for(lambda: counted(demo, "/work/bg.log") > 3, "the counter")
-    ckpt = demo.checkpoint("fork-me", full=True)
+    ckpt = demo.checkpoint("fork-me", full=True, wait_ready=True)   # its own double is up
+    before = doubles(daemon.state_dir)
     assert client.warm(ckpt, 2, wait=True) == 2          # two warm children, two cold ones
+    warmed = doubles(daemon.state_dir) - before
+    assert len(warmed) == 2, f"warm reported 2 but {len(warmed)} frozen incarnations appeared"
     children = client.fork(ckpt, 4)
     try:
         assert [c.error for c in children] == [None] * 4
         kids = [c.sandbox for c in children]
         assert len({k.id for k in kids} | {demo.id}) == 5
+        # the two warm incarnations woke up as two of the children, the others were restored
+        inits = {live_init(daemon.state_dir, k) for k in kids}
+        assert len(inits) == 4 and len(inits & warmed) == 2, (inits, warmed)
+        assert all(freezer_state(p) == "THAWED" for p in inits)
         indexes = sorted(int(k.read_file("/.deltabox/fork-index")) for k in kids)
         assert indexes == [0, 1, 2, 3]
         draws = set()
@@ -1183,8 +1199,14 @@ def test_destroy_right_after_a_checkpoint_leaves_nothing(new_daemon, full):
                 sbx.checkpoint("then-destroy", full=full)
                 time.sleep(max(0.0, build - 0.03 * k))
                 sbx.destroy()
-            time.sleep(1.5)  # every background restore has finished by now
             assert c.list() == []
+            # every background restore ends within a few seconds; what is still there
+            # after that has outlived its sandbox
+            try:
+                wait_for(lambda: not sandbox_inits(d.state_dir), "the standbys to go",
+                         timeout=10)
+            except AssertionError:
+                pass
         leaked = sandbox_inits(d.state_dir)
         assert leaked == [], f"standbys (body doubles) outlived their sandbox: host pids {leaked}"
         assert d.stop() == 0, d.log()
@@ -1223,10 +1245,10 @@ def test_sigterm_right_after_a_full_checkpoint_stops_cleanly(new_daemon):
 
 
 def test_nat_sandbox_full_checkpoint_refused_clearly(daemon, client):
-    try:
-        sbx = client.create("demo", network="nat")
-    except deltabox.DeltaboxError as e:
-        pytest.skip(f"no NAT here: {e}")
+    from test_network import nat_unavailable
+    if (missing := nat_unavailable()):
+        pytest.skip(f"the host cannot do NAT: {missing}")
+    sbx = client.create("demo", network="nat")
     try:
         bash = sbx.open_session("bash", name="sh")
         bash.run("X=kept")
@@ -1255,10 +1277,10 @@ def test_full_checkpoint_refused_while_exec_or_session_call_in_flight(demo):
                 events = demo.exec_stream(["sh", "-c", "echo begin; sleep 1.2; echo end"])
                 chunks = []
                 for ev in events:
-                    if ev.WhichOneof("event") == "stdout":
+                    if ev.kind == "stdout":
                         chunks.append(ev.stdout)
                         started.set()
-                    elif ev.WhichOneof("event") == "exit":
+                    elif ev.kind == "exit":
                         out["exit"] = ev.exit.exit_code
                 out["stdout"] = b"".join(chunks)
             else:
@@ -1268,14 +1290,15 @@ def test_full_checkpoint_refused_while_exec_or_session_call_in_flight(demo):
         t = threading.Thread(target=call)
         t.start()
         assert started.wait(5)
-        time.sleep(0.3)
+        wait_for(lambda: any(cmd == "sleep 1.2" for _, cmd in procs(demo).values()),
+                 f"the {what} call's sleep to run")
         with pytest.raises(deltabox.FailedPrecondition, match="running"):
             demo.checkpoint("busy", full=True)
         demo.checkpoint("fs-is-fine", full=False)          # filesystem-only is allowed
         t.join(10)
         assert out == {"exit": 0, "stdout": b"begin\nend\n"}, (what, out)
     ckpt = demo.checkpoint("idle", full=True)
-    assert ckpt.mode == pb.CHECKPOINT_MODE_FULL           # once the calls have ended
+    assert ckpt.mode == deltabox.CheckpointMode.FULL           # once the calls have ended
 
 
 def test_exec_abandoned_by_its_client_does_not_block_checkpoints(daemon, demo):
@@ -1283,7 +1306,7 @@ def test_exec_abandoned_by_its_client_does_not_block_checkpoints(daemon, demo):
     a call in flight for ever."""
     with deltabox.Client(daemon.socket, timeout=0.5) as impatient:
         with pytest.raises(deltabox.DeadlineExceeded):
-            deltabox.Sandbox(impatient, demo.info).exec(["sleep", "30"])
+            deltabox.Sandbox(impatient, demo.info).exec(["sleep", "30"], deadline=0.5)
 
     def try_checkpoint():
         try:
@@ -1294,8 +1317,12 @@ def test_exec_abandoned_by_its_client_does_not_block_checkpoints(daemon, demo):
              interval=0.2)
 
 
-def test_execs_racing_checkpoints(demo):
-    """Execs started while a full checkpoint runs must not break it (nor be broken)."""
+def test_execs_racing_checkpoints(daemon, demo):
+    """Execs started while a full checkpoint runs must not break it (nor be broken): a
+    checkpoint either succeeds -- and then restores to its own state -- or is refused,
+    clearly, because an exec is in flight. Two threads keep execs in flight most of the
+    time, so many attempts are refused; but the gaps between execs must let checkpoints
+    through (10 within 200 attempts), else they starve behind the execs."""
     stop = threading.Event()
     failures, done = [], [0]
 
@@ -1308,17 +1335,21 @@ def test_execs_racing_checkpoints(demo):
                 done[0] += 1
             except deltabox.DeltaboxError as e:
                 failures.append(e)
+            time.sleep(0.01)
     threads = [threading.Thread(target=loop) for _ in range(2)]
     for t in threads:
         t.start()
-    outcomes = []
+    outcomes, taken = [], []
     try:
-        for i in range(20):
+        for i in range(200):
+            demo.write_file("/work/mark", str(i), make_parents=True)  # a file call, not an exec
             try:
-                demo.checkpoint(f"race-{i}", full=True)
+                taken.append((i, demo.checkpoint(f"race-{i}", full=True)))
                 outcomes.append("ok")
             except deltabox.FailedPrecondition as e:
                 outcomes.append(str(e))
+            if len(taken) == 10:
+                break
             time.sleep(0.03)
     finally:
         stop.set()
@@ -1328,5 +1359,10 @@ def test_execs_racing_checkpoints(demo):
     unclear = [o for o in outcomes if o != "ok" and "call(s) are running" not in o]
     assert not unclear, "\n".join(unclear)
     assert done[0] > 0
-
-
+    assert len(taken) == 10, f"{len(taken)} of {len(outcomes)} checkpoints succeeded"
+    # each success holds its own instant: its mark, and a live (thawed) init that runs
+    for i, ckpt in reversed(taken):
+        demo.rollback(ckpt)
+        assert demo.read_file("/work/mark") == str(i).encode(), (i, ckpt.id)
+        assert freezer_state(live_init(daemon.state_dir, demo)) == "THAWED"
+        assert sh(demo, "echo restored") == "restored\n"

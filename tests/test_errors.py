@@ -111,7 +111,7 @@ def test_empty_sandbox_ref_is_invalid_raw(stubs, rpc):
 def test_unknown_sandbox_is_not_found_client(client):
     with pytest.raises(deltabox.NotFound, match=UNKNOWN):
         client.get(UNKNOWN)
-    ghost = deltabox.Sandbox(client, pb.Sandbox(id=UNKNOWN))
+    ghost = deltabox.Sandbox(client, deltabox.SandboxInfo(id=UNKNOWN))
     calls = {
         "destroy": ghost.destroy, "exec": lambda: ghost.exec(["true"]),
         "exec_stream": lambda: list(ghost.exec_stream("true")),
@@ -240,7 +240,7 @@ def test_unknown_network_enum(client, stubs):
         pb.CreateSandboxRequest(image="tiny", network=99)))
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "network")
     assert {s.id for s in client.list()} == before
-    with pytest.raises(ValueError, match="network"):
+    with pytest.raises(deltabox.InvalidArgument, match="network"):
         client.create("tiny", network="bogus")
 
 
@@ -378,12 +378,15 @@ def test_wrong_types_raise_type_error_before_sending(client, tiny):
     assert {m: rpc_count(client, m) for m in cases} == seen, "a call reached the daemon"
 
 
-def test_client_rejects_unknown_choices_with_value_error(tiny):
-    """`network` and session `kind` are the client's string enums; a wrong one should be a
-    ValueError naming the choices, as create(network=...) does."""
-    with pytest.raises(ValueError, match="network"):
+def test_client_rejects_unknown_choices_with_invalid_argument(tiny):
+    """`network` and session `kind` are words of deltabox.types; a wrong one is refused by
+    the client itself with InvalidArgument (as the daemon would) naming the choices, and a
+    wrong type stays a TypeError."""
+    with pytest.raises(deltabox.InvalidArgument, match="network"):
         tiny._client.create("tiny", network="bridge")
-    with pytest.raises(ValueError, match="fish"):
+    with pytest.raises(TypeError, match="data"):
+        tiny.write_file("/tmp/x", 42)
+    with pytest.raises(deltabox.InvalidArgument, match="fish"):
         tiny.open_session("fish")
 
 
@@ -409,21 +412,17 @@ CHECKPOINT_RPCS = {
 
 
 @pytest.mark.parametrize("rpc", sorted(CHECKPOINT_RPCS))
-def test_checkpoint_rpcs_unimplemented_or_not_found(stubs, rpc):
-    """The checkpoint surface is fixed by the proto; an RPC this daemon does not implement
-    answers UNIMPLEMENTED, an implemented one NOT_FOUND for objects that do not exist --
-    never OK, INTERNAL or UNKNOWN."""
+def test_checkpoint_rpcs_answer_not_found_for_unknown_objects(stubs, rpc):
+    """Every RPC of the Checkpoints service is implemented: for objects that do not exist
+    each answers NOT_FOUND naming the (or, with two unknown references, one) missing
+    object -- never UNIMPLEMENTED, OK, INTERNAL or UNKNOWN."""
     assert set(CHECKPOINT_RPCS) == set(pb.DESCRIPTOR.services_by_name["Checkpoints"]
                                        .methods_by_name)
     call, ref = CHECKPOINT_RPCS[rpc]
     err = rpc_error(lambda: call(stubs.checkpoints))
-    assert err.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND), \
-        (err.code(), err.details())
-    if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-        assert_status(err, grpc.StatusCode.UNIMPLEMENTED, "checkpoint")
-    else:  # names the (or, with two unknown references, one) missing object
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        assert any(r in err.details() for r in refs), err.details()
+    assert err.code() == grpc.StatusCode.NOT_FOUND, (err.code(), err.details())
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    assert any(r in err.details() for r in refs), err.details()
 
 
 def test_health_serving(channel):
@@ -523,7 +522,7 @@ def test_append_to_a_fifo_is_not_a_regular_file(tiny, stubs):
     tiny.exec("(cat /tmp/fifo > /tmp/got &) ; sleep 0.2")
     with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
         tiny.write_file("/tmp/fifo", b"x", append=True)
-    assert tiny.stat("/tmp/fifo").type == pb.FILE_TYPE_OTHER
+    assert tiny.stat("/tmp/fifo").type == deltabox.FileType.OTHER
     err = rpc_error(lambda: stubs.sandboxes.WriteFile(pb.WriteFileRequest(
         sandbox=tiny.id, path="/tmp/m", data=b"x", mode=0o200000)))
     assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "mode", "0o7777")
@@ -582,7 +581,7 @@ def test_import_with_an_empty_source_is_refused(client, stubs, tmp_path, monkeyp
     (tmp_path / "bin" / "sh").write_text("not busybox\n")
     monkeypatch.chdir(tmp_path)  # below /tmp, one of the test daemon's image dirs
     seen = rpc_count(client, "ImportImage")
-    with pytest.raises(ValueError, match="source is required"):
+    with pytest.raises(deltabox.InvalidArgument, match="source is required"):
         client.import_image("from-cwd", "")
     assert rpc_count(client, "ImportImage") == seen, "the call reached the daemon"
     assert "from-cwd" not in {i.name for i in client.list_images()}

@@ -72,7 +72,7 @@ def test_stream_events_arrive_before_exit(tiny):
     events = []
     t0 = time.monotonic()
     for ev in tiny.exec_stream("echo first; sleep 1; echo second"):
-        events.append((ev.WhichOneof("event"), time.monotonic() - t0))
+        events.append((ev.kind, time.monotonic() - t0))
     kinds = [k for k, _ in events]
     assert kinds[0] == "started" and kinds[-1] == "exit"
     first_out = next(t for k, t in events if k == "stdout")

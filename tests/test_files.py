@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import deltabox
-from deltabox.client import pb
 
-REGULAR, DIRECTORY, SYMLINK = pb.FILE_TYPE_REGULAR, pb.FILE_TYPE_DIRECTORY, pb.FILE_TYPE_SYMLINK
+REGULAR, DIRECTORY, SYMLINK = (deltabox.FileType.REGULAR, deltabox.FileType.DIRECTORY,
+                               deltabox.FileType.SYMLINK)
 
 
 def ok(sbx, cmd, **kw) -> bytes:
@@ -424,7 +424,7 @@ def test_symlink_race_never_touches_host(demo, host, client):
     def flip():
         try:
             for ev in demo.exec_stream(["python3", "-c", FLIPPER], timeout=60):
-                if ev.WhichOneof("event") in ("stdout", "stderr"):
+                if ev.kind in ("stdout", "stderr"):
                     out.append(ev.stdout or ev.stderr)
                     ready.set()
         except deltabox.DeltaboxError as e:

@@ -370,7 +370,7 @@ def test_progress_is_streamed(client, images, sources):
     img = client.import_image("t-progress", sources["docker"], progress=msgs.append)
     images.append("t-progress")
     assert img is not None and img.name == "t-progress"
-    before_final = [m for m in msgs if not m.HasField("image")]
+    before_final = [m for m in msgs if m.image is None]
     assert len(before_final) >= 1
     assert any(m.phase.startswith("layer") for m in before_final), [m.phase for m in msgs]
     # per-layer byte counts grow to the layer's size
@@ -378,7 +378,7 @@ def test_progress_is_streamed(client, images, sources):
     assert layer1 and layer1[-1].done_bytes == layer1[-1].total_bytes > 0
     assert [m.done_bytes for m in layer1] == sorted(m.done_bytes for m in layer1)
     # exactly one final message, and it is the last
-    assert [m.HasField("image") for m in msgs].count(True) == 1 and msgs[-1].HasField("image")
+    assert [m.image is not None for m in msgs].count(True) == 1 and msgs[-1].image is not None
 
 
 # ---- list / remove / replace ---------------------------------------------------------------

@@ -23,7 +23,6 @@ import pytest
 
 import deltabox
 from conftest import TINY_TAR, leftovers, sandbox_cgroups, sandbox_inits
-from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox.host.cgroups import CgroupV1
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
@@ -162,7 +161,7 @@ def test_destroy_leaves_nothing(client, daemon):
     info = sbx.info
     mnt = daemon.state_dir / "store" / "mnt" / info.branch_id
     branch = daemon.state_dir / "store" / "branches" / info.branch_id
-    assert info.state == pb.SANDBOX_STATE_RUNNING and info.init_pid > 0
+    assert info.state == deltabox.SandboxState.RUNNING and info.init_pid > 0
     assert mounts_at(mnt) and branch.is_dir()
     cg = cgroup_of(info)
     assert cg
@@ -225,7 +224,7 @@ def test_init_killed_from_host_becomes_stopped(client, daemon):
         sbx.write_file("/root/kept", b"still here")
         pid = sbx.info.init_pid
         os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: sbx.refresh().info.state == pb.SANDBOX_STATE_STOPPED, 5), \
+        assert wait_for(lambda: sbx.refresh().info.state == deltabox.SandboxState.STOPPED, 5), \
             sbx.info
         assert sbx.info.init_pid == 0
         assert gone(pid), f"the dead init stays as {proc_state(pid)}"
@@ -268,7 +267,7 @@ def test_graceful_stop_then_restart(fresh):
         listed = {s.id: s.info for s in c.list()}
         assert set(listed) == set(old)
         for sid, info in listed.items():
-            assert info.state == pb.SANDBOX_STATE_RUNNING
+            assert info.state == deltabox.SandboxState.RUNNING
             assert info.init_pid not in (0, old[sid]) and proc_state(info.init_pid) not in \
                 (None, "Z")
         a = c.get("keep-a")
@@ -294,14 +293,14 @@ def test_graceful_stop_with_a_stopped_sandbox(fresh):
         s = c.create("tiny", name="dies")
         s.write_file("/root/f", b"kept")
         os.kill(s.info.init_pid, signal.SIGKILL)
-        assert wait_for(lambda: c.get(s.id).info.state == pb.SANDBOX_STATE_STOPPED, 5)
+        assert wait_for(lambda: c.get(s.id).info.state == deltabox.SandboxState.STOPPED, 5)
     assert d.stop() == 0, d.log()
     assert settled_leftovers(d.state_dir) == CLEAN
     assert no_cgroup(s.info)
     d.start()
     with d.client() as c:
         s = c.get("dies")
-        assert s.info.state in (pb.SANDBOX_STATE_STOPPED, pb.SANDBOX_STATE_RUNNING)
+        assert s.info.state in (deltabox.SandboxState.STOPPED, deltabox.SandboxState.RUNNING)
         s.destroy()
         assert c.list() == []
     assert d.stop() == 0
@@ -329,7 +328,7 @@ def test_crash_keeps_sandboxes_running_and_restart_adopts_them(fresh):
     assert '"adopted": 1' in d.log() or "adopted=1" in d.log(), d.log()
     with d.client() as c:
         s = c.get("survivor")
-        assert s.info.state == pb.SANDBOX_STATE_RUNNING and s.info.init_pid == pid
+        assert s.info.state == deltabox.SandboxState.RUNNING and s.info.init_pid == pid
         assert [x.name for x in s.list_sessions()] == ["keepme"]
         r = s.session("keepme").run("echo $X; pwd")
         assert (r.exit_code, r.stdout) == (0, b"42\n/tmp\n")
@@ -383,7 +382,7 @@ def test_crash_strays_are_removed_on_restart(fresh):
         assert not stray_tmp.exists()
         with d.client() as c:
             legit = c.get("legit")
-            assert legit.info.state == pb.SANDBOX_STATE_RUNNING
+            assert legit.info.state == deltabox.SandboxState.RUNNING
             assert legit.read_file("/root/f") == b"legit"
             assert legit.exec("echo ok").stdout == b"ok\n"
             assert [s.name for s in c.list()] == ["legit"]
@@ -535,7 +534,7 @@ def test_a_sandbox_that_cannot_relaunch_is_stopped_and_the_daemon_starts(fresh):
     d.start()
     assert '"failed": 1' in d.log() or "failed=1" in d.log(), d.log()
     with d.client() as c:
-        assert c.get("broken").info.state == pb.SANDBOX_STATE_STOPPED
+        assert c.get("broken").info.state == deltabox.SandboxState.STOPPED
         assert c.get("fine").exec("cat /root/state").stdout == b"kept\n"
         c.get("broken").destroy()
     assert d.stop() == 0, d.log()

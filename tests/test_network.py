@@ -2,12 +2,18 @@
 
 The "outside world" is a test host: a network namespace made here with a veth
 to the host (addresses in 10.99.0.0/24), running a TCP server.
+
+NAT tests never skip because a sandbox's NAT set-up failed: that is a failure. They skip
+only where `nat_unavailable()` finds a piece the host lacks (a tool, a kernel table, match
+or target, veth), and the reason names it.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -25,12 +31,63 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def _probe(*cmd: str) -> str | None:
+    """None if `cmd` succeeds, else its error output."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr or r.stdout).strip() or f"exit {r.returncode}"
+
+
+# What deltabox/host/network.py's NAT uses: tool -> (table, chain rule probed in a scratch chain)
+_NAT_PROBES = (
+    ("iptables", "nat", ("-j", "MASQUERADE"), "the MASQUERADE target (CONFIG_NFT_MASQ or "
+     "CONFIG_IP_NF_TARGET_MASQUERADE)"),
+    ("iptables", "raw", ("-m", "rpfilter", "--invert", "-j", "DROP"), "the rpfilter match "
+     "(CONFIG_IP_NF_MATCH_RPFILTER)"),
+    ("iptables", "filter", ("-j", "DROP"), "the iptables filter table"),
+)
+
+
+@functools.cache
+def nat_unavailable() -> str | None:
+    """Why this host cannot give a sandbox NAT -- the missing userspace tool or kernel piece,
+    each probed for real -- or None, and then every NAT test runs and a NAT set-up that
+    fails fails the test."""
+    tools = ["ip", "iptables", "iptables-restore"] + (["ip6tables"] if network.HAS_IPV6 else [])
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"no {tool} on PATH (userspace: {'iproute2' if tool == 'ip' else 'iptables'})"
+    name = f"dbxprobe{uuid.uuid4().hex[:6]}"
+    if (err := _probe("ip", "link", "add", name, "type", "veth", "peer", "name", name + "p")):
+        return f"the kernel cannot make a veth pair (CONFIG_VETH): {err}"
+    subprocess.run(["ip", "link", "del", name], capture_output=True)
+    chain = "DBX-PROBE-" + uuid.uuid4().hex[:6].upper()
+    for tool, table, rule, piece in _NAT_PROBES:
+        if (err := _probe(tool, "-w", "-t", table, "-N", chain)):
+            return f"no iptables {table} table in this kernel ({tool} -t {table}): {err}"
+        try:
+            if (err := _probe(tool, "-w", "-t", table, "-A", chain, *rule)):
+                return f"no {piece} in this kernel: {err}"
+        finally:
+            subprocess.run([tool, "-w", "-t", table, "-F", chain], capture_output=True)
+            subprocess.run([tool, "-w", "-t", table, "-X", chain], capture_output=True)
+    if network.HAS_IPV6 and (err := _probe("ip6tables", "-w", "-t", "filter", "-S")):
+        return f"no ip6tables filter table in this kernel: {err}"
+    return None
+
+
+@pytest.fixture
+def nat_host():
+    """For NAT tests: skip, naming the missing piece, only where the host cannot do NAT."""
+    if (missing := nat_unavailable()):
+        pytest.skip(f"the host cannot do NAT: {missing}")
+
+
 def _host_if(sbx) -> str:
     return ("dbx-" + sbx.id.split("-")[-1])[:15]  # IFNAMSIZ
 
 
 @pytest.fixture
-def peer_host():
+def peer_host(nat_host):
     ns = f"dbxpeer-{uuid.uuid4().hex[:6]}"
     host_if = f"dbxp{uuid.uuid4().hex[:6]}"
     _run("ip", "netns", "add", ns)
@@ -175,8 +232,9 @@ def _eui64_link_local(mac: str) -> str:
     return str(ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + iid))
 
 
-@pytest.mark.skipif(not network.HAS_IPV6, reason="the host has no IPv6")
-def test_nat_veth_has_no_ipv6_at_either_end(client):
+@pytest.mark.skipif(not network.HAS_IPV6, reason="the kernel has no IPv6 "
+                    "(/proc/sys/net/ipv6 is absent): nothing to leak")
+def test_nat_veth_has_no_ipv6_at_either_end(client, nat_host):
     """No IPv6 on the veth: no link-local address to connect to, and IPv6 frames the
     sandbox crafts itself (to the host's addresses, all-nodes) are dropped."""
     got: list = []
@@ -240,7 +298,7 @@ def test_host_nameservers_leave_out_what_a_sandbox_cannot_reach(tmp_path):
     assert network.host_nameservers(str(conf), str(tmp_path / "absent")) == []
 
 
-def test_nat_rules_are_installed_once_and_keyed_on_the_veths(client):
+def test_nat_rules_are_installed_once_and_keyed_on_the_veths(client, nat_host):
     with client.create("tiny", network="nat"), client.create("tiny", network="nat"):
         rules = {t: subprocess.run(["iptables", "-w", "-t", t, "-S"], capture_output=True,
                                    text=True, check=True).stdout.splitlines()

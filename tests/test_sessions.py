@@ -88,7 +88,7 @@ def test_list_close_and_lookup(demo, client):
     a = demo.open_session("bash", name="a")
     demo.open_session("python", name="b")
     names = {(s.name, s.kind) for s in demo.list_sessions()}
-    assert {("a", 1), ("b", 3)} <= names
+    assert {("a", "bash"), ("b", "python")} <= names
     with pytest.raises(deltabox.FailedPrecondition):
         demo.open_session("bash", name="a")
     # a new client (e.g. after a trainer restart) finds the session and its state
@@ -116,5 +116,5 @@ def test_session_output_is_not_mixed_with_background_noise(demo):
 
 
 def test_unknown_kind_rejected(demo):
-    with pytest.raises(ValueError, match="fish"):
+    with pytest.raises(deltabox.InvalidArgument, match="fish"):
         demo.open_session("fish")

@@ -21,9 +21,8 @@ import pytest
 
 import deltabox
 from conftest import delete_tree
-from deltabox.client import pb
 
-SYMLINK = pb.FILE_TYPE_SYMLINK
+SYMLINK = deltabox.FileType.SYMLINK
 
 # Where a planted link may point: the host's root three ways (absolute, through pid 1's
 # magic link, and up a relative chain long enough to climb out of any store path).
@@ -131,7 +130,7 @@ def test_diff_of_a_live_sandbox_never_walks_a_swapped_in_symlink(client, daemon,
         try:
             for ev in demo.exec_stream(["python3", "-c", SWAPPER, target, str(host.dir)],
                                        timeout=120):
-                if ev.WhichOneof("event") in ("stdout", "stderr"):
+                if ev.kind in ("stdout", "stderr"):
                     out.append(ev.stdout or ev.stderr)
                     ready.set()
         except deltabox.DeltaboxError as e:
@@ -333,7 +332,7 @@ def test_list_and_stat_of_a_changing_directory(demo, host, daemon):
 
     def churn():
         for ev in demo.exec_stream(["python3", "-c", LISTER_RACE, str(host.dir)], timeout=120):
-            if ev.WhichOneof("event") in ("stdout", "stderr"):
+            if ev.kind in ("stdout", "stderr"):
                 out.append(ev.stdout or ev.stderr)
                 ready.set()
     t = threading.Thread(target=churn, daemon=True)
@@ -345,7 +344,7 @@ def test_list_and_stat_of_a_changing_directory(demo, host, daemon):
             assert {"sub", "link"} <= names and host.secret not in names, names
             try:
                 info = demo.stat(f"/tmp/lr/x/{'abc'[i % 3]}")
-                assert info.type in (pb.FILE_TYPE_DIRECTORY, SYMLINK, pb.FILE_TYPE_REGULAR)
+                assert info.type in (deltabox.FileType.DIRECTORY, SYMLINK, deltabox.FileType.REGULAR)
             except deltabox.NotFound as e:
                 clean_message(e, host, daemon, "/tmp/lr/x/")
             assert demo.stat("/tmp/lr/x/link").link_target == str(host.dir)

@@ -319,7 +319,7 @@ def t_exec_missing(sb):
         raise AssertionError("spawn of a missing binary succeeded")
     except SpawnFailed as e:
         t, p = e.frame
-    assert t == "F", e.frame
+    assert t == "F", (t, p)
     assert p == b"errno=2 exec /bin/nosuch: No such file or directory", p
     assert c.recv() is None
 

@@ -1,0 +1,24 @@
+"""`deltabox bench`: benchmarks on a throw-away daemon (as root), each against what users
+do today, measured in the same run with the same number of samples.
+
+- `deltabox bench fs` (`fs.py`): DeltaFS checkpoint, rollback and fork over real source
+  trees (`trees.py`) vs `shutil.copytree`, `cp -a --reflink=always` and tar;
+  verdicts and tables in `fs_report.py`.
+- `deltabox bench cr` (`cr.py`): DeltaCR full checkpoints, rollback (body double,
+  right after a checkpoint, CRIU restore) and fork at 10/100/1000 MB of Python state vs
+  plain `criu dump` / `criu restore` + a copy of the changed files (`cr_baseline.py`),
+  and a whole-root copytree as a second, labelled baseline; verdicts in `cr_report.py`.
+- `common.py`: the daemon (`deltabox.testing.ThrowawayDaemon`), RPC timing, samples;
+  `report.py`: target rows and the shared tables. Percentiles: `deltabox.stats`.
+
+Targets are judged on what the client sees (gRPC p50 through `deltabox.Client`) at the
+worst cell, with the daemon's own time beside it.
+"""
+
+from __future__ import annotations
+
+from deltabox.bench.cr import main_cr
+from deltabox.bench.fs import main_fs
+from deltabox.bench.trees import TREES
+
+__all__ = ["main_fs", "main_cr", "TREES"]

@@ -1,0 +1,31 @@
+"""Waiting on a condition instead of sleeping a fixed time.
+
+A fixed sleep is either too short on a loaded machine (a flaky test) or too long
+everywhere (a slow suite); the tests poll the condition they need instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def wait_for(fn, what: str, timeout: float = 10.0, interval: float = 0.05):
+    """Call `fn` until it returns something truthy, and return that; after `timeout`
+    seconds, fail naming `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stays(fn, what: str, duration: float, interval: float = 0.05) -> None:
+    """Check that `fn` stays truthy for `duration` seconds (a thing that must not
+    happen, watched for a while); fail naming `what` the moment it is false."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        assert fn(), f"{what} stopped holding"
+        time.sleep(interval)
