@@ -69,6 +69,8 @@ class Config:
     socket_group: str | None = None      # name or gid: owns the socket (0660) and its dir (0750)
     durable: bool = False                # fsync every commit (power-loss safe), slower
     standby: bool = True                 # keep a ready incarnation for fast rollback
+    hot_checkpoints: int = 8             # per sandbox: the last K checkpoints keep a double
+    hottest_pool: int = 2                # incarnations kept of the hottest (head) checkpoint
     max_chain_depth: int = 32            # squash checkpoint chains deeper than this
     max_fork: int = 256
     warm_budget_bytes: int = 4 << 30    # memory for body doubles + warm fork pools (LRU)
@@ -262,6 +264,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("on-exit", "on_exit", _as_on_exit, "on SIGTERM: stop the sandboxes, keep them "
             "running for the next daemon to adopt, or 'systemd': keep them when systemd "
             "restarts the unit, stop them otherwise", "stop|keep|systemd"),
+    Setting("hot-checkpoints", "hot_checkpoints", _as_int, "per sandbox, how many of the "
+            "checkpoints it made or rolled back to last keep a ready body double / standby "
+            "(within the warm budget)", "K", int),
+    Setting("hottest-pool", "hottest_pool", _as_int, "how many ready incarnations the "
+            "hottest checkpoint (just made or rolled back to) keeps, for back-to-back "
+            "rollbacks to it", "N", int),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 

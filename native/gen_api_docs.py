@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "api.md"
 
 # The public API, in reading order: what a user of the client imports.
-PUBLIC = ["deltabox.client", "deltabox.types", "deltabox.errors"]
+PUBLIC = ["deltabox.client", "deltabox.types", "deltabox.errors", "deltabox.gym"]
 # The daemon's packages: listed module by module with their docstring's first paragraph.
 INTERNAL = ["deltabox.core", "deltabox.host", "deltabox.store", "deltabox.server", "deltabox.bench",
             "deltabox.cli"]

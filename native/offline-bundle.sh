@@ -18,11 +18,12 @@
 #                is left out: with DELTABOX_TESTS_WITHOUT_DEMO=1 the tests that need it skip.
 #   install.sh   `DIR/install.sh VENV REPO`: a venv with the wheels and a .pth naming the checkout
 #   env.sh       `source DIR/env.sh VENV`: PATH, DELTABOX_CRIU_PREFIX, DELTABOX_CACHE,
-#                XTABLES_LIBDIR, DELTABOX_TESTS_WITHOUT_DEMO, PIP_NO_INDEX + PIP_FIND_LINKS
+#                XTABLES_LIBDIR, DELTABOX_TESTS_WITHOUT_DEMO, DELTABOX_TESTS_WITHOUT_SYSTEMD
+#                (where systemd-analyze is missing), PIP_NO_INDEX + PIP_FIND_LINKS
 #   run-suite.sh install.sh + env.sh + native/build.py + pytest, logs to $OUT (docs/testing.md)
 #
 # Environment: DELTABOX_CACHE (default /var/cache/deltabox), DELTABOX_CRIU_PREFIX (default
-# /opt/deltabox/criu), PYTHON_VERSION (default 3.12), MAX_MB (default 48: fail above it; the
+# /opt/deltabox/criu), PYTHON_VERSION (default 3.12), MAX_MB (default 60: fail above it; the
 # device machines take 64 MiB per call).
 set -euo pipefail
 
@@ -30,7 +31,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${DELTABOX_CACHE:-/var/cache/deltabox}
 CRIU_PREFIX=${DELTABOX_CRIU_PREFIX:-/opt/deltabox/criu}
 PYVER=${PYTHON_VERSION:-3.12}
-MAX_MB=${MAX_MB:-48}
+MAX_MB=${MAX_MB:-60}
 VENV_PIP=$ROOT/.venv/bin/pip
 
 log() { printf 'offline-bundle: %s\n' "$*" >&2; }
@@ -191,6 +192,8 @@ export XTABLES_LIBDIR="$_b/lib/xtables"
 export DELTABOX_CRIU_PREFIX="$_b/criu"
 export DELTABOX_CACHE="$_b/cache"
 export DELTABOX_TESTS_WITHOUT_DEMO=1
+# a host without the systemd package (a container): the unit and service tests skip
+command -v systemd-analyze >/dev/null || export DELTABOX_TESTS_WITHOUT_SYSTEMD=1
 export PIP_NO_INDEX=1 PIP_FIND_LINKS="$_b/wheels"  # `make install` builds offline
 unset _b
 EOF
@@ -198,7 +201,8 @@ cat >"$OUT/run-suite.sh" <<'EOF'
 #!/usr/bin/env bash
 # run-suite.sh [PYTEST_ARGS...] (default: tests): install.sh + env.sh, build the native
 # parts for this Python, run the suite from REPO (default: the folder above the bundle).
-# The logs go to $OUT (default /tmp/deltabox-suite): run.log and pytest.log.
+# The logs go to $OUT (default /tmp/deltabox-suite): run.log, pytest.log, junit.xml and
+# the end of each throw-away daemon's log (daemon-*.log).
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=${REPO:-$(dirname "$here")}
 venv=${VENV:-/tmp/deltabox-venv}
@@ -215,10 +219,13 @@ cd "$repo" && python3 native/build.py || exit 1
 python3 -c "import grpc, deltabox.host.cgroups as c; print('grpc', grpc.__version__, '/ driver',
             type(c.detect_driver('probe')).__name__)"
 [[ $# -gt 0 ]] || set -- tests
-timeout "${SUITE_TIMEOUT:-540}" python3 -m pytest -p no:cacheprovider -rfEs --durations=10 \
-    "$@" >"$out/pytest.log" 2>&1
+timeout -s INT -k 30 "${SUITE_TIMEOUT:-540}" python3 -m pytest -p no:cacheprovider -rfEs --durations=30 \
+    --junitxml="$out/junit.xml" "$@" >"$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed)" "$out/pytest.log" | tail -80
+for f in /tmp/deltabox-pytest-*/*.log; do
+    [[ -f $f ]] && tail -c 20000 "$f" >"$out/daemon-$(basename "$f")"
+done
 echo "== pytest exit $rc"
 exit $rc
 EOF

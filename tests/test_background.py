@@ -20,6 +20,7 @@ import deltabox
 from conftest import TINY_TAR
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from test_deltacr import double_settled, full_checkpoint, rollback
+from waiting import wait_for
 
 # Fetch a URL from inside the sandbox, waiting up to 10 s for the server to listen; print
 # the body `n` times (one request each: every request makes the server log to stderr).
@@ -38,16 +39,6 @@ for _ in range(n - 1):
 sys.stdout.buffer.write(body)
 """
 
-
-def wait_for(pred, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def stat(sbx, pid: int) -> list[str] | None:

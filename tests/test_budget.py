@@ -39,7 +39,7 @@ def test_over_budget_no_double_and_rollback_restores(new_daemon):
 
 
 def test_within_budget_rollback_uses_the_double(new_daemon):
-    d = new_daemon(extra_args=("--warm-budget", "2G")).start()
+    d = new_daemon(extra_args=("--warm-budget", "2G", "--hottest-pool", "1")).start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
         sbx = c.create("tiny")

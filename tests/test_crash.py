@@ -33,6 +33,7 @@ import deltabox
 from conftest import (DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, freezer_state, leftovers,
                       store_instance)
 from deltabox.host.cgroups import instance_processes
+from waiting import wait_for as _wait_for
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 
@@ -40,14 +41,9 @@ NOTHING = {"mounts": [], "loops": [], "inits": []}
 # ---- helpers ---------------------------------------------------------------------------------
 
 def wait_for(fn, what: str, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    """waiting.wait_for with this battery's longer default (a daemon restarting)."""
+    return _wait_for(fn, what, timeout, interval)
+
 
 
 def frozen(pid: int) -> bool:
@@ -572,12 +568,13 @@ def test_rollback_path_and_readiness(client, tiny, full):
     r = tiny.rollback(ck)
     assert r.path == fast and "wait_ms" not in r.timings_ms, r
     # Right after the rollback its double/standby is being built again: one that
-    # arrives now waits for it, and says so.
+    # arrives now races a restore against it, and says which one it took.
     r = tiny.rollback(ck)
-    assert r.path == waited, r
-    assert r.timings_ms["wait_ms"] > 0
+    slow = "restore" if full else "fresh"
+    assert r.path in (waited, slow), r
+    assert ("wait_ms" in r.timings_ms) == (r.path == waited), r
     after = _paths(client)
-    assert after[fast] == before[fast] + 1 and after[waited] == before[waited] + 1
+    assert after[fast] == before[fast] + 1 and after[r.path] == before[r.path] + 1
     ck2 = tiny.checkpoint("b", full=full)
     assert not ck2.ready  # returned at once: being built
 

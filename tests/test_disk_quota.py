@@ -20,6 +20,7 @@ import pytest
 
 import deltabox
 from conftest import TINY_TAR
+from waiting import poll as wait_for
 
 MiB = 1 << 20
 LIMIT = 64 * MiB
@@ -93,17 +94,13 @@ def check_limit(d, info, limit: int = LIMIT) -> int:
     return project
 
 
-def wait_for(pred, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
-
 
 @pytest.fixture
 def qd(new_daemon):
     """A daemon of its own (its project ids are not shared with other tests' sandboxes)."""
-    d = new_daemon(store_size="4G").start()
+    # One standby (of the head) per sandbox, so a rollback to an older checkpoint takes the
+    # fresh path: both kinds of branch are checked.
+    d = new_daemon(store_size="4G", extra_args=("--hot-checkpoints", "1")).start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
     yield d

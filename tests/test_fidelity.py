@@ -33,7 +33,7 @@ import time
 import pytest
 
 import deltabox
-from conftest import TINY_TAR
+from conftest import TINY_TAR, WITHOUT_DEMO
 from test_deltacr import (CLIENT, PTY, SERVER, THREADS, _read_if, counted, double_ready,
                           double_settled, full_checkpoint, keeps_counting, put, report,
                           rollback, sh, state, status, wait_for)
@@ -518,7 +518,7 @@ def _settle(request):
     """Let the double built after the last rollback come up before `demo` is destroyed
     (see tests/test_deltacr.py, _double_settled)."""
     yield
-    if "demo" in request.fixturenames:
+    if "demo" in request.fixturenames and not WITHOUT_DEMO:  # else it was skipped: no double
         double_settled(request.getfixturevalue("daemon").state_dir)
 
 

@@ -18,10 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import deltabox
-from conftest import leftovers
+from conftest import leftovers, require_systemd_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "deltabox.service"
@@ -58,8 +57,7 @@ def _unit_options(path: Path) -> dict[str, list[str]]:
 def _verify_unit(unit: Path, destdir: Path) -> None:
     """systemd-analyze verify, with the unit's paths pointed into DESTDIR: its ExecStart
     must exist and be executable, and every key must be known (no output at all)."""
-    if shutil.which("systemd-analyze") is None:
-        pytest.fail("systemd-analyze missing: `apt-get install systemd` (native/setup-host.sh)")
+    require_systemd_tool("systemd-analyze", "`apt-get install systemd` (native/setup-host.sh)")
     check = destdir / "verify" / "deltabox.service"
     check.parent.mkdir(exist_ok=True)
     check.write_text(unit.read_text().replace("/opt/deltabox", f"{destdir}/opt/deltabox"))

@@ -24,6 +24,7 @@ import pytest
 import deltabox
 from conftest import TINY_TAR, leftovers, sandbox_cgroups, sandbox_inits
 from deltabox.host.cgroups import CgroupV1
+from waiting import poll as wait_for
 
 NOTHING = {"mounts": [], "loops": [], "inits": []}
 CLEAN = {**NOTHING, "sandbox_inits": []}
@@ -36,14 +37,6 @@ MiB = 1 << 20
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-def wait_for(pred, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def proc_state(pid: int) -> str | None:

@@ -68,6 +68,7 @@ def test_rollouts_roll_back_the_environments_their_actions_broke(daemon, overlap
     assert r["latency_ms"]["checkpoint"]["n"] == args.envs * args.steps - expected
 
 
+@pytest.mark.demo_image  # the example creates "demo" sandboxes
 def test_tree_search_rolls_the_root_back_to_the_best_child(daemon):
     out = run_example(daemon, "tree_search", "--width", "4")
     assert ", 0 failing;" in out, out
@@ -79,6 +80,7 @@ def test_tree_search_rolls_the_root_back_to_the_best_child(daemon):
     assert "modified /work/repo/calc.py" in out
 
 
+@pytest.mark.demo_image  # the example creates "demo" sandboxes
 def test_sandbox_latencies_same_samples_for_deltabox_and_baseline(daemon, tmp_path):
     out = tmp_path / "lat.json"
     run_example(daemon, "sandbox_latencies", "--iterations", "2", "--rss-mb", "10",

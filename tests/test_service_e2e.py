@@ -44,6 +44,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import require_systemd_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DELTABOX_CACHE", "/var/cache/deltabox"))
 ROOTFS = CACHE / "service-rootfs" / "root"
@@ -196,9 +198,8 @@ class Container:
 
 @pytest.fixture(scope="module")
 def container():
-    if shutil.which("systemd-nspawn") is None:
-        pytest.fail("systemd-nspawn missing: `make host` (native/setup-host.sh packages "
-                    "installs systemd-container)")
+    require_systemd_tool("systemd-nspawn", "`make host` (native/setup-host.sh packages "
+                         "installs systemd-container)")
     if not (ROOTFS / "lib/systemd/systemd").exists():
         pytest.fail(f"{ROOTFS} missing: `make host` (native/setup-host.sh service-rootfs)")
     if not (CRIU_PREFIX / "sbin/criu").exists() or not (IMAGES / "tiny.tar").exists():

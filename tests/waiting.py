@@ -22,6 +22,15 @@ def wait_for(fn, what: str, timeout: float = 10.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def poll(fn, timeout: float = 10.0, interval: float = 0.05):
+    """Call `fn` until it returns something truthy or `timeout` seconds pass; return its
+    last value (for callers that assert on it themselves, with their own message)."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
 def stays(fn, what: str, duration: float, interval: float = 0.05) -> None:
     """Check that `fn` stays truthy for `duration` seconds (a thing that must not
     happen, watched for a while); fail naming `what` the moment it is false."""

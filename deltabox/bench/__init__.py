@@ -8,6 +8,9 @@ do today, measured in the same run with the same number of samples.
   right after a checkpoint, CRIU restore) and fork at 10/100/1000 MB of Python state vs
   plain `criu dump` / `criu restore` + a copy of the changed files (`cr_baseline.py`),
   and a whole-root copytree as a second, labelled baseline; verdicts in `cr_report.py`.
+- `deltabox bench tree` (`tree.py`): DeltaCR as tree search and RL use it -- rollback to a
+  random one of the last 8 checkpoints, back-to-back rollbacks, a rollback right after a
+  checkpoint -- with the path mix, against plain CRIU restore in the same run.
 - `common.py`: the daemon (`deltabox.testing.ThrowawayDaemon`), RPC timing, samples;
   `report.py`: target rows and the shared tables. Percentiles: `deltabox.stats`.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from deltabox.bench.cr import main_cr
 from deltabox.bench.fs import main_fs
+from deltabox.bench.tree import main_tree
 from deltabox.bench.trees import TREES
 
-__all__ = ["main_fs", "main_cr", "TREES"]
+__all__ = ["main_fs", "main_cr", "main_tree", "TREES"]

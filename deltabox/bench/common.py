@@ -147,6 +147,7 @@ class DaemonBench:
     `document` and `analyse`."""
 
     benchmark = ""
+    daemon_args: tuple = ()  # options for the throw-away daemon
 
     def __init__(self, plan, console, json_out: bool):
         self.plan = plan
@@ -229,7 +230,7 @@ class DaemonBench:
         self.preflight()
         started = time.time()
         load0 = os.getloadavg()
-        daemon = ThrowawayDaemon(accounting=True)
+        daemon = ThrowawayDaemon(accounting=True, extra_args=tuple(self.daemon_args))
         work = daemon.state_dir / "store" / "bench"  # same XFS as the layers
         daemon.image_dirs = (CACHE / "images", work)  # $DELTABOX_CACHE, as the daemon's
         backing = ""

@@ -93,6 +93,9 @@ def make_cr_plan(quick: bool, iterations: int | None) -> CRPlan:
 
 class CRBench(DaemonBench):
     benchmark = "deltabox bench cr"
+    # Mechanisms, not policy: only the head keeps a double, so "rollback (restore)" finds
+    # its targets cold. `deltabox bench tree` measures the hot-node policy (tree.py).
+    daemon_args = ("--hot-checkpoints", "1")
 
     def __init__(self, plan: CRPlan, console, json_out: bool):
         super().__init__(plan, console, json_out)

@@ -147,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "baselines)")
     bc.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_cr(args),
                     needs_client=False)
+    bt = bsub.add_parser("tree", help="DeltaCR as tree search uses it: rollback to a random "
+                         "one of the last 8 checkpoints, step, checkpoint; path mix vs plain CRIU")
+    bt.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="a JSON document on stdout (progress on stderr)")
+    bt.add_argument("--quick", action="store_true", help="fewer steps (about 2 min)")
+    bt.add_argument("--iterations", type=int, help="steps per sandbox, pairs and baselines")
+    bt.add_argument("--sandboxes", help="comma-separated sandbox counts (default 1,4)")
+    bt.add_argument("--think-ms", type=int, default=300,
+                    help="pause between a rollback and the step (the model's think time)")
+    bt.add_argument("--hot-checkpoints", type=int, help="the daemon's --hot-checkpoints")
+    bt.add_argument("--hottest-pool", type=int, help="the daemon's --hottest-pool")
+    bt.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_tree(args),
+                    needs_client=False)
+    bb = bsub.add_parser("batch", help="CheckpointMany/RollbackMany/ExecMany vs N single "
+                         "calls, sequential and concurrent")
+    bb.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bb.add_argument("--quick", action="store_true", help="3 rounds")
+    bb.add_argument("-n", type=int, default=64, help="sandboxes (default 64)")
+    bb.add_argument("--rounds", type=int, help="rounds (default 10, quick 3)")
+    bb.add_argument("--concurrency", type=int, default=0,
+                    help="the batch's concurrency in the daemon (default: the daemon's, 16)")
+    bb.set_defaults(func=lambda args: __import__("deltabox.bench.batch").bench.batch
+                    .main_batch(args), needs_client=False)
 
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="destroy sandboxes")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
@@ -254,6 +255,58 @@ def shell(h, sandbox: str, argv: list[str] | None = None, *, env: dict | None = 
     read its output, `exit` once it ends."""
     return Call(pb.ShellInput(start=pb.ShellStart(sandbox=sandbox, argv=argv or [],
                                                   env=env or {}, rows=rows, cols=cols)),
+                deadline=None)
+
+
+# ---- batched calls (one RPC, one result or error per item; see the .proto) --------------------
+
+def _sandbox_id(sandbox) -> str:
+    return sandbox if isinstance(sandbox, str) else sandbox.id
+
+
+def checkpoint_many(h, sandboxes: list, label: str = "", full: bool = False,
+                    wait_ready: bool = False, *, concurrency: int = 0) -> Call:
+    """Checkpoint many sandboxes (handles or ids) in one call, concurrently in the daemon
+    (at most `concurrency` at a time; 0 = its default): a BatchResult with one BatchItem
+    per sandbox, in order, each a CheckpointInfo or the error its own call would raise."""
+    mode = CheckpointMode.FULL if full else CheckpointMode.FS
+    mode_pb = pb.CheckpointMode.Value(f"CHECKPOINT_MODE_{mode.name}")
+    req = pb.CheckpointManyRequest(concurrency=concurrency, items=[
+        pb.CheckpointRequest(sandbox=_sandbox_id(s), label=label, mode=mode_pb,
+                             wait_ready=wait_ready) for s in sandboxes])
+    return Call(req, lambda h, m: r.batch_from_pb(m, "checkpoint", r.checkpoint_from_pb),
+                deadline=None if wait_ready else DEFAULT)
+
+
+def rollback_many(h, items: list, *, concurrency: int = 0) -> Call:
+    """Roll many sandboxes back in one call: `items` are (sandbox, checkpoint) pairs
+    (handles or ids). One BatchItem per pair, in order: a RollbackResult or the error its
+    own call would raise. A sandbox given as a handle has its `info` updated."""
+    pairs = [(s, c) for s, c in items]
+    req = pb.RollbackManyRequest(concurrency=concurrency, items=[
+        pb.RollbackRequest(sandbox=_sandbox_id(s), checkpoint=_checkpoint_id(c))
+        for s, c in pairs])
+
+    def convert(h, m):
+        res = r.batch_from_pb(m, "rollback", r.rollback_from_pb)
+        for (sandbox, _), item in zip(pairs, res):
+            if item.ok and not isinstance(sandbox, str):
+                sandbox.info = item.value.sandbox
+        return res
+    return Call(req, convert)
+
+
+def exec_many(h, items: list, *, env: dict | None = None, cwd: str = "",
+              timeout: float = 0, max_output: int = 0, concurrency: int = 0) -> Call:
+    """Run many commands in one call: `items` are (sandbox, cmd) pairs (a handle or id;
+    an argv list or a shell string). One BatchItem per pair, in order: an ExecResult or
+    the error its own exec would raise. As with exec, only `timeout` (per command)
+    limits it."""
+    pairs = [(s, c) for s, c in items]
+    req = pb.ExecManyRequest(concurrency=concurrency, items=[
+        _exec_request(SimpleNamespace(id=_sandbox_id(s)), cmd, env, cwd, b"", timeout,
+                      max_output, False) for s, cmd in pairs])
+    return Call(req, lambda h, m: r.batch_from_pb(m, "output", r.exec_output_from_pb),
                 deadline=None)
 
 
@@ -501,6 +554,9 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("client", "pin_checkpoint", C, "PinCheckpoint", pin_checkpoint, "CheckpointInfo",
         idempotent=True),
     _op("client", "shell", S, "Shell", shell, "Shell", shape="shell"),
+    _op("client", "checkpoint_many", C, "CheckpointMany", checkpoint_many, "BatchResult"),
+    _op("client", "rollback_many", C, "RollbackMany", rollback_many, "BatchResult"),
+    _op("client", "exec_many", S, "ExecMany", exec_many, "BatchResult"),
 
     _op("sandbox", "refresh", S, "GetSandbox", refresh, "Sandbox", idempotent=True),
     _op("sandbox", "destroy", S, "DestroySandbox", destroy, "None"),

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-from deltabox.errors import DeltaboxError
+from deltabox.errors import DeltaboxError, error_for_code
 from deltabox.types import (CheckpointMode, DiffChange, FileType, NetworkMode, RollbackPath,
                             SandboxState, SessionKind)
 
 __all__ = ["Limits", "SandboxInfo", "ImageInfo", "ImportProgress", "ExecStarted", "ExecExit",
            "ExecEvent", "ExecResult", "ProcessInfo", "ProcessOutput", "SessionInfo",
            "SessionResult", "FileInfo", "CheckpointInfo", "RollbackResult", "ForkChild",
-           "ForkResult", "DiffEntry", "Status", "OperationStats", "Stats", "ShellExit"]
+           "ForkResult", "DiffEntry", "Status", "OperationStats", "Stats", "ShellExit",
+           "BatchItem", "BatchResult"]
 
 
 # ---- sandboxes and images -------------------------------------------------------------------
@@ -215,6 +216,7 @@ class CheckpointInfo:
     restorable: bool = True
     unusable_reason: str = ""
     ready: bool = False        # a body double / standby waits: rollback takes the fast path
+    unchanged: bool = False    # Checkpoint: nothing happened since the head, returned again
 
 
 @dataclass
@@ -239,6 +241,38 @@ class ForkResult(list):
     def __init__(self, children=(), timings_ms: dict | None = None):
         super().__init__(children)
         self.timings_ms = dict(timings_ms or {})
+
+
+@dataclass
+class BatchItem:
+    """One item of a batched call (`checkpoint_many`, `rollback_many`, `exec_many`): its
+    single call's result in `value` (CheckpointInfo, RollbackResult, ExecResult), or the
+    exception that call would have raised in `error`."""
+    value: Any = None
+    error: DeltaboxError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self):
+        """`value`, or raise `error`."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class BatchResult(list):
+    """The items of a batched call (a list of BatchItem, in the request's order), plus the
+    daemon's timings."""
+
+    def __init__(self, items=(), timings_ms: dict | None = None):
+        super().__init__(items)
+        self.timings_ms = dict(timings_ms or {})
+
+    def values(self) -> list:
+        """Every item's value; raises the first item's error if any failed."""
+        return [item.unwrap() for item in self]
 
 
 class DiffEntry(NamedTuple):
@@ -371,6 +405,25 @@ def rollback_from_pb(m: pb.RollbackResponse) -> RollbackResult:
     except ValueError:  # a newer daemon's path: keep its word
         path = m.path
     return RollbackResult(sandbox_from_pb(m.sandbox), path, dict(m.timings_ms))
+
+
+def exec_output_from_pb(m: pb.ExecOutput) -> ExecResult:
+    x = m.exit
+    return ExecResult(x.exit_code, m.stdout, m.stderr, x.signal, x.timed_out,
+                      x.stdout_truncated, x.stderr_truncated, x.duration_seconds, m.pid)
+
+
+def batch_from_pb(m, value_field: str, convert) -> BatchResult:
+    """A *ManyResponse: each result's `value_field` through `convert`, or its error as the
+    exception the single call would have raised."""
+    items = []
+    for res in m.results:
+        if res.WhichOneof("outcome") == "error":
+            e = res.error
+            items.append(BatchItem(error=error_for_code(e.code, e.message, e.domain)))
+        else:
+            items.append(BatchItem(value=convert(getattr(res, value_field))))
+    return BatchResult(items, dict(m.timings_ms))
 
 
 def diff_from_pb(m: pb.DiffResponse) -> list[DiffEntry]:

@@ -3,9 +3,10 @@
 Every rule that distinguishes a full checkpoint from a filesystem one lives here; the rest
 of the core asks this module instead of testing the mode itself:
 
-- Taking one (`DeltaCR.quiesced`, `dump_frozen`): CRIU is required and NAT sandboxes are
-  refused; the sandbox's dump gate is closed, calls attached to init (exec, session code,
-  shell) make it refuse, job-control-stopped processes make it refuse (CRIU would hang on
+- Taking one (`DeltaCR.quiesced`, `dump_frozen`): CRIU is required (a NAT sandbox's network
+  namespace is dumped empty and its veth attached again to each incarnation); the
+  sandbox's dump gate is closed, calls attached to init (exec, session code, shell) make
+  it refuse, job-control-stopped processes make it refuse (CRIU would hang on
   them in a frozen cgroup), short calls are waited for, init's barrier is crossed; then the
   processes are dumped in the same frozen instant as DeltaFS sinks the files. Afterwards the
   images are deduplicated against the parent's (`after_checkpoint`).
@@ -14,15 +15,17 @@ of the core asks this module instead of testing the mode itself:
   when it takes over (`wake`); a fork's children are re-seeded (`reseed`).
 - Judging one: a full checkpoint whose restores fail twice the same way is marked unusable
   (with CRIU's reason and build), and refused at once afterwards (`refuse_unusable`).
-- `Standbys`: each running sandbox keeps one prepared incarnation of its head checkpoint --
-  a body double (full) or a fresh init on the checkpoint's files (fs) -- within the memory
-  budget, so a rollback to it is a record swap (`deltabox.core.rollback`).
+- `Standbys`: each running sandbox keeps prepared incarnations of its hot checkpoints (the
+  last few it made or rolled back to, pinned ones, those named in a Warm) -- body doubles
+  (full) or fresh inits on the checkpoint's files (fs) -- within the memory budget, so a
+  rollback to one is a record swap (`deltabox.core.rollback`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from deltabox.core.warm import MemoryBudget
 from deltabox.errors import FailedPrecondition, NotFound
 from deltabox.host.criu import CriuError
 from deltabox.store.records import CheckpointRecord, SandboxRecord, new_id
-from deltabox.types import CheckpointMode, NetworkMode, RollbackPath, SessionKind
+from deltabox.types import CheckpointMode, RollbackPath, SessionKind
 
 __all__ = ["DeltaCR", "Standbys", "criu_own_failure", "comparable"]
 
@@ -47,6 +50,10 @@ log = structlog.get_logger("deltabox.core.deltacr")
 _SHORTAGE = ("ENOSPC", "No space left", "ENOMEM", "Cannot allocate memory", "EAGAIN",
              "Resource temporarily unavailable", "EMFILE", "ENFILE", "Too many open files",
              "EDQUOT", "Disk quota exceeded")
+
+
+# CRIU restoring a body double runs at this nice value (see _launch_in_background).
+BACKGROUND_NICE = 10
 
 
 def criu_own_failure(e: Exception) -> bool:
@@ -81,10 +88,8 @@ class DeltaCR:
         if mode != CheckpointMode.FULL:
             yield
             return
-        self._ctx.require_criu()
-        if rec.spec.get("network") == NetworkMode.NAT:
-            raise FailedPrecondition("full checkpoints of NAT sandboxes are not supported "
-                                     "yet (the veth to the host cannot be restored)")
+        criu = self._ctx.require_criu()
+        await asyncio.to_thread(criu.ensure_kdat_cache)  # not while frozen: see there
         # Close the gate first: calls arriving from now on wait for the dump.
         rt.gate.close()
         try:
@@ -125,13 +130,12 @@ class DeltaCR:
         """Where a checkpoint's process images go (None: a filesystem checkpoint)."""
         return self.store.new_tmp_dir() if mode == CheckpointMode.FULL else None
 
-    def dump_frozen(self, rec: SandboxRecord, rt: Runtime, images: Path,
-                    sink_fs_ms: float) -> dict[str, float]:
+    def dump_frozen(self, rec: SandboxRecord, rt: Runtime, images: Path) -> dict[str, float]:
         """Dump the frozen sandbox's processes into `images`; the phases' stats."""
         dump = self._ctx.require_criu().dump(
             rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
             self.cgroups.freezer_path(rec.branch_id))
-        return {"dump_ms": dump.ms, "sink_fs_ms": sink_fs_ms, "image_bytes": dump.image_bytes}
+        return {"dump_ms": dump.ms, "image_bytes": dump.image_bytes}
 
     def after_checkpoint(self, ckpt: CheckpointRecord) -> None:
         if ckpt.mode == CheckpointMode.FULL:
@@ -145,11 +149,20 @@ class DeltaCR:
             return
         if parent is None or parent.mode != CheckpointMode.FULL:
             return
+        await self._after_doubles(ckpt.sandbox_id)
         from deltabox.host.criu import dedupe_pages
         shared = await asyncio.to_thread(dedupe_pages, self.store.images_path(parent.id),
                                          self.store.images_path(ckpt.id))
         await asyncio.to_thread(self.store.update_stats, ckpt.id, {"shared_bytes": shared})
         log.info("checkpoint.images_deduplicated", checkpoint=ckpt.id, shared_bytes=shared)
+
+    async def _after_doubles(self, sandbox_id: str, at_most: float = 2.0) -> None:
+        """Let the sandbox's doubles being built go first (a rollback may be waiting
+        for one); deduplication can wait."""
+        rt = self._ctx.runtimes.get(sandbox_id)
+        if rt is not None and rt.standby.is_filling():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(rt.standby.filling), at_most)
 
     # ---- restoring one ---------------------------------------------------------------
 
@@ -212,7 +225,8 @@ class DeltaCR:
             try:
                 # The network is attached when (if) the standby is promoted. A full
                 # checkpoint's standby is its body double: restored, left frozen.
-                pid, start = await asyncio.to_thread(self._incarnations.launch, rec, mnt, False,
+                launch = self._launch_in_background if full else self._incarnations.launch
+                pid, start = await asyncio.to_thread(launch, rec, mnt, False,
                                                      self.images_for(ckpt), True)
             except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
                 log.warning(f"{what}.failed", sandbox=rec.id or None, checkpoint=ckpt.id,
@@ -229,8 +243,21 @@ class DeltaCR:
                 await asyncio.to_thread(self.store.set_unusable, ckpt.id, "")
                 log.info("checkpoint.restorable_again", checkpoint=ckpt.id,
                          criu=self._ctx.criu_build())
-            return Standby(branch_id, ckpt.id, pid, start)
+            return Standby(branch_id, ckpt.id, pid, start, tuple(ckpt.mount_layers))
         return None
+
+    def _launch_in_background(self, *args) -> tuple[int, float]:
+        """`Incarnations.launch` of a body double, with CRIU at nice BACKGROUND_NICE: it
+        inherits this worker thread's nice value (Linux's nice is per thread), so the
+        sandboxes' own work and the daemon's replies go first. The restored tasks get
+        their own nice value and policy back from the images (CRIU restores both), so
+        a double that takes over runs as its checkpoint did."""
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
+        try:
+            return self._incarnations.launch(*args)
+        finally:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
 
     # ---- checkpoints that cannot be restored ----------------------------------------
     #
@@ -298,9 +325,25 @@ class DeltaCR:
 
 
 class Standbys:
-    """Each running sandbox's standby: its head checkpoint's filesystem mounted on its own
-    fresh branch with an init already running on it (fs), or its body double (full).
-    Rolling back to that checkpoint then only swaps records and kills the old tree."""
+    """Each running sandbox's prepared incarnations of its **hot** checkpoints: body
+    doubles (full: the processes restored and frozen) or standbys (fs: an init running on
+    a fresh branch of the checkpoint's files). Rolling back to a hot checkpoint then only
+    swaps records, kills the old tree and thaws (`deltabox.core.rollback`).
+
+    Policy (docs/deltacr.md, "The double lifecycle"):
+    - hot = the `config.hot_checkpoints` checkpoints the sandbox made or rolled back to
+      last (LRU), plus pinned ones, plus those named in a Warm; a checkpoint falling out
+      of that set has its incarnations retired;
+    - the hottest one, once it has been rolled back to, gets `config.hottest_pool`
+      incarnations, so back-to-back rollbacks to it find one while the used one's
+      replacement is built; the others (a checkpoint just made too) one each;
+    - builds run one at a time per sandbox, hottest first, `BUILD_DELAY_S` after the call
+      that asked for them (its reply leaves first), CRIU at nice `BACKGROUND_NICE`;
+    - all of it within the one MemoryBudget (`deltabox.core.warm`): over it, least
+      recently used incarnations (pools and doubles) are evicted; if it still does not
+      fit, no incarnation is made and that rollback takes the restore path."""
+
+    BUILD_DELAY_S = 0.02
 
     def __init__(self, ctx: SandboxContext, deltacr: DeltaCR, incarnations: Incarnations,
                  budget: MemoryBudget) -> None:
@@ -308,49 +351,132 @@ class Standbys:
         self._deltacr = deltacr
         self._incarnations = incarnations
         self._budget = budget
+        budget.standbys = self  # the budget evicts doubles too
 
     def ready(self, checkpoint_id: str) -> bool:
         """Whether a body double (full) or standby (fs) of the checkpoint is built and
         waiting: a rollback to it now takes the "double" / "standby" path."""
-        return any(rt.standby.built is not None and rt.standby.built.checkpoint_id ==
-                   checkpoint_id for rt in self._ctx.runtimes.values())
+        return any(rt.standby.ready(checkpoint_id) for rt in self._ctx.runtimes.values())
 
-    async def prepare(self, sandbox_id: str, checkpoint_id: str) -> None:
-        """Make the sandbox's standby an incarnation of `checkpoint_id` (its head).
+    def _wanted(self, slot, checkpoint_id: str) -> int:
+        if checkpoint_id not in slot.hot:
+            return 0
+        if checkpoint_id in slot.used and slot.hottest()[0] == checkpoint_id:
+            return max(1, self._ctx.config.hottest_pool)
+        return 1
 
-        One build at a time per sandbox (rt.standby.building); a request superseded by a
-        newer one (rt.standby.target moved on), or for a sandbox destroyed meanwhile,
-        builds nothing or retires what it built -- nothing is ever left unowned."""
-        ctx = self._ctx
-        rt = ctx.runtimes.get(sandbox_id)
-        if rt is None or rt.closed or ctx.stopping or not ctx.config.standby:
+    async def prepare(self, sandbox_id: str, checkpoint_id: str, used: bool = False) -> None:
+        """`checkpoint_id` is the sandbox's hottest checkpoint now (just made, or just
+        rolled back to: `used`): keep incarnations of it and of the other hot ones ready.
+        Returns once the first incarnation of `checkpoint_id` is ready or known not to
+        come (over the budget, failed): what `Checkpoint(wait_ready)` waits for.
+
+        A sandbox destroyed or rolled away meanwhile builds nothing or retires what it
+        built -- nothing is ever left unowned."""
+        rt = self._ctx.runtimes.get(sandbox_id)
+        if rt is None or rt.closed or self._ctx.stopping or not self._ctx.config.standby:
             return
         slot = rt.standby
-        slot.target = checkpoint_id
-        async with slot.building:
-            if rt.closed or slot.target != checkpoint_id:
-                return
-            if slot.built is not None and slot.built.checkpoint_id == checkpoint_id:
-                return
-            await self.drop(rt)
-            # A double will hold about what the sandbox holds now.
-            need = ctx.cgroups.memory_usage(rt.branch_id)
-            if not await self._budget.make_room(need, keep=""):
-                # Over the memory budget: no double; a rollback takes the
-                # restore path (and prepares one again if there is room then).
-                log.info("standby.skipped_over_budget", sandbox=sandbox_id,
-                         budget=ctx.config.warm_budget_bytes)
-                return
-            async with ctx.holds.hold(checkpoint_id):  # not deleted under the build
-                standby = await self._build(sandbox_id, checkpoint_id)
-            if standby is None:
-                return
-            if rt.closed or slot.target != checkpoint_id \
-                    or ctx.runtimes.get(sandbox_id) is not rt:
-                await asyncio.to_thread(self._incarnations.retire, standby.branch_id,
-                                        standby.init_pid)
-                return
-            slot.built = standby
+        slot.touch(checkpoint_id)
+        if used:
+            slot.used.add(checkpoint_id)
+        slot.unbuildable.discard(checkpoint_id)
+        await self._trim(rt)
+        self._start_filling(sandbox_id, rt)
+        while not slot.ready(checkpoint_id) and checkpoint_id in slot.hot \
+                and checkpoint_id not in slot.unbuildable and slot.is_filling():
+            await slot.next_change()
+
+    async def hint(self, checkpoint_id: str) -> None:
+        """A Warm named the checkpoint: its sandbox keeps it hot (the hottest stays)."""
+        try:
+            ckpt = self._ctx.store.get_checkpoint(checkpoint_id)
+        except NotFound:
+            return
+        rt = self._ctx.runtimes.get(ckpt.sandbox_id)
+        if rt is None or rt.closed or self._ctx.stopping or not self._ctx.config.standby:
+            return
+        slot = rt.standby
+        if checkpoint_id not in slot.hot:
+            hottest = slot.hottest()
+            slot.touch(checkpoint_id)
+            if hottest:
+                slot.touch(hottest[0])
+            await self._trim(rt)
+        self._start_filling(ckpt.sandbox_id, rt)
+
+    async def _trim(self, rt: Runtime) -> None:
+        """Checkpoints beyond the K most recent (pinned ones aside) are not hot any more."""
+        slot, keep = rt.standby, max(1, self._ctx.config.hot_checkpoints)
+        for cid in slot.hottest()[keep:]:
+            try:
+                if self._ctx.store.get_checkpoint(cid).pinned:
+                    continue
+            except NotFound:
+                pass
+            del slot.hot[cid]
+            slot.used.discard(cid)
+            await self._retire(slot.remove(cid))
+
+    def _start_filling(self, sandbox_id: str, rt: Runtime) -> None:
+        if not rt.standby.is_filling():
+            rt.standby.filling = self._ctx.spawn(self._fill(sandbox_id, rt))
+
+    async def _fill(self, sandbox_id: str, rt: Runtime) -> None:
+        """Build the missing incarnations -- the first one of each hot checkpoint before
+        a second one of the hottest, the most recent first -- one at a time (each is a
+        CRIU restore: CPU-bound). A running filler picks up what was asked meanwhile."""
+        slot, ctx = rt.standby, self._ctx
+        try:
+            first = True
+            while not (rt.closed or ctx.stopping) and ctx.runtimes.get(sandbox_id) is rt:
+                have = {c: slot.ready(c) + slot.building(c) for c in slot.hottest()}
+                todo = [c for c in have if c not in slot.unbuildable
+                        and have[c] < self._wanted(slot, c)]
+                if not todo:
+                    break
+                cid = min(todo, key=lambda c: have[c])  # stable: the most recent first
+                slot.build_started(cid)  # counted from now: a rollback races it
+                try:
+                    if first:  # the reply that asked for it leaves first
+                        first = False
+                        await asyncio.sleep(self.BUILD_DELAY_S)
+                    standby = await self._build_within_budget(sandbox_id, rt, cid)
+                finally:
+                    slot.build_ended(cid)
+                if standby is None:
+                    slot.unbuildable.add(cid)
+                    continue
+                self.keep_or_retire(sandbox_id, rt, standby)
+        finally:
+            slot.filling = None
+            slot.changed()  # prepare() waiting on a decision sees the filler gone
+
+    async def _build_within_budget(self, sandbox_id: str, rt: Runtime,
+                                   checkpoint_id: str) -> Standby | None:
+        ctx = self._ctx
+        # A double will hold about what the sandbox holds now.
+        need = ctx.cgroups.memory_usage(rt.branch_id)
+        if not await self._budget.make_room(need, keep=checkpoint_id):
+            # Over the memory budget: no double; a rollback takes the restore path
+            # (and prepares one again if there is room then).
+            log.info("standby.skipped_over_budget", sandbox=sandbox_id,
+                     checkpoint=checkpoint_id, budget=ctx.config.warm_budget_bytes)
+            return None
+        if rt.closed or checkpoint_id not in rt.standby.hot:
+            return None
+        async with ctx.holds.hold(checkpoint_id):  # not deleted under the build
+            return await self._build(sandbox_id, checkpoint_id)
+
+    def keep_or_retire(self, sandbox_id: str, rt: Runtime, standby: Standby) -> None:
+        """A new incarnation joins the slot if its checkpoint is still hot and wants it."""
+        slot, cid = rt.standby, standby.checkpoint_id
+        if rt.closed or self._ctx.stopping or self._ctx.runtimes.get(sandbox_id) is not rt \
+                or slot.ready(cid) >= self._wanted(slot, cid):
+            self._ctx.spawn(self._retire([standby]))
+            slot.changed()
+            return
+        slot.put(standby)
 
     async def _build(self, sandbox_id: str, checkpoint_id: str) -> Standby | None:
         try:
@@ -360,14 +486,42 @@ class Standbys:
             return None
         return await self._deltacr.build_double(rec, ckpt, "standby")
 
+    async def _retire(self, standbys: list[Standby]) -> None:
+        for sb in standbys:
+            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
+
     async def drop(self, rt: Runtime) -> None:
-        standby, rt.standby.built = rt.standby.built, None
-        if standby is not None:
-            await asyncio.to_thread(self._incarnations.retire, standby.branch_id,
-                                    standby.init_pid)
+        """Retire all of a sandbox's incarnations (it is destroyed or stopped)."""
+        slot = rt.standby
+        ready = slot.all()
+        slot.doubles.clear()
+        slot.hot.clear()
+        slot.used.clear()
+        await self._retire(ready)
 
     async def drop_for(self, checkpoint_id: str) -> None:
         """Drop the standbys of a deleted checkpoint."""
         for rt in self._ctx.runtimes.values():
-            if rt.standby.built is not None and rt.standby.built.checkpoint_id == checkpoint_id:
-                await self.drop(rt)
+            rt.standby.hot.pop(checkpoint_id, None)
+            await self._retire(rt.standby.remove(checkpoint_id))
+
+    # ---- the memory budget's side (deltabox.core.warm.MemoryBudget) -------------------
+
+    def held(self) -> list[Standby]:
+        return [sb for rt in self._ctx.runtimes.values() for sb in rt.standby.all()]
+
+    def evictable(self) -> list[tuple[float, str, str]]:
+        """(last use, sandbox, checkpoint) of every checkpoint with ready incarnations."""
+        return [(rt.standby.hot.get(cid, 0.0), sid, cid)
+                for sid, rt in self._ctx.runtimes.items() for cid in rt.standby.doubles]
+
+    async def evict(self, sandbox_id: str, checkpoint_id: str) -> None:
+        """Drop one ready incarnation of the checkpoint (the budget asks again if needed)."""
+        rt = self._ctx.runtimes.get(sandbox_id)
+        if rt is not None:
+            pool = rt.standby.doubles.get(checkpoint_id)
+            if pool:
+                sb = pool.pop()
+                if not pool:
+                    del rt.standby.doubles[checkpoint_id]
+                await self._retire([sb])

@@ -2,7 +2,8 @@
 archives, OCI archives and OCI layout directories, all of them hostile input.
 
 Tar headers are parsed by `tarfile` with `_SafeTarInfo` (bounded, linear-time extended
-headers; a corrupt header is an error, not the end of the archive), members are handed one
+headers; an archive must end where its headers say, at an end-of-archive block: a
+corrupt header is an error, not the end of the archive), members are handed one
 by one to a `LayerWriter` (`deltabox.core.image_layers`) as `Entry`s, and the files of an
 archive or layout are found without leaving it (`Archive`). The limits below bound what a
 malformed or malicious image can make the importer read or parse; the rules as a whole
@@ -60,14 +61,6 @@ _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
 
 class _SafeTarInfo(tarfile.TarInfo):
     """tarfile's header parsing with bounds (see the module's docstring)."""
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):
-        try:
-            return super().frombuf(buf, encoding, errors)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
-            # After the first member tarfile would take this for the end of the archive.
-            raise _Malformed(f"not a valid tar archive (bad header: {e})") from None
 
     def _proc_member(self, tf):
         if self.type in _META_TYPES:
@@ -146,14 +139,50 @@ def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+class _HeaderTap:
+    """The archive's file object, keeping its last one-block read and where it began:
+    after the last member, the block that ended the archive (a stream cannot re-read)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.last: tuple[int, bytes] | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self._f.tell()
+        data = self._f.read(n)
+        if n == tarfile.BLOCKSIZE:  # how tarfile reads a header
+            self.last = (pos, data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 class _SafeTarFile(tarfile.TarFile):
+    """Refuses an archive unless it ends where its headers' sizes say, at an end-of-archive
+    block or the end of the data: tarfile takes a corrupt header after the first member for
+    the end (and newer tarfiles, e.g. Ubuntu 24.04's 3.12.3, no longer call an overridden
+    `TarInfo.frombuf`), which would import the archive cut short."""
     tarinfo = _SafeTarInfo
 
     def __init__(self, *args, **kw):
         self.dbx_chain = 0
         self.dbx_global = 0
         self.dbx_budget: ImportBudget | None = None
-        super().__init__(*args, **kw)
+        super().__init__(*args, **kw)  # reads the first member in read modes
+        self.fileobj = _HeaderTap(self.fileobj)
+
+    def next(self):
+        m = super().next()
+        if m is None and self.offset != 0:  # at offset 0 tarfile refuses a bad header
+            pos, data = self.fileobj.last or (-1, b"")
+            if pos != self.offset or len(data) not in (0, tarfile.BLOCKSIZE):
+                raise _Malformed("not a valid tar archive (it ends inside a member or a "
+                                 f"header, at byte {self.offset:,})")
+            if data.count(0) != len(data):
+                raise _Malformed(f"not a valid tar archive (bad header at byte "
+                                 f"{self.offset:,}: neither a member nor the end)")
+        return m
 
 
 def _members(tf: _SafeTarFile) -> Iterator[tarfile.TarInfo]:

@@ -4,7 +4,8 @@ A sandbox's processes live in one incarnation at a time; a rollback builds a new
 to the old before switching, a standby or a warm pool holds spare ones. This module starts
 them (`Incarnations.launch`: mount + cgroup + init or restore, the network attached), tears
 them down (`kill`, `retire`), reaps their inits, and identifies processes by (pid, start
-time) -- a pid alone may be reused.
+time) -- a pid alone may be reused. `cpu_activity` tells whether an incarnation's processes
+ran since an earlier frozen instant (an unchanged sandbox is not checkpointed twice).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from deltabox.host.cgroups import Limits
 from deltabox.store.records import Mount, SandboxRecord
 from deltabox.types import NetworkMode
 
-__all__ = ["Incarnations", "process_start", "same_process", "alive", "kill_quiet"]
+__all__ = ["Incarnations", "process_start", "same_process", "alive", "kill_quiet",
+           "cpu_activity"]
 
 log = structlog.get_logger("deltabox.core.incarnation")
 
@@ -70,6 +72,33 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cpu_activity(pids: list[int], init_pid: int) -> tuple | None:
+    """What an incarnation's processes have run, read while its cgroup is frozen: equal at
+    two frozen instants means no process started, ended or used a clock tick of CPU in
+    between. None if a process vanished while it was read.
+
+    Per thread: its id, its start time, and its user + system time; per process the time
+    of the children it reaped (a short command exits within the interval, but its time
+    goes to whoever reaped it). The init's own time is left out: it serves the daemon (a
+    checkpoint's barrier, queries), and each freeze and thaw charges every task a few
+    microseconds of kernel time -- so the kernel's tick-granular times are compared, not
+    the exact runtime (schedstat), which a freeze alone moves. A burst shorter than a tick
+    by a process already running may go unseen; a new process, an exec'd command and any
+    call from the daemon (counted apart, see runtime.DumpGate.calls) never do."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+            for tid in tids:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                own = () if pid == init_pid else (int(fields[11]), int(fields[12]))
+                out.append((pid, tid, int(fields[19]), own, int(fields[13]), int(fields[14])))
+        except (OSError, IndexError, ValueError):
+            return None
+    return tuple(out)
+
+
 def kill_quiet(pid: int) -> None:
     """SIGKILL a sandbox's init: the kernel then kills its whole pid namespace."""
     if pid:
@@ -110,6 +139,10 @@ class Incarnations:
                 self.cgroups.freeze(branch_id)
             pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), procs,
                                                    freeze if stopped else None)
+            # Its network namespace is restored with `lo` only (deltabox.host.criu): a NAT
+            # sandbox's veth is attached as to a fresh init (a body double's on promotion).
+            if network and rec.spec.get("network") == NetworkMode.NAT:
+                self.attach_network(rec, pid, Path(mnt.target))
             return pid, process_start(pid)
         argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
         for p in procs:

@@ -178,8 +178,7 @@ class Reconciler:
         while ctx.background:
             await asyncio.gather(*list(ctx.background), return_exceptions=True)
         for rt in ctx.runtimes.values():
-            async with rt.standby.building:  # an in-flight build retires itself (closed)
-                pass
+            await rt.standby.settled()  # an in-flight build retires itself (closed)
         for rt in ctx.runtimes.values():
             await self._standbys.drop(rt)
         await self._pools.drop_all()

@@ -1,8 +1,9 @@
 """Rollback: a sandbox becomes an incarnation of one of its checkpoints.
 
-Restore first, then switch: the new incarnation (the sandbox's ready standby or body
-double, else a CRIU restore or a fresh init next to the old tree) is up before anything of
-the old one is touched; then the records switch in one transaction and the old tree is
+Restore first, then switch: the new incarnation (a ready standby or body double of the
+checkpoint, else a CRIU restore or a fresh init next to the old tree -- raced against a
+double still being built, the first one ready wins) is up before anything of the old one
+is touched; then the records switch in one transaction and the old tree is
 killed. A rollback that fails leaves the sandbox exactly as it was. Which incarnation is
 used, and what waking it means, is DeltaCR's to say (`deltabox.core.deltacr`).
 """
@@ -17,7 +18,7 @@ import structlog
 from deltabox.core import deltafs
 from deltabox.core.deltacr import DeltaCR, Standbys
 from deltabox.core.incarnation import Incarnations, kill_quiet
-from deltabox.core.runtime import SandboxContext
+from deltabox.core.runtime import Runtime, SandboxContext, Standby
 from deltabox.errors import FailedPrecondition
 from deltabox.faults import crash_point
 from deltabox.store.records import CheckpointRecord, SandboxRecord, new_id
@@ -41,8 +42,8 @@ class Rollbacks:
         """Roll the sandbox back to a checkpoint: (record, path taken, timings in ms).
 
         Paths: "double" / "standby" (a ready one was swapped in), "double-waited" /
-        "standby-waited" (it was still being built: the rollback waited for it,
-        timings["wait_ms"]), "restore" / "fresh" (none was ready). It runs to its end
+        "standby-waited" (one was being built and was ready before the restore started
+        next to it: timings["wait_ms"]), "restore" / "fresh" (none was ready first). It runs to its end
         even if the caller goes away (what it builds must not be left unowned); the
         checkpoint is held meanwhile, so a deletion of it waits."""
         async def held():
@@ -76,41 +77,19 @@ class Rollbacks:
             if rt.closed or ctx.runtimes.get(rec.id) is not rt \
                     or rec.state != SandboxState.RUNNING:
                 raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
-            slot = rt.standby
-            waited = False
-            if slot.building.locked() and slot.target == ckpt.id \
-                    and (slot.built is None or slot.built.checkpoint_id != ckpt.id):
-                t_wait = time.perf_counter()
-                async with slot.building:  # almost ready: cheaper than a fresh start
-                    pass
-                waited = True
-                timings["wait_ms"] = 1000 * (time.perf_counter() - t_wait)
             old_branch, old_pid = rt.branch_id, rt.init_pid
-            standby = slot.built if slot.built and slot.built.checkpoint_id == ckpt.id else None
-            if standby is None:  # its double may have failed meanwhile
-                self._deltacr.refuse_unusable_now(ckpt)
-            path = self._deltacr.rollback_path(ckpt, standby is not None, waited)
-            if standby is not None:
-                slot.built = None
-                new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
-            else:
-                new_branch, pid = new_id("br"), 0
-                await asyncio.to_thread(self.store.new_branch_dirs, new_branch, ckpt.mount_layers,
-                                        rec.spec)
-                try:
-                    # Next to the old tree: its own branch, cgroup and namespaces. The
-                    # network is attached once the old tree is gone (one veth name).
-                    pid, start = await asyncio.to_thread(
-                        inc.launch, rec, self.store.branch_mount_for(new_branch,
-                                                                     ckpt.mount_layers),
-                        False, self._deltacr.images_for(ckpt))
-                except BaseException as e:
-                    await asyncio.to_thread(inc.retire, new_branch, 0)
-                    self._deltacr.after_restore_failure(rec, ckpt, e)
-                    raise
+            ckpt = self.store.get_checkpoint(ckpt.id)
+            standby = self._take_current(rt, ckpt)
+            prepared, waited = standby is not None, False
+            if standby is None:
+                self._deltacr.refuse_unusable_now(ckpt)  # its double may have failed
+                standby, prepared = await self._first_ready(rec, rt, ckpt, timings)
+                waited = prepared
+            path = self._deltacr.rollback_path(ckpt, prepared, waited)
+            new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
             try:
                 crash_point("rollback.before_switch")
-                if standby is not None:  # one short transaction, no hop off the loop
+                if prepared:  # one short transaction, no hop off the loop
                     self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
                                              start)
                 else:
@@ -123,22 +102,98 @@ class Rollbacks:
             # SIGKILL to the old init ends its whole pid namespace; unmounting and
             # deleting its branch happen in the background.
             kill_quiet(old_pid)
-            if standby is not None:
-                self._deltacr.wake(ckpt, new_branch)  # a body double wakes up
+            self._deltacr.wake(ckpt, new_branch)  # a body double (or a restore) wakes up
             rt.init_pid, rt.branch_id = pid, new_branch
             rt.own_layers, rt.manifest = [], deltafs.Manifest()
             rt.session_locks.clear()
-            if standby is None and slot.built is not None:  # the old head's, now unused
-                unused, slot.built = slot.built, None
-                ctx.spawn(asyncio.to_thread(inc.retire, unused.branch_id, unused.init_pid))
             if rec.spec.get("network") == NetworkMode.NAT:
                 await asyncio.to_thread(inc.attach_network, rec, pid,
                                         self.store.mnt_dir / new_branch)
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
-        ctx.spawn(asyncio.to_thread(inc.retire, old_branch, old_pid))
-        ctx.spawn(self._standbys.prepare(rec.id, ckpt.id))
+        ctx.spawn(self._retire_later(old_branch, old_pid))
+        # The other hot checkpoints keep their doubles; this one gets its replacement.
+        ctx.spawn(self._standbys.prepare(rec.id, ckpt.id, used=True))
         ctx.metrics.rollbacks.labels(path).inc()
         ctx.metrics.rollback_seconds.labels(path).observe(timings["total_ms"] / 1000)
         log.info("sandbox.rolled_back", sandbox=rec.id, checkpoint=ckpt.id, path=path,
                  **timings)
         return self.store.get_sandbox(rec.id), path, timings
+
+    def _take_current(self, rt: Runtime, ckpt: CheckpointRecord) -> Standby | None:
+        """A ready incarnation of `ckpt` on its current layers. One built before a squash
+        rebased the checkpoint mounts layers the squash lets go (and deletes): retired."""
+        while (standby := rt.standby.take(ckpt.id)) is not None:
+            if standby.layers == tuple(ckpt.mount_layers):
+                return standby
+            log.info("standby.stale", checkpoint=ckpt.id, branch=standby.branch_id)
+            self._ctx.spawn(asyncio.to_thread(self._incarnations.retire, standby.branch_id,
+                                              standby.init_pid))
+        return None
+
+    async def _retire_later(self, branch_id: str, init_pid: int) -> None:
+        """The old tree is killed already; unmounting and deleting its branch wait until
+        the reply (and the caller's next call) had the CPU."""
+        await asyncio.sleep(self._standbys.BUILD_DELAY_S)
+        await asyncio.to_thread(self._incarnations.retire, branch_id, init_pid)
+
+    async def _first_ready(self, rec: SandboxRecord, rt: Runtime, ckpt: CheckpointRecord,
+                           timings: dict) -> tuple[Standby, bool]:
+        """No incarnation of `ckpt` is ready: restore it next to the old tree and, if
+        one is being built, take whichever is ready first -- (it, whether it is the
+        prepared one). A build started just before (right after a checkpoint) may be
+        near its end or still waiting for CPU: racing never makes the rollback slower
+        than a restore. The loser is not wasted: a restore that loses joins the slot
+        as one more double (or is retired), a build that loses stays in the slot."""
+        slot, t_wait = rt.standby, time.perf_counter()
+        restore = asyncio.ensure_future(self._restore(rec, ckpt))
+        try:
+            while True:
+                standby = self._take_current(rt, ckpt)
+                if standby is not None:
+                    timings["wait_ms"] = 1000 * (time.perf_counter() - t_wait)
+                    slot.build_started(ckpt.id)  # the restore still running counts as one
+                    self._ctx.spawn(self._adopt_restore(rec.id, rt, ckpt.id, restore))
+                    return standby, True
+                if restore.done() and (restore.exception() is None
+                                       or not slot.building(ckpt.id)):
+                    return restore.result(), False
+                if not slot.building(ckpt.id):
+                    return await restore, False
+                change = asyncio.ensure_future(slot.next_change())
+                waits = {change} if restore.done() else {change, restore}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+        except BaseException:
+            self._ctx.spawn(self._adopt_restore(rec.id, rt, ckpt.id, restore, keep=False))
+            raise
+
+    async def _restore(self, rec: SandboxRecord, ckpt: CheckpointRecord) -> Standby:
+        """A new incarnation of `ckpt`, next to the old tree: its own branch, cgroup and
+        namespaces, left frozen (`DeltaCR.wake` thaws it). The network is attached once
+        the old tree is gone (one veth name)."""
+        inc, branch = self._incarnations, new_id("br")
+        await asyncio.to_thread(self.store.new_branch_dirs, branch, ckpt.mount_layers, rec.spec)
+        try:
+            pid, start = await asyncio.to_thread(
+                inc.launch, rec, self.store.branch_mount_for(branch, ckpt.mount_layers),
+                False, self._deltacr.images_for(ckpt), True)
+        except BaseException as e:
+            await asyncio.to_thread(inc.retire, branch, 0)
+            self._deltacr.after_restore_failure(rec, ckpt, e)
+            raise
+        return Standby(branch, ckpt.id, pid, start, tuple(ckpt.mount_layers))
+
+    async def _adopt_restore(self, sandbox_id: str, rt: Runtime, checkpoint_id: str,
+                             restore: asyncio.Future, keep: bool = True) -> None:
+        """A restore that lost the race: one more double of its checkpoint, if wanted."""
+        try:
+            sb = await restore
+        except BaseException:  # noqa: BLE001 - a failed restore retired itself
+            return
+        finally:
+            if keep:
+                rt.standby.build_ended(checkpoint_id)
+        if keep:
+            self._standbys.keep_or_retire(sandbox_id, rt, sb)
+        else:
+            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)

@@ -4,9 +4,9 @@ The database is the truth about sandboxes; this module holds what only a live da
 
 - `Runtime`: one running sandbox's init, its branch, and its locks, split by concern --
   the lifecycle `lock` (create/destroy/checkpoint/rollback/open-session are ordered by
-  it), `session_locks` (one code run per session), the `standby` slot (its prepared
-  incarnation, `StandbySlot`) and the `gate` a full checkpoint closes while it dumps
-  (`DumpGate`).
+  it), `session_locks` (one code run per session), the `standby` slot (the prepared
+  incarnations of its hot checkpoints, `StandbySlot`) and the `gate` a full checkpoint
+  closes while it dumps (`DumpGate`).
 - `CheckpointHolds`: checkpoints that operations in flight build on (a deletion waits).
 - `SandboxContext`: what every part of the core needs -- the store, the config, the
   cgroup driver, CRIU, the metrics, the runtimes, the holds and the background tasks --
@@ -44,14 +44,85 @@ class Standby:
     checkpoint_id: str
     init_pid: int
     init_start: float
+    layers: tuple[str, ...] = ()  # the checkpoint's mount layers it was built on
 
 
-@dataclass
 class StandbySlot:
-    """A sandbox's standby (or body double) for its head checkpoint."""
-    built: Standby | None = None
-    building: asyncio.Lock = field(default_factory=asyncio.Lock)  # one build at a time
-    target: str = ""  # the checkpoint the newest standby request is for
+    """A sandbox's prepared incarnations: body doubles (full) or standbys (fs) of its hot
+    checkpoints -- the ones it made or rolled back to most recently, the pinned ones and
+    those named in a Warm (`deltabox.core.deltacr.Standbys` keeps the policy).
+
+    `hot` orders them by last use (LRU); `doubles` holds the ready incarnations of each
+    (more than one for the hottest, so back-to-back rollbacks to it all find one);
+    `builds` counts the ones being made. Everything here lives on the event loop."""
+
+    def __init__(self) -> None:
+        self.hot: dict[str, float] = {}  # checkpoint -> last use (time.monotonic())
+        self.used: set[str] = set()  # hot ones rolled back to: the hottest gets a pool
+        self.doubles: dict[str, list[Standby]] = {}  # checkpoint -> ready incarnations
+        self.builds: dict[str, int] = {}  # checkpoint -> incarnations being made
+        self.filling: asyncio.Task | None = None  # the one filler: builds run one at a time
+        self.unbuildable: set[str] = set()  # their build failed or did not fit the budget
+        self._changed = asyncio.Event()  # set (and replaced) when a build ends
+
+    def is_filling(self) -> bool:
+        return self.filling is not None and not self.filling.done()
+
+    def touch(self, checkpoint_id: str) -> None:
+        self.hot.pop(checkpoint_id, None)
+        self.hot[checkpoint_id] = time.monotonic()  # last in the dict: the hottest
+
+    def hottest(self) -> list[str]:
+        return sorted(self.hot, key=self.hot.__getitem__, reverse=True)
+
+    def ready(self, checkpoint_id: str) -> int:
+        return len(self.doubles.get(checkpoint_id, ()))
+
+    def building(self, checkpoint_id: str) -> int:
+        return self.builds.get(checkpoint_id, 0)
+
+    def take(self, checkpoint_id: str) -> Standby | None:
+        """A ready incarnation of the checkpoint (it leaves the slot), or None."""
+        pool = self.doubles.get(checkpoint_id)
+        if not pool:
+            return None
+        sb = pool.pop(0)  # the oldest: it has waited longest, its pages are settled
+        if not pool:
+            del self.doubles[checkpoint_id]
+        return sb
+
+    def put(self, sb: Standby) -> None:
+        self.doubles.setdefault(sb.checkpoint_id, []).append(sb)
+        self.changed()
+
+    def remove(self, checkpoint_id: str) -> list[Standby]:
+        """All ready incarnations of the checkpoint, out of the slot (to retire)."""
+        return self.doubles.pop(checkpoint_id, [])
+
+    def all(self) -> list[Standby]:
+        return [sb for pool in self.doubles.values() for sb in pool]
+
+    def build_started(self, checkpoint_id: str) -> None:
+        self.builds[checkpoint_id] = self.builds.get(checkpoint_id, 0) + 1
+
+    def build_ended(self, checkpoint_id: str) -> None:
+        n = self.builds.pop(checkpoint_id, 0) - 1
+        if n > 0:
+            self.builds[checkpoint_id] = n
+        self.changed()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def next_change(self) -> None:
+        await self._changed.wait()
+
+    async def settled(self) -> None:
+        """Wait until no build is in flight (one for a closed sandbox retires what it
+        made)."""
+        while self.builds:
+            await self._changed.wait()
 
 
 def _open_event() -> asyncio.Event:
@@ -71,6 +142,7 @@ class DumpGate:
         self._open = _open_event()
         self.active = 0  # long conversations in flight
         self.controls = 0  # short conversations in flight
+        self.calls = 0  # conversations ever begun (an unchanged sandbox had none since)
         self._controls_idle = _open_event()
 
     def close(self) -> None:
@@ -83,6 +155,7 @@ class DumpGate:
     async def busy(self):
         await self._open.wait()
         self.active += 1  # no await between the gate and this: atomic for the loop
+        self.calls += 1
         try:
             yield
         finally:
@@ -95,6 +168,7 @@ class DumpGate:
         instead of refusing, as it refuses while a long one (busy()) is attached."""
         await self._open.wait()
         self.controls += 1
+        self.calls += 1
         self._controls_idle.clear()
         try:
             yield
@@ -123,6 +197,7 @@ class Runtime:
     manifest: deltafs.Manifest | None = None  # the upper at the last checkpoint
     standby: StandbySlot = field(default_factory=StandbySlot)
     gate: DumpGate = field(default_factory=DumpGate)
+    last_cut: tuple | None = None  # the head checkpoint's frozen instant (core.snapshots)
     closed: bool = False  # destroyed: background work must not attach anything
 
     @contextlib.asynccontextmanager

@@ -172,8 +172,8 @@ class SandboxManager:
             try:
                 if rt is not None:
                     rt.closed = True  # a standby still being built retires itself
-                    async with rt.standby.building:
-                        await self._standbys.drop(rt)
+                    await rt.standby.settled()
+                    await self._standbys.drop(rt)
                 await asyncio.to_thread(self._incarnations.kill, rec.branch_id, init_pid, rec)
                 crash_point("destroy.killed")
             except Exception as e:

@@ -7,6 +7,11 @@ it thaws and records the checkpoint in one store transaction. Afterwards, in the
 background: the sandbox's standby for it is prepared, a deep chain is squashed into one
 layer, a full checkpoint's images are deduplicated.
 
+A checkpoint of a sandbox that did nothing since its head checkpoint -- no file changed
+in its upper directory, no call ran in it, no process started, ended or used CPU
+(`incarnation.cpu_activity`), all seen in the frozen instant -- is not taken again: the
+head is returned, flagged `unchanged` (a full request needs a full head).
+
 Deleting a checkpoint waits for the rollbacks, forks and double builds that hold it
 (`runtime.CheckpointHolds`); its standbys and warm pools go before its files.
 """
@@ -23,6 +28,7 @@ import structlog
 
 from deltabox.core import deltafs
 from deltabox.core.deltacr import DeltaCR, Standbys
+from deltabox.core.incarnation import cpu_activity
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.warm import WarmPools
 from deltabox.errors import InvalidArgument, NotFound
@@ -37,6 +43,14 @@ __all__ = ["Snapshots", "rmtree_quiet", "DELETE_WAIT_S"]
 log = structlog.get_logger("deltabox.core.snapshots")
 
 DELETE_WAIT_S = 150.0  # a deletion waits this long for rollbacks/forks of it (> CRIU's timeout)
+
+
+def _upper_changed(scan: dict, manifest: deltafs.Manifest) -> bool:
+    """Whether `scan` (deltafs.scan_upper) differs from the upper at the last checkpoint:
+    an entry new or changed, or one gone."""
+    prev = manifest.entries  # "" (the upper itself) is never sunk: not compared
+    return any(rel and prev.get(rel, 0) != key for rel, (key, _) in scan.items()) \
+        or any(rel and rel not in scan for rel in prev)
 
 
 def rmtree_quiet(path: Path) -> None:
@@ -58,6 +72,7 @@ class Snapshots:
         self._standbys = standbys
         self._pools = pools
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
+        self._squash_again: set[str] = set()  # asked for while one ran: see _maybe_squash
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
                          wait_ready: bool = False) -> CheckpointRecord:
@@ -72,6 +87,12 @@ class Snapshots:
             async with self._deltacr.quiesced(rec, rt, mode):
                 ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
                                                mode)
+        if ckpt.stats.get("unchanged"):
+            log.info("checkpoint.unchanged", sandbox=rec.id, checkpoint=ckpt.id, mode=mode)
+            standby = self._ctx.spawn(self._standbys.prepare(rec.id, ckpt.id))
+            if wait_ready:
+                await asyncio.shield(standby)
+            return ckpt
         metrics = self._ctx.metrics
         metrics.checkpoints.labels(mode).inc()
         metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
@@ -94,13 +115,19 @@ class Snapshots:
         """Sink (and dump), then record, in one worker thread (one hop off the loop)."""
         rec = self.store.get_sandbox(sandbox_id)
         t0 = time.perf_counter()
+        head = self._reusable_head(rec, rt, mode)
         images = self._deltacr.new_images_dir(mode)
         try:
-            tmp, manifest, stats, frozen_ms = self._sink(rec, rt, images)
+            tmp, manifest, stats, frozen_ms, cut, same = self._sink(rec, rt, images, head)
         except BaseException:
             if images is not None:
                 rmtree_quiet(images)
             raise
+        if same:
+            if images is not None:
+                rmtree_quiet(images)
+            return dataclasses.replace(head, stats={**head.stats, "unchanged": True,
+                                                    "unchanged_frozen_ms": frozen_ms})
         t1 = time.perf_counter()
         lower = self.store.get_branch(rec.branch_id).lower
         base = lower + tuple(rt.own_layers)
@@ -121,9 +148,35 @@ class Snapshots:
         if tmp is not None:
             rt.own_layers.append(ckpt.layers[-1])
         rt.manifest = manifest
+        rt.last_cut = (ckpt.id, cut) if cut is not None else None
         ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
                            "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
         return ckpt
+
+    def _reusable_head(self, rec: SandboxRecord, rt: Runtime,
+                       mode: str) -> CheckpointRecord | None:
+        """The head checkpoint, if this incarnation took it (its frozen instant is in
+        rt.last_cut) and it answers a `mode` request: a full one needs a full head."""
+        if rt.last_cut is None or not rec.head or rt.last_cut[0] != rec.head:
+            return None
+        try:
+            head = self.store.get_checkpoint(rec.head)
+        except NotFound:
+            return None
+        if head.unusable_reason or (mode == CheckpointMode.FULL
+                                    and head.mode != CheckpointMode.FULL):
+            return None
+        return head
+
+    def _cut(self, rec: SandboxRecord, rt: Runtime) -> tuple | None:
+        """The frozen sandbox's activity so far (None while a call is attached: what it
+        does may land after the thaw)."""
+        gate = rt.gate
+        if gate.active or gate.controls:
+            return None
+        activity = cpu_activity(self._ctx.cgroups.pids(rec.branch_id), rt.init_pid)
+        return None if activity is None else (rec.branch_id, rt.init_pid, gate.calls,
+                                              activity)
 
     def shortest_mount(self, checkpoint_id: str) -> tuple[str, ...]:
         """The checkpoint's mount chain, rebased on its nearest squashed ancestor on
@@ -141,25 +194,45 @@ class Snapshots:
                 return anc.mount_layers + head.layers[len(anc.layers):]
         return head.mount_layers
 
-    def _sink(self, rec: SandboxRecord, rt: Runtime, images: Path | None = None):
-        """Freeze, sink the upper's changes into a new tmp layer dir, (dump the
-        processes into `images`: the same frozen instant), thaw.
+    def _sink(self, rec: SandboxRecord, rt: Runtime, images: Path | None = None,
+              head: CheckpointRecord | None = None):
+        """Freeze, (dump the processes into `images`,) sink the upper's changes into a
+        new tmp layer dir -- one frozen instant -- and thaw. The files are sunk after the
+        dump: CRIU leaves traces in them (a temporary mountpoint under /tmp), which
+        belong to this checkpoint, not to the next.
 
-        Returns (tmp dir or None if nothing changed, new manifest, stats, ms frozen)."""
+        With `head` (a checkpoint that may be returned instead): if no file changed and
+        the cut (`_cut`) is the head's, nothing is dumped or sunk.
+
+        Returns (tmp dir or None if no file changed, new manifest, stats, ms frozen, the
+        cut, whether the head stands for this instant)."""
         cgroups = self._ctx.cgroups
         upper = self.store.branches_dir / rec.branch_id / "upper"
         manifest = rt.manifest or deltafs.Manifest()
         tmp = self.store.new_tmp_dir()
+        phases: dict[str, float] = {}
         t0 = time.perf_counter()
         cgroups.freeze(rec.branch_id)
         t1 = time.perf_counter()
         try:
-            stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest)
-            crash_point("checkpoint.sink")
-            t_sink = time.perf_counter()
+            cut, scan = self._cut(rec, rt), None
+            if head is not None and cut is not None and rt.last_cut == (head.id, cut):
+                scan = deltafs.scan_upper(upper)
+                if not _upper_changed(scan, manifest):
+                    cgroups.thaw(rec.branch_id)
+                    rmtree_quiet(tmp)
+                    return (None, manifest, deltafs.SinkStats(),
+                            1000 * (time.perf_counter() - t0), cut, True)
             if images is not None:
-                stats.phases_ms.update(self._deltacr.dump_frozen(rec, rt, images,
-                                                                 1000 * (t_sink - t1)))
+                phases.update(self._deltacr.dump_frozen(rec, rt, images))
+                # CRIU's parasite ran inside each process (their CPU time moved) and
+                # CRIU touched the files: this checkpoint stands for the cut after it.
+                cut, scan = self._cut(rec, rt), None
+            t_sink = time.perf_counter()
+            stats, new_manifest = deltafs.sink_upper_into_layer(upper, tmp, manifest, scan)
+            crash_point("checkpoint.sink")
+            if images is not None:
+                phases["sink_fs_ms"] = 1000 * (time.perf_counter() - t_sink)
         except BaseException:
             cgroups.thaw(rec.branch_id)
             rmtree_quiet(tmp)
@@ -168,12 +241,12 @@ class Snapshots:
         cgroups.thaw(rec.branch_id)
         t3 = time.perf_counter()
         frozen_ms = 1000 * (t3 - t0)
-        stats.phases_ms.update({"freeze_ms": 1000 * (t1 - t0), "copy_ms": 1000 * (t2 - t1),
-                                "thaw_ms": 1000 * (t3 - t2)})
+        stats.phases_ms.update({**phases, "freeze_ms": 1000 * (t1 - t0),
+                                "copy_ms": 1000 * (t2 - t1), "thaw_ms": 1000 * (t3 - t2)})
         if stats.changed == 0 and stats.whiteouts == 0:
             rmtree_quiet(tmp)
             tmp = None
-        return tmp, new_manifest, stats, frozen_ms
+        return tmp, new_manifest, stats, frozen_ms, cut, False
 
     # ---- the tree ------------------------------------------------------------------
 
@@ -239,7 +312,10 @@ class Snapshots:
         if len(ckpt.mount_layers) <= self.config.max_chain_depth or ckpt.squashed:
             return
         if self._squash_lock.locked():
-            return  # coalesce: the next checkpoint retries if its chain is still deep
+            # Coalesce: looked at again when the running squash ends (it may have been
+            # taken before that squash was there to rebase it on, and be the last one).
+            self._squash_again.add(checkpoint_id)
+            return
         async with self._squash_lock:
             tmp = self.store.new_tmp_dir()
             try:
@@ -266,4 +342,10 @@ class Snapshots:
                 pass
             finally:
                 await asyncio.to_thread(rmtree_quiet, tmp)
+            # Checkpoints committed after the rebase above, from a chain read before it:
+            # rebase them too (metadata only), then squash whichever is still too deep.
+            await asyncio.to_thread(self.store.rebase_on_squashed, checkpoint_id)
+            again, self._squash_again = self._squash_again, set()
             await asyncio.to_thread(self.store.gc_layers)
+        for cid in again:  # with the lock free (or they would only be put back)
+            self._ctx.spawn(self._maybe_squash(cid))

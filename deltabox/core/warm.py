@@ -4,9 +4,10 @@
 doubles for full checkpoints, inits on ready branches for fs ones); `fork` adopts them first
 (`take`). Restores run `config.restore_parallelism` at a time.
 
-Prepared incarnations -- warm pools and every sandbox's standby -- hold memory the sandboxes
-did not ask for; `MemoryBudget` keeps them together under `config.warm_budget_bytes`, evicting
-whole pools, least recently used first, to make room. An evicted checkpoint stays restorable
+Prepared incarnations -- warm pools and every sandbox's body doubles / standbys -- hold
+memory the sandboxes did not ask for; `MemoryBudget` keeps them together under
+`config.warm_budget_bytes`, evicting the least recently used first (a whole pool, or one
+double) to make room. An evicted checkpoint stays restorable
 (its images are on the store): only the head start is lost.
 """
 
@@ -25,7 +26,7 @@ from deltabox.store.records import CheckpointRecord, SandboxRecord
 from deltabox.types import NetworkMode
 
 if TYPE_CHECKING:
-    from deltabox.core.deltacr import DeltaCR
+    from deltabox.core.deltacr import DeltaCR, Standbys
 
 __all__ = ["WarmPools", "MemoryBudget", "child_spec"]
 
@@ -39,46 +40,51 @@ def child_spec(ckpt: CheckpointRecord) -> dict:
 
 
 class MemoryBudget:
-    """Memory held by prepared incarnations (warm pools and sandboxes' standbys) against
-    `config.warm_budget_bytes`."""
+    """Memory held by prepared incarnations (warm pools and sandboxes' body doubles /
+    standbys) against `config.warm_budget_bytes`. Eviction takes the least recently used
+    first across both kinds: a warm pool as a whole, a sandbox's double one at a time."""
 
     def __init__(self, ctx: SandboxContext, pools: WarmPools) -> None:
         self._ctx = ctx
         self._pools = pools
+        self.standbys: Standbys | None = None  # set by Standbys (it is built after us)
 
     def held(self) -> int:
-        cgroups = self._ctx.cgroups
-        total = 0
-        for sb in self._pools.incarnations():
-            total += cgroups.memory_usage(sb.branch_id)
-        for rt in self._ctx.runtimes.values():
-            if rt.standby.built is not None:
-                total += cgroups.memory_usage(rt.standby.built.branch_id)
-        return total
+        usage = self._ctx.cgroups.memory_usage
+        doubles = self.standbys.held() if self.standbys is not None else []
+        return sum(usage(sb.branch_id) for sb in [*self._pools.incarnations(), *doubles])
+
+    def fits(self, need: int) -> bool:
+        return self.held() + need <= self._ctx.config.warm_budget_bytes
 
     async def make_room(self, need: int, keep: str) -> bool:
-        """Whether `need` more bytes fit, after evicting pools (but `keep`'s) if not."""
-        if self.held() + need > self._ctx.config.warm_budget_bytes:
+        """Whether `need` more bytes fit, after evicting (but `keep`'s) if not."""
+        if not self.fits(need):
             await self._evict(keep, need)
-            if self.held() + need > self._ctx.config.warm_budget_bytes:
-                return False
-        return True
+        return self.fits(need)
 
     async def _evict(self, keep: str, need: int) -> None:
-        """Drop whole pools, least recently used first, until `need` more bytes fit
-        under the budget. Pinned checkpoints keep theirs."""
-        for cid in self._pools.least_recently_used():
-            if self.held() + need <= self._ctx.config.warm_budget_bytes:
+        """Drop least recently used incarnations until `need` more bytes fit under the
+        budget. Pinned checkpoints keep theirs."""
+        while not self.fits(need):
+            victims = [(t, "pool", "", cid) for cid, t in self._pools.last_used()]
+            if self.standbys is not None:
+                victims += [(t, "double", sid, cid) for t, sid, cid in self.standbys.evictable()]
+            victims = [v for v in sorted(victims) if v[3] != keep and not self._pinned(v[3])]
+            if not victims:
                 return
-            if cid == keep:
-                continue
-            try:
-                if self._ctx.store.get_checkpoint(cid).pinned:
-                    continue
-            except NotFound:
-                pass
-            await self._pools.drop(cid)
-            log.info("warm.evicted", checkpoint=cid)
+            _, kind, sid, cid = victims[0]
+            if kind == "pool":
+                await self._pools.drop(cid)
+            else:
+                await self.standbys.evict(sid, cid)
+            log.info("warm.evicted", kind=kind, checkpoint=cid, sandbox=sid or None)
+
+    def _pinned(self, checkpoint_id: str) -> bool:
+        try:
+            return self._ctx.store.get_checkpoint(checkpoint_id).pinned
+        except NotFound:
+            return False
 
 
 class WarmPools:
@@ -98,8 +104,9 @@ class WarmPools:
         for pool in self._pools.values():
             yield from pool
 
-    def least_recently_used(self) -> list[str]:
-        return sorted(self._pools, key=lambda c: self._used.get(c, 0))
+    def last_used(self) -> list[tuple[str, float]]:
+        """(checkpoint, last use) of every pool that holds incarnations."""
+        return [(c, self._used.get(c, 0.0)) for c, pool in self._pools.items() if pool]
 
     async def warm(self, checkpoint_id: str, n: int, wait: bool = False) -> int:
         """Prepare up to n incarnations of a checkpoint for a coming fork (body doubles
@@ -114,6 +121,8 @@ class WarmPools:
             raise FailedPrecondition("warm forks of NAT sandboxes are not supported yet")
         pool = self._pools.setdefault(ckpt.id, [])
         self._used[ckpt.id] = time.monotonic()
+        if self.budget.standbys is not None:  # its sandbox keeps it hot for rollbacks too
+            ctx.spawn(self.budget.standbys.hint(ckpt.id))
         missing = max(0, n - len(pool))
         jobs = [self._warm_one(ckpt) for _ in range(missing)]
         if wait:

@@ -12,7 +12,11 @@ every option available and no C to maintain. proto/criu/rpc.proto is CRIU's
 own (MIT), compiled by native/build.py.
 
 Each call runs one `criu swrk` process and is blocking: callers run it in a
-worker thread. Errors become `CriuError` with the lines of CRIU's log that say
+worker thread. Before its first dump or restore it probes the kernel's features
+("kerndat", 20-70 ms here, all of it inside a checkpoint's frozen window) unless
+/run/criu.kdat holds them: CRIU writes that cache only when /run is a tmpfs, which
+it is not on every host (this project's VMs), so `ensure_kdat_cache` writes it
+once per daemon, outside the frozen window (see there). Errors become `CriuError` with the lines of CRIU's log that say
 what failed (which process, which resource).
 """
 
@@ -26,6 +30,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +44,18 @@ from deltabox.faults import crash_point
 __all__ = ["Criu", "CriuError", "DumpResult", "find_criu"]
 
 LOG_NAME = "criu.log"
+# The sandbox's network namespace is dumped empty and restored empty (CRIU's empty_ns):
+# a sandbox has only `lo` (NAT sandboxes, with a veth, are not fully checkpointed), and
+# dumping the namespace ran `ip` and `iptables-save` 8 times, about half of a small dump.
+# On restore, `lo` is brought up at CRIU's "setup-namespaces" step, before any socket is
+# restored. What the sandbox's root configured in its own namespace itself (addresses,
+# routes, iptables rules) is not kept.
+CLONE_NEWNET = 0x40000000
 OWNER_ENV = "DELTABOX_CRIU_OWNER"
 log = structlog.get_logger("deltabox.host.criu")
 ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
+KDAT_CACHE = Path("/run/criu.kdat")  # CRIU's own path for its cache of kernel features
+KDAT_MAX_WRITES = 3  # another CRIU build finds ours stale and deletes it: stop rewriting
 
 # Files a process holds open after they were deleted or replaced (`mv new old`, `git
 # checkout`, `pip install -U` over a loaded .so) are dumped as "ghost files": CRIU
@@ -218,6 +232,46 @@ class Criu:
         # Each `criu swrk` carries OWNER_ENV=owner (the store's instance id): a daemon
         # killed mid-call leaves it running, and the next start finds it by that.
         self.owner = owner
+        self._kdat_lock = threading.Lock()
+        self._kdat_writes = 0
+
+    def ensure_kdat_cache(self) -> None:
+        """Have /run/criu.kdat hold this CRIU's probe of this kernel, so that a dump does
+        not probe it while the sandbox is frozen. Called before freezing.
+
+        CRIU saves the probe there only when /run is a tmpfs (emptied at boot, so never
+        stale after a kernel upgrade). Where it is not, `criu check` runs in a private
+        mount namespace with a tmpfs on /run, and its cache is copied to the host's
+        /run/criu.kdat; CRIU itself then loads it (it checks only its own magic and
+        size). The first call of each daemon rewrites it -- a file left from before a
+        reboot may describe another kernel; a file another CRIU build deleted as stale
+        is written again, a few times at most. Best effort: CRIU probes when it is
+        missing, as it always did."""
+        with self._kdat_lock:
+            if self._kdat_writes and KDAT_CACHE.exists() \
+                    or self._kdat_writes >= KDAT_MAX_WRITES:
+                return
+            self._kdat_writes += 1
+            try:
+                res = subprocess.run(
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                     'mount -t tmpfs -o size=1m,mode=0700 none /run && "$0" check '
+                     '>/dev/null 2>&1; cat /run/criu.kdat', str(self.binary)],
+                    capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+                if res.returncode != 0 or not res.stdout:
+                    raise OSError(f"criu check wrote no cache: "
+                                  f"{res.stderr.decode(errors='replace')[-300:]}")
+                tmp = KDAT_CACHE.with_name(f".criu.kdat.deltabox-{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, res.stdout)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, KDAT_CACHE)
+                log.info("criu.kdat_cached", path=str(KDAT_CACHE), size=len(res.stdout))
+            except (OSError, subprocess.SubprocessError) as e:
+                self._kdat_writes = KDAT_MAX_WRITES  # CRIU probes for itself, as before
+                log.warning("criu.kdat_not_cached", error=str(e))
 
     def build_id(self) -> str:
         """This CRIU: version and the fingerprint of the patch set it was built with
@@ -288,8 +342,8 @@ class Criu:
 
     def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
               on_notify=None, timeout: float = 120.0, fault: str = "") -> rpc.criu_resp:
-        """One request to a fresh `criu swrk`. `on_notify(script)` runs for each of
-        CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
+        """One request to a fresh `criu swrk`. `on_notify(script, criu_pid, pid)` runs for
+        each of CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
         takes longer than `timeout` kills criu and fails (CRIU can hang in the
         kernel, e.g. attaching to a stopped task in a frozen cgroup)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -327,7 +381,7 @@ class Criu:
                     ok = True
                     if on_notify is not None:
                         try:
-                            on_notify(resp.notify.script, proc.pid)
+                            on_notify(resp.notify.script, proc.pid, resp.notify.pid)
                         except Exception:  # noqa: BLE001 - CRIU then fails the call
                             ok = False
                     parent.sendall(rpc.criu_req(type=rpc.NOTIFY,
@@ -370,6 +424,7 @@ class Criu:
         with _dir_fd(images_dir) as fd:
             opts = self._opts(fd, LOG_NAME, pid=pid, root=str(root),
                               leave_running=leave_running, external=["mnt[/]:root"],
+                              empty_ns=CLONE_NEWNET,
                               freeze_cgroup=str(freeze_cgroup) if freeze_cgroup else None,
                               manage_cgroups_mode=rpc.IGNORE,
                               link_remap=True, ghost_limit=self.ghost_limit)
@@ -395,22 +450,26 @@ class Criu:
         and freezes the cgroup, so the restored tasks stop before returning to
         their code and run only when a rollback thaws them -- unlike CRIU's
         leave_stopped, no SIGSTOP/SIGCONT is ever seen by them."""
+        self.ensure_kdat_cache()
         # Many restores of one image may run at once (fork): one log each.
         log_name = f"restore-{Path(root).name}.log"
 
         ours: list[BaseException] = []
 
-        def on_notify(script: str, criu_pid: int) -> None:
-            if script == "pre-resume" and freeze is not None:
-                try:
+        def on_notify(script: str, criu_pid: int, pid: int) -> None:
+            try:
+                if script == "setup-namespaces":
+                    from deltabox.host.network import loopback_up
+                    loopback_up(pid)  # the namespace is restored empty: see CLONE_NEWNET
+                elif script == "pre-resume" and freeze is not None:
                     freeze(criu_pid)
-                except BaseException as e:
-                    ours.append(e)
-                    raise
+            except BaseException as e:
+                ours.append(e)
+                raise
         with _dir_fd(images_dir) as fd:
             opts = self._opts(fd, log_name, root=str(root), rst_sibling=True,
                               external=[f"mnt[root]:{root}"], manage_cgroups_mode=rpc.IGNORE,
-                              notify_scripts=freeze is not None)
+                              empty_ns=CLONE_NEWNET, notify_scripts=True)
             resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
                               images_dir / log_name, cgroup_procs, on_notify)
         if not resp.success:

@@ -42,7 +42,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 __all__ = ["attach_nat", "detach_nat", "allocate_index", "addresses", "host_nameservers",
-           "MAX_SANDBOXES"]
+           "MAX_SANDBOXES", "loopback_up"]
 
 SUBNET = ipaddress.ip_network("10.88.0.0/16")
 MAX_SANDBOXES = SUBNET.num_addresses // 4
@@ -224,6 +224,15 @@ def _in_netns(pid: int, work) -> None:
     t.join()
     if errors:
         raise errors[0]
+
+
+def loopback_up(pid: int) -> None:
+    """Bring up `lo` in pid's network namespace: a full checkpoint's namespace is restored
+    empty (see deltabox.host.criu), as a fresh sandbox's init finds it before it brings
+    up `lo` itself."""
+    def up(ns: IPRoute) -> None:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+    _in_netns(pid, up)
 
 
 def detach_nat(sandbox_id: str) -> None:

@@ -36,6 +36,7 @@ from deltabox.host.systemd import keep_sandboxes_on_exit
 from deltabox.host.criu import find_criu
 from deltabox.logs import configure_logging
 from deltabox.metrics import Metrics, MetricsHTTPServer
+from deltabox.server.batch import BatchRunner
 from deltabox.server.interceptors import ErrorInterceptor, ErrorReporter
 from deltabox.server.servicers import (CheckpointsServicer, ImagesServicer, SandboxesServicer,
                                        SystemServicer)
@@ -191,6 +192,7 @@ class Daemon:
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self.metrics, self.config.token, self.reporter)],
             options=opts)
+        self.batch = BatchRunner(self)  # CheckpointMany, RollbackMany, ExecMany
         pb_grpc.add_ImagesServicer_to_server(ImagesServicer(self), self.server)
         pb_grpc.add_SandboxesServicer_to_server(SandboxesServicer(self), self.server)
         pb_grpc.add_CheckpointsServicer_to_server(CheckpointsServicer(self), self.server)

@@ -116,7 +116,8 @@ def checkpoint_pb(c, ready: bool = False) -> pb.CheckpointInfo:
         image_bytes=int(c.stats.get("image_bytes", 0)),
         image_shared_bytes=int(c.stats.get("shared_bytes", 0)),
         layer_bytes=int(c.stats.get("cloned_bytes", 0)),
-        restorable=c.restorable, unusable_reason=c.unusable_reason)
+        restorable=c.restorable, unusable_reason=c.unusable_reason,
+        unchanged=bool(c.stats.get("unchanged")))
 
 
 def rollback_pb(rec: SandboxRecord, path: str, timings: dict) -> pb.RollbackResponse:

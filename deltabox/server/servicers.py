@@ -114,6 +114,9 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
                                     request.max_output_bytes):
             yield exec_event_pb(ev)
 
+    async def ExecMany(self, request, context):
+        return await self.d.batch.exec_many(request, context)  # deltabox.server.batch
+
     async def ListProcesses(self, request, context):
         rec = self.m.get(request.sandbox)
         procs = await self.m.list_processes(request.sandbox)
@@ -254,6 +257,12 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
     async def Rollback(self, request, context):
         rec, path, timings = await self.m.rollback(request.sandbox, request.checkpoint)
         return rollback_pb(rec, path, timings)
+
+    async def CheckpointMany(self, request, context):
+        return await self.d.batch.checkpoint_many(request, context)  # deltabox.server.batch
+
+    async def RollbackMany(self, request, context):
+        return await self.d.batch.rollback_many(request, context)
 
     async def Fork(self, request, context):
         t0 = time.perf_counter()
