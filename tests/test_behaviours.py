@@ -183,7 +183,11 @@ def test_metrics_count_exactly_what_was_done(client, tiny):
         with pytest.raises(deltabox.NotFound):
             client.get("no-such-sandbox-4242")
     fs = [tiny.checkpoint(f"m{i}") for i in range(2)]
-    full = tiny.checkpoint("m-full", full=True)
+    # nothing happened since m0: m1 is m0 again, flagged unchanged, and is not counted as
+    # a checkpoint taken (docs/deltacr.md, "Unchanged checkpoints"): only its RPC is
+    assert fs[1].unchanged and fs[1].id == fs[0].id and not fs[0].unchanged
+    full = tiny.checkpoint("m-full", full=True)  # a full request needs a full head: new
+    assert not full.unchanged
     paths = [tiny.rollback(fs[0]).path, tiny.rollback(full).path]
     kids = client.fork(fs[1], 2)
     for k in kids:
@@ -197,9 +201,9 @@ def test_metrics_count_exactly_what_was_done(client, tiny):
         'deltabox_rpc_seconds_count{code="OK",method="Rollback"}': 2,
         'deltabox_rpc_seconds_count{code="OK",method="Fork"}': 1,
         'deltabox_rpc_seconds_count{code="OK",method="DestroySandbox"}': 2,
-        'deltabox_checkpoints_total{mode="fs"}': 2,
+        'deltabox_checkpoints_total{mode="fs"}': 1,  # m1 was unchanged: not taken
         'deltabox_checkpoints_total{mode="full"}': 1,
-        'deltabox_checkpoint_frozen_seconds_count{mode="fs"}': 2,
+        'deltabox_checkpoint_frozen_seconds_count{mode="fs"}': 1,
         'deltabox_checkpoint_frozen_seconds_count{mode="full"}': 1,
         'deltabox_fork_children_total{start="cold"}': 2,
     }

@@ -51,6 +51,25 @@ def frozen(pid: int) -> bool:
     return freezer_state(pid) != "THAWED"
 
 
+def tracer(pid: int) -> int:
+    """The pid ptracing `pid` (0: none)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def held_by_criu(pid: int, helpers: list[int]) -> bool:
+    """Is the process stopped for a CRIU dump? Frozen by its cgroup, or -- CRIU seizes
+    the tasks of the frozen cgroup with ptrace, then thaws the cgroup (criu/seize.c:
+    freeze_processes) and freezes it again when the dump ends -- ptrace-stopped by one
+    of the CRIU `helpers` (the freezer is checked first: the seize comes before the thaw)."""
+    return frozen(pid) or tracer(pid) in helpers
+
+
 def criu_helpers(state_dir: Path) -> list[int]:
     """CRIU processes working on this store (an fd below the state dir: their images)."""
     found = []
@@ -241,7 +260,9 @@ def _dump_midway_case(d) -> None:
         t.join()
     init = s.info.init_pid
     helpers = criu_helpers(d.state_dir)
-    assert frozen(init) and helpers, "no orphaned CRIU dump to clean up"
+    assert helpers, "no orphaned CRIU dump to clean up"
+    assert held_by_criu(init, helpers), \
+        f"the sandbox runs (not frozen, not seized by CRIU {helpers}) while CRIU dumps it"
     # Held up (as a slow dump would be) until the new daemon is reconciling: it must
     # wait for the orphan before it thaws the sandbox and wipes tmp/, else the dump
     # ends later and freezes the sandbox again.
@@ -258,7 +279,7 @@ def _dump_midway_case(d) -> None:
         d.start()
     finally:
         timer.join()
-    assert not criu_helpers(d.state_dir)
+    assert not criu_helpers(d.state_dir), f"an orphaned CRIU outlived the start:\n{d.log()}"
     with timed_client(d) as c:
         s = c.get("box")
         assert s.info.init_pid == init
@@ -431,8 +452,30 @@ def test_crash_at(crashd, case):
         start_armed(d, fault)
     else:
         d.start()
-    run(d)
+    try:
+        run(d)
+    except BaseException:
+        _clean_up_after_failure(d)  # so the next cases do not fail for this one's litter
+        raise
     assert_no_litter(d)
+
+
+def _clean_up_after_failure(d: DaemonProcess) -> None:
+    """Best effort, after a failed case: a daemon running (it waits for the orphaned
+    CRIU helpers and thaws), with none of the case's sandboxes, their checkpoint trees
+    or its image left. The case's failure is raised by the caller, not hidden."""
+    with contextlib.suppress(Exception):
+        if d.proc.poll() is None:
+            stopped_cleanly(d)  # a daemon stuck mid-operation: restart it
+    with contextlib.suppress(Exception):
+        if d.proc.poll() is not None:
+            d.start()
+        with timed_client(d) as c:
+            for s in c.list():
+                with contextlib.suppress(Exception):
+                    delete_tree(c, s)
+            with contextlib.suppress(Exception):
+                c.remove_image("crashimg")
 
 
 # ---- item 4: a failed rollback leaves the sandbox as it was -----------------------------------

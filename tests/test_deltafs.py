@@ -29,6 +29,7 @@ import pytest
 
 import deltabox
 from conftest import DEMO_TAR, TINY_TAR, DaemonProcess, delete_tree, leftovers
+from deltabox.config import Config
 
 MiB = 1 << 20
 
@@ -665,20 +666,28 @@ def test_recreated_directory_shows_no_phantom_entries(client, sbx):
         child.destroy()
 
 
-def test_unchanged_sandbox_still_gets_a_checkpoint(client, dfs, sbx):
+def test_unchanged_sandbox_gets_its_head_back_flagged(client, dfs, sbx):
+    """docs/deltacr.md, "Unchanged checkpoints": a checkpoint with nothing done since the
+    head returns the head again, flagged `unchanged` (no new checkpoint, no new layer); a
+    call alone (no file changed) is a change: a new checkpoint, but no new layer."""
     sh(sbx, "mkdir /work && echo x > /work/x")
     c1 = sbx.checkpoint("one")
-    s1 = snapshot(sbx)
+    s1 = snapshot(sbx)  # an exec: the next checkpoint is a new one
     layers = layer_dirs(dfs)
     c2 = sbx.checkpoint("two")
-    c3 = sbx.checkpoint("three")
-    assert len({c1.id, c2.id, c3.id}) == 3
-    assert (c2.parent_id, c3.parent_id) == (c1.id, c2.id)
+    c3 = sbx.checkpoint("three")  # nothing since c2
+    assert c2.id != c1.id and c2.parent_id == c1.id and not (c1.unchanged or c2.unchanged)
+    assert c3.id == c2.id and c3.unchanged, "an unchanged sandbox's checkpoint is not its head"
+    assert (c3.parent_id, c3.label) == (c1.id, "two")
+    assert sorted(c.id for c in sbx.checkpoints()) == sorted({c1.id, c2.id})
     assert list(c2.layer_ids) == list(c1.layer_ids) == list(c3.layer_ids)
-    assert layer_dirs(dfs) == layers, "an unchanged sandbox's checkpoint made a layer"
+    assert layer_dirs(dfs) == layers, "a checkpoint with no file changed made a layer"
     sh(sbx, "echo y > /work/x")
-    sbx.rollback(c2)
-    assert_same_tree(snapshot(sbx), s1, "rollback to an unchanged checkpoint")
+    c4 = sbx.checkpoint("four")  # changed: a new one, on the head
+    assert c4.id not in (c1.id, c2.id) and c4.parent_id == c2.id and not c4.unchanged
+    assert len(c4.layer_ids) == len(c2.layer_ids) + 1
+    sbx.rollback(c3)
+    assert_same_tree(snapshot(sbx), s1, "rollback to the head an unchanged checkpoint returned")
 
 
 def test_root_directory_metadata_alone_survives(sbx):
@@ -962,6 +971,12 @@ def test_rollback_standby_and_fresh_paths_give_the_same_files(client, sbx):
     sh(sbx, "mkdir /work && echo 1 > /work/f && echo keep > /work/k")
     c1 = sbx.checkpoint()
     s1 = snapshot(sbx)
+    # K (--hot-checkpoints) newer checkpoints push c1 out of the hot set: its standby is
+    # retired and a rollback to it takes the fresh path (docs/deltacr.md, "The double
+    # lifecycle")
+    for i in range(Config().hot_checkpoints - 1):
+        sh(sbx, f"echo {i} > /hot-tick")
+        sbx.checkpoint()
     sh(sbx, "echo 2 > /work/f && rm /work/k && mkdir /work/d")
     c2 = sbx.checkpoint(wait_ready=True)  # the standby for c2 (the head) is built
     s2 = snapshot(sbx)
@@ -977,13 +992,15 @@ def test_rollback_standby_and_fresh_paths_give_the_same_files(client, sbx):
 
 
 def test_rapid_checkpoints_leave_no_standby_incarnations(client, dfs):
-    """After every checkpoint the daemon builds a standby for the new head, replacing the
-    previous one. Checkpoints in quick succession must still leave at most one standby, and
-    none once the sandbox is destroyed."""
+    """After every checkpoint the daemon builds a standby for the new head and keeps those
+    of the K (--hot-checkpoints) most recent ones, retiring older ones. More than K
+    checkpoints in quick succession must still leave at most K standbys, and none once the
+    sandbox is destroyed."""
+    hot = Config().hot_checkpoints
     before = branch_mounts(dfs)
     s = client.create("tiny")
     sh(s, "mkdir /work")
-    for i in range(8):
+    for i in range(hot + 4):
         sh(s, f"echo {i} > /work/f")
         s.checkpoint()
     time.sleep(1.0)
@@ -995,7 +1012,7 @@ def test_rapid_checkpoints_leave_no_standby_incarnations(client, dfs):
     left = branch_mounts(dfs) - before
     assert not left, (f"{len(left)} branch(es) still mounted after the sandbox was destroyed "
                       f"({len(during)} while it ran: its own + standbys): {sorted(left)}")
-    assert len(during) <= 2
+    assert len(during) <= 1 + hot, f"{len(during)} branches: its own + at most {hot} standbys"
 
 
 # ---- deep chains ----------------------------------------------------------------------------

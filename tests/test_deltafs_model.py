@@ -426,7 +426,8 @@ class Box:
     observed: dict
     head: str = ""                 # the checkpoint its state descends from
     head_layers: tuple = ()
-    dirty: bool = True             # changed since its last checkpoint
+    dirty: bool = True             # a file changed, a call ran or a new incarnation
+                                   # since its head checkpoint (else: unchanged)
     base_paths: set = field(default_factory=set)  # paths at its last checkpoint/rollback/fork
 
 
@@ -631,11 +632,22 @@ class DeltaFSMachine(RuleBasedStateMachine):
     def _checkpoint(self, data):
         box = self._box(data)
         ck = box.sbx.checkpoint()
-        count("checkpoint" + ("" if box.dirty else " (unchanged)"))
-        assert ck.parent_id == box.head, "a checkpoint's parent is the sandbox's head"
         layers = tuple(ck.layer_ids)
-        if not box.dirty and box.head and not self.deepened:  # (squashes rebase chains)
-            assert layers == box.head_layers, "an unchanged sandbox's checkpoint adds a layer"
+        if not box.dirty and box.head:
+            # Nothing since the head (no file change, no call, the incarnation that took
+            # it): the head again, flagged (docs/deltacr.md, "Unchanged checkpoints").
+            count("checkpoint (unchanged)")
+            assert (ck.id, ck.unchanged) == (box.head, True), \
+                "a checkpoint with nothing done since the head returns the head, flagged"
+            if not self.deepened:  # (squashes rebase chains)
+                assert layers == box.head_layers, "an unchanged sandbox's checkpoint adds a layer"
+            note(f"box {self.boxes.index(box)}: checkpoint unchanged, the head {ck.id}")
+            live = actual_diff(self.client.diff(ck.id, box.sbx.id), box.observed, box.observed)
+            assert not live, f"diff of the unchanged head {ck.id} with its sandbox: {live}"
+            return
+        count("checkpoint")
+        assert not ck.unchanged, "a changed sandbox's checkpoint came back flagged unchanged"
+        assert ck.parent_id == box.head, "a checkpoint's parent is the sandbox's head"
         self.made += 1
         self.ckpts.append(Ckpt(self.made, ck.id, box.head, layers, copy.deepcopy(box.tree),
                                box.observed))

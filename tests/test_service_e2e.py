@@ -118,17 +118,26 @@ class Container:
                 "for i in $(seq 0 255); do mknod -m 0660 /dev/loop$i b 7 $i; done")
 
     def _wait_booted(self, timeout: float = 90) -> None:
-        # Until systemd's own socket is up, systemctl cannot connect: ask again.
+        # The leader is found as soon as it has exec'd systemd; until systemd has made
+        # /run/systemd/system (sd_booted()), systemctl says "offline" at once, and until
+        # its own socket is up it cannot connect. Both are the boot still starting (a
+        # window that grows with the host's load): ask again, up to the deadline.
         deadline = time.monotonic() + timeout
         while True:
+            if self.nspawn.poll() is not None:
+                raise AssertionError(f"systemd-nspawn exited {self.nspawn.returncode}:\n"
+                                     f"{(self.tmp / 'nspawn.log').read_text()}")
+            left = max(deadline - time.monotonic(), 1)
             res = self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                           timeout=timeout)
+                           timeout=left)
             state = res.stdout.strip()
             if state in ("running", "degraded"):
                 return
-            if time.monotonic() > deadline or "connect" not in res.stderr:
+            starting = "connect" in res.stderr or (state == "offline" and not res.stderr)
+            if time.monotonic() > deadline or not starting:
                 failed = self.run(["systemctl", "--failed", "--no-pager"], check=False)
-                raise AssertionError(f"boot: {state} {res.stderr}\n{failed.stdout}")
+                log = (self.tmp / "nspawn.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"boot: {state} {res.stderr}\n{failed.stdout}\n{log}")
             time.sleep(0.2)
 
     def _wait_leader(self, timeout: float = 60) -> int:

@@ -54,6 +54,10 @@ CLONE_NEWNET = 0x40000000
 OWNER_ENV = "DELTABOX_CRIU_OWNER"
 log = structlog.get_logger("deltabox.host.criu")
 ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
+# <owner>.<pid> (holding the helper's start ticks): each running `criu swrk`. Its
+# environment's OWNER_ENV tag is not enough: a dump or restore sets its process title
+# (libbsd setproctitle), which zeroes the whole original argv + environ area.
+HELPERS_DIR = Path("/run/deltabox-criu")
 KDAT_CACHE = Path("/run/criu.kdat")  # CRIU's own path for its cache of kernel features
 KDAT_MAX_WRITES = 3  # another CRIU build finds ours stale and deletes it: stop rewriting
 
@@ -310,7 +314,37 @@ class Criu:
                     found.append(int(proc.name))
             except OSError:
                 continue
+        for mark in self._marks():  # the helpers whose title has wiped the tag
+            try:
+                pid, ticks = int(mark.suffix[1:]), int(mark.read_text())
+                exe = os.stat(f"/proc/{pid}/exe")
+                ours = (exe.st_dev, exe.st_ino) == (st.st_dev, st.st_ino)
+            except (OSError, ValueError):
+                pid, ours = 0, False
+            if ours and ticks and _start_ticks(pid) == ticks:
+                if pid not in found:
+                    found.append(pid)
+            else:
+                mark.unlink(missing_ok=True)
         return found
+
+    def _marks(self) -> list[Path]:
+        try:
+            return list(HELPERS_DIR.glob(f"{self.owner}.*")) if self.owner else []
+        except OSError:
+            return []
+
+    def _mark(self, pid: int) -> Path | None:
+        """Record a running helper of this owner (see HELPERS_DIR); best effort."""
+        if not self.owner:
+            return None
+        mark = HELPERS_DIR / f"{self.owner}.{pid}"
+        try:
+            HELPERS_DIR.mkdir(exist_ok=True)
+            mark.write_text(str(_start_ticks(pid)))
+            return mark
+        except OSError:
+            return None
 
     def end_orphans(self, grace: float = ORPHAN_GRACE_S) -> int:
         """Let the helpers a killed daemon left (`orphans`) finish, for up to `grace`
@@ -333,6 +367,7 @@ class Criu:
         deadline = time.monotonic() + 5.0
         while alive() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self.orphans()  # drops the marks of the ended ones
         return len(found)
 
     def version(self) -> str:
@@ -348,13 +383,14 @@ class Criu:
         kernel, e.g. attaching to a stopped task in a frozen cgroup)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent.settimeout(timeout)
-        proc = None
+        proc = mark = None
         try:
             env = {**os.environ, OWNER_ENV: self.owner} if self.owner else None
             proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())], env=env,
                                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     cwd="/")
+            mark = self._mark(proc.pid)
             child.close()
             # A restored tree is forked by criu: put criu in the sandbox's cgroups
             # first, so every restored process starts (and is charged) there.
@@ -397,6 +433,8 @@ class Criu:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            if mark is not None:
+                mark.unlink(missing_ok=True)
 
     def _opts(self, images_fd: int, log_name: str, **kw) -> rpc.criu_opts:
         # CRIU finds the images dir through /proc/<our pid>/fd/<images_fd> (its
