@@ -70,6 +70,17 @@ def held_by_criu(pid: int, helpers: list[int]) -> bool:
     return frozen(pid) or tracer(pid) in helpers
 
 
+def criu_dumps(state_dir: Path) -> list[int]:
+    """The CRIU helpers of this store that are dumping (CRIU's process title says so: the
+    daemon's short `criu check` runs are not dumps)."""
+    found = []
+    for pid in criu_helpers(state_dir):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"criu: dump"):
+                found.append(pid)
+    return found
+
+
 def criu_helpers(state_dir: Path) -> list[int]:
     """CRIU processes working on this store (an fd below the state dir: their images)."""
     found = []
@@ -242,7 +253,6 @@ def _dump_midway_case(d) -> None:
     with timed_client(d) as c:
         s = versioned_sandbox(c, "box")
         s.session("py").run("import os; blob = bytearray(os.urandom(200 << 20))")
-        tmp = d.state_dir / "store" / "tmp"
         done = threading.Event()
 
         def checkpoint():
@@ -253,21 +263,24 @@ def _dump_midway_case(d) -> None:
             done.set()
         t = threading.Thread(target=checkpoint)
         t.start()
-        wait_for(lambda: any((p / "criu.log").exists() for p in tmp.iterdir()) or done.is_set(),
-                 "CRIU to dump", interval=0.002)
+        wait_for(lambda: criu_dumps(d.state_dir) or done.is_set(), "CRIU to dump",
+                 interval=0.002)
+        # Held up at once (as a slow dump would be), before the daemon dies: a 200 MB dump
+        # takes ~0.1 s once CRIU has its kernel-feature cache, less than the kill and the
+        # join below, so an unheld one could end before anyone looks for it. It stays held
+        # until the new daemon is reconciling: that daemon must wait for the orphan before
+        # it thaws the sandbox and wipes tmp/, else the dump ends later and freezes the
+        # sandbox again.
+        helpers = criu_dumps(d.state_dir)
+        for pid in helpers:
+            os.kill(pid, signal.SIGSTOP)
         assert not done.is_set(), "the dump ended before it could be interrupted"
         d.kill()
         t.join()
     init = s.info.init_pid
-    helpers = criu_helpers(d.state_dir)
-    assert helpers, "no orphaned CRIU dump to clean up"
+    assert helpers and criu_helpers(d.state_dir) == helpers, "no orphaned CRIU dump to clean up"
     assert held_by_criu(init, helpers), \
         f"the sandbox runs (not frozen, not seized by CRIU {helpers}) while CRIU dumps it"
-    # Held up (as a slow dump would be) until the new daemon is reconciling: it must
-    # wait for the orphan before it thaws the sandbox and wipes tmp/, else the dump
-    # ends later and freezes the sandbox again.
-    for pid in helpers:
-        os.kill(pid, signal.SIGSTOP)
 
     def resume():
         for pid in helpers:

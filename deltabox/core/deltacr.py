@@ -88,8 +88,11 @@ class DeltaCR:
         if mode != CheckpointMode.FULL:
             yield
             return
-        criu = self._ctx.require_criu()
-        await asyncio.to_thread(criu.ensure_kdat_cache)  # not while frozen: see there
+        self._ctx.require_criu()
+        # Not yet: `Criu.ensure_kdat_cache` (CRIU's kernel-feature cache, written by us since
+        # /run is no tmpfs here) halves a small dump's frozen time but makes a dump finish or
+        # vanish before tests/test_crash.py's dump-midway case can catch it (flaky 1 in 3);
+        # it lands once that is understood (issue 10).
         # Close the gate first: calls arriving from now on wait for the dump.
         rt.gate.close()
         try:
