@@ -301,8 +301,14 @@ def test_durable_mode_flushes_each_checkpoint(new_daemon, tmp_path, durable):
                 sbx.write_file(f"/data-{i}", "x" * 4096)
                 sbx.checkpoint(f"c{i}")
         finally:
+            # strace detaches from every thread on SIGINT; under load that can take a while,
+            # and a tracer that never lets go would hold the daemon: killing it detaches all.
             tracer.send_signal(signal.SIGINT)
-            tracer.wait(10)
+            try:
+                tracer.wait(60)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                tracer.wait(10)
         calls = out.read_text()
         sbx.destroy()
     syncfs = len(re.findall(r"\bsyncfs\(", calls))

@@ -198,7 +198,8 @@ def test_full_rollback_keeps_the_limit(client, daemon):
         ck = s.checkpoint(full=True)
         s.checkpoint(full=True)  # ck is no longer the head: a CRIU restore
         r = s.rollback(ck)
-        assert r.path in ("restore", "double")
+        # a double still being built races a restore (the first ready wins): any of the three
+        assert r.path in ("restore", "double", "double-waited")
         check_limit(daemon, r.sandbox)
         assert s.exec("cat /root/one").stdout == b"one\n"
     finally:
