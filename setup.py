@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
 
@@ -27,4 +28,23 @@ class BuildWithNative(build_py):
                                   native_optional=True)
 
 
-setup(cmdclass={"build_py": BuildWithNative})
+class WheelTaggedByWhatWasBuilt(bdist_wheel):
+    """A wheel with the native parts holds a CPython extension and a static x86_64 (or
+    aarch64) binary: tag it for this interpreter and platform (cp311-cp311-linux_x86_64),
+    so pip never installs it where it cannot run. A client-only wheel (no compiler: the
+    native parts were skipped) stays py3-none-any. setuptools decides the tag before the
+    build; the build is run first here (it runs once), then the tag is decided by its
+    result."""
+
+    def run(self):
+        if not self.skip_build:
+            self.run_command("build")
+        build_lib = Path(self.get_finalized_command("build_py").build_lib)
+        native = any((build_lib / "deltabox").glob("_native*.so"))
+        self.root_is_pure = not native
+        if native:   # install then puts the package in platlib, the wheel's root
+            self.distribution.has_ext_modules = lambda: True
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildWithNative, "bdist_wheel": WheelTaggedByWhatWasBuilt})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,10 +71,14 @@ class Config:
     standby: bool = True                 # keep a ready incarnation for fast rollback
     hot_checkpoints: int = 8             # per sandbox: the last K checkpoints keep a double
     hottest_pool: int = 2                # incarnations kept of the hottest (head) checkpoint
+    double_policy: str = "adaptive"      # when a full checkpoint gets a body double
     max_chain_depth: int = 32            # squash checkpoint chains deeper than this
     max_fork: int = 256
     warm_budget_bytes: int = 4 << 30    # memory for body doubles + warm fork pools (LRU)
     restore_parallelism: int = 2         # CRIU restores at once (each is CPU-bound)
+    # Threads for the daemon's blocking work (CRIU RPCs, freezes, sinks, the store): mostly
+    # waiting on CRIU and the kernel, so many; 0 = auto (server.app.blocking_threads).
+    blocking_threads: int = 0
     max_image_bytes: int = 64 << 30      # per image import: file data (all layers together)
     max_image_entries: int = 2_000_000   # per image import: entries, i.e. inodes (all layers)
     # ImportImage reads only below these (root-owned) directories: the daemon is root,
@@ -89,6 +93,12 @@ class Config:
     log_level: str = "info"
     metrics_address: str | None = None   # host:port of an HTTP /metrics for Prometheus; off
     on_exit: str = "stop"                # on SIGTERM: stop | keep | systemd (deltabox.host.systemd)
+    ksm: str = "off"                     # merge identical pages of sandboxes: off | on | auto
+    ksm_pages_to_scan: int = 1000        # ksmd's rate set by ksm = on (if still the default)
+    # The key that signs exported checkpoints and must sign an imported FULL one (its CRIU
+    # images are restored as host root): transfer-key-file's bytes (deltabox.core.transfer_key).
+    transfer_key: bytes | None = field(default=None, repr=False)
+    transfer_require_signature: bool = False  # also refuse unsigned FS checkpoint imports
 
 
 # ---- value types -------------------------------------------------------------------------
@@ -169,6 +179,18 @@ def _as_on_exit(key: str, value: Any) -> str:
     return value
 
 
+def _as_double_policy(key: str, value: Any) -> str:
+    if value not in ("always", "adaptive", "never"):
+        raise ConfigError(f"{key}: {value!r} is not one of always, adaptive, never")
+    return value
+
+
+def _as_ksm(key: str, value: Any) -> str:
+    if value not in ("off", "on", "auto"):
+        raise ConfigError(f"{key}: {value!r} is not one of off, on, auto")
+    return value
+
+
 def _as_address(key: str, value: Any) -> str:
     host, sep, port = _as_str(key, value).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free one
@@ -183,6 +205,15 @@ def _as_token_file(key: str, value: Any) -> str:
     try:
         return read_token_file(_as_str(key, value))
     except (OSError, ValueError, InvalidArgument) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _as_key_file(key: str, value: Any) -> bytes:
+    """The transfer key read from the file named (root-only, no symlink, >= 32 bytes)."""
+    from deltabox.core.transfer_key import KeyFileError, read_key_file
+    try:
+        return read_key_file(_as_str(key, value))
+    except KeyFileError as e:
         raise ConfigError(f"{key}: {e}") from None
 
 
@@ -221,6 +252,10 @@ SETTINGS: tuple[Setting, ...] = (
             "fork pools", "SIZE"),
     Setting("restore-parallelism", "restore_parallelism", _as_int, "CRIU restores run at "
             "once (each is CPU-bound: about the number of cores)", "N", int),
+    Setting("blocking-threads", "blocking_threads", _as_int, "threads for the daemon's "
+            "blocking work (CRIU dumps, freezes, file sinks, the store); each full checkpoint "
+            "holds one while it dumps, so fewer threads than concurrent checkpoints queue "
+            "them; 0 = auto (8 per CPU, at least 64)", "N", int),
     Setting("default-memory", "default_memory_bytes", _as_size, "memory limit of a sandbox "
             "when create gives none", "SIZE"),
     Setting("default-pids", "default_pids", _as_int, "process limit of a sandbox when create "
@@ -270,6 +305,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hottest-pool", "hottest_pool", _as_int, "how many ready incarnations the "
             "hottest checkpoint (just made or rolled back to) keeps, for back-to-back "
             "rollbacks to it", "N", int),
+    Setting("double-policy", "double_policy", _as_double_policy, "when a full checkpoint "
+            "gets a body double: always (every hot one), adaptive (when the sandbox's "
+            "rollback rate says it will likely be used), never (only when a checkpoint "
+            "call asks for one); see docs/deltacr.md", "always|adaptive|never"),
+    Setting("ksm", "ksm", _as_ksm, "merge identical memory pages of sandboxes and their "
+            "body doubles with the kernel's KSM: 'on' turns ksmd on for the whole host; "
+            "'auto' merges only if the host already runs it; merging crosses sandboxes "
+            "(docs/security.md)", "off|on|auto"),
+    Setting("ksm-pages-to-scan", "ksm_pages_to_scan", _as_int, "with ksm = on: ksmd's pages "
+            "per 20 ms, set host-wide if still the kernel's default 100 (0 = leave it)",
+            "N", int),
+    Setting("transfer-key-file", "transfer_key", _as_key_file, "a root-only file of at "
+            "least 32 random bytes shared by the daemons that trust each other: exports are "
+            "signed with it, and a FULL checkpoint is imported only if signed with it "
+            "(docs/security.md, \"Importing checkpoints\")", "PATH"),
+    Setting("transfer-require-signature", "transfer_require_signature", _as_bool, "refuse "
+            "unsigned imports of FS checkpoints too (FULL ones always need a signature)"),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -281,6 +333,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "DELTABOX_CRIU_PREFIX": ("criu-prefix", str),
     "DELTABOX_CACHE": ("image-dir", lambda v: [str(Path(v) / "images")]),
     "DELTABOX_LOG_LEVEL": ("log-level", str),
+    "DELTABOX_TRANSFER_KEY_FILE": ("transfer-key-file", str),
 }
 
 

@@ -17,7 +17,16 @@ comparison. The points, in the order an operation reaches them:
     destroy.killed         the processes killed, the record not yet deleted
     import.commit          in the image's commit transaction: layers renamed, not committed
     squash.commit          in the squash's transaction: the layer renamed, not committed
+    transfer.written       an import's layers (and images) written under tmp/, no row yet
+    transfer.commit        in an import's transaction: layers and images renamed, not committed
     reconcile              start-up, after each recorded sandbox is reconciled
+
+`DELTABOX_HOLD=<point>` makes the thread that reaches `<point>` wait there forever
+instead (`hold_point`): a test then acts on a step that would otherwise be over before it
+could look, e.g. kills the daemon while a CRIU dump is midway. Points:
+
+    checkpoint.post-dump   CRIU has written the images and holds the tree seized; it
+                           waits for the daemon's answer to its "post-dump" notification
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ import os
 import signal
 import threading
 
-__all__ = ["crash_point"]
+__all__ = ["crash_point", "hold_point", "holds"]
 
 _point, _, _nth = os.environ.get("DELTABOX_FAULT", "").partition("@")
 _remaining = int(_nth or 1)
 _lock = threading.Lock()
+_hold = os.environ.get("DELTABOX_HOLD", "")
 
 
 def crash_point(name: str) -> None:
@@ -42,3 +52,14 @@ def crash_point(name: str) -> None:
         _remaining -= 1
         if _remaining == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def holds(name: str) -> bool:
+    """Whether DELTABOX_HOLD names this point (a caller may need to arrange to reach it)."""
+    return name == _hold
+
+
+def hold_point(name: str) -> None:
+    """Block the calling thread for good if DELTABOX_HOLD names this point."""
+    if name == _hold:
+        threading.Event().wait()

@@ -7,6 +7,7 @@ metrics-address, over HTTP (`MetricsHTTPServer`, off by default).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 
@@ -15,7 +16,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, gen
 
 from deltabox.stats import percentile
 
-__all__ = ["Metrics", "MetricsHTTPServer"]
+__all__ = ["Metrics", "MetricsHTTPServer", "CallsInFlight"]
 
 # How a rollback went (RollbackResponse.path): a ready body double / standby swapped
 # in, one the rollback waited for while it was being built, or none (a CRIU restore /
@@ -25,9 +26,36 @@ ROLLBACK_PATHS = ("double", "double-waited", "standby", "standby-waited", "resto
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
 
+class CallsInFlight:
+    """Unary RPCs being served now (counted by the server's interceptor, on the event
+    loop). Background work -- body double builds (`deltabox.core.double_policy`) --
+    waits for a moment with none, so a client's call never queues behind it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._idle: asyncio.Event | None = None
+
+    def started(self) -> None:
+        self.n += 1
+
+    def ended(self) -> None:
+        self.n -= 1
+        if self.n <= 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def idle(self) -> None:
+        """Returns when no call is in flight (at once if none is)."""
+        if self.n > 0:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
 class Metrics:
     def __init__(self, window: int = 4096):
         self.registry = CollectorRegistry()
+        self.in_flight = CallsInFlight()
         self.latency = Histogram("deltabox_rpc_seconds", "RPC latency", ["method", "code"],
                                  buckets=_BUCKETS, registry=self.registry)
         self.errors = Counter("deltabox_rpc_errors_total", "RPCs that failed",

@@ -198,17 +198,8 @@ class Fleet:
         (d / "img").mkdir(parents=True)
         (d / "snap").mkdir()
         plain = self._plain(env)
-        for attempt in range(5):
-            try:
-                plain.dump(d / "img")
-                break
-            except RuntimeError as e:
-                # The daemon's own connection to the sandbox's init, caught mid-flight
-                # (an artefact of dumping a daemon's sandbox: a user's container has
-                # none): CRIU refuses the external unix socket. Retried, and counted.
-                if "Unix socket" not in str(e) or attempt == 4:
-                    raise
-                self.counts["baseline dump retries (unix socket of the daemon)"] += 1
+        self.counts["baseline dump retries (unix socket of the daemon)"] += \
+            plain.dump_retrying(d / "img")
         plain.copy_changed(plain.root, d / "snap")
         env.baseline_dirs.append(d)
         while len(env.baseline_dirs) > 2:  # a user keeps the parent and the newest

@@ -101,6 +101,21 @@ class PlainCriu:
                    "--link-remap", "--ghost-limit", "512M", "--network-lock", "skip",
                    *CRIU_COMMON, "-o", "dump.log"], images / "dump.log")
 
+    def dump_retrying(self, images: Path, attempts: int = 5) -> int:
+        """`dump`, retried when CRIU refuses an external unix socket: the daemon's own
+        connection to the sandbox's init, caught mid-flight (an artefact of dumping a
+        daemon's sandbox; a user's container has none). Returns how many retries it took."""
+        for attempt in range(attempts):
+            try:
+                self.dump(images)
+                return attempt
+            except RuntimeError as e:
+                if "Unix socket" not in str(e) or attempt == attempts - 1:
+                    raise
+                subprocess.run(["rm", "-rf", str(images)], check=True)
+                images.mkdir()
+        raise AssertionError("unreachable")
+
     def restore(self, images: Path, root: Path) -> int:
         """Restore (detached) onto `root`; returns the restored init's host pid."""
         pidfile = images / "restored.pid"

@@ -196,11 +196,13 @@ def daemon(workdir):
     for tar in (TINY_TAR, *(() if WITHOUT_DEMO else (DEMO_TAR,))):
         if not tar.exists():
             raise RuntimeError(f"{tar} is missing: run `make setup` (native/setup-host.sh)")
-    # One double, of the head only (the policy before hot nodes): the suite's tests of the
-    # restore path roll back to older checkpoints. tests/test_hot_nodes.py covers the
-    # default policy (the last K checkpoints, a pool for the hottest) on its own daemons.
+    # One double, of the head only, whether or not a rollback is likely (the policy before
+    # hot nodes): the suite's tests of the restore path roll back to older checkpoints.
+    # tests/test_hot_nodes.py covers the default policy (the last K checkpoints, a pool for
+    # the hottest, doubles only where rollbacks are likely) on its own daemons.
     d = DaemonProcess(workdir / "main",
-                      extra_args=("--hot-checkpoints", "1", "--hottest-pool", "1")).start()
+                      extra_args=("--hot-checkpoints", "1", "--hottest-pool", "1",
+                                  "--double-policy", "always")).start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
         if not WITHOUT_DEMO:

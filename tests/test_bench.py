@@ -110,7 +110,8 @@ def test_fs_copytree_speedup_uses_the_slowest_path_on_the_client():
 # ---- bench cr verdicts ------------------------------------------------------------------------
 
 def _cr_doc(double=(1.5, 0.5), early=(150.0, 148.0), restore=(120.0, 118.0),
-            plain_rollback=200.0, cpu_use=90.0, warm_incl=1_100.0, cold=1_000.0) -> dict:
+            plain_rollback=200.0, cpu_use=90.0, warm_incl=1_100.0, cold=1_000.0,
+            fork_core_ms=600.0) -> dict:
     def row(op, g, d, **kw):
         return {"op": op, "rss_mb": 10, "grpc_ms": _ms(g), "daemon_ms": _ms(d), **kw}
 
@@ -122,7 +123,7 @@ def _cr_doc(double=(1.5, 0.5), early=(150.0, 148.0), restore=(120.0, 118.0),
                row("rollback right after checkpoint", *early),
                row("rollback (restore)", *restore),
                row("fork 1 (cold)", 100.0, 98.0),
-               row("fork 16 (cold)", cold, cold - 2, fork_core_ms=_ms(1_700.0),
+               row("fork 16 (cold)", cold, cold - 2, fork_core_ms=_ms(fork_core_ms),
                    fork_cpu_use_pct=_ms(cpu_use)),
                row("fork 16 (pre-warmed)", 40.0, 38.0),
                row("fork 16 (pre-warmed) incl. Warm", warm_incl, warm_incl)],
@@ -164,10 +165,16 @@ def test_cr_user_paths_not_met_when_slower_than_plain_criu():
     assert _status(doc, "fork 16 including its Warm") == "NOT met"
 
 
+def test_cr_fork_cold_cpu_per_child_target():
+    # 16 children: 600 core-ms = 37.5 each (met); 1,700 = 106 each (NOT met).
+    assert _status(_cr_doc(), "fork 16 cold, own CPU per child") == "met"
+    assert _status(_cr_doc(fork_core_ms=1_700.0), "fork 16 cold, own CPU per child") == "NOT met"
+
+
 def test_cr_fork_cpu_target_uses_the_forks_own_cpu():
     # The host's load is high in both documents; only the fork's own share decides.
-    assert _status(_cr_doc(cpu_use=90.0), "fork 16 cold as fast") == "met"
-    doc = _cr_doc(cpu_use=40.0)
+    assert _status(_cr_doc(cpu_use=90.0, fork_core_ms=1_700.0), "fork 16 cold as fast") == "met"
+    doc = _cr_doc(cpu_use=40.0, fork_core_ms=1_700.0)
     assert _status(doc, "fork 16 cold as fast") == "NOT met"
     t = next(t for t in doc["targets"] if t["target"].startswith("fork 16 cold as fast"))
     assert "bound max(fork 1, core-ms / cores) = 850 ms" in t["where"]
@@ -244,3 +251,73 @@ def test_bench_cr_quick_numbers():
     assert bases["rollback (2nd baseline): criu restore + copytree of the root"]["ms"]["p50"] > \
         bases["rollback: criu restore + cp changed files"]["ms"]["p50"]
     assert doc["targets"] == cr_targets(doc) and doc["ratios"] == cr_ratios(doc)
+
+
+@pytest.mark.demo_image  # bench tree runs the demo image
+def test_bench_tree_quick_numbers():
+    doc = _run("tree", "--iterations", "3", "--sandboxes", "1", "--think-ms", "0", timeout=400)
+    assert doc["config"]["sandboxes"] == [1] and doc["config"]["steps"] == 3
+    assert not doc["failures"], doc["failures"]  # every rollback gave back its state
+    by_op = {r["op"]: r for r in doc["results"]}
+    rollbacks = ("rollback back-to-back, 2nd of 2, gap 0 ms",
+                 "rollback back-to-back, 2nd of 2, gap 50 ms",
+                 "rollback right after checkpoint", "rollback to one of the last 8 (tree search)")
+    for op in ("exec true (idle)", "exec true after rollback (tree search)",
+               "checkpoint full (tree search)", *rollbacks):
+        _consistent(by_op[op])
+    paths = {"double", "double-waited", "restore"}
+    for op in rollbacks:
+        r = by_op[op]
+        assert r["iterations"] == 3 and sum(r["paths"].values()) == 3, r
+        assert set(r["paths"]) <= paths, r
+        assert r["daemon_ms"]["n"] == 3, r
+    # back-to-back after a settle: the first of each pair used a double
+    assert set(by_op[rollbacks[1]]["first_paths"]) == {"double"}, by_op[rollbacks[1]]
+    (base,) = doc["baselines"]
+    assert base["op"] == "rollback: criu restore + cp changed files"
+    assert base["iterations"] == 3 and 0 < base["ms"]["min"] <= base["ms"]["p50"], base
+    names = [t["target"] for t in doc["targets"]]
+    assert "tree search rollback, 1 sandbox(es)" in names and \
+        "first exec after rollback, 1 sandbox(es)" in names, names
+    right = next(t for t in doc["targets"] if t["target"] == "rollback right after checkpoint")
+    assert right["status"] == ("met" if by_op[rollbacks[2]]["grpc_ms"]["p50"] <=
+                               base["ms"]["p50"] else "NOT met"), right
+
+
+def test_rl_targets_verdicts():
+    from deltabox.bench.rl import rl_targets
+
+    def step(policy, core):
+        return {"op": "RL step", "sandboxes": 1, "policy": policy, "core_ms_per_step": core,
+                "grpc_ms": _ms(100.0), "paths": {"none": 4, "restore": 1}}
+
+    def execs(after, idle):
+        return [{"op": "exec right after a rollback", "sandboxes": 1, "policy": "adaptive",
+                 "grpc_ms": _ms(after)},
+                {"op": "exec (no rollback before)", "sandboxes": 1, "policy": "adaptive",
+                 "grpc_ms": _ms(idle)}]
+    base = [{"op": "plain CRIU per step", "core_ms_per_step": 70.0}]
+    doc = {"config": {"sandboxes": [1]}, "baselines": base,
+           "results": [step("adaptive", 60.0), step("always", 130.0), *execs(4.0, 3.5)]}
+    assert {t["status"] for t in rl_targets(doc)} == {"met"}, rl_targets(doc)
+    doc["results"] = [step("adaptive", 75.0), step("always", 140.0), *execs(9.0, 3.5)]
+    got = {t["target"]: t["status"] for t in rl_targets(doc)}
+    assert got == {"CPU per RL step, 1 sandbox(es), vs plain CRIU": "NOT met",
+                   "CPU per RL step, 1 sandbox(es), vs double-policy always": "NOT met",
+                   "first exec after a rollback, 1 sandbox(es)": "NOT met"}, got
+
+
+@pytest.mark.demo_image  # bench rl runs the demo image
+def test_bench_rl_quick_numbers():
+    doc = _run("rl", "--iterations", "5", "--sandboxes", "1", timeout=400)
+    assert not doc["failures"], doc["failures"]
+    steps = {r["policy"]: r for r in doc["results"] if r["op"] == "RL step"}
+    assert set(steps) == {"adaptive", "always"}, steps
+    for r in steps.values():
+        _consistent(r)
+        assert r["core_ms_per_step"] > 0 and r["iterations"] == 5, r
+        assert sum(r["paths"].values()) == 5 and r["paths"].get("none") == 4, r  # 20 %
+    (base,) = doc["baselines"]
+    assert base["criu_dump_core_ms"] > 0 and base["criu_restore_core_ms"] > 0, base
+    assert base["core_ms_per_step"] >= base["criu_dump_core_ms"], base
+    assert len(doc["targets"]) == 3, doc["targets"]

@@ -179,8 +179,17 @@ def _sample(setting, i: int, tmp_path: Path):
         token.write_text("s3cret-token\n")
         token.chmod(0o600)
         return str(token), "s3cret-token"
+    if kind == "_as_key_file":
+        key = tmp_path / "transfer-key"
+        key.write_bytes(b"k" * 32)
+        key.chmod(0o600)
+        return str(key), b"k" * 32
     if kind == "_as_on_exit":
         return "keep", "keep"
+    if kind == "_as_double_policy":
+        return "never", "never"
+    if kind == "_as_ksm":
+        return "auto", "auto"
     pytest.fail(f"no sample value for {setting.key} ({kind}): add one here")
 
 

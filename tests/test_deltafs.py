@@ -817,6 +817,25 @@ def test_diff_between_checkpoints_and_with_the_live_sandbox(client, sbx):
     assert client.diff(c1, c2) == sorted(client.diff(c1, c2)), "entries are sorted by path"
 
 
+def test_diff_leaves_out_the_daemons_own_files(client, tsbx):
+    """/.deltabox is the daemon's (the init's copy of itself, a fork child's
+    /.deltabox/fork-index): sunk and restored with the tree, never listed as a change."""
+    c0 = tsbx.checkpoint(full=True)
+    sh(tsbx, "echo x > /tmp/user-change")
+    [kid] = client.fork(c0, 1)
+    assert kid.error is None, kid.error
+    child = kid.sandbox
+    try:
+        assert child.read_file("/.deltabox/fork-index") == b"0\n"  # it is there
+        c1 = child.checkpoint()
+        for entries in (child.diff(c0), client.diff(c0, c1), client.diff(c1, c0),
+                        tsbx.diff(c0)):
+            assert not [p for p, _ in entries if p.startswith("/.deltabox")], entries
+        assert ("/tmp/user-change", "added") in tsbx.diff(c0)
+    finally:
+        delete_tree(client, child)
+
+
 def test_diff_of_a_deleted_directory_does_not_depend_on_the_layers(client, sbx):
     """The same change must be described the same way whether `to` is a checkpoint or the
     live sandbox. (Today: checkpoint->checkpoint names only the directory, checkpoint->live

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from waiting import wait_for
 
 
 def _idle(sbx, seconds: float = 0.3) -> None:
@@ -95,6 +96,46 @@ def test_rollback_then_checkpoint_is_new(demo):
     second = demo.checkpoint("second", full=True)
     assert not second.unchanged and second.id != first.id
     assert demo.checkpoint("third", full=True).id == second.id
+
+
+# ---- the dump's CRIU is started before the freeze (target 5) ---------------------------------
+
+def _criu_helpers(daemon) -> tuple[list[int], list[int]]:
+    """The daemon's `criu swrk` processes (its owner tag or HELPERS_DIR mark), and its
+    unreaped CRIU children (zombies: a helper dropped without `Swrk.close`)."""
+    from pathlib import Path
+
+    from conftest import store_instance
+    from deltabox.host.criu import Criu, find_criu
+    zombies = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        state, ppid = rest.split()[:2]
+        if state == "Z" and int(ppid) == daemon.pid and comm.endswith("(criu"):
+            zombies.append(int(stat.parent.name))
+    return Criu(find_criu(), owner=store_instance(daemon.state_dir)).orphans(), zombies
+
+
+def test_unchanged_full_checkpoint_closes_the_criu_it_started(new_daemon):
+    """DeltaCR.quiesced starts `criu swrk` before freezing; an unchanged checkpoint dumps
+    nothing and must close it: hang up (it exits) and reap it. A daemon of its own, with no
+    doubles built: any `criu swrk` left is one of these checkpoints' (the shared daemon
+    builds other tests' doubles in the background)."""
+    from conftest import TINY_TAR
+    daemon = new_daemon(extra_args=("--double-policy", "never")).start()
+    with daemon.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sbx.exec(["sleep", "1000"], detach=True)
+        first = sbx.checkpoint("first", full=True)
+        for _ in range(3):
+            _idle(sbx)
+            assert sbx.checkpoint("again", full=True).id == first.id
+        wait_for(lambda: _criu_helpers(daemon) == ([], []), "no CRIU helper left running",
+                 timeout=20)
 
 
 # ---- NAT sandboxes (target 9): their network namespace is dumped empty, the veth attached

@@ -408,6 +408,10 @@ CHECKPOINT_RPCS = {
     "PinCheckpoint": (lambda s: s.PinCheckpoint(pb.PinCheckpointRequest(checkpoint=NO_CP,
                                                                         pinned=True)), NO_CP),
     "Warm": (lambda s: s.Warm(pb.WarmRequest(checkpoint=NO_CP, n=1)), NO_CP),
+    "CheckpointManifest": (lambda s: s.CheckpointManifest(pb.CheckpointManifestRequest(
+        checkpoint=NO_CP)), NO_CP),
+    "ExportCheckpoint": (lambda s: list(s.ExportCheckpoint(pb.ExportCheckpointRequest(
+        checkpoint=NO_CP))), NO_CP),
 }
 
 
@@ -418,6 +422,9 @@ def test_checkpoint_rpcs_answer_not_found_for_unknown_objects(stubs, rpc):
     object -- never UNIMPLEMENTED, OK, INTERNAL or UNKNOWN."""
     # The batched calls answer OK, each item's NOT_FOUND in its slot (tests/test_batch.py).
     batched = {"CheckpointMany", "RollbackMany"}
+    # HaveLayers names digests (unknown ones are simply not held) and ImportCheckpoint no
+    # object at all: tests/test_transfer.py covers them.
+    batched |= {"HaveLayers", "ImportCheckpoint"}
     assert set(CHECKPOINT_RPCS) | batched == set(pb.DESCRIPTOR.services_by_name["Checkpoints"]
                                                  .methods_by_name)
     call, ref = CHECKPOINT_RPCS[rpc]

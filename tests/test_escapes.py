@@ -1561,6 +1561,27 @@ print(json.dumps(out))
 '''
 
 
+PROC_DIRS = r'''
+names = [n for n in os.listdir("/proc") if not n.isdigit()
+         and os.path.isdir("/proc/" + n) and not os.path.islink("/proc/" + n)]
+mounts = {}
+for line in open("/proc/self/mountinfo"):
+    f = line.split()
+    mounts[f[4]] = f[5].split(",")
+out = {"dirs": sorted(names), "ro": sorted(n for n in names if "ro" in mounts.get("/proc/" + n, []))}
+print(json.dumps(out))
+'''
+
+
+def test_every_proc_directory_is_read_only(demo):
+    """Not a list of known paths: every directory at the top of /proc but the per-process
+    ones and /proc/pressure is a read-only mount, whatever drivers the host loads (on the
+    GPU host, /proc/driver/nvidia/registry was writable by root inside before)."""
+    res = run_probe(demo, PROC_DIRS)
+    assert "driver" in res["dirs"] or "tty" in res["dirs"], res   # the walk saw something
+    assert set(res["dirs"]) - set(res["ro"]) == {"pressure"} & set(res["dirs"]), res
+
+
 @x86_64_only
 def test_sys_and_cgroupfs_not_writable(demo, host_baseline):
     res = run_probe(demo, "import stat\n" + SYS_WALK, timeout=120)

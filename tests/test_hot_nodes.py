@@ -6,17 +6,23 @@ memory budget. Everything is checked on the processes, not on the daemon's word:
 is a frozen deltabox-init of the store's cgroups, and which checkpoint it is a double of
 is told by its process tree -- each checkpoint here has one more `sleep` in it, with its
 own duration as a marker.
+
+When a double is built at all (docs/deltacr.md, "When a double is built") is checked the
+same way: a `rollback_likely` hint, the adaptive policy's learning window, and builds
+held back while a client call is in flight.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import psutil
 
 from conftest import DEMO_TAR, TINY_TAR, freezer_state, sandbox_inits
 from observing import doubles, live_init
-from waiting import wait_for
+from waiting import stays, wait_for
 
 
 def _markers(init: int) -> frozenset[str]:
@@ -58,15 +64,19 @@ def _memory_current(pid: int) -> int:
     return 0
 
 
-def _checkpoints_with_markers(sbx, sh, n: int) -> list:
+def _checkpoints_with_markers(sbx, sh, n: int, first: int = 1, **kw) -> list:
     """n full checkpoints; the i-th holds `sleep 100i` .. (all earlier ones too)."""
     ckpts = []
-    for i in range(1, n + 1):
+    for i in range(first, first + n):
         # ... once it runs sleep (a dump between fork and exec would hold a copy of sh)
         sh.run(f"sleep 100{i} & X={i}; "
                f"until [ \"$(tr '\\0' ' ' < /proc/$!/cmdline)\" = 'sleep 100{i} ' ]; do :; done")
-        ckpts.append(sbx.checkpoint(f"c{i}", full=True, wait_ready=True))
+        ckpts.append(sbx.checkpoint(f"c{i}", full=True, wait_ready=True, **kw))
     return ckpts
+
+
+def _no_criu(d) -> bool:
+    return not any(p.name() == "criu" for p in psutil.Process(d.pid).children())
 
 
 def _marks(i: int) -> frozenset[str]:
@@ -123,7 +133,8 @@ def test_back_to_back_rollbacks_both_take_a_double(new_daemon):
 
 
 def test_only_the_last_k_checkpoints_keep_doubles(new_daemon):
-    d = new_daemon(extra_args=("--hot-checkpoints", "2")).start()
+    # (always: the adaptive policy would stop building them, no rollback being seen)
+    d = new_daemon(extra_args=("--hot-checkpoints", "2", "--double-policy", "always")).start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
         sbx = c.create("tiny")
@@ -174,7 +185,7 @@ def test_right_after_a_checkpoint_the_first_ready_wins(new_daemon):
 
 
 def test_doubles_stay_within_the_budget_least_recently_used_go(new_daemon):
-    d = new_daemon(extra_args=("--warm-budget", "96M")).start()
+    d = new_daemon(extra_args=("--warm-budget", "96M", "--double-policy", "always")).start()
     with d.client() as c:
         c.import_image("demo", DEMO_TAR)
         sbx = c.create("demo")
@@ -189,4 +200,120 @@ def test_doubles_stay_within_the_budget_least_recently_used_go(new_daemon):
         by = doubles_of(d.state_dir)
         assert _marks(1) not in by, "the oldest checkpoint kept its double, newer ones not"
         assert sbx.checkpoints()[-1].ready
+        sbx.destroy()
+
+
+# ---- when a double is built (docs/deltacr.md, "When a double is built") ------------------
+
+def test_rollback_likely_false_builds_no_double_and_true_does(new_daemon):
+    d = new_daemon().start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sh = sbx.open_session("sh", name="sh")
+        (ck1,) = _checkpoints_with_markers(sbx, sh, 1, rollback_likely=False)
+        wait_for(lambda: _no_criu(d), "no criu running")
+        assert doubles(d.state_dir) == set(), "a double was restored although the call " \
+            "said no rollback was likely"
+        assert not ck1.ready
+        (ck2,) = _checkpoints_with_markers(sbx, sh, 1, first=2, rollback_likely=True)
+        assert ck2.ready
+        by = doubles_of(d.state_dir)
+        assert set(by) == {_marks(2)} and len(by[_marks(2)]) == 1, by
+        before = set(sandbox_inits(d.state_dir))
+        sh.run("X=changed")
+        r = sbx.rollback(ck1)
+        assert r.path == "restore", r
+        assert live_init(d.state_dir, sbx) not in before, "no restore ran: an old process woke"
+        assert sh.run("echo $X").stdout == b"1\n"
+        sbx.destroy()
+
+
+def test_adaptive_policy_stops_doubles_when_a_sandbox_never_rolls_back(new_daemon):
+    d = new_daemon().start()  # double-policy = adaptive, the default
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sh = sbx.open_session("sh", name="sh")
+        ckpts = _checkpoints_with_markers(sbx, sh, 6)
+        wait_for(lambda: _no_criu(d), "no criu running")
+        by = doubles_of(d.state_dir)
+        # The learning window: the first checkpoints get doubles (1 rollback per checkpoint
+        # assumed), then the learnt rate (0.49 after two steps without one) stops them.
+        assert _marks(1) in by and _marks(2) in by, by
+        assert not {_marks(i) for i in range(3, 7)} & set(by), by
+        assert [ck.ready for ck in ckpts] == [True, True, False, False, False, False]
+        before = set(sandbox_inits(d.state_dir))
+        sh.run("X=changed")
+        r = sbx.rollback(ckpts[-1])
+        assert r.path == "restore", r  # reported truthfully: no double existed
+        assert live_init(d.state_dir, sbx) not in before
+        assert sh.run("echo $X").stdout == b"6\n"
+        sbx.destroy()
+
+
+def test_double_builds_wait_for_calls_in_flight(new_daemon):
+    """A double build does not start while another sandbox's exec is being served."""
+    d = new_daemon(extra_args=("--double-policy", "always")).start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        a, b = c.create("tiny"), c.create("tiny")
+        a.exec(["true"])
+        b.exec(["true"])
+        long_exec = threading.Thread(target=lambda: b.exec(["sleep", "3"]))
+        long_exec.start()
+        try:
+            wait_for(lambda: any(_argv(p)[:1] == ["sleep"] for p in psutil.Process(
+                d.pid).children(recursive=True)), "b's exec running")
+            t0 = time.monotonic()
+            ck = a.checkpoint("a", full=True)
+            # The gate holds the build back while b's exec is in flight (at most 1 s).
+            left = 0.8 - (time.monotonic() - t0)
+            if left > 0:
+                stays(lambda: _no_criu(d) and not doubles(d.state_dir),
+                      "no double build while a call is in flight", left, interval=0.02)
+        finally:
+            long_exec.join()
+        wait_for(lambda: a.checkpoints()[-1].ready, "a's double once the exec ended")
+        assert ck.id == a.checkpoints()[-1].id
+        a.destroy()
+        b.destroy()
+
+
+def _argv(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_rollback_tail_after_the_reply_still_happens(new_daemon):
+    """A rollback's tail runs once its reply has left (deltabox.core.after_reply): the old
+    tree is still killed and its branch unmounted, the next double is built, the log line
+    is written -- and rollbacks one after another keep taking the double."""
+    d = new_daemon().start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sh = sbx.open_session("sh", name="sh")
+        (ck,) = _checkpoints_with_markers(sbx, sh, 1)
+        for i in range(3):
+            old_init, old_branch = live_init(d.state_dir, sbx), sbx.refresh().info.branch_id
+            sh.run(f"X=changed{i}")
+            assert sbx.rollback(ck).path == "double"
+            assert live_init(d.state_dir, sbx) != old_init
+            wait_for(lambda: _gone(old_init), "the old tree's init to be killed")
+            wait_for(lambda: old_branch not in Path("/proc/self/mounts").read_text(),
+                     "the old branch to be unmounted")
+            assert sh.run("echo $X").stdout == b"1\n"
+            wait_for(lambda: doubles_of(d.state_dir).get(_marks(1)),
+                     "the next double of the checkpoint", timeout=30)
+        wait_for(lambda: d.log().count("sandbox.rolled_back") == 3, "three log lines")
         sbx.destroy()

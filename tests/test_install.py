@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -308,6 +309,10 @@ def test_wheel_requires_only_grpcio_and_protobuf_at_the_generated_floors(tmp_pat
     wheel, _ = _build_wheel(tmp_path)
     meta, names = _metadata(wheel)
     assert meta["Version"] == deltabox.__version__   # one version source
+    # It carries a CPython extension and a native binary: tagged for this interpreter and
+    # platform, never py3-none-any (pip would install it where it cannot run).
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert wheel.name.endswith(f"-{tag}-{tag}-linux_{platform.machine()}.whl"), wheel.name
     base, extras = {}, {}
     for line in meta.get_all("Requires-Dist"):
         req = Requirement(line)
@@ -365,6 +370,7 @@ def test_wheel_without_a_c_compiler_skips_the_native_parts_and_the_daemon_says_w
     _, names = _metadata(wheel)
     assert "deltabox/_proto/deltabox/v1/deltabox_pb2.py" in names   # the client's part
     assert not [n for n in names if n.startswith(("deltabox/_bin/", "deltabox/_native"))]
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name   # the client runs anywhere
     # That package with everything the daemon needs but its native parts: a clear refusal.
     import zipfile
     unpacked = tmp_path / "unpacked"

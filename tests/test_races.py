@@ -11,6 +11,8 @@ racing rollbacks, a fork and a delete.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 
@@ -196,3 +198,140 @@ def test_squash_racing_rollback_fork_and_delete(new_daemon):
             assert _snapshot(sbx) == snaps[i], f"rollback to {i} after the squash"
         sbx.destroy()
     assert d.stop() == 0
+
+
+# ---- layers freed under the operations that read them -----------------------------------
+
+def test_layer_gc_never_deletes_a_layer_committed_meanwhile(tmp_path):
+    """Layers are committed (their dir renamed in, inside the transaction that records
+    them) while other threads delete the layer dirs no row refers to -- as 64 sandboxes
+    checkpointing while others are destroyed or their checkpoints deleted do. No recorded
+    layer may lose its directory (a later rollback to it failed with FileNotFoundError on
+    layers/l-...), and two clean-ups at once must not trip over each other."""
+    from deltabox.store.metadata import Store
+
+    (tmp_path / "store").mkdir()
+    store = Store(tmp_path / "store")
+    failures: list = []
+
+    def commit_layers(worker: int) -> None:
+        try:
+            for i in range(150):
+                layer = store.new_tmp_dir() / "layer"
+                layer.mkdir()
+                (layer / "file").write_text(f"{worker}-{i}")
+                # its commit ends with the clean-up of unreferenced layer dirs
+                store.commit_image(f"img-{worker}-{i}", [layer], "test", "dir")
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=commit_layers, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert not failures, failures
+        rows = [lid for image in store.list_images() for lid in image.layer_ids]
+        assert len(rows) == 600
+        gone = [lid for lid in rows if not store.layer_path(lid).is_dir()]
+        assert not gone, f"{len(gone)} recorded layers lost their directories"
+    finally:
+        store.close()
+
+
+def _lost_layers(d) -> list[str]:
+    """Layers a record mounts (a checkpoint's chain, a branch's lower) whose directory is
+    gone: read from the store's database and layer directory, as they are on disk."""
+    store = d.state_dir / "store"
+    db = sqlite3.connect(f"file:{store / 'meta.db'}?mode=ro", uri=True)
+    try:
+        ids = {lid for (chain,) in db.execute("SELECT mount FROM checkpoints")
+               for lid in json.loads(chain)}
+        ids |= {lid for (chain,) in db.execute("SELECT lower FROM branches")
+                for lid in json.loads(chain)}
+    finally:
+        db.close()
+    return sorted(lid for lid in ids if not (store / "layers" / lid).is_dir())
+
+
+def test_squash_frees_no_layer_a_warm_pool_or_rollback_still_uses(new_daemon):
+    """A squash rebases a checkpoint on a shorter chain and frees the old chain's layers
+    nothing records any more. A warm pool built on the old chain must not be adopted by
+    a later fork (its children would run over freed layers), and the rollbacks racing the
+    squash -- each read the chain before it ended -- must not lose their layers. Every
+    call succeeds; every child and rollback sees the checkpoint's files; no record mounts
+    a layer that is gone."""
+    d = new_daemon(extra_args=("--max-chain-depth", "4")).start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sbx.exec(["sh", "-c", "mkdir -p /work/many && cd /work/many && "
+                  "seq 20000 | xargs touch"]).check()  # the squash takes a while
+        cks, snaps = [], {}
+        for i in range(4):  # the image's layer + 4: deeper than 4, squashed in the back
+            sbx.exec(["sh", "-c", f"echo {i} > /work/counter; echo {i} > /work/f{i}"]).check()
+            cks.append(sbx.checkpoint(f"n{i}"))
+            snaps[i] = _snapshot(sbx)
+        deep, old_chain = cks[3], cks[3].layer_ids
+        assert len(old_chain) == 5
+        assert c.warm(deep, 2, wait=True) == 2  # on the chain before the squash
+        errors: list = []
+        squashed = threading.Event()
+
+        def rollbacks():  # back and forth: the sandbox's head leaves the deep chain
+            try:
+                while not squashed.is_set():
+                    for i in (0, 3):
+                        sbx.rollback(cks[i])
+                        assert _snapshot(sbx) == snaps[i], f"rollback to {i}"
+            except (deltabox.DeltaboxError, AssertionError) as e:
+                errors.append(e)
+        assert [k.layer_ids for k in sbx.checkpoints() if k.id == deep.id] == [old_chain], \
+            "the squash ended before the pool was built (make it slower)"
+        t = threading.Thread(target=rollbacks)
+        t.start()
+        try:
+            wait_for(lambda: [k.layer_ids for k in sbx.checkpoints()
+                              if k.id == deep.id] != [old_chain], "the squash", timeout=120)
+        finally:
+            squashed.set()
+            t.join(120)
+        assert not t.is_alive(), "a rollback hung"
+        assert not errors, errors
+        # Off the deep chain (only `deep`'s records held its old layers), then a second
+        # deep chain: its squash frees the first one's old layers.
+        sbx.rollback(cks[0])
+        freed = old_chain[-1]  # `deep`'s own layer: no other checkpoint mounts it
+        for i in range(5):
+            sbx.exec(["sh", "-c", f"echo again {i} > /work/again"]).check()
+            sbx.checkpoint(f"again{i}")
+        layers = d.state_dir / "store" / "layers"
+        wait_for(lambda: not (layers / freed).exists(),
+                 "the second squash to free the first chain's old layer", timeout=120)
+        children = c.fork(deep, 3)  # the warm pool was built on those
+        for child in children:
+            assert child.error is None, child.error
+            assert _snapshot(child.sandbox) == snaps[3], "a fork child of the squashed chain"
+        assert not _lost_layers(d)
+        for child in children:
+            child.sandbox.destroy()
+        sbx.destroy()
+    assert d.stop() == 0
+
+
+
+def test_a_layer_gone_under_a_call_is_not_found_not_internal(tmp_path):
+    """Should a file of the store still vanish under a call (a FileNotFoundError that
+    reached the interceptor), the client gets NOT_FOUND -- it may retry, or the object
+    is gone -- never INTERNAL, and no host path of the store."""
+    import grpc
+
+    from deltabox.server.interceptors import ErrorReporter
+
+    store = tmp_path / "store"
+    gone = store / "layers" / "l-0123456789ab"
+    exc = FileNotFoundError(2, "No such file or directory", str(gone))
+    code, message = ErrorReporter(host_paths=(store,)).status(exc, "Rollback")
+    assert code == grpc.StatusCode.NOT_FOUND, (code, message)
+    assert str(store) not in message and "<store>/layers/l-0123456789ab" in message, message

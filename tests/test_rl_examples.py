@@ -138,3 +138,41 @@ def test_gpu_harness_overlap_hides_sandbox_time(tmp_path):
     assert runs["baseline"]["t_wait_s"] > seq["t_wait_s"]
     assert runs["baseline-overlapped"]["t_wait_s"] < runs["baseline"]["t_wait_s"]
     assert all(0 < r["U"] <= 1 for r in runs.values())
+
+
+@pytest.mark.demo_image  # the example creates "demo" sandboxes
+def test_bug_search_finds_the_injected_fix_by_rolling_back_the_tree(daemon, tmp_path):
+    """bug_search on the real project (more-itertools 10.5.0, two faults in windowed):
+    every mode must find the upstream fix two edits deep, the tree must have branched
+    (siblings reached by rolling back to their parent), and every mode must expand
+    the same tree -- the runner in the sandbox checks before each node that the files
+    (and, in full mode, the session) are the parent's, so a rollback that brought the
+    wrong state back stops the search and fails this test."""
+    project = load("bug_search").project
+    try:
+        project.sdist_path()
+    except subprocess.CalledProcessError:
+        pytest.skip(f"{project.SDIST} is not cached in {project.CACHE} and pip could not "
+                    "download it (no network)")
+    out = tmp_path / "bug-search.json"
+    run_example(daemon, "bug_search", "--repeats", "1", "--seed", "4", "--budget", "40",
+                "--out", str(out), timeout=900)
+    runs = {r["mode"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"full", "fs", "baseline"}
+    for mode, r in runs.items():
+        assert r["root_failures"] > 0 and r["suspects"][0] == "windowed", (mode, r)
+        assert r["found"] and r["fix_is_upstream"] and r["fix_depth"] == 2, (mode, r["fix"])
+        assert r["whole_suite_at_fix"]["failures"] == 0, mode
+        assert r["whole_suite_at_fix"]["ran"] > 800, mode
+        # Branched: a checkpoint with two kept children, in the daemon's own tree
+        # (DeltaBox) or the baseline's records; siblings came after rollbacks.
+        assert r["checkpoints_with_2_children"] >= 1, (mode, r["tree"])
+        assert r["rollback_moves"].get("to the parent (next sibling)", 0) >= 2, mode
+        assert r["rollbacks"] == r["ms"]["rollback"]["n"] == sum(r["rollback_moves"].values())
+        # A rolled-back node's file is the one it recorded (checked after the search too).
+        assert r["end_check"]["file_matches"], (mode, r["end_check"])
+        assert r["nodes"] == r["ms"]["node"]["n"] and r["nodes_per_min"] > 0
+    assert runs["full"]["end_check"]["session_matches"], runs["full"]["end_check"]
+    assert runs["full"]["rollback_paths"] and "criu-restore" in runs["baseline"]["rollback_paths"]
+    trees = {mode: r["tree"] for mode, r in runs.items()}
+    assert trees["full"] == trees["fs"] == trees["baseline"], trees

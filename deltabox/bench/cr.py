@@ -20,6 +20,8 @@ session:
   (pre-warmed): Warm(head, N, wait=True), then Fork; "incl. Warm" adds Warm's time.
 * baselines (cr_baseline.py): plain criu dump / criu restore + the changed files, and
   the whole-root copytree as a second, labelled baseline.
+* memory per double (cr_memory.py; not with --quick): 1 and 8 body doubles of a 100 MB
+  sandbox, with and without KSM, each on a daemon of its own: cgroup memory and Pss.
 Before each timed operation (except the "right after" ones) the bench waits until the
 daemon is idle -- no criu child, branch mounts and frozen cgroups steady, the expected
 doubles ready, its CPU flat for 100 ms -- then 100 ms more. Every Python-session state is
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from deltabox.bench.common import CACHE, Cell, DaemonBench, run_main, timed_ms
 from deltabox.bench.cr_baseline import PlainCriuBaseline
+from deltabox.bench.cr_memory import memory_per_double, render_memory
 from deltabox.bench.cr_report import cr_ratios, cr_result_notes, cr_targets, render_cr
 from deltabox.stats import percentile, summary
 
@@ -50,6 +53,9 @@ class CRPlan:
     iterations: int = 20
     quick: bool = False
     pause_s: float = 0.1
+    # memory per double: a sandbox of this state (0 = not measured: --quick; measure it alone
+    # with `python -m deltabox.bench.cr_memory`)
+    memory_mb: int = 100
     notes: list[str] = field(default_factory=list)
 
     def n(self, op: str, mb: int, children: int = 0) -> int:
@@ -70,7 +76,7 @@ class CRPlan:
 def make_cr_plan(quick: bool, iterations: int | None) -> CRPlan:
     if quick:
         plan = CRPlan(rss_mb=(10,), fork_rss_mb=(10,), forks=(1, 16),
-                      iterations=iterations or 5, quick=True)
+                      iterations=iterations or 5, quick=True, memory_mb=0)
     else:
         plan = CRPlan(iterations=iterations or 20)
     parts = []
@@ -93,9 +99,10 @@ def make_cr_plan(quick: bool, iterations: int | None) -> CRPlan:
 
 class CRBench(DaemonBench):
     benchmark = "deltabox bench cr"
-    # Mechanisms, not policy: only the head keeps a double, so "rollback (restore)" finds
-    # its targets cold. `deltabox bench tree` measures the hot-node policy (tree.py).
-    daemon_args = ("--hot-checkpoints", "1")
+    # Mechanisms, not policy: only the head keeps a double, built after every full
+    # checkpoint, so "rollback (restore)" finds its targets cold. `deltabox bench tree`
+    # measures the hot-node and double policies (tree.py).
+    daemon_args = ("--hot-checkpoints", "1", "--double-policy", "always")
 
     def __init__(self, plan: CRPlan, console, json_out: bool):
         super().__init__(plan, console, json_out)
@@ -105,6 +112,7 @@ class CRBench(DaemonBench):
         self.expect: dict[str, int] = {}   # checkpoint id -> the Python counter it holds
         self.counter = 0
         self.copy_info: dict = {}
+        self.memory: list[dict] = []
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -130,6 +138,13 @@ class CRBench(DaemonBench):
                  f"{self.image['import_s']} s")
         for mb in self.plan.rss_mb:
             self.run_state(client, mb, work)
+        if self.plan.memory_mb:
+            self.mb = self.plan.memory_mb
+            for mode in ("off", "on"):
+                self.log(f"[bold]memory per double[/], {self.mb} MB, ksm {mode} (a daemon "
+                         "of its own)")
+                self.memory += self.guarded(f"memory per double (ksm {mode})",
+                                            memory_per_double, mode, self.mb, self.log) or []
 
     # -- the daemon's background work -----------------------------------------------------
 
@@ -466,6 +481,7 @@ class CRBench(DaemonBench):
             "states": self.states,
             "results": self.results,
             "baselines": self.baselines,
+            "memory": self.memory,
             "leaks": self.leaks,
         }
 
@@ -495,4 +511,7 @@ class CRBench(DaemonBench):
 
 
 def main_cr(args) -> int:
-    return run_main(args, make_cr_plan(args.quick, args.iterations), CRBench, render_cr)
+    def render(doc, console) -> None:
+        render_cr(doc, console)
+        render_memory(doc, console)
+    return run_main(args, make_cr_plan(args.quick, args.iterations), CRBench, render)

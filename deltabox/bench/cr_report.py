@@ -133,7 +133,8 @@ def cr_targets(doc: dict) -> list[dict]:
                       f"<= {CR_WARM_OVERHEAD:g} x cold", round(max(p[0] for p in parts), 2)
                       if parts else None, "; ".join(p[1] for p in parts) or "not measured", ok))
     out.append(_cpu_target(doc, cold))
-    return out
+    from deltabox.bench.cr_memory import memory_targets  # issue 10: memory per double, fork
+    return out + memory_targets(doc)
 
 
 def _cpu_target(doc: dict, cold: list[dict]) -> dict:

@@ -1,5 +1,5 @@
-"""CLI commands about checkpoints: snapshot, restore, fork, warm, tree, diff, and
-checkpoint rm/pin. Each `cmd_*` takes the parsed arguments and a `deltabox.Client`."""
+"""CLI commands about checkpoints: snapshot, restore, fork, warm, tree, diff,
+checkpoint rm/pin, and export/import (moving one to another daemon). Each `cmd_*` takes the parsed arguments and a `deltabox.Client`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from deltabox.cli.output import out
 from deltabox.types import DiffChange
 
 __all__ = ["cmd_snapshot", "cmd_restore", "cmd_fork", "cmd_warm", "cmd_tree", "cmd_diff",
-           "cmd_checkpoint"]
+           "cmd_checkpoint", "cmd_export", "cmd_import"]
 
 _CHANGE_LETTER = {DiffChange.ADDED: "A", DiffChange.MODIFIED: "M", DiffChange.DELETED: "D"}
 
@@ -101,4 +101,29 @@ def cmd_checkpoint(args, client) -> int:
     else:
         info = client.pin_checkpoint(args.checkpoint, pinned=not args.unpin)
         out(args, info, lambda: f"{info.id} {'pinned' if info.pinned else 'unpinned'}")
+    return 0
+
+
+def cmd_export(args, client) -> int:
+    """`deltabox export CHECKPOINT [-o FILE|-]`: stdout when -o is - or absent and stdout
+    is not a terminal."""
+    target = args.o
+    if target is None:
+        if sys.stdout.isatty():
+            print("deltabox export: give -o FILE (or -o - to write to stdout)", file=sys.stderr)
+            return 2
+        target = "-"
+    res = client.export_checkpoint(args.checkpoint,
+                                   sys.stdout.buffer if target == "-" else target)
+    summary = (f"exported {res.checkpoint_id}: {res.bytes_sent:,} bytes, "
+               f"{res.layers_sent} layer(s)")
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def cmd_import(args, client) -> int:
+    """`deltabox import [FILE|-]`: stdin when FILE is - or absent."""
+    src = sys.stdin.buffer if args.file in (None, "-") else args.file
+    info = client.import_checkpoint(src)
+    out(args, info, lambda: info.id)
     return 0

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deltabox.cli.checkpoints import (cmd_checkpoint, cmd_diff, cmd_fork, cmd_restore,
-                                      cmd_snapshot, cmd_tree, cmd_warm)
+from deltabox.cli.checkpoints import (cmd_checkpoint, cmd_diff, cmd_export, cmd_fork,
+                                      cmd_import, cmd_restore, cmd_snapshot, cmd_tree, cmd_warm)
 from deltabox.cli.output import parse_size
 from deltabox.cli.sandboxes import (cmd_create, cmd_exec, cmd_image_import, cmd_image_ls,
                                     cmd_image_rm, cmd_kill, cmd_logs, cmd_ls, cmd_ps, cmd_rm,
@@ -160,6 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--hottest-pool", type=int, help="the daemon's --hottest-pool")
     bt.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_tree(args),
                     needs_client=False)
+    br = bsub.add_parser("rl", help="DeltaCR as an RL rollout uses it: exec + full checkpoint "
+                         "per step, a share of steps roll back; CPU per step vs plain CRIU")
+    br.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="a JSON document on stdout (progress on stderr)")
+    br.add_argument("--quick", action="store_true", help="1 and 4 sandboxes, 15 steps")
+    br.add_argument("--iterations", type=int, help="steps per sandbox (default 30)")
+    br.add_argument("--sandboxes", help="comma-separated sandbox counts (default 1,32)")
+    br.add_argument("--rollback-rate", type=float, default=0.2,
+                    help="share of steps that roll back (default 0.2)")
+    br.add_argument("--recent", type=int, default=4,
+                    help="roll back to a random one of the last N checkpoints (default 4)")
+    br.add_argument("--mb", type=int, default=10, help="MB the Python session holds")
+    br.add_argument("--image", choices=("demo", "tiny"), default="demo",
+                    help="demo (a Python session holding --mb MB) or tiny (a shell)")
+    br.add_argument("--policies", help="the daemon's double-policy values to compare, each "
+                    "on its own daemon (default adaptive,always)")
+    br.set_defaults(func=lambda args: __import__("deltabox.bench.rl").bench.rl.main_rl(args),
+                    needs_client=False)
+    by = bsub.add_parser("ray", help="deltabox.ray: per-call overhead of the pool vs the "
+                         "plain client, and N sandboxes over a Ray cluster's nodes")
+    by.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    by.add_argument("--quick", action="store_true", help="32 sandboxes, 50 iterations")
+    by.add_argument("--sandboxes", type=int, help="sandboxes over the nodes (default 256)")
+    by.add_argument("--iterations", type=int, help="per-call samples per way (default 300)")
+    by.add_argument("--nodes", type=int, default=2, help="local cluster nodes (default 2)")
+    by.add_argument("--fork-iterations", type=int, help="forks per kind (default 20)")
+    by.add_argument("--concurrency", type=int, default=8, help="calls in flight (default 8)")
+    by.add_argument("--address", help="a running Ray cluster whose NodeDaemons are up "
+                    "(default: a local cluster on this machine)")
+    by.set_defaults(func=lambda args: __import__("deltabox.bench.ray").bench.ray.main_ray(args),
+                    needs_client=False)
     bb = bsub.add_parser("batch", help="CheckpointMany/RollbackMany/ExecMany vs N single "
                          "calls, sequential and concurrent")
     bb.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
@@ -170,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the batch's concurrency in the daemon (default: the daemon's, 16)")
     bb.set_defaults(func=lambda args: __import__("deltabox.bench.batch").bench.batch
                     .main_batch(args), needs_client=False)
+    bx = bsub.add_parser("transfer", help="export/import of a 100 MB full checkpoint "
+                         "between two daemons (MB/s) vs tar | tar and rsync -a")
+    bx.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bx.add_argument("--quick", action="store_true", help="20 MB, 3 iterations")
+    bx.add_argument("--mb", type=int, default=100, help="MB the Python session holds")
+    bx.add_argument("--iterations", type=int, help="samples per row (default 5)")
+    bx.set_defaults(func=lambda args: __import__("deltabox.bench.transfer").bench.transfer
+                    .main_transfer(args), needs_client=False)
 
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="destroy sandboxes")
@@ -215,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     ckp.add_argument("--unpin", action="store_true")
     for x in (ckr, ckp):
         x.set_defaults(func=cmd_checkpoint)
+    ex = sub.add_parser("export", help="write a checkpoint as a stream another daemon imports")
+    ex.add_argument("checkpoint")
+    ex.add_argument("-o", metavar="FILE", help="the file to write, or - for stdout")
+    ex.set_defaults(func=cmd_export)
+    im = sub.add_parser("import", help="import an exported checkpoint (FILE, or - for stdin)")
+    im.add_argument("file", nargs="?", help="default: stdin")
+    im.set_defaults(func=cmd_import)
     return p
 
 

@@ -25,6 +25,7 @@ from deltabox.client.connection import (DEFAULT, RETRY_PAUSE, Retry, default_tar
 from deltabox.client.handles import ProcessHandle, SandboxHandle, SessionHandle, install
 from deltabox.client.operations import Call, Operation
 from deltabox.client.results import ShellExit
+from deltabox.client.transfer import send_checkpoint_async
 from deltabox.client.sync import stubs
 
 __all__ = ["AsyncClient", "AsyncSandbox", "AsyncSession", "AsyncProcess", "AsyncShell"]
@@ -184,3 +185,4 @@ for _cls, _owner in ((AsyncClient, "client"), (AsyncSandbox, "sandbox"),
     install(_cls, _owner, asynchronous=True)
     _cls._family = SimpleNamespace(Sandbox=AsyncSandbox, Session=AsyncSession,
                                    Process=AsyncProcess)
+AsyncClient.send_checkpoint = send_checkpoint_async  # two clients: not one operation

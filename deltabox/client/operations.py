@@ -265,15 +265,18 @@ def _sandbox_id(sandbox) -> str:
 
 
 def checkpoint_many(h, sandboxes: list, label: str = "", full: bool = False,
-                    wait_ready: bool = False, *, concurrency: int = 0) -> Call:
+                    wait_ready: bool = False, *, concurrency: int = 0,
+                    rollback_likely: bool | None = None) -> Call:
     """Checkpoint many sandboxes (handles or ids) in one call, concurrently in the daemon
     (at most `concurrency` at a time; 0 = its default): a BatchResult with one BatchItem
-    per sandbox, in order, each a CheckpointInfo or the error its own call would raise."""
+    per sandbox, in order, each a CheckpointInfo or the error its own call would raise.
+    `rollback_likely`: as `checkpoint`'s, for every item."""
     mode = CheckpointMode.FULL if full else CheckpointMode.FS
     mode_pb = pb.CheckpointMode.Value(f"CHECKPOINT_MODE_{mode.name}")
+    likely = {} if rollback_likely is None else {"rollback_likely": bool(rollback_likely)}
     req = pb.CheckpointManyRequest(concurrency=concurrency, items=[
         pb.CheckpointRequest(sandbox=_sandbox_id(s), label=label, mode=mode_pb,
-                             wait_ready=wait_ready) for s in sandboxes])
+                             wait_ready=wait_ready, **likely) for s in sandboxes])
     return Call(req, lambda h, m: r.batch_from_pb(m, "checkpoint", r.checkpoint_from_pb),
                 deadline=None if wait_ready else DEFAULT)
 
@@ -434,13 +437,18 @@ def mkdir(h, path: str, parents: bool = False, mode: int = 0) -> Call:
                 lambda h, m: None)
 
 
-def checkpoint(h, label: str = "", full: bool = False, wait_ready: bool = False) -> Call:
+def checkpoint(h, label: str = "", full: bool = False, wait_ready: bool = False,
+               rollback_likely: bool | None = None) -> Call:
     """An immutable checkpoint of the sandbox; it keeps running undisturbed. With
     `wait_ready`, returns once its body double (full) / standby (fs) is built: `.ready`
-    then says whether a rollback to it takes the fast path."""
+    then says whether a rollback to it takes the fast path. `rollback_likely` (full):
+    True builds its body double, False none (a rollback to it restores); None lets the
+    daemon's policy decide (adaptive: from the sandbox's rollback rate)."""
     mode = CheckpointMode.FULL if full else CheckpointMode.FS
     req = pb.CheckpointRequest(sandbox=h.id, label=label, wait_ready=wait_ready,
                                mode=pb.CheckpointMode.Value(f"CHECKPOINT_MODE_{mode.name}"))
+    if rollback_likely is not None:
+        req.rollback_likely = bool(rollback_likely)
     return Call(req, lambda h, m: r.checkpoint_from_pb(m),
                 deadline=None if wait_ready else DEFAULT)
 
@@ -595,6 +603,13 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("process", "kill", S, "SignalProcess", kill, "ProcessInfo"),
     _op("process", "wait", S, "WaitProcess", wait, "ProcessInfo", idempotent=True),
 )
+
+
+# Moving checkpoints between daemons (deltabox.client.transfer builds on Call and Folder above;
+# the package imports this module first).
+from deltabox.client.transfer import TRANSFER_OPERATIONS  # noqa: E402
+
+OPERATIONS = OPERATIONS + TRANSFER_OPERATIONS
 
 
 def operations_of(owner: str) -> list[Operation]:

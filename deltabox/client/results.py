@@ -22,7 +22,7 @@ __all__ = ["Limits", "SandboxInfo", "ImageInfo", "ImportProgress", "ExecStarted"
            "ExecEvent", "ExecResult", "ProcessInfo", "ProcessOutput", "SessionInfo",
            "SessionResult", "FileInfo", "CheckpointInfo", "RollbackResult", "ForkChild",
            "ForkResult", "DiffEntry", "Status", "OperationStats", "Stats", "ShellExit",
-           "BatchItem", "BatchResult"]
+           "BatchItem", "BatchResult", "ManifestLayer", "Manifest", "ExportResult"]
 
 
 # ---- sandboxes and images -------------------------------------------------------------------
@@ -316,6 +316,48 @@ class Stats:
     prometheus_text: str = ""
 
 
+# ---- moving checkpoints ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ManifestLayer:
+    digest: str           # "sha256:<hex>": the layer's content address
+    size_bytes: int = 0   # uncompressed transfer bytes
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a checkpoint is made of, as another daemon needs it (CheckpointManifest)."""
+    checkpoint_id: str
+    mode: CheckpointMode
+    label: str = ""
+    parent_id: str = ""
+    sandbox_id: str = ""
+    created_at: float = 0.0
+    image: str = ""
+    image_layers: int = 0             # how many of `layers` are the image's
+    layers: list[ManifestLayer] = field(default_factory=list)  # bottom first
+    kernel_release: str = ""
+    criu_version: str = ""
+    arch: str = ""
+    store_format: str = ""
+    format: str = ""
+    images_bytes: int = 0             # FULL: bytes of CRIU images
+
+    @property
+    def digests(self) -> list[str]:
+        return [layer.digest for layer in self.layers]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the stream's bytes (compressed, framed) and its layers."""
+    checkpoint_id: str
+    bytes_sent: int = 0
+    chunks: int = 0
+    layers_sent: int = 0
+    layers_skipped: int = 0
+
+
 # ---- from the wire ----------------------------------------------------------------------------
 
 def _enum(vocabulary, pb_enum, prefix: str, value: int, default=None):
@@ -444,3 +486,10 @@ def status_from_pb(m: pb.StatusResponse) -> Status:
 def stats_from_pb(m: pb.StatsResponse) -> Stats:
     return Stats([OperationStats(**_fields(o, OperationStats)) for o in m.operations],
                  m.prometheus_text)
+
+
+def manifest_from_pb(m: pb.Manifest) -> Manifest:
+    return Manifest(**_fields(
+        m, Manifest, layers=[ManifestLayer(x.digest, x.size_bytes) for x in m.layers],
+        mode=_enum(CheckpointMode, pb.CheckpointMode, "CHECKPOINT_MODE_", m.mode,
+                   CheckpointMode.FS)))

@@ -27,6 +27,7 @@ from deltabox.client.connection import (DEFAULT, RETRY_PAUSE, Retry, default_tar
 from deltabox.client.handles import ProcessHandle, SandboxHandle, SessionHandle, install
 from deltabox.client.operations import Call, Operation
 from deltabox.client.results import ShellExit
+from deltabox.client.transfer import send_checkpoint
 
 __all__ = ["Client", "Sandbox", "Session", "Process", "Shell"]
 
@@ -195,3 +196,4 @@ for _cls, _owner in ((Client, "client"), (Sandbox, "sandbox"), (Session, "sessio
                      (Process, "process")):
     install(_cls, _owner, asynchronous=False)
     _cls._family = SimpleNamespace(Sandbox=Sandbox, Session=Session, Process=Process)
+Client.send_checkpoint = send_checkpoint  # two clients: not one operation

@@ -15,7 +15,8 @@ of the core asks this module instead of testing the mode itself:
   when it takes over (`wake`); a fork's children are re-seeded (`reseed`).
 - Judging one: a full checkpoint whose restores fail twice the same way is marked unusable
   (with CRIU's reason and build), and refused at once afterwards (`refuse_unusable`).
-- `Standbys`: each running sandbox keeps prepared incarnations of its hot checkpoints (the
+- `Standbys` (`deltabox.core.standbys`, re-exported here): each running sandbox keeps
+  prepared incarnations of its hot checkpoints (the
   last few it made or rolled back to, pinned ones, those named in a Warm) -- body doubles
   (full) or fresh inits on the checkpoint's files (fs) -- within the memory budget, so a
   rollback to one is a record swap (`deltabox.core.rollback`).
@@ -31,15 +32,20 @@ from pathlib import Path
 
 import structlog
 
+from deltabox.core.after_reply import after_reply
 from deltabox.core.files import SandboxFiles
 from deltabox.core.incarnation import Incarnations
 from deltabox.core.runtime import Runtime, SandboxContext, Standby
 from deltabox.core.sessions import Sessions
-from deltabox.core.warm import MemoryBudget
 from deltabox.errors import FailedPrecondition, NotFound
-from deltabox.host.criu import CriuError
+from deltabox.host.cgroups import BACKGROUND_NICE
+from deltabox.host.criu import CriuError, Swrk
 from deltabox.store.records import CheckpointRecord, SandboxRecord, new_id
 from deltabox.types import CheckpointMode, RollbackPath, SessionKind
+
+# Standbys (each sandbox's doubles of its hot checkpoints) live in deltabox.core.standbys;
+# re-exported here, where the rest of the core has always found them.
+from deltabox.core.standbys import Standbys  # noqa: E402
 
 __all__ = ["DeltaCR", "Standbys", "criu_own_failure", "comparable"]
 
@@ -52,8 +58,8 @@ _SHORTAGE = ("ENOSPC", "No space left", "ENOMEM", "Cannot allocate memory", "EAG
              "EDQUOT", "Disk quota exceeded")
 
 
-# CRIU restoring a body double runs at this nice value (see _launch_in_background).
-BACKGROUND_NICE = 10
+# CRIU restoring a body double runs at nice BACKGROUND_NICE (deltabox.host.cgroups), and
+# the double's cgroup weighs like it (see _launch_in_background).
 
 
 def criu_own_failure(e: Exception) -> bool:
@@ -78,6 +84,8 @@ class DeltaCR:
         self.cgroups = ctx.cgroups
         self._incarnations = incarnations
         self._sessions = sessions
+        # Sandbox id -> the `criu swrk` started for its next dump, before the freeze.
+        self._swrks: dict[str, Swrk] = {}
 
     # ---- taking a full checkpoint -----------------------------------------------------
 
@@ -88,11 +96,11 @@ class DeltaCR:
         if mode != CheckpointMode.FULL:
             yield
             return
-        self._ctx.require_criu()
-        # Not yet: `Criu.ensure_kdat_cache` (CRIU's kernel-feature cache, written by us since
-        # /run is no tmpfs here) halves a small dump's frozen time but makes a dump finish or
-        # vanish before tests/test_crash.py's dump-midway case can catch it (flaky 1 in 3);
-        # it lands once that is understood (issue 10).
+        criu = self._ctx.require_criu()
+        # CRIU's kernel-feature cache, so that the dump does not probe the kernel while
+        # the sandbox is frozen (written at start-up; again if another CRIU build
+        # deleted it). Outside the frozen window, off the event loop.
+        await asyncio.to_thread(criu.ensure_kdat_cache)
         # Close the gate first: calls arriving from now on wait for the dump.
         rt.gate.close()
         try:
@@ -105,9 +113,16 @@ class DeltaCR:
             await asyncio.to_thread(self._refuse_stopped, rec, rt.branch_id)
             await rt.gate.controls_done(rec.name)
             await rt.channel.barrier()
+            # CRIU started now, so its exec and start-up are not in the frozen window.
+            self._swrks[rec.id] = await asyncio.to_thread(criu.start_swrk)
             yield
         finally:
-            rt.gate.open()
+            try:
+                unused = self._swrks.pop(rec.id, None)  # nothing was dumped (unchanged)
+                if unused is not None:
+                    await asyncio.to_thread(unused.close)
+            finally:
+                rt.gate.open()
 
     def _refuse_stopped(self, rec: SandboxRecord, branch_id: str) -> None:
         """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs
@@ -137,7 +152,7 @@ class DeltaCR:
         """Dump the frozen sandbox's processes into `images`; the phases' stats."""
         dump = self._ctx.require_criu().dump(
             rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
-            self.cgroups.freezer_path(rec.branch_id))
+            self.cgroups.freezer_path(rec.branch_id), swrk=self._swrks.pop(rec.id, None))
         return {"dump_ms": dump.ms, "image_bytes": dump.image_bytes}
 
     def after_checkpoint(self, ckpt: CheckpointRecord) -> None:
@@ -153,7 +168,7 @@ class DeltaCR:
         if parent is None or parent.mode != CheckpointMode.FULL:
             return
         await self._after_doubles(ckpt.sandbox_id)
-        from deltabox.host.criu import dedupe_pages
+        from deltabox.host.dedupe import dedupe_pages
         shared = await asyncio.to_thread(dedupe_pages, self.store.images_path(parent.id),
                                          self.store.images_path(ckpt.id))
         await asyncio.to_thread(self.store.update_stats, ckpt.id, {"shared_bytes": shared})
@@ -183,24 +198,58 @@ class DeltaCR:
             return RollbackPath.STANDBY_WAITED if waited else RollbackPath.STANDBY
         return RollbackPath.FRESH
 
-    def wake(self, ckpt: CheckpointRecord, branch_id: str) -> None:
-        """A prepared incarnation takes over: a body double is thawed, and its processes
-        go on exactly where the dump left them (no signal is delivered to them)."""
-        if ckpt.mode == CheckpointMode.FULL:
+    def wake(self, ckpt: CheckpointRecord, branch_id: str, reply_first: bool = False) -> None:
+        """A prepared incarnation takes over: a body double (built at BACKGROUND_NICE's
+        CPU weight) gets its weight back and is thawed, and its processes go on exactly
+        where the dump left them (no signal is delivered to them).
+
+        `reply_first` (a rollback, on the event loop, its record switched): the thaw
+        (~0.1 ms) happens once the call's reply has left (`deltabox.core.after_reply`),
+        before the caller's next call can arrive (a call into the sandbox meanwhile
+        only waits for it); the weight (a cpu.shares write, ~0.2 ms on the event loop)
+        then in a worker thread. A crash before either: start-up reconciliation thaws
+        the sandbox and gives the weight back."""
+        if ckpt.mode != CheckpointMode.FULL:
+            return
+        if reply_first:
+            after_reply(self._thaw_then_weigh, branch_id)
+        else:
+            self.cgroups.set_background(branch_id, False)
             self.cgroups.thaw(branch_id)
 
-    async def wake_child(self, ckpt: CheckpointRecord, rt: Runtime, index: int) -> None:
-        """A warm incarnation becomes fork child `index`."""
-        if ckpt.mode == CheckpointMode.FULL:
-            self.wake(ckpt, rt.branch_id)
-            await self.reseed(rt, index)
+    def _thaw_then_weigh(self, branch_id: str) -> None:
+        self.cgroups.thaw(branch_id)
+        self._ctx.spawn(self._weigh(branch_id))
+
+    async def _weigh(self, branch_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.cgroups.set_background, branch_id, False)
+        except OSError as e:  # the sandbox went meanwhile
+            log.info("double.weight_not_restored", branch=branch_id, error=str(e))
 
     async def reseed(self, rt: Runtime, index: int) -> None:
         """Clones of one process state share RNG state: tell each child its index
         (/.deltabox/fork-index) and re-seed Python sessions' `random` from os.urandom."""
-        await asyncio.to_thread(
-            SandboxFiles(self.store.mnt_dir / rt.branch_id, 1 << 20).write,
+        await asyncio.to_thread(self.write_fork_index, rt.branch_id, index)
+        await self.reseed_sessions(rt)
+
+    def write_fork_index(self, branch_id: str, index: int) -> None:
+        """/.deltabox/fork-index of a fork's child (blocking)."""
+        SandboxFiles(self.store.mnt_dir / branch_id, 1 << 20).write(
             "/.deltabox/fork-index", f"{index}\n".encode())
+
+    async def seed_ahead(self, sb: Standby) -> None:
+        """A warm pool's body double, re-seeded while it waits (thawed, its Python
+        sessions' `random` re-seeded, frozen again): a fork that adopts it then only
+        writes the child's index (core/fork.py), not a session call per child."""
+        await asyncio.to_thread(self.cgroups.thaw, sb.branch_id)
+        try:
+            await self.reseed_sessions(Runtime(sb.init_pid, sb.branch_id))
+        finally:
+            await asyncio.to_thread(self.cgroups.freeze, sb.branch_id)
+
+    async def reseed_sessions(self, rt: Runtime) -> None:
+        """Re-seed the `random` of each Python session of a running incarnation."""
         for key in (await rt.channel.list_sessions()):
             kind, _, name = key.partition("/")
             if kind == SessionKind.PYTHON:
@@ -252,13 +301,16 @@ class DeltaCR:
     def _launch_in_background(self, *args) -> tuple[int, float]:
         """`Incarnations.launch` of a body double, with CRIU at nice BACKGROUND_NICE: it
         inherits this worker thread's nice value (Linux's nice is per thread), so the
-        sandboxes' own work and the daemon's replies go first. The restored tasks get
-        their own nice value and policy back from the images (CRIU restores both), so
-        a double that takes over runs as its checkpoint did."""
+        sandboxes' own work and the daemon's replies go first -- but only within one
+        cgroup: CRIU runs in the double's cgroup, so that cgroup is weighted like nice
+        BACKGROUND_NICE too (`background`), else it competes with each running sandbox as
+        an equal (`wake` gives it the default weight). The restored tasks get their own
+        nice value and policy back from the images (CRIU restores both), so a double
+        that takes over runs as its checkpoint did."""
         before = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
         try:
-            return self._incarnations.launch(*args)
+            return self._incarnations.launch(*args, background=True)
         finally:
             os.setpriority(os.PRIO_PROCESS, 0, before)
 
@@ -326,205 +378,3 @@ class DeltaCR:
         log.error("checkpoint.unusable", checkpoint=ckpt.id, sandbox=ckpt.sandbox_id,
                   reason=reason, criu=self._ctx.criu_build())
 
-
-class Standbys:
-    """Each running sandbox's prepared incarnations of its **hot** checkpoints: body
-    doubles (full: the processes restored and frozen) or standbys (fs: an init running on
-    a fresh branch of the checkpoint's files). Rolling back to a hot checkpoint then only
-    swaps records, kills the old tree and thaws (`deltabox.core.rollback`).
-
-    Policy (docs/deltacr.md, "The double lifecycle"):
-    - hot = the `config.hot_checkpoints` checkpoints the sandbox made or rolled back to
-      last (LRU), plus pinned ones, plus those named in a Warm; a checkpoint falling out
-      of that set has its incarnations retired;
-    - the hottest one, once it has been rolled back to, gets `config.hottest_pool`
-      incarnations, so back-to-back rollbacks to it find one while the used one's
-      replacement is built; the others (a checkpoint just made too) one each;
-    - builds run one at a time per sandbox, hottest first, `BUILD_DELAY_S` after the call
-      that asked for them (its reply leaves first), CRIU at nice `BACKGROUND_NICE`;
-    - all of it within the one MemoryBudget (`deltabox.core.warm`): over it, least
-      recently used incarnations (pools and doubles) are evicted; if it still does not
-      fit, no incarnation is made and that rollback takes the restore path."""
-
-    BUILD_DELAY_S = 0.02
-
-    def __init__(self, ctx: SandboxContext, deltacr: DeltaCR, incarnations: Incarnations,
-                 budget: MemoryBudget) -> None:
-        self._ctx = ctx
-        self._deltacr = deltacr
-        self._incarnations = incarnations
-        self._budget = budget
-        budget.standbys = self  # the budget evicts doubles too
-
-    def ready(self, checkpoint_id: str) -> bool:
-        """Whether a body double (full) or standby (fs) of the checkpoint is built and
-        waiting: a rollback to it now takes the "double" / "standby" path."""
-        return any(rt.standby.ready(checkpoint_id) for rt in self._ctx.runtimes.values())
-
-    def _wanted(self, slot, checkpoint_id: str) -> int:
-        if checkpoint_id not in slot.hot:
-            return 0
-        if checkpoint_id in slot.used and slot.hottest()[0] == checkpoint_id:
-            return max(1, self._ctx.config.hottest_pool)
-        return 1
-
-    async def prepare(self, sandbox_id: str, checkpoint_id: str, used: bool = False) -> None:
-        """`checkpoint_id` is the sandbox's hottest checkpoint now (just made, or just
-        rolled back to: `used`): keep incarnations of it and of the other hot ones ready.
-        Returns once the first incarnation of `checkpoint_id` is ready or known not to
-        come (over the budget, failed): what `Checkpoint(wait_ready)` waits for.
-
-        A sandbox destroyed or rolled away meanwhile builds nothing or retires what it
-        built -- nothing is ever left unowned."""
-        rt = self._ctx.runtimes.get(sandbox_id)
-        if rt is None or rt.closed or self._ctx.stopping or not self._ctx.config.standby:
-            return
-        slot = rt.standby
-        slot.touch(checkpoint_id)
-        if used:
-            slot.used.add(checkpoint_id)
-        slot.unbuildable.discard(checkpoint_id)
-        await self._trim(rt)
-        self._start_filling(sandbox_id, rt)
-        while not slot.ready(checkpoint_id) and checkpoint_id in slot.hot \
-                and checkpoint_id not in slot.unbuildable and slot.is_filling():
-            await slot.next_change()
-
-    async def hint(self, checkpoint_id: str) -> None:
-        """A Warm named the checkpoint: its sandbox keeps it hot (the hottest stays)."""
-        try:
-            ckpt = self._ctx.store.get_checkpoint(checkpoint_id)
-        except NotFound:
-            return
-        rt = self._ctx.runtimes.get(ckpt.sandbox_id)
-        if rt is None or rt.closed or self._ctx.stopping or not self._ctx.config.standby:
-            return
-        slot = rt.standby
-        if checkpoint_id not in slot.hot:
-            hottest = slot.hottest()
-            slot.touch(checkpoint_id)
-            if hottest:
-                slot.touch(hottest[0])
-            await self._trim(rt)
-        self._start_filling(ckpt.sandbox_id, rt)
-
-    async def _trim(self, rt: Runtime) -> None:
-        """Checkpoints beyond the K most recent (pinned ones aside) are not hot any more."""
-        slot, keep = rt.standby, max(1, self._ctx.config.hot_checkpoints)
-        for cid in slot.hottest()[keep:]:
-            try:
-                if self._ctx.store.get_checkpoint(cid).pinned:
-                    continue
-            except NotFound:
-                pass
-            del slot.hot[cid]
-            slot.used.discard(cid)
-            await self._retire(slot.remove(cid))
-
-    def _start_filling(self, sandbox_id: str, rt: Runtime) -> None:
-        if not rt.standby.is_filling():
-            rt.standby.filling = self._ctx.spawn(self._fill(sandbox_id, rt))
-
-    async def _fill(self, sandbox_id: str, rt: Runtime) -> None:
-        """Build the missing incarnations -- the first one of each hot checkpoint before
-        a second one of the hottest, the most recent first -- one at a time (each is a
-        CRIU restore: CPU-bound). A running filler picks up what was asked meanwhile."""
-        slot, ctx = rt.standby, self._ctx
-        try:
-            first = True
-            while not (rt.closed or ctx.stopping) and ctx.runtimes.get(sandbox_id) is rt:
-                have = {c: slot.ready(c) + slot.building(c) for c in slot.hottest()}
-                todo = [c for c in have if c not in slot.unbuildable
-                        and have[c] < self._wanted(slot, c)]
-                if not todo:
-                    break
-                cid = min(todo, key=lambda c: have[c])  # stable: the most recent first
-                slot.build_started(cid)  # counted from now: a rollback races it
-                try:
-                    if first:  # the reply that asked for it leaves first
-                        first = False
-                        await asyncio.sleep(self.BUILD_DELAY_S)
-                    standby = await self._build_within_budget(sandbox_id, rt, cid)
-                finally:
-                    slot.build_ended(cid)
-                if standby is None:
-                    slot.unbuildable.add(cid)
-                    continue
-                self.keep_or_retire(sandbox_id, rt, standby)
-        finally:
-            slot.filling = None
-            slot.changed()  # prepare() waiting on a decision sees the filler gone
-
-    async def _build_within_budget(self, sandbox_id: str, rt: Runtime,
-                                   checkpoint_id: str) -> Standby | None:
-        ctx = self._ctx
-        # A double will hold about what the sandbox holds now.
-        need = ctx.cgroups.memory_usage(rt.branch_id)
-        if not await self._budget.make_room(need, keep=checkpoint_id):
-            # Over the memory budget: no double; a rollback takes the restore path
-            # (and prepares one again if there is room then).
-            log.info("standby.skipped_over_budget", sandbox=sandbox_id,
-                     checkpoint=checkpoint_id, budget=ctx.config.warm_budget_bytes)
-            return None
-        if rt.closed or checkpoint_id not in rt.standby.hot:
-            return None
-        async with ctx.holds.hold(checkpoint_id):  # not deleted under the build
-            return await self._build(sandbox_id, checkpoint_id)
-
-    def keep_or_retire(self, sandbox_id: str, rt: Runtime, standby: Standby) -> None:
-        """A new incarnation joins the slot if its checkpoint is still hot and wants it."""
-        slot, cid = rt.standby, standby.checkpoint_id
-        if rt.closed or self._ctx.stopping or self._ctx.runtimes.get(sandbox_id) is not rt \
-                or slot.ready(cid) >= self._wanted(slot, cid):
-            self._ctx.spawn(self._retire([standby]))
-            slot.changed()
-            return
-        slot.put(standby)
-
-    async def _build(self, sandbox_id: str, checkpoint_id: str) -> Standby | None:
-        try:
-            rec = self._ctx.store.get_sandbox(sandbox_id)
-            ckpt = self._ctx.store.get_checkpoint(checkpoint_id)
-        except NotFound:
-            return None
-        return await self._deltacr.build_double(rec, ckpt, "standby")
-
-    async def _retire(self, standbys: list[Standby]) -> None:
-        for sb in standbys:
-            await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
-
-    async def drop(self, rt: Runtime) -> None:
-        """Retire all of a sandbox's incarnations (it is destroyed or stopped)."""
-        slot = rt.standby
-        ready = slot.all()
-        slot.doubles.clear()
-        slot.hot.clear()
-        slot.used.clear()
-        await self._retire(ready)
-
-    async def drop_for(self, checkpoint_id: str) -> None:
-        """Drop the standbys of a deleted checkpoint."""
-        for rt in self._ctx.runtimes.values():
-            rt.standby.hot.pop(checkpoint_id, None)
-            await self._retire(rt.standby.remove(checkpoint_id))
-
-    # ---- the memory budget's side (deltabox.core.warm.MemoryBudget) -------------------
-
-    def held(self) -> list[Standby]:
-        return [sb for rt in self._ctx.runtimes.values() for sb in rt.standby.all()]
-
-    def evictable(self) -> list[tuple[float, str, str]]:
-        """(last use, sandbox, checkpoint) of every checkpoint with ready incarnations."""
-        return [(rt.standby.hot.get(cid, 0.0), sid, cid)
-                for sid, rt in self._ctx.runtimes.items() for cid in rt.standby.doubles]
-
-    async def evict(self, sandbox_id: str, checkpoint_id: str) -> None:
-        """Drop one ready incarnation of the checkpoint (the budget asks again if needed)."""
-        rt = self._ctx.runtimes.get(sandbox_id)
-        if rt is not None:
-            pool = rt.standby.doubles.get(checkpoint_id)
-            if pool:
-                sb = pool.pop()
-                if not pool:
-                    del rt.standby.doubles[checkpoint_id]
-                await self._retire([sb])

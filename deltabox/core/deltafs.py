@@ -45,7 +45,13 @@ from deltabox.core.fdwalk import OPAQUE_XATTR, Tree, copy_dir_meta, proc_fd_path
 from deltabox.errors import Internal, NotFound
 
 __all__ = ["Manifest", "SinkStats", "scan_upper", "sink_upper_into_layer", "lookup",
-           "diff_chains", "manifest_from_layers", "squash_chain", "squash_deltas", "is_whiteout"]
+           "diff_chains", "manifest_from_layers", "squash_chain", "squash_deltas", "is_whiteout",
+           "INTERNAL_DIR", "is_internal"]
+
+# The daemon's own directory inside every sandbox's tree (the init's copy of itself,
+# /.deltabox/fork-index of a fork's child): it is sunk with the rest -- a restore needs it
+# -- but is none of the user's changes (`diff_chains` leaves it out).
+INTERNAL_DIR = ".deltabox"
 
 # (inode, ctime_ns, st_mode): what `scan_upper` records per entry.
 EntryKey = tuple[int, int, int]
@@ -93,6 +99,11 @@ def scan_upper(upper: Path) -> dict[str, tuple[EntryKey, os.stat_result]]:
     finally:
         os.close(fd)
     return out
+
+
+def is_internal(rel: str) -> bool:
+    """Whether the relative path `rel` is the daemon's (`INTERNAL_DIR` or below it)."""
+    return rel == INTERNAL_DIR or rel.startswith(INTERNAL_DIR + "/")
 
 
 def _parent(rel: str) -> str:
@@ -362,6 +373,8 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
     Only layers the chains do not share can differ, so only their paths are
     examined: the cost follows the distance between a and b, not tree size.
 
+    The daemon's own files (`INTERNAL_DIR`) are no user change and are not listed.
+
     Either chain may end in a live sandbox's upper, which its processes change under the
     walk: every path is resolved below a tree's fd (see `Tree`), so a directory swapped
     for a symlink shows up as a change or not at all, never as a walk outside the tree.
@@ -374,7 +387,7 @@ def diff_chains(a: list[Path], b: list[Path]) -> list[tuple[str, str]]:
         except FileNotFoundError:
             raise NotFound("a layer of the compared chains is gone (its checkpoint or "
                            "sandbox was deleted meanwhile)") from None
-        return _diff(_Chain(ta), _Chain(tb))
+        return [c for c in _diff(_Chain(ta), _Chain(tb)) if not is_internal(c[0])]
     except OSError as e:
         raise _client_error(e, "diff") from None
     finally:
@@ -503,43 +516,7 @@ def squash_deltas(chain: list[Path], layer: Path) -> int:
 
     This is what keeps squashing cheap: its cost follows what the sandbox
     changed, not the size of the image below."""
-    layer.mkdir()
-    trees: dict[Path, Tree] = {}
-    try:
-        src = list(reversed(_open_trees(chain, trees)))
-        out = trees.setdefault(layer, Tree(layer))
-        count = 0
-        links: dict[tuple[int, int], str] = {}
-        # (dir, its instances, under an opaque dir): whiteouts below an opaque directory
-        # hide nothing and overlayfs would list them as phantom entries.
-        stack: list[tuple[str, list[Tree], bool]] = [("", src, False)]
-        dirs_done: list[tuple[str, Tree, bool]] = []
-        while stack:
-            d, instances_of_d, hidden_below = stack.pop()
-            for name, (kind, instances) in _delta_entries(d, instances_of_d).items():
-                rel = f"{d}/{name}" if d else name
-                found = instances[0].entry(rel)
-                if found is None:
-                    continue
-                st = found[0]
-                fd, _ = out.at(rel)
-                if kind == "whiteout":
-                    if not hidden_below:
-                        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
-                        count += 1
-                    continue
-                count += 1
-                if kind in ("dir", "opaque-dir"):
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                    stack.append((rel, instances, hidden_below or kind == "opaque-dir"))
-                    dirs_done.append((rel, instances[0], kind == "opaque-dir"))
-                    continue
-                _copy_linked(instances[0], out, rel, st, links, SinkStats())
-        for rel, tree, opaque in reversed(dirs_done + [("", src[0], False)]):
-            _copy_dir_meta_at(tree, out, rel, opaque)
-        return count
-    finally:
-        _close_trees(trees)
+    return _flatten(chain, layer, keep_hiding=True)
 
 
 def squash_chain(chain: list[Path], layer: Path) -> int:
@@ -547,8 +524,19 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
 
     Resolves whiteouts and opaque directories as overlayfs does and reflinks
     regular files from the layer that shows them, so no file data is copied.
-    Hardlinks inside one source layer stay hardlinks.
-    """
+    Hardlinks inside one source layer stay hardlinks."""
+    return _flatten(chain, layer, keep_hiding=False)
+
+
+def _flatten(chain: list[Path], layer: Path, keep_hiding: bool) -> int:
+    """The one walk of both squashes: the merged tree of `chain` (bottom first) written
+    into the new directory `layer`, files reflinked; returns the entries written.
+
+    `keep_hiding`: the result lies over a base (`squash_deltas`), so whiteouts and opaque
+    marks stay -- except whiteouts below an opaque directory, which hide nothing and
+    overlayfs would list as phantom entries. Without it (`squash_chain`) nothing lies
+    below: whiteouts are dropped and an opaque mark, meaningless in a single layer, is
+    not copied."""
     layer.mkdir()
     trees: dict[Path, Tree] = {}
     try:
@@ -556,30 +544,37 @@ def squash_chain(chain: list[Path], layer: Path) -> int:
         out = trees.setdefault(layer, Tree(layer))
         count = 0
         links: dict[tuple[int, int], str] = {}
-        stack: list[tuple[str, list[Tree]]] = [("", src)]
-        top_dirs: list[tuple[str, Tree]] = []
+        # (dir, its instances top first, whether it lies under an opaque dir)
+        stack: list[tuple[str, list[Tree], bool]] = [("", src, False)]
+        # (dir, the tree its metadata comes from, its opaque mark), parents first
+        dirs: list[tuple[str, Tree, bool]] = [("", src[0], False)]
         while stack:
-            d, instances_of_d = stack.pop()
-            top_dirs.append((d, instances_of_d[0]))
+            d, instances_of_d, hidden_below = stack.pop()
             for name, (kind, instances) in _delta_entries(d, instances_of_d).items():
-                if kind == "whiteout":
+                if kind == "whiteout" and not keep_hiding:
                     continue
                 rel = f"{d}/{name}" if d else name
                 found = instances[0].entry(rel)
                 if found is None:
                     continue
-                st = found[0]
+                fd, _ = out.at(rel)
+                if kind == "whiteout":
+                    if not hidden_below:
+                        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
+                        count += 1
+                    continue
                 count += 1
                 if kind != "file":
-                    fd, _ = out.at(rel)
+                    opaque = keep_hiding and kind == "opaque-dir"
                     os.mkdir(name, 0o700, dir_fd=fd)
-                    stack.append((rel, instances))
+                    stack.append((rel, instances, hidden_below or opaque))
+                    dirs.append((rel, instances[0], opaque))
                     continue
-                _copy_linked(instances[0], out, rel, st, links, SinkStats())
-        # Directory metadata last (children changed the mtimes), deepest first; an
-        # opaque mark is meaningless in a single layer and is not copied.
-        for rel, tree in reversed(top_dirs):
-            _copy_dir_meta_at(tree, out, rel)
+                _copy_linked(instances[0], out, rel, found[0], links, SinkStats())
+        # Directory metadata last (creating children changed the mtimes), children
+        # before their parents.
+        for rel, tree, opaque in reversed(dirs):
+            _copy_dir_meta_at(tree, out, rel, opaque)
         return count
     finally:
         _close_trees(trees)

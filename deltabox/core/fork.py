@@ -1,15 +1,17 @@
 """Fork: n new sandboxes from one checkpoint.
 
-Warm incarnations (`deltabox.core.warm`) are adopted first -- recorded as new sandboxes,
-woken and re-seeded by DeltaCR -- and the rest start cold through the manager's
-create path (a fresh init, or a CRIU restore for a full checkpoint). Each child learns its
-index (DELTABOX_FORK_INDEX, /.deltabox/fork-index); one result, record or error, per child.
+Warm incarnations (`deltabox.core.warm`, re-seeded while they wait) are adopted first --
+recorded as new sandboxes, told their index and woken -- and the rest start cold through
+the manager's create path (a fresh init, or a CRIU restore for a full checkpoint), beside
+the adoptions. Each child learns its index (DELTABOX_FORK_INDEX, /.deltabox/fork-index);
+one result, record or error, per child.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from typing import Awaitable, Callable
 
 import structlog
@@ -21,6 +23,7 @@ from deltabox.errors import InvalidArgument
 from deltabox.faults import crash_point
 from deltabox.host.criu import CriuError
 from deltabox.store.records import SandboxRecord
+from deltabox.types import CheckpointMode
 
 __all__ = ["Forks", "auto_name"]
 
@@ -67,20 +70,10 @@ class Forks:
             return await self._create_from(ckpt.image, name, child, ckpt.id,
                                            self._deltacr.images_for(ckpt), i)
 
-        async def adopt(i: int, sb: Standby) -> SandboxRecord:
-            name = auto_name()
-            child = dict(spec, env={**spec.get("env", {}), "DELTABOX_FORK_INDEX": str(i)})
-            rec = await asyncio.to_thread(ctx.store.adopt_sandbox, name, ckpt.image, child,
-                                          ckpt.id, sb.branch_id, ckpt.mount_layers,
-                                          sb.init_pid, sb.init_start)
-            rt = Runtime(sb.init_pid, sb.branch_id)
-            ctx.runtimes[rec.id] = rt
-            crash_point("fork.adopted")
-            await self._deltacr.wake_child(ckpt, rt, i)
-            return rec
-        jobs = [adopt(i, sb) for i, sb in enumerate(warm)]
-        jobs += [cold(i) for i in range(len(warm), n)]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        cold_jobs = asyncio.gather(*(cold(i) for i in range(len(warm), n)),
+                                   return_exceptions=True)  # running beside the adoptions
+        adopted, timings = await self._adopt(ckpt, spec, warm)
+        results = adopted + list(await cold_jobs)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
@@ -91,5 +84,61 @@ class Forks:
         ctx.metrics.forked.labels("warm").inc(len(warm))
         ctx.metrics.forked.labels("cold").inc(n - len(warm))
         log.info("checkpoint.forked", checkpoint=ckpt.id, n=n, warm=len(warm),
+                 **timings,
                  failed=sum(isinstance(r, Exception) for r in results))
         return list(results)  # type: ignore[arg-type]
+
+    async def _adopt(self, ckpt, spec: dict, warm: list[Standby]) -> tuple[list, dict]:
+        """Warm incarnations become children 0..len(warm)-1: recorded (one transaction
+        each, all in one worker-thread pass: no thread hop per child), then each told its
+        index and thawed in a second pass -- their Python sessions were re-seeded while
+        they waited in the pool, so no call into a child is on this path. One result,
+        record or error, per child, and the ms each phase took."""
+        ctx = self._ctx
+        t0 = time.perf_counter()
+
+        def record_all() -> list:
+            out: list = []
+            for i, sb in enumerate(warm):
+                child = dict(spec, env={**spec.get("env", {}), "DELTABOX_FORK_INDEX": str(i)})
+                try:
+                    out.append(ctx.store.adopt_sandbox(auto_name(), ckpt.image, child, ckpt.id,
+                                                       sb.branch_id, ckpt.mount_layers,
+                                                       sb.init_pid, sb.init_start))
+                except Exception as e:  # noqa: BLE001 - that child's result
+                    out.append(e)
+            return out
+
+        full = ckpt.mode == CheckpointMode.FULL
+
+        def wake_all(runtimes: list) -> list:
+            out: list = []
+            for i, rt in enumerate(runtimes):
+                try:
+                    if rt is not None and full:
+                        # Its sessions were re-seeded while it waited (DeltaCR.seed_ahead).
+                        self._deltacr.write_fork_index(rt.branch_id, i)
+                        self._deltacr.wake(ckpt, rt.branch_id)
+                    out.append(None)
+                except Exception as e:  # noqa: BLE001 - that child's result
+                    out.append(e)
+            return out
+
+        results = await asyncio.to_thread(record_all) if warm else []
+        t1 = time.perf_counter()
+        runtimes: list[Runtime | None] = []
+        for rec, sb in zip(results, warm):
+            if isinstance(rec, Exception):
+                runtimes.append(None)
+                continue
+            rt = Runtime(sb.init_pid, sb.branch_id)
+            ctx.runtimes[rec.id] = rt
+            runtimes.append(rt)
+        if any(rt is not None for rt in runtimes):
+            crash_point("fork.adopted")
+        woken = await asyncio.to_thread(wake_all, runtimes) if warm else []
+        t2 = time.perf_counter()
+        timings = {"record_ms": round(1000 * (t1 - t0), 1),
+                   "wake_ms": round(1000 * (t2 - t1), 1)} if warm else {}
+        return [rec if isinstance(rec, Exception) else (err or rec)
+                for rec, err in zip(results, woken)], timings

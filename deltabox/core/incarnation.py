@@ -6,6 +6,11 @@ them (`Incarnations.launch`: mount + cgroup + init or restore, the network attac
 them down (`kill`, `retire`), reaps their inits, and identifies processes by (pid, start
 time) -- a pid alone may be reused. `cpu_activity` tells whether an incarnation's processes
 ran since an earlier frozen instant (an unchanged sandbox is not checkpointed twice).
+
+With the `ksm` setting on (deltabox.host.ksm), every incarnation is marked for memory
+merging: a fresh one through its init (`--memory-merge yes`), a restored one through the
+criu that forks it (`deltabox-init --exec-memory-merged criu swrk`), so doubles of related
+states share their identical pages once ksmd has seen them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from deltabox.config import init_binary
 from deltabox.core.files import SandboxFiles
 from deltabox.core.runtime import SandboxContext
 from deltabox.errors import Internal
-from deltabox.host import linux
+from deltabox.host import ksm, linux
 from deltabox.host.cgroups import Limits
 from deltabox.store.records import Mount, SandboxRecord
 from deltabox.types import NetworkMode
@@ -116,9 +121,14 @@ class Incarnations:
         self.cgroups = ctx.cgroups
         self._ctx = ctx  # for CRIU, found once by the manager
         self._to_reap: set[int] = set()  # killed inits not yet waited for
+        # Decided once, at start-up: `ksm = on` turns the host's ksmd on here.
+        self.memory_merge = ksm.decide(ctx.config.ksm, ctx.config.ksm_pages_to_scan)
+        if self.memory_merge and ctx.criu is not None:
+            ctx.criu.exec_prefix = [str(init_binary()), "--exec-memory-merged"]
 
     def launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True,
-               restore_from: Path | None = None, stopped: bool = False) -> tuple[int, float]:
+               restore_from: Path | None = None, stopped: bool = False,
+               background: bool = False) -> tuple[int, float]:
         """Mount a branch, create its cgroup, start the sandbox; (pid, start time).
 
         It starts with a fresh init, or -- `restore_from` a checkpoint's process
@@ -126,6 +136,10 @@ class Incarnations:
         `stopped` (a body double). The cgroup is named after the branch: every
         rollback makes a new branch, so an incarnation being torn down never
         shares a cgroup with its successor.
+
+        `background` (a body double built ahead): the cgroup weighs like a task at nice
+        BACKGROUND_NICE, so the CRIU restore in it yields to the running sandboxes;
+        `DeltaCR.wake` gives it the default weight when it takes over.
         """
         branch_id = Path(mnt.target).name
         Path(mnt.target).mkdir(exist_ok=True)
@@ -133,6 +147,8 @@ class Incarnations:
             mnt.mount()
         limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
         procs = self.cgroups.create(branch_id, limits)
+        if background:
+            self.cgroups.set_background(branch_id, True)
         if restore_from is not None:
             def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
                 self.cgroups.move_to_own_cgroups(criu_pid)
@@ -147,6 +163,8 @@ class Incarnations:
         argv = [str(init_binary()), "--rootfs", mnt.target, "--hostname", rec.spec["hostname"]]
         for p in procs:
             argv += ["--cgroup-procs", str(p)]
+        if self.memory_merge:
+            argv += ["--memory-merge", "yes"]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=30,
                              stdin=subprocess.DEVNULL)
         if res.returncode != 0:

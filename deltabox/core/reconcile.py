@@ -12,6 +12,7 @@ them (files kept, processes fresh).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import structlog
@@ -58,6 +59,7 @@ class Reconciler:
         # can leave its parasite in a process), then killed.
         if self._ctx.criu is not None:
             report["orphaned_criu"] = self._ctx.criu.end_orphans()
+            self._ctx.criu.ensure_kdat_cache()  # before any dump: see Criu.ensure_kdat_cache
         records = {r.id: r for r in self.store.list_sandboxes()}
         branches = {r.branch_id for r in records.values()}
         # Anything not on a recorded branch (e.g. a standby of a crashed daemon) goes.
@@ -107,6 +109,8 @@ class Reconciler:
             crash_point("reconcile")
         report.update(self.store.reconcile_disk())
         self.store.gc_layers()
+        # An import killed midway left only tmp/ (wiped above); digests of freed layers go.
+        report["layer_digests_swept"] = self.store.sweep_layer_digests()
         log.info("sandbox.reconciled", **report)
         return report
 
@@ -117,7 +121,12 @@ class Reconciler:
         restarted on its branch)."""
         try:
             if not self._is_frozen(rec.branch_id):
+                # A double woken by a rollback just before a crash may not have its CPU
+                # weight back yet (DeltaCR.wake gives it back after the reply).
+                with contextlib.suppress(OSError):
+                    self.cgroups.set_background(rec.branch_id, False)
                 return True
+            self.cgroups.set_background(rec.branch_id, False)  # see DeltaCR.wake
             self.cgroups.thaw(rec.branch_id)
         except (OSError, TimeoutError) as e:
             log.error("reconcile.thaw_failed", sandbox=rec.id, error=str(e))

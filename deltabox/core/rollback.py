@@ -6,6 +6,12 @@ double still being built, the first one ready wins) is up before anything of the
 is touched; then the records switch in one transaction and the old tree is
 killed. A rollback that fails leaves the sandbox exactly as it was. Which incarnation is
 used, and what waking it means, is DeltaCR's to say (`deltabox.core.deltacr`).
+
+The reply leaves right after the commit (issue 10, target 6): thawing the new
+incarnation, killing the old tree, metrics, the log line and the next double wait until
+it has left (`deltabox.core.after_reply`) -- and run before the caller's next call
+arrives. A crash in between keeps the rollback (reconciliation thaws, and kills what no
+record owns).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import time
 import structlog
 
 from deltabox.core import deltafs
-from deltabox.core.deltacr import DeltaCR, Standbys
+from deltabox.core.after_reply import after_reply
+from deltabox.core.deltacr import DeltaCR
 from deltabox.core.incarnation import Incarnations, kill_quiet
 from deltabox.core.runtime import Runtime, SandboxContext, Standby
+from deltabox.core.standbys import Standbys
 from deltabox.errors import FailedPrecondition
 from deltabox.faults import crash_point
 from deltabox.store.records import CheckpointRecord, SandboxRecord, new_id
@@ -45,7 +53,18 @@ class Rollbacks:
         "standby-waited" (one was being built and was ready before the restore started
         next to it: timings["wait_ms"]), "restore" / "fresh" (none was ready first). It runs to its end
         even if the caller goes away (what it builds must not be left unowned); the
-        checkpoint is held meanwhile, so a deletion of it waits."""
+        checkpoint is held meanwhile, so a deletion of it waits.
+
+        The hot path (a double of the checkpoint is ready, no network to attach) runs in
+        the caller's task, a loop turn less each way: once the sandbox's lock is held it
+        never awaits, so a caller going away cannot stop it halfway. Anything else runs
+        in a task of its own."""
+        if self._standbys.ready(checkpoint_id):
+            async with self._ctx.holds.hold(checkpoint_id):
+                done = await self._rollback(ref, checkpoint_id, hot_only=True)
+            if done is not None:
+                return done
+
         async def held():
             async with self._ctx.holds.hold(checkpoint_id):
                 return await self._rollback(ref, checkpoint_id)
@@ -61,7 +80,10 @@ class Rollbacks:
         raise FailedPrecondition(f"checkpoint {ckpt.id} is not in the tree of sandbox "
                                  f"{rec.name}; fork it instead")
 
-    async def _rollback(self, ref: str, checkpoint_id: str) -> tuple[SandboxRecord, str, dict]:
+    async def _rollback(self, ref: str, checkpoint_id: str, hot_only: bool = False
+                        ) -> tuple[SandboxRecord, str, dict] | None:
+        """`hot_only`: None (nothing done) unless it takes the hot path, which does not
+        await once the lock is held."""
         ctx, inc = self._ctx, self._incarnations
         ckpt = self.store.get_checkpoint(checkpoint_id)
         rec = ctx.get(ref)
@@ -72,13 +94,20 @@ class Rollbacks:
             raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        turned: list = []  # non-empty once the loop turned: this call waited for the lock
+        asyncio.get_running_loop().call_soon(turned.append, True)
         async with rt.lock:
-            rec = self.store.get_sandbox(rec.id)
+            if turned:  # other calls ran meanwhile: the records may have changed
+                rec = self.store.get_sandbox(rec.id)
+                ckpt = self.store.get_checkpoint(ckpt.id)
             if rt.closed or ctx.runtimes.get(rec.id) is not rt \
                     or rec.state != SandboxState.RUNNING:
                 raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
             old_branch, old_pid = rt.branch_id, rt.init_pid
-            ckpt = self.store.get_checkpoint(ckpt.id)
+            if hot_only and (rec.spec.get("network") == NetworkMode.NAT
+                             or not self._has_current(rt, ckpt)):
+                return None
+            self._standbys.rolled_back(rt, ckpt)  # the double policy learns from it
             standby = self._take_current(rt, ckpt)
             prepared, waited = standby is not None, False
             if standby is None:
@@ -99,25 +128,50 @@ class Rollbacks:
                 await asyncio.to_thread(inc.retire, new_branch, pid)
                 raise
             crash_point("rollback.after_switch")
-            # SIGKILL to the old init ends its whole pid namespace; unmounting and
-            # deleting its branch happen in the background.
-            kill_quiet(old_pid)
-            self._deltacr.wake(ckpt, new_branch)  # a body double (or a restore) wakes up
+            # SIGKILL to the old init ends its whole pid namespace: after the reply
+            # (`_after_switch`), unless the new tree needs its network (one veth name).
+            nat = rec.spec.get("network") == NetworkMode.NAT
+            if nat:
+                kill_quiet(old_pid)
+            self._deltacr.wake(ckpt, new_branch, reply_first=True)  # thawed after the reply
             rt.init_pid, rt.branch_id = pid, new_branch
             rt.own_layers, rt.manifest = [], deltafs.Manifest()
             rt.session_locks.clear()
-            if rec.spec.get("network") == NetworkMode.NAT:
+            if nat:
                 await asyncio.to_thread(inc.attach_network, rec, pid,
                                         self.store.mnt_dir / new_branch)
         timings["total_ms"] = 1000 * (time.perf_counter() - t0)
+        # The record is committed (a crash from here on keeps the rollback): the rest
+        # waits until the reply has left (issue 10, target 6).
+        after_reply(self._after_switch, rec.id, ckpt.id, path, timings, old_branch, old_pid,
+                    not nat)
+        return rec, path, timings
+
+    def _after_switch(self, sandbox_id: str, checkpoint_id: str, path: str, timings: dict,
+                      old_branch: str, old_pid: int, kill: bool) -> None:
+        """A rollback's tail, once its reply has left (after the new tree's thaw): the
+        old tree killed (unmounting and deleting its branch wait for a quiet moment),
+        the next double, metrics; the log line (~0.15 ms) a little later, so that the
+        caller's next call does not wait for it."""
+        ctx = self._ctx
+        crash_point("rollback.after_reply")
+        if kill:
+            kill_quiet(old_pid)
         ctx.spawn(self._retire_later(old_branch, old_pid))
         # The other hot checkpoints keep their doubles; this one gets its replacement.
-        ctx.spawn(self._standbys.prepare(rec.id, ckpt.id, used=True))
+        ctx.spawn(self._standbys.prepare(sandbox_id, checkpoint_id, used=True))
         ctx.metrics.rollbacks.labels(path).inc()
         ctx.metrics.rollback_seconds.labels(path).observe(timings["total_ms"] / 1000)
-        log.info("sandbox.rolled_back", sandbox=rec.id, checkpoint=ckpt.id, path=path,
-                 **timings)
-        return self.store.get_sandbox(rec.id), path, timings
+        asyncio.get_running_loop().call_later(
+            self._standbys.BUILD_DELAY_S, lambda: log.info(
+                "sandbox.rolled_back", sandbox=sandbox_id, checkpoint=checkpoint_id,
+                path=path, **timings))
+
+    @staticmethod
+    def _has_current(rt: Runtime, ckpt: CheckpointRecord) -> bool:
+        """Whether `_take_current` would find one (it takes nothing)."""
+        layers = tuple(ckpt.mount_layers)
+        return any(sb.layers == layers for sb in rt.standby.doubles.get(ckpt.id, ()))
 
     def _take_current(self, rt: Runtime, ckpt: CheckpointRecord) -> Standby | None:
         """A ready incarnation of `ckpt` on its current layers. One built before a squash
@@ -132,8 +186,9 @@ class Rollbacks:
 
     async def _retire_later(self, branch_id: str, init_pid: int) -> None:
         """The old tree is killed already; unmounting and deleting its branch wait until
-        the reply (and the caller's next call) had the CPU."""
+        the reply (and the caller's next call) had the CPU: until no call is in flight."""
         await asyncio.sleep(self._standbys.BUILD_DELAY_S)
+        await self._standbys.gate.quiet()
         await asyncio.to_thread(self._incarnations.retire, branch_id, init_pid)
 
     async def _first_ready(self, rec: SandboxRecord, rt: Runtime, ckpt: CheckpointRecord,

@@ -50,7 +50,7 @@ class Standby:
 class StandbySlot:
     """A sandbox's prepared incarnations: body doubles (full) or standbys (fs) of its hot
     checkpoints -- the ones it made or rolled back to most recently, the pinned ones and
-    those named in a Warm (`deltabox.core.deltacr.Standbys` keeps the policy).
+    those named in a Warm (`deltabox.core.standbys.Standbys` keeps the policy).
 
     `hot` orders them by last use (LRU); `doubles` holds the ready incarnations of each
     (more than one for the hottest, so back-to-back rollbacks to it all find one);

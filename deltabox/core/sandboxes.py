@@ -11,6 +11,8 @@ to the part of `deltabox.core` that owns that mechanism, one per module:
     snapshots.py    DeltaFS checkpoints and the checkpoint tree (diff, delete, pin, squash)
     deltacr.py      DeltaCR: full checkpoints, body doubles and standbys, restore, re-seed,
                     image dedup, the unusable-checkpoint verdict
+    standbys.py     each sandbox's body doubles / standbys of its hot checkpoints
+    double_policy.py  when a full checkpoint gets a body double; the build gate
     rollback.py     rollback (restore first, then switch)
     warm.py         warm pools for forks, and the one MemoryBudget
     fork.py         fork
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -50,6 +53,7 @@ from deltabox.core.rollback import Rollbacks
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.sessions import SESSION_KINDS, SessionResult, Sessions
 from deltabox.core.snapshots import Snapshots
+from deltabox.core.transfer import Transfers
 from deltabox.core.warm import WarmPools
 from deltabox.errors import FailedPrecondition, Internal, InvalidArgument
 from deltabox.faults import crash_point
@@ -90,6 +94,7 @@ class SandboxManager:
         self._rollbacks = Rollbacks(ctx, self._incarnations, self._deltacr, self._standbys)
         self._forks = Forks(ctx, self._deltacr, self._pools, self._create_from)
         self._reconciler = Reconciler(ctx, self._incarnations, self._standbys, self._pools)
+        self._transfers = Transfers(ctx)
 
     # ---- start-up and shutdown (reconcile.py) ------------------------------------------
 
@@ -161,19 +166,34 @@ class SandboxManager:
         return self.store.get_sandbox(rec.id)
 
     async def destroy(self, ref: str) -> None:
+        """Kill the sandbox's processes, tear down its incarnations and delete its record
+        (its checkpoints stay). Its background builds are cancelled, not waited for
+        (`Standbys.cancel`): a destroy costs its own teardown and at most one restore in
+        flight, however many builds other sandboxes have queued (tests/test_teardown.py).
+        The phases' times are in the `sandbox.destroyed` log line."""
         rec = self.get(ref)
         rt = self._ctx.runtimes.get(rec.id)
         lock = rt.lock if rt else asyncio.Lock()
+        t0, timings = time.perf_counter(), {}
         async with lock:
+            t_locked = time.perf_counter()
             init_pid = rt.init_pid if rt else rec.init_pid
             # Marked first: a daemon killed half way through must not bring the sandbox
             # back at its next start (a 'broken' record is torn down there).
             await asyncio.to_thread(self.store.set_sandbox_state, rec.id, SandboxState.BROKEN)
             try:
                 if rt is not None:
-                    rt.closed = True  # a standby still being built retires itself
+                    # Its builds waiting for a slot are dropped, one in flight is
+                    # retired (not waited behind other sandboxes' builds); then a
+                    # rollback's losing restore still running retires itself (closed).
+                    t_marked = time.perf_counter()
+                    await self._standbys.cancel(rt)
                     await rt.standby.settled()
+                    t_cancelled = time.perf_counter()
                     await self._standbys.drop(rt)
+                    timings["cancel_ms"] = _ms(t_marked, t_cancelled)
+                    timings["drop_ms"] = _ms(t_cancelled, time.perf_counter())
+                t_builds = time.perf_counter()
                 await asyncio.to_thread(self._incarnations.kill, rec.branch_id, init_pid, rec)
                 crash_point("destroy.killed")
             except Exception as e:
@@ -183,7 +203,9 @@ class SandboxManager:
                                "destroy it again or restart the daemon") from e
             self._ctx.runtimes.pop(rec.id, None)
             await asyncio.to_thread(self.store.delete_sandbox, rec.id)
-        log.info("sandbox.destroyed", sandbox=rec.id)
+        t_end = time.perf_counter()
+        log.info("sandbox.destroyed", sandbox=rec.id, lock_ms=_ms(t0, t_locked),
+                 kill_ms=_ms(t_builds, t_end), total_ms=_ms(t0, t_end), **timings)
 
     def get(self, ref: str) -> SandboxRecord:
         return self._ctx.get(ref)
@@ -202,10 +224,11 @@ class SandboxManager:
     # ---- checkpoints (snapshots.py, deltacr.py), rollback, warm pools and fork ---------
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
-                         wait_ready: bool = False) -> CheckpointRecord:
+                         wait_ready: bool = False,
+                         rollback_likely: bool | None = None) -> CheckpointRecord:
         """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
         in the background -- or before returning, with `wait_ready` (see `ready`)."""
-        return await self._snapshots.checkpoint(ref, label, mode, wait_ready)
+        return await self._snapshots.checkpoint(ref, label, mode, wait_ready, rollback_likely)
 
     def ready(self, checkpoint_id: str) -> bool:
         """Whether a body double (full) or standby (fs) of the checkpoint is built and
@@ -239,6 +262,23 @@ class SandboxManager:
 
     def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
         return self._snapshots.pin_checkpoint(checkpoint_id, pinned)
+
+    # ---- moving checkpoints between daemons (transfer.py) --------------------------------
+
+    async def checkpoint_manifest(self, checkpoint_id: str):
+        """The checkpoint's manifest (layer digests, host facts); see core/transfer.py."""
+        return await self._transfers.manifest(checkpoint_id)
+
+    async def have_layers(self, digests: list[str]) -> list[str]:
+        return await self._transfers.have_layers(digests)
+
+    def export_checkpoint(self, checkpoint_id: str, skip_layers: list[str]):
+        """The checkpoint as a transfer stream (an async iterator of chunks)."""
+        return self._transfers.export(checkpoint_id, skip_layers)
+
+    async def import_checkpoint(self, chunks) -> CheckpointRecord:
+        """Import a transfer stream: a detached checkpoint that Fork can use."""
+        return await self._transfers.import_stream(chunks)
 
     # ---- exec, detached execs and the shell (process.py) ---------------------------------
 
@@ -302,6 +342,11 @@ MIN_MEMORY_BYTES = 16 << 20
 MIN_PIDS, MAX_PIDS = 4, 1 << 22
 MIN_CPUS = 0.01
 MIN_DISK_BYTES, MIN_DISK_INODES = 16 << 20, 1024  # the init's copy of itself lives there
+
+
+def _ms(a: float, b: float) -> float:
+    """perf_counter() interval a..b in milliseconds (for the logs)."""
+    return round(1000 * (b - a), 1)
 
 
 def _check_limits(memory_bytes: int, pids: int, cpus: float, disk_bytes: int,

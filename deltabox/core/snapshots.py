@@ -13,7 +13,9 @@ in its upper directory, no call ran in it, no process started, ended or used CPU
 head is returned, flagged `unchanged` (a full request needs a full head).
 
 Deleting a checkpoint waits for the rollbacks, forks and double builds that hold it
-(`runtime.CheckpointHolds`); its standbys and warm pools go before its files.
+(`runtime.CheckpointHolds`); its standbys and warm pools go before its files. A squash
+frees the layers of the chains it replaced once the operations holding those checkpoints
+(which may have read the old chain) are done.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from deltabox.core.deltacr import DeltaCR, Standbys
 from deltabox.core.incarnation import cpu_activity
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.warm import WarmPools
-from deltabox.errors import InvalidArgument, NotFound
+from deltabox.errors import FailedPrecondition, InvalidArgument, NotFound
 from deltabox.faults import crash_point
 from deltabox.store.checkpoints import CheckpointInUse
 from deltabox.store.layout import remove_tree
@@ -43,6 +45,7 @@ __all__ = ["Snapshots", "rmtree_quiet", "DELETE_WAIT_S"]
 log = structlog.get_logger("deltabox.core.snapshots")
 
 DELETE_WAIT_S = 150.0  # a deletion waits this long for rollbacks/forks of it (> CRIU's timeout)
+SQUASH_GC_WAIT_S = DELETE_WAIT_S  # a squash frees old layers once their readers are done
 
 
 def _upper_changed(scan: dict, manifest: deltafs.Manifest) -> bool:
@@ -75,7 +78,8 @@ class Snapshots:
         self._squash_again: set[str] = set()  # asked for while one ran: see _maybe_squash
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
-                         wait_ready: bool = False) -> CheckpointRecord:
+                         wait_ready: bool = False,
+                         rollback_likely: bool | None = None) -> CheckpointRecord:
         """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
         in the background -- or before returning, with `wait_ready` (see `ready`)."""
         if mode not in (CheckpointMode.FS, CheckpointMode.FULL):
@@ -89,7 +93,8 @@ class Snapshots:
                                                mode)
         if ckpt.stats.get("unchanged"):
             log.info("checkpoint.unchanged", sandbox=rec.id, checkpoint=ckpt.id, mode=mode)
-            standby = self._ctx.spawn(self._standbys.prepare(rec.id, ckpt.id))
+            standby = self._ctx.spawn(self._standbys.prepare(
+                rec.id, ckpt.id, rollback_likely=rollback_likely, urgent=wait_ready))
             if wait_ready:
                 await asyncio.shield(standby)
             return ckpt
@@ -99,7 +104,8 @@ class Snapshots:
         metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
         log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
                  layers=len(ckpt.layers), **ckpt.stats)
-        standby = self._ctx.spawn(self._standbys.prepare(rec.id, ckpt.id))
+        standby = self._ctx.spawn(self._standbys.prepare(
+            rec.id, ckpt.id, rollback_likely=rollback_likely, urgent=wait_ready))
         self._ctx.spawn(self._maybe_squash(ckpt.id))
         self._deltacr.after_checkpoint(ckpt)
         if wait_ready:
@@ -293,6 +299,9 @@ class Snapshots:
                                                   cascade, holds.busy, False)
                 break
             except CheckpointInUse as e:
+                for cid in e.checkpoint_ids:  # builds still queued for them: none now
+                    await self._pools.drop(cid)
+                    await self._standbys.drop_for(cid)
                 await holds.wait_released(e.checkpoint_ids, DELETE_WAIT_S)
         for cid in deleted:  # standbys and warm pools sit on them: gone before their files
             await self._pools.drop(cid)
@@ -316,6 +325,7 @@ class Snapshots:
             # taken before that squash was there to rebase it on, and be the last one).
             self._squash_again.add(checkpoint_id)
             return
+        remounted: list[str] = []  # checkpoints whose mount chain it changed
         async with self._squash_lock:
             tmp = self.store.new_tmp_dir()
             try:
@@ -331,10 +341,12 @@ class Snapshots:
                 squash = deltafs.squash_deltas if base else deltafs.squash_chain
                 t0 = time.perf_counter()
                 n = await asyncio.to_thread(squash, chain, tmp / "layer")
-                await asyncio.to_thread(self.store.set_squashed, checkpoint_id, base,
-                                        tmp / "layer", mount)
+                if await asyncio.to_thread(self.store.set_squashed, checkpoint_id, base,
+                                           tmp / "layer", mount):
+                    remounted.append(checkpoint_id)
                 # Checkpoints taken while it ran extend it: rebase them on it.
-                await asyncio.to_thread(self.store.rebase_on_squashed, checkpoint_id)
+                remounted += await asyncio.to_thread(self.store.rebase_on_squashed,
+                                                     checkpoint_id)
                 log.info("checkpoint.squashed", checkpoint=checkpoint_id, depth=len(mount),
                          kept=len(base), entries=n,
                          ms=round(1000 * (time.perf_counter() - t0), 1))
@@ -344,8 +356,22 @@ class Snapshots:
                 await asyncio.to_thread(rmtree_quiet, tmp)
             # Checkpoints committed after the rebase above, from a chain read before it:
             # rebase them too (metadata only), then squash whichever is still too deep.
-            await asyncio.to_thread(self.store.rebase_on_squashed, checkpoint_id)
+            remounted += await asyncio.to_thread(self.store.rebase_on_squashed,
+                                                 checkpoint_id)
             again, self._squash_again = self._squash_again, set()
-            await asyncio.to_thread(self.store.gc_layers)
         for cid in again:  # with the lock free (or they would only be put back)
             self._ctx.spawn(self._maybe_squash(cid))
+        await self._free_old_chains(remounted)
+
+    async def _free_old_chains(self, remounted: list[str]) -> None:
+        """Free the layers the squash let go -- once no rollback, fork, double build or
+        warm-up that may have read one of `remounted`'s old chains still runs: each
+        holds its checkpoint (`runtime.CheckpointHolds`) before it reads the record, and
+        mounts the chain it read (freed under it, a layer vanished mid-restore:
+        FileNotFoundError). Still held after SQUASH_GC_WAIT_S: left to the next gc."""
+        try:
+            await self._ctx.holds.wait_released(remounted, SQUASH_GC_WAIT_S)
+        except FailedPrecondition:
+            log.info("squash.gc_deferred", checkpoints=remounted)
+            return
+        await asyncio.to_thread(self.store.gc_layers)

@@ -23,7 +23,7 @@ from deltabox.core.incarnation import Incarnations
 from deltabox.core.runtime import SandboxContext, Standby
 from deltabox.errors import FailedPrecondition, InvalidArgument, NotFound
 from deltabox.store.records import CheckpointRecord, SandboxRecord
-from deltabox.types import NetworkMode
+from deltabox.types import CheckpointMode, NetworkMode
 
 if TYPE_CHECKING:
     from deltabox.core.deltacr import DeltaCR, Standbys
@@ -137,7 +137,11 @@ class WarmPools:
         if ctx.stopping:
             return
         async with self._restores, ctx.holds.hold(ckpt.id):
-            if not ctx.store.checkpoint_exists(ckpt.id):  # deleted before the hold
+            if ctx.stopping or ckpt.id not in self._pools:
+                return  # shut down, or dropped (a deletion, the budget) while it queued
+            try:  # read again under the hold: deleted before it, or squashed since
+                ckpt = ctx.store.get_checkpoint(ckpt.id)
+            except NotFound:
                 return
             # A double holds about its images' pages (an fs incarnation: ~nothing).
             need = int(ckpt.stats.get("image_bytes", 0))
@@ -149,6 +153,14 @@ class WarmPools:
             sb = await self._deltacr.build_double(shell, ckpt, "warm")
             if sb is None:
                 return
+            if ckpt.mode == CheckpointMode.FULL:  # its fork then only writes the index
+                try:
+                    await self._deltacr.seed_ahead(sb)
+                except Exception as e:  # noqa: BLE001 - a cold child will do instead
+                    log.warning("warm.seed_failed", checkpoint=ckpt.id, error=str(e))
+                    await asyncio.to_thread(self._incarnations.retire, sb.branch_id,
+                                            sb.init_pid)
+                    return
         if ckpt.id not in self._pools or ctx.stopping:  # dropped meanwhile
             await asyncio.to_thread(self._incarnations.retire, sb.branch_id, sb.init_pid)
             return
@@ -158,6 +170,17 @@ class WarmPools:
         """Up to n warm incarnations of the checkpoint, for a fork (they leave the pool)."""
         pool = self._pools.get(checkpoint_id, [])
         self._used[checkpoint_id] = time.monotonic()
+        # One built before a squash rebased the checkpoint mounts the layers the squash
+        # let go (and frees): retired, as a stale double is (core/rollback.py).
+        try:
+            current = self._ctx.store.get_checkpoint(checkpoint_id).mount_layers
+        except NotFound:
+            current = None
+        for sb in [sb for sb in pool if sb.layers != current]:
+            pool.remove(sb)
+            log.info("warm.stale", checkpoint=checkpoint_id, branch=sb.branch_id)
+            self._ctx.spawn(asyncio.to_thread(self._incarnations.retire, sb.branch_id,
+                                              sb.init_pid))
         return [pool.pop() for _ in range(min(n, len(pool)))]
 
     async def drop(self, checkpoint_id: str) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from deltabox.host import linux
 
 __all__ = ["Limits", "CgroupDriver", "detect_driver", "DeviceRule", "DEVICE_ALLOW",
-           "attach_device_filter"]
+           "attach_device_filter", "BACKGROUND_NICE", "NICE_TO_WEIGHT"]
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "deltabox"
@@ -121,6 +121,18 @@ def _rmdir_retry(path: Path, timeout: float = 5.0) -> None:
             time.sleep(0.005)
 
 
+# CRIU restoring a body double runs at this nice value (deltabox.core.deltacr), and the
+# double's cgroup weighs like a task at it (`CgroupDriver.set_background`).
+BACKGROUND_NICE = 10
+
+# The kernel's weight of a task at nice -20 .. 19 (kernel/sched/core.c sched_prio_to_weight);
+# nice 0 is 1024, a v1 cgroup's default cpu.shares.
+NICE_TO_WEIGHT = (88761, 71755, 56483, 46273, 36291, 29154, 23254, 18705, 14949, 11916,
+                  9548, 7620, 6100, 4904, 3906, 3121, 2501, 1991, 1586, 1277,
+                  1024, 820, 655, 526, 423, 335, 272, 215, 172, 137,
+                  110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
+
+
 class CgroupDriver:
     version: int
 
@@ -158,6 +170,18 @@ class CgroupDriver:
                     _write(procs, str(pid))
                 except OSError:
                     pass  # e.g. a v2 inner node: the process stays where it is
+
+    def set_background(self, name: str, background: bool) -> None:
+        """Weigh the cgroup like a task at nice BACKGROUND_NICE (a body double being
+        built, and the criu building it), or give it back the default weight (nice 0,
+        a sandbox's). A task's nice value orders it only among the tasks of its own
+        cgroup; against another sandbox's cgroup the cgroups' weights count
+        (docs/deltacr.md, "After a restore: running at full speed")."""
+        nice = BACKGROUND_NICE if background else 0
+        if self.version == 2:  # the kernel converts it (nice 0 = cpu.weight 100)
+            _write(self._dir(name) / "cpu.weight.nice", str(nice))
+        else:
+            _write(self._dir("cpu", name) / "cpu.shares", str(NICE_TO_WEIGHT[nice + 20]))
 
     def freeze(self, name: str) -> None:
         raise NotImplementedError
@@ -278,7 +302,10 @@ class CgroupV1(CgroupDriver):
         self._freezer_state(name, "FROZEN")
 
     def thaw(self, name):
-        self._freezer_state(name, "THAWED")
+        # v1 thaws synchronously (freezer_change_state wakes every task before the write
+        # returns; freezer.state reads THAWED at once): no poll -- it is on the hot paths
+        # of a rollback to a body double and of a checkpoint's frozen window (issue 10).
+        _write(self._dir("freezer", name) / "freezer.state", "THAWED")
 
     def remove(self, name):
         for c in self.CONTROLLERS:

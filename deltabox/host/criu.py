@@ -23,12 +23,10 @@ what failed (which process, which resource).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -39,9 +37,9 @@ import structlog
 
 from deltabox._proto.criu import rpc_pb2 as rpc
 from deltabox.errors import FailedPrecondition
-from deltabox.faults import crash_point
+from deltabox.faults import crash_point, hold_point, holds
 
-__all__ = ["Criu", "CriuError", "DumpResult", "find_criu"]
+__all__ = ["Criu", "CriuError", "DumpResult", "Swrk", "find_criu"]
 
 LOG_NAME = "criu.log"
 # The sandbox's network namespace is dumped empty and restored empty (CRIU's empty_ns):
@@ -52,6 +50,11 @@ LOG_NAME = "criu.log"
 # routes, iptables rules) is not kept.
 CLONE_NEWNET = 0x40000000
 OWNER_ENV = "DELTABOX_CRIU_OWNER"
+# A dump logs errors and warnings only: at debug level (4) CRIU and its parasite write
+# ~2,000 lines per dump of a small sandbox, one write() each, with the tree frozen
+# (~5 core-ms of a 10 MB dump's ~60). Its error lines, all `_error_lines` quotes, are
+# kept. Restores (outside any frozen window) still log at debug level.
+DUMP_LOG_LEVEL = 2
 log = structlog.get_logger("deltabox.host.criu")
 ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
 # <owner>.<pid> (holding the helper's start ticks): each running `criu swrk`. Its
@@ -228,6 +231,25 @@ def _dir_fd(path: Path):
         os.close(fd)
 
 
+@dataclass
+class Swrk:
+    """One running `criu swrk`: its process, our end of its socket, its HELPERS_DIR mark."""
+    proc: subprocess.Popen
+    sock: socket.socket
+    mark: Path | None
+
+    def close(self) -> None:
+        """Hang up and reap it (one never asked ends at once: its socket is closed)."""
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.mark is not None:
+            self.mark.unlink(missing_ok=True)
+
+
 class Criu:
     def __init__(self, binary: Path, ghost_limit: int = GHOST_LIMIT, owner: str = ""):
         self.binary = binary
@@ -236,12 +258,16 @@ class Criu:
         # Each `criu swrk` carries OWNER_ENV=owner (the store's instance id): a daemon
         # killed mid-call leaves it running, and the next start finds it by that.
         self.owner = owner
+        # Run before `criu swrk` (argv prefix), e.g. deltabox-init --exec-memory-merged:
+        # the trees it restores inherit the KSM mark (deltabox.host.ksm).
+        self.exec_prefix: list[str] = []
         self._kdat_lock = threading.Lock()
         self._kdat_writes = 0
 
     def ensure_kdat_cache(self) -> None:
         """Have /run/criu.kdat hold this CRIU's probe of this kernel, so that a dump does
-        not probe it while the sandbox is frozen. Called before freezing.
+        not probe it while the sandbox is frozen. Called at daemon start-up (reconcile)
+        and before each full checkpoint's freeze (then a no-op while the file is there).
 
         CRIU saves the probe there only when /run is a tmpfs (emptied at boot, so never
         stale after a kernel upgrade). Where it is not, `criu check` runs in a private
@@ -375,23 +401,37 @@ class Criu:
         m = re.search(r"Version:\s*(\S+)", res.stdout)
         return m.group(1) if m else res.stdout.strip()
 
-    def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
-              on_notify=None, timeout: float = 120.0, fault: str = "") -> rpc.criu_resp:
-        """One request to a fresh `criu swrk`. `on_notify(script, criu_pid, pid)` runs for
-        each of CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
-        takes longer than `timeout` kills criu and fails (CRIU can hang in the
-        kernel, e.g. attaching to a stopped task in a frozen cgroup)."""
+    def start_swrk(self) -> Swrk:
+        """A fresh `criu swrk`, waiting for its request. A dump's caller starts it before
+        freezing the sandbox: the exec and CRIU's start-up (2-10 ms, more under load)
+        then stay out of the frozen window. Give it to one call, or `close` it."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent.settimeout(timeout)
-        proc = mark = None
         try:
             env = {**os.environ, OWNER_ENV: self.owner} if self.owner else None
-            proc = subprocess.Popen([str(self.binary), "swrk", str(child.fileno())], env=env,
+            proc = subprocess.Popen([*self.exec_prefix, str(self.binary), "swrk",
+                                     str(child.fileno())], env=env,
                                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     cwd="/")
-            mark = self._mark(proc.pid)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
             child.close()
+        return Swrk(proc, parent, self._mark(proc.pid))
+
+    def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
+              on_notify=None, timeout: float = 120.0, fault: str = "",
+              swrk: Swrk | None = None) -> rpc.criu_resp:
+        """One request to a fresh `criu swrk` (`swrk`, if one was started already).
+        `on_notify(script, criu_pid, pid)` runs for each of CRIU's notifications (with
+        notify_scripts) before CRIU goes on. A call that takes longer than `timeout` kills
+        criu and fails (CRIU can hang in the kernel, e.g. attaching to a stopped task in
+        a frozen cgroup)."""
+        swrk = swrk or self.start_swrk()
+        proc, parent = swrk.proc, swrk.sock
+        parent.settimeout(timeout)
+        try:
             # A restored tree is forked by criu: put criu in the sandbox's cgroups
             # first, so every restored process starts (and is charged) there.
             for procs in join_cgroups:
@@ -425,21 +465,12 @@ class Criu:
                     continue
                 return resp
         finally:
-            parent.close()
-            child.close()
-            if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if mark is not None:
-                mark.unlink(missing_ok=True)
+            swrk.close()
 
-    def _opts(self, images_fd: int, log_name: str, **kw) -> rpc.criu_opts:
+    def _opts(self, images_fd: int, log_name: str, log_level: int = 4, **kw) -> rpc.criu_opts:
         # CRIU finds the images dir through /proc/<our pid>/fd/<images_fd> (its
         # `images_dir` string option is readlink()ed and fails on a plain path).
-        return rpc.criu_opts(images_dir_fd=images_fd, log_file=log_name, log_level=4,
+        return rpc.criu_opts(images_dir_fd=images_fd, log_file=log_name, log_level=log_level,
                              tcp_established=True, file_locks=True, network_lock=rpc.SKIP,
                              **kw)
 
@@ -451,23 +482,32 @@ class Criu:
             return []
 
     def dump(self, pid: int, images_dir: Path, root: Path, freeze_cgroup: Path | None,
-             leave_running: bool = True) -> DumpResult:
+             leave_running: bool = True, swrk: Swrk | None = None) -> DumpResult:
         """Dump the process tree of `pid` (a sandbox's init) into `images_dir`.
 
         The sandbox's root is the branch mount `root`, declared external so CRIU
         does not try to dump it (DeltaFS sinks it). `freeze_cgroup`: the tree's
         freezer cgroup, already frozen by the caller (one cut for files and
-        processes)."""
+        processes). `swrk`: a `criu swrk` started before the freeze (`start_swrk`)."""
         t0 = time.perf_counter()
+        # A crash test holds the dump midway (deltabox.faults): CRIU has written the
+        # images and holds the tree seized, waiting for our answer to "post-dump".
+        held = holds("checkpoint.post-dump")
+
+        def on_notify(script: str, criu_pid: int, pid: int) -> None:
+            if script == "post-dump":
+                hold_point("checkpoint.post-dump")
         with _dir_fd(images_dir) as fd:
-            opts = self._opts(fd, LOG_NAME, pid=pid, root=str(root),
+            opts = self._opts(fd, LOG_NAME, DUMP_LOG_LEVEL, pid=pid, root=str(root),
                               leave_running=leave_running, external=["mnt[/]:root"],
                               empty_ns=CLONE_NEWNET,
                               freeze_cgroup=str(freeze_cgroup) if freeze_cgroup else None,
                               manage_cgroups_mode=rpc.IGNORE,
-                              link_remap=True, ghost_limit=self.ghost_limit)
+                              link_remap=True, ghost_limit=self.ghost_limit,
+                              notify_scripts=held)
             resp = self._call(rpc.criu_req(type=rpc.DUMP, opts=opts), images_dir / LOG_NAME,
-                              fault="checkpoint.dump")
+                              on_notify=on_notify if held else None, fault="checkpoint.dump",
+                              swrk=swrk)
         if not resp.success:
             lines = _error_lines(images_dir / LOG_NAME, pids=self._frozen_pids(freeze_cgroup),
                                  ghost_limit=self.ghost_limit)
@@ -518,44 +558,3 @@ class Criu:
                             f"{resp.cr_errno}): {lines}", lines)
         (images_dir / log_name).unlink(missing_ok=True)
         return resp.restore.pid
-
-
-# ---- keeping full dumps small -------------------------------------------------------------
-#
-# Without soft-dirty tracking (not in this kernel) every dump writes all pages again.
-# Most of them are the same as in the previous checkpoint, at the same offset of the
-# same pages-N.img (CRIU writes pages in VMA order). FIDEDUPERANGE asks XFS to share
-# such ranges: the kernel compares the bytes and shares the extents only if equal.
-
-FIDEDUPERANGE = 0xC0189436
-_DEDUPE_HDR = struct.Struct("=QQHHI")
-_DEDUPE_INFO = struct.Struct("=qQQiI")
-DEDUPE_CHUNK = 1 << 20
-
-
-def _dedupe(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    buf = bytearray(_DEDUPE_HDR.pack(offset, length, 1, 0, 0)
-                    + _DEDUPE_INFO.pack(dst_fd, offset, 0, 0, 0))
-    fcntl.ioctl(src_fd, FIDEDUPERANGE, buf)
-    _, _, deduped, status, _ = _DEDUPE_INFO.unpack_from(buf, _DEDUPE_HDR.size)
-    return deduped if status == 0 else 0
-
-
-def dedupe_pages(parent_dir: Path, new_dir: Path) -> int:
-    """Share identical 1 MiB ranges of new_dir's page images (and ghost files: the
-    same deleted file held open is copied again by every dump) with parent_dir's;
-    returns the bytes now shared."""
-    shared = 0
-    for new in sorted([*new_dir.glob("pages-*.img"), *new_dir.glob("ghost-file-*.img")]):
-        old = parent_dir / new.name
-        if not old.exists():
-            continue
-        with open(old, "rb") as fo, open(new, "rb+") as fn:
-            size = min(os.fstat(fo.fileno()).st_size, os.fstat(fn.fileno()).st_size)
-            for off in range(0, size - size % 4096, DEDUPE_CHUNK):
-                length = min(DEDUPE_CHUNK, size - off) // 4096 * 4096
-                try:
-                    shared += _dedupe(fo.fileno(), fn.fileno(), off, length)
-                except OSError:
-                    return shared  # not XFS/btrfs, or a range the kernel refuses
-    return shared

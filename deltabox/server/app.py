@@ -7,6 +7,11 @@ accepting calls, let running ones finish (grace), stop sandboxes, unmount, close
 
 What each call does is elsewhere: `servicers` (pb -> domain call -> pb, via `convert`),
 `interceptors` (token, parsing, errors -> status, per-RPC metrics).
+
+Blocking work (CRIU RPCs, freezes, file sinks, store transactions) runs in the event loop's
+default executor, sized here (`blocking_threads`): asyncio's own default, min(32, cpus + 4)
+threads, queued concurrent full checkpoints -- each holds a thread for its whole frozen
+dump, mostly waiting on CRIU -- while the host's cores idled.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -44,7 +50,7 @@ from deltabox.store.backing import ensure_backing, release_backing
 from deltabox.store.metadata import Store
 from deltabox.store.space import StoreSpace
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["Daemon", "run_daemon", "blocking_threads"]
 
 log = structlog.get_logger("deltabox.server.app")
 
@@ -59,6 +65,12 @@ def _criu_version(criu: Path | None) -> str:
         if line.startswith("Version:"):
             return line.split(":", 1)[1].strip()
     return res.stdout.strip()
+
+
+def blocking_threads(config: Config) -> int:
+    """The size of the daemon's executor: `blocking-threads`, or 8 per CPU and at least
+    64 (threads waiting on CRIU or the kernel cost a stack, not a core)."""
+    return config.blocking_threads or max(64, 8 * (os.cpu_count() or 1))
 
 
 def _sd_notify(message: str) -> None:
@@ -135,6 +147,10 @@ class Daemon:
         self.metrics_http = None
         if self.config.metrics_address:
             self.metrics_http = MetricsHTTPServer(self.metrics, self.config.metrics_address)
+        # Every asyncio.to_thread of the daemon runs here (asyncio.run shuts it down).
+        threads = blocking_threads(self.config)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltabox-blocking"))
         # Orphaned sandbox inits are re-parented to us, so we can reap them.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         try:
@@ -219,7 +235,8 @@ class Daemon:
         log.info("daemon.serving", socket=str(sock), state_dir=str(self.config.state_dir),
                  metrics=self.metrics_http.url if self.metrics_http else None,
                  store=self.backing.kind, criu=self.criu_version,
-                 disk_quotas=self.store.quotas.state, **report)
+                 disk_quotas=self.store.quotas.state,
+                 blocking_threads=blocking_threads(self.config), **report)
         if not self.store.quotas.enforced and self.config.default_disk_bytes:
             log.warning("daemon.disk_limits_not_enforced", reason=self.store.quotas.state)
 

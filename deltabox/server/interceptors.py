@@ -7,6 +7,8 @@
   RESOURCE_EXHAUSTED whatever raised it; anything else is a daemon bug, INTERNAL with an
   error id that the log has too. Messages are capped and never show the store's host paths.
 - Per-RPC metrics: latency and errors by method and code (`deltabox.metrics.Metrics`).
+- Work a unary call defers until its reply has left (`deltabox.core.after_reply`) runs
+  from gRPC's done callback.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from deltabox.core.after_reply import Reply
 from deltabox.errors import (ERROR_METADATA_KEY, DeltaboxError, InvalidArgument,
                              PermissionDenied, domain_name)
 from deltabox.metrics import Metrics
@@ -84,6 +87,8 @@ class ErrorReporter:
     - Anything else is a daemon bug: INTERNAL, with an error id that is also logged, with
       the traceback, so the report can be found in the log. (A ValueError is no
       exception: validation raises `InvalidArgument` explicitly.)
+    - A FileNotFoundError that got this far is NOT_FOUND (a file of the store vanished
+      under the call), logged with its traceback like an internal error.
     Messages never show the store's host paths, and are capped in length.
     """
 
@@ -104,6 +109,18 @@ class ErrorReporter:
             message = self.space.full_message(what) if self.space else \
                 f"{what} failed: no space left in the store"
             log.warning("rpc.store_full", method=method, error=self.scrub(str(exc)))
+        elif isinstance(exc, FileNotFoundError):
+            # A file the call needed vanished (a store path: a checkpoint or sandbox deleted
+            # under it). Not the client's fault, yet nothing a retry of INTERNAL fixes
+            # either: NOT_FOUND, with an id the log has with the traceback.
+            code = grpc.StatusCode.NOT_FOUND
+            error_id = secrets.token_hex(4)
+            message = (f"{method}{_subject(request)} failed: a file it needed is gone (was "
+                       f"its checkpoint or sandbox deleted meanwhile?) (error id {error_id}): "
+                       f"{self.scrub(str(exc))}")
+            log.warning("rpc.file_gone", error_id=error_id, method=method,
+                        error=f"{type(exc).__name__}: {exc}",
+                        traceback="".join(traceback.format_exception(exc)))
         else:
             code = grpc.StatusCode.INTERNAL
             error_id = secrets.token_hex(4)
@@ -177,12 +194,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(raw, context):
                 started = time.monotonic()
                 request = None
+                # What the call defers until its reply has left (deltabox.core.after_reply).
+                reply_sent = Reply()
+                reply_sent.open()
+                context.add_done_callback(reply_sent.sent)
+                metrics.in_flight.started()  # background builds yield to it
                 try:
                     check_token(context)
                     request = _parse_request(deserialize, raw, method)
                     reply = await inner_uu(request, context)
                 except Exception as e:  # noqa: BLE001 - every error becomes a status
                     await fail(context, e, started, request)
+                finally:
+                    metrics.in_flight.ended()
                 metrics.observe(method, "OK", time.monotonic() - started)
                 return reply
             return handler._replace(unary_unary=unary_unary, request_deserializer=None)
@@ -193,6 +217,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(raw, context):
                 started = time.monotonic()
                 request = None
+                metrics.in_flight.started()  # background builds yield to it
                 try:
                     check_token(context)
                     request = _parse_request(deserialize, raw, method)
@@ -200,16 +225,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                 except Exception as e:  # noqa: BLE001 - every error becomes a status
                     await fail(context, e, started, request)
+                finally:
+                    metrics.in_flight.ended()
                 metrics.observe(method, "OK", time.monotonic() - started)
             return handler._replace(unary_stream=unary_stream, request_deserializer=None)
-
-        inner_ss = handler.stream_stream
-        if inner_ss is None:
-            return handler
 
         async def parsed(raw_iterator):
             async for raw in raw_iterator:
                 yield _parse_request(deserialize, raw, method)
+
+        if handler.stream_unary:  # ImportCheckpoint: the same token check and statuses
+            inner_su = handler.stream_unary
+
+            async def stream_unary(raw_iterator, context):
+                started = time.monotonic()
+                metrics.in_flight.started()
+                try:
+                    check_token(context)
+                    reply = await inner_su(parsed(raw_iterator), context)
+                except Exception as e:  # noqa: BLE001 - every error becomes a status
+                    await fail(context, e, started)
+                finally:
+                    metrics.in_flight.ended()
+                metrics.observe(method, "OK", time.monotonic() - started)
+                return reply
+            return handler._replace(stream_unary=stream_unary, request_deserializer=None)
+
+        inner_ss = handler.stream_stream
+        if inner_ss is None:
+            return handler
 
         async def stream_stream(raw_iterator, context):
             started = time.monotonic()

@@ -250,8 +250,9 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
             raise InvalidArgument(f"unknown checkpoint mode {request.mode}")
         self.m.get(request.sandbox)  # an unknown sandbox is NOT_FOUND, full store or not
         self.d.require_space(f"a checkpoint of sandbox {request.sandbox!r}", "Checkpoint")
+        likely = request.rollback_likely if request.HasField("rollback_likely") else None
         ckpt = await self.m.checkpoint(request.sandbox, request.label, mode,
-                                       request.wait_ready)
+                                       request.wait_ready, likely)
         return checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
     async def Rollback(self, request, context):
@@ -298,6 +299,24 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
 
     async def PinCheckpoint(self, request, context):
         ckpt = self.m.pin_checkpoint(request.checkpoint, request.pinned)
+        return checkpoint_pb(ckpt, self.m.ready(ckpt.id))
+
+    # Moving checkpoints (deltabox.core.transfer): the stream's frames are API messages.
+    async def CheckpointManifest(self, request, context):
+        return await self.m.checkpoint_manifest(request.checkpoint)
+
+    async def HaveLayers(self, request, context):
+        return pb.HaveLayersResponse(have=await self.m.have_layers(list(request.digests)))
+
+    async def ExportCheckpoint(self, request, context):
+        self.m.store.get_checkpoint(request.checkpoint)  # NOT_FOUND before the stream
+        async for chunk in self.m.export_checkpoint(request.checkpoint,
+                                                    list(request.skip_layers)):
+            yield chunk
+
+    async def ImportCheckpoint(self, request_iterator, context):
+        self.d.require_space("importing a checkpoint", "ImportCheckpoint")
+        ckpt = await self.m.import_checkpoint(request_iterator)
         return checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
 

@@ -59,30 +59,42 @@ class CheckpointTable:
         if self.durable and new_layer_dir is not None:
             syncfs(new_layer_dir)
         moved = False
-        try:
-            with self.transaction() as db:
-                row = db.execute("SELECT branch_id, head FROM sandboxes WHERE id=?",
-                                 (sandbox.id,)).fetchone()
-                if row is None or tuple(row) != (sandbox.branch_id, sandbox.head):
-                    raise FailedPrecondition(f"sandbox {sandbox.name} changed during the "
-                                             "checkpoint")
-                if layer_id:
-                    db.execute("INSERT INTO layers VALUES (?,?,?,?)",
-                               (layer_id, now, size, f"checkpoint:{ckpt.id}"))
-                    new_layer_dir.rename(self.layer_path(layer_id))
-                    moved = True
-                db.execute("INSERT INTO checkpoints (id,sandbox_id,parent_id,label,mode,created_at,"
-                           "layers,mount,stats,image,spec) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                           (ckpt.id, ckpt.sandbox_id, ckpt.parent_id, label, mode, now,
-                            json.dumps(list(layers)), json.dumps(list(mount)),
-                            json.dumps(stats), sandbox.image, json.dumps(sandbox.spec)))
-                db.execute("UPDATE sandboxes SET head=? WHERE id=?", (ckpt.id, sandbox.id))
-                if images is not None:
-                    images.rename(self.images_path(ckpt.id))
-                crash_point("checkpoint.commit")
-        except BaseException:
+
+        def move_back() -> None:  # the layer dir goes back to the caller, to clean up
+            nonlocal moved
             if moved:
                 self.layer_path(layer_id).rename(new_layer_dir)
+                moved = False
+        try:
+            with self.transaction() as db:
+                # Moved back before the transaction ends: a layer dir without a row,
+                # seen by another thread's `delete_unreferenced_layer_dirs`, is deleted.
+                try:
+                    row = db.execute("SELECT branch_id, head FROM sandboxes WHERE id=?",
+                                     (sandbox.id,)).fetchone()
+                    if row is None or tuple(row) != (sandbox.branch_id, sandbox.head):
+                        raise FailedPrecondition(f"sandbox {sandbox.name} changed during "
+                                                 "the checkpoint")
+                    if layer_id:
+                        db.execute("INSERT INTO layers VALUES (?,?,?,?)",
+                                   (layer_id, now, size, f"checkpoint:{ckpt.id}"))
+                        new_layer_dir.rename(self.layer_path(layer_id))
+                        moved = True
+                    db.execute("INSERT INTO checkpoints (id,sandbox_id,parent_id,label,mode,"
+                               "created_at,layers,mount,stats,image,spec) "
+                               "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                               (ckpt.id, ckpt.sandbox_id, ckpt.parent_id, label, mode, now,
+                                json.dumps(list(layers)), json.dumps(list(mount)),
+                                json.dumps(stats), sandbox.image, json.dumps(sandbox.spec)))
+                    db.execute("UPDATE sandboxes SET head=? WHERE id=?", (ckpt.id, sandbox.id))
+                    if images is not None:
+                        images.rename(self.images_path(ckpt.id))
+                    crash_point("checkpoint.commit")
+                except BaseException:
+                    move_back()
+                    raise
+        except BaseException:
+            move_back()  # the COMMIT itself failed
             raise
         sandbox.head = ckpt.id
         return ckpt
@@ -218,16 +230,16 @@ class CheckpointTable:
             crash_point("squash.commit")
         return layer_id
 
-    def rebase_on_squashed(self, checkpoint_id: str) -> int:
+    def rebase_on_squashed(self, checkpoint_id: str) -> list[str]:
         """Checkpoints that extend a squashed one's chain (taken while it was being
         squashed) mount its squashed chain plus their own newer layers instead --
-        a metadata change, no data is copied. Returns how many were rebased."""
-        done = 0
+        a metadata change, no data is copied. Returns the ids of those rebased."""
+        done: list[str] = []
         with self.transaction() as db:
             row = db.execute("SELECT layers, mount FROM checkpoints WHERE id=? AND squashed!=''",
                              (checkpoint_id,)).fetchone()
             if row is None:
-                return 0
+                return []
             base_layers, base_mount = json.loads(row[0]), json.loads(row[1])
             for cid, layers, mount in db.execute(
                     "SELECT id, layers, mount FROM checkpoints WHERE squashed='' AND id!=?",
@@ -239,5 +251,5 @@ class CheckpointTable:
                 if len(rebased) < len(mount):
                     db.execute("UPDATE checkpoints SET mount=? WHERE id=?",
                                (json.dumps(rebased), cid))
-                    done += 1
+                    done.append(cid)
         return done

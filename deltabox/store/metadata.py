@@ -63,6 +63,7 @@ from deltabox.errors import (AlreadyExists, CheckpointNotFound, FailedPreconditi
                              NotFound, SandboxNotFound)
 from deltabox.faults import crash_point
 from deltabox.store.checkpoints import CheckpointTable
+from deltabox.store.transfers import TransferTable
 from deltabox.store.layout import Layout, remove_tree, tree_size
 from deltabox.store.records import (SCHEMA, SCHEMA_VERSION, BranchRecord, ImageRecord, Mount,
                                     SandboxRecord, image_from_row, new_id, sandbox_from_row)
@@ -88,7 +89,7 @@ def read_instance_id(state_dir: Path) -> str | None:
     return row[0] if row else None
 
 
-class Store(CheckpointTable, Layout):
+class Store(CheckpointTable, TransferTable, Layout):
     """The store: its directories (`Layout`), and the SQLite database that is the truth
     about them. Every state transition is one transaction (`transaction`)."""
 
@@ -97,6 +98,7 @@ class Store(CheckpointTable, Layout):
         self.durable = durable
         # One connection, serialised by a lock: callers run in a thread pool.
         self._lock = threading.RLock()
+        self._gc_lock = threading.Lock()  # see delete_unreferenced_layer_dirs
         self._db = sqlite3.connect(root / "meta.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -215,11 +217,18 @@ class Store(CheckpointTable, Layout):
         return used
 
     def delete_unreferenced_layer_dirs(self) -> None:
-        """Delete layer directories without a row (after a commit dropped them)."""
-        known = {r[0] for r in self._query("SELECT id FROM layers")}
-        for d in self.layers_dir.iterdir():
-            if d.name not in known:
-                remove_tree(d)
+        """Delete layer directories without a row (after a commit dropped them).
+
+        Listed before the rows are read: a layer is renamed in inside the transaction
+        that records it, so one listed is known once that transaction is over (rows read
+        first, a layer committed meanwhile looked unknown and was deleted under its
+        checkpoint)."""
+        with self._gc_lock:  # two at once would race to delete the same tree
+            present = list(self.layers_dir.iterdir())
+            known = {r[0] for r in self._query("SELECT id FROM layers")}
+            for d in present:
+                if d.name not in known:
+                    remove_tree(d)
 
     def get_image(self, name: str) -> ImageRecord:
         rows = self._query("SELECT * FROM images WHERE name=?", (name,))

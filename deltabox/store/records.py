@@ -141,6 +141,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     unusable TEXT NOT NULL DEFAULT '', unusable_criu TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS checkpoints_parent ON checkpoints(parent_id);
 CREATE INDEX IF NOT EXISTS checkpoints_sandbox ON checkpoints(sandbox_id);
+-- Content digests of layers (deltabox.store.transfers), computed at their first export or
+-- recorded at import: added after schema version 1, created here on a store's next open.
+CREATE TABLE IF NOT EXISTS layer_digests (
+    layer_id TEXT PRIMARY KEY, digest TEXT NOT NULL, size_bytes INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS layer_digests_digest ON layer_digests(digest);
 """
 
 

@@ -1,9 +1,10 @@
 /*
  * deltabox-init — the launcher of a DeltaBox sandbox and its pid 1.
  *
- * Launcher mode (the only mode on the command line):
+ * Launcher mode (the main mode on the command line):
  *
  *   deltabox-init --rootfs DIR --hostname NAME [--cgroup-procs FILE]...
+ *                 [--memory-merge yes]
  *
  * joins the given cgroups, unshares mnt/uts/ipc/net/pid namespaces and forks
  * the sandbox's pid 1, which builds /proc and /dev inside DIR, pivots into it,
@@ -18,9 +19,20 @@
  * request conversation, and all state lives in this process (a listening
  * socket, a signalfd, pipes/ptys).
  *
+ * With --memory-merge yes the whole tree is marked for KSM (PR_SET_MEMORY_MERGE: the
+ * mark is inherited across fork and kept across execve), so identical pages of a
+ * sandbox and its body doubles can be merged by ksmd.  The one other mode,
+ *
+ *   deltabox-init --exec-memory-merged PROG [ARG]...
+ *
+ * sets the same mark and executes PROG: the daemon starts `criu swrk` this way, so the
+ * trees CRIU restores (forked from criu) carry the mark too.
+ *
  * Build: gcc -std=c11 -O2 -static -Wall -Wextra -Werror (see Makefile).
  */
 #define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/audit.h>
@@ -1425,9 +1437,15 @@ static void ro_bind(const char *path, const char *step)
                 NULL), step);
 }
 
-/* Hide a /proc file (bind /dev/null over it) or directory (an empty read-only
- * tmpfs), as Docker's maskedPaths: host-wide kernel state the sandbox has no
- * business reading (kernel memory, other users' keys, timers of every task). */
+/* The empty directory bound over masked /proc dirs: one directory of /dev's tmpfs,
+ * not a tmpfs per mask, since CRIU archives every tmpfs superblock with its own
+ * `tar --gzip` inside the frozen window, binds of one superblock once. */
+#define MASK_EMPTY_DIR SOCK_DIR "/empty"
+
+/* Hide a /proc file (bind /dev/null over it) or directory (a read-only bind of
+ * the empty MASK_EMPTY_DIR), as Docker's maskedPaths: host-wide kernel state the
+ * sandbox has no business reading (kernel memory, other users' keys, timers of
+ * every task). */
 static void mask(const char *path)
 {
     struct stat st;
@@ -1436,11 +1454,37 @@ static void mask(const char *path)
     if (lstat(path, &st) < 0)
         return;  /* not in this kernel */
     snprintf(step, sizeof step, "mask %s", path);
-    if (S_ISDIR(st.st_mode))
-        CHECK(mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                    "size=4k,mode=555"), step);
-    else
+    if (S_ISDIR(st.st_mode)) {
+        CHECK(mount(MASK_EMPTY_DIR, path, NULL, MS_BIND, NULL), step);
+        CHECK(mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV |
+                    MS_NOEXEC, NULL), step);
+    } else {
         CHECK(mount("/dev/null", path, NULL, MS_BIND, NULL), step);
+    }
+}
+
+/* Every other directory at the top of /proc is host-wide state of whichever drivers
+ * this host loads (/proc/driver/nvidia/registry is writable by root on a GPU host, a
+ * list like Docker's readonlyPaths cannot know them all): read-only, by default.
+ * Left writable: the per-process dirs (numbers), /proc/pressure (a PSI trigger sets
+ * nothing host-wide), links (self, thread-self, net, mounts). */
+static void proc_dirs_read_only(void)
+{
+    DIR *d = opendir("proc");
+    struct dirent *e;
+    char path[NAME_MAX + 8];
+
+    if (!d)
+        setup_fail("open /proc");
+    while ((e = readdir(d))) {
+        if (e->d_type != DT_DIR || e->d_name[0] == '.' || isdigit((unsigned char)e->d_name[0]) ||
+            !strcmp(e->d_name, "pressure") || !strcmp(e->d_name, "sys") ||
+            !strcmp(e->d_name, "irq") || !strcmp(e->d_name, "bus") || !strcmp(e->d_name, "fs"))
+            continue;
+        snprintf(path, sizeof path, "proc/%s", e->d_name);
+        ro_bind(path, "read-only /proc dir");
+    }
+    closedir(d);
 }
 
 static void make_node(int dev, const char *name, unsigned maj, unsigned min, const char *step)
@@ -1453,7 +1497,6 @@ static void setup_proc_and_dev(void)
 {
     static const char *const devtmpfs_opts[] = {"mode=755", "size=65536k"};
     static const char *const devpts_opts[] = {"newinstance", "ptmxmode=0666", "mode=0620"};
-    static const char *const shm_opts[] = {"mode=1777"};
     int proc = own_dir("proc", 0555), dev, fd;
 
     mount_fd(proc, "proc", NULL, 0, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
@@ -1466,6 +1509,7 @@ static void setup_proc_and_dev(void)
     ro_bind("proc/irq", "bind /proc/irq");
     ro_bind("proc/bus", "bind /proc/bus");
     ro_bind("proc/fs", "bind /proc/fs");
+    proc_dirs_read_only();
 
     /* A private /dev made of fresh nodes: bind-mounted host nodes would
      * break CRIU dumps and leak host devices. */
@@ -1491,13 +1535,22 @@ static void setup_proc_and_dev(void)
     CHECK(symlinkat("/proc/self/fd/0", dev, "stdin"), "symlink /dev/stdin");
     CHECK(symlinkat("/proc/self/fd/1", dev, "stdout"), "symlink /dev/stdout");
     CHECK(symlinkat("/proc/self/fd/2", dev, "stderr"), "symlink /dev/stderr");
+    /* /dev/shm is a directory of /dev's tmpfs, not a tmpfs of its own: one superblock
+     * less for CRIU to tar and gzip while the sandbox is frozen.  It now has Docker's
+     * /dev/shm limits (nosuid, noexec, 64 MiB: /dev's nodes and dirs use no blocks)
+     * where it had no size cap but the memory cgroup and allowed exec; Docker's nodev
+     * does not apply, moot without CAP_MKNOD. */
     CHECK(mkdirat(dev, "shm", 01777), "mkdir /dev/shm");
-    fd = openat(dev, "shm", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    CHECK(fd, "open /dev/shm");
-    mount_fd(fd, "tmpfs", shm_opts, 1, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, "mount /dev/shm");
-    close(fd);
     CHECK(mkdirat(dev, ".deltabox", 0700), "mkdir " SOCK_DIR);
+    fd = openat(dev, ".deltabox", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(fd, "open " SOCK_DIR);
+    CHECK(mkdirat(fd, "empty", 0555), "mkdir " MASK_EMPTY_DIR);
+    close(fd);
     close(dev);
+    /* Root inside keeps CAP_DAC_OVERRIDE and CAP_FOWNER, so a mode cannot keep it out
+     * of the empty dir: it is made a read-only mount itself (no CAP_SYS_ADMIN inside to
+     * undo that), then every dir mask binds it read-only. */
+    ro_bind(MASK_EMPTY_DIR, "read-only " MASK_EMPTY_DIR);
 
     /* Masks come last: they bind /dev/null. */
     static const char *const masked[] = {
@@ -1738,7 +1791,13 @@ struct options {
     const char *hostname;
     const char **cgroup_procs;
     int ncgroups;
+    int memory_merge;
 };
+
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#endif
+#define MERGED_EXEC_FLAG "--exec-memory-merged"
 
 #define SERVE_FLAG "--serve-as-pid1"
 #define INIT_DIR   "/.deltabox"
@@ -1906,7 +1965,9 @@ static _Noreturn void run_pid1(const struct options *o)
 
 static _Noreturn void usage(void)
 {
-    fprintf(stderr, "usage: deltabox-init --rootfs DIR --hostname NAME [--cgroup-procs FILE]...\n");
+    fprintf(stderr, "usage: deltabox-init --rootfs DIR --hostname NAME [--cgroup-procs FILE]... "
+                    "[--memory-merge yes|no]\n"
+                    "       deltabox-init " MERGED_EXEC_FLAG " PROG [ARG]...\n");
     exit(2);
 }
 
@@ -1925,6 +1986,10 @@ static void parse_options(int argc, char **argv, struct options *o)
             o->hostname = val;
         else if (strcmp(opt, "--cgroup-procs") == 0)
             o->cgroup_procs[o->ncgroups++] = val;
+        else if (strcmp(opt, "--memory-merge") == 0 && strcmp(val, "yes") == 0)
+            o->memory_merge = 1;
+        else if (strcmp(opt, "--memory-merge") == 0 && strcmp(val, "no") == 0)
+            o->memory_merge = 0;
         else
             usage();
     }
@@ -1960,7 +2025,21 @@ int main(int argc, char **argv)
 
     if (argc == 3 && strcmp(argv[1], SERVE_FLAG) == 0)
         serve_pid1(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], MERGED_EXEC_FLAG) == 0) {
+        if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) < 0) {
+            fprintf(stderr, "ERR memory-merge: %s\n", strerror(errno));
+            return 1;
+        }
+        execv(argv[2], argv + 2);
+        fprintf(stderr, "ERR exec %s: %s\n", argv[2], strerror(errno));
+        return 127;
+    }
     parse_options(argc, argv, &o);
+    /* Before the fork of pid 1: everything in the sandbox descends from it. */
+    if (o.memory_merge && prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) < 0) {
+        fprintf(stderr, "ERR memory-merge: %s\n", strerror(errno));
+        return 1;
+    }
     for (int i = 0; i < o.ncgroups; i++) {
         if (join_cgroup(o.cgroup_procs[i]) < 0) {
             fprintf(stderr, "ERR cgroup %s: %s\n", o.cgroup_procs[i], strerror(errno));

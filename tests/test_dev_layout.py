@@ -1,0 +1,57 @@
+"""The sandbox's tmpfs layout: one tmpfs (`/dev`) for CRIU to archive per full checkpoint.
+
+`deltabox-init` makes `/dev/shm` a directory of `/dev`'s tmpfs and masks `/proc` directories
+with read-only binds of one empty directory of it (`/dev/.deltabox/empty`), because CRIU runs a
+`tar --gzip` per tmpfs superblock inside the frozen window (docs/deltacr.md, "Where a full
+checkpoint's time goes").  These tests hold the layout to that, and hold the masks to being
+unwritable by the sandbox's root (which keeps CAP_DAC_OVERRIDE and CAP_FOWNER), before and
+after a checkpoint's restore.
+"""
+
+from __future__ import annotations
+
+MASK_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi")
+EMPTY = "/dev/.deltabox/empty"
+
+
+def _masked_dirs_inside(sbx) -> list[str]:
+    out = sbx.exec("for d in " + " ".join(MASK_DIRS) + "; do [ -d $d ] && echo $d; done").stdout
+    return out.decode().split()
+
+
+def _assert_unwritable(sbx, paths) -> None:
+    for path in paths:
+        for cmd in (f"touch {path}/x", f"mkdir {path}/y", f"chmod 777 {path}",
+                    f"umount {path}", f"mount -o remount,rw {path}"):
+            r = sbx.exec(cmd)
+            assert r.exit_code != 0, f"root inside could `{cmd}`: {r}"
+        assert sbx.exec(f"ls -A {path}").check().stdout == b"", path
+
+
+def _superblock(sbx, path: str) -> str:
+    """The st_dev of `path` inside the sandbox."""
+    return sbx.exec(f"stat -c %d {path}").check().stdout.decode().strip()
+
+
+def test_one_tmpfs_and_masks_are_read_only(tiny):
+    masked = _masked_dirs_inside(tiny)
+    _assert_unwritable(tiny, [EMPTY, *masked])
+    dev = _superblock(tiny, "/dev")
+    for path in ("/dev/shm", EMPTY, *masked):
+        assert _superblock(tiny, path) == dev, f"{path} is not a part of /dev's tmpfs"
+    # /dev/shm: writable by all, sticky, and noexec (as Docker's)
+    assert tiny.exec("stat -c %a /dev/shm").check().stdout == b"1777\n"
+    tiny.exec("cp /bin/busybox /dev/shm/bb && chmod 755 /dev/shm/bb").check()
+    assert tiny.exec("/dev/shm/bb true").exit_code == 126
+
+
+def test_full_checkpoint_archives_one_tmpfs_and_restores_it(daemon, tiny):
+    tiny.exec("echo kept > /dev/shm/state").check()
+    ckpt = tiny.checkpoint("dev-layout", full=True)
+    images = daemon.state_dir / "store" / "images" / ckpt.id
+    tarballs = sorted(p.name for p in images.glob("tmpfs-*.tar.gz.img"))
+    assert len(tarballs) == 1, tarballs
+    tiny.exec("echo changed > /dev/shm/state && touch /dev/shm/new").check()
+    tiny.rollback(ckpt)
+    assert tiny.exec("cat /dev/shm/state; ls /dev/shm").check().stdout == b"kept\nstate\n"
+    _assert_unwritable(tiny, [EMPTY, *_masked_dirs_inside(tiny)])
