@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import psutil
+
 from conftest import freezer_state, sandbox_inits
 
 
@@ -49,3 +51,20 @@ def cgroup_of(pid: int, controller: str = "pids") -> str:
         if controller in ctrls.split(",") or ctrls == "":
             return path.rstrip("/").rsplit("/", 1)[-1]
     return ""
+
+
+def children_named(pid: int, name: str, recursive: bool = False) -> list[int]:
+    """Pids of `pid`'s children called `name` (e.g. a daemon's `criu` runs). A child that
+    exits while we look is simply not one of them: it does not hide the others."""
+    try:
+        kids = psutil.Process(pid).children(recursive=recursive)
+    except psutil.Error:
+        return []
+    found = []
+    for p in kids:
+        try:
+            if p.name() == name:
+                found.append(p.pid)
+        except (psutil.Error, OSError):   # gone meanwhile (psutil may leak the OSError)
+            pass
+    return found

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from conftest import DEMO_TAR, TINY_TAR, freezer_state, sandbox_inits
-from observing import doubles, live_init
+from observing import children_named, doubles, live_init
 from waiting import stays, wait_for
 
 
@@ -32,7 +32,7 @@ def _markers(init: int) -> frozenset[str]:
         for p in psutil.Process(init).children(recursive=True):
             try:
                 argv = p.cmdline()
-            except psutil.Error:
+            except (psutil.Error, OSError):   # gone meanwhile
                 continue
             if len(argv) == 2 and argv[0].endswith("sleep"):
                 found.add(argv[1])
@@ -76,7 +76,7 @@ def _checkpoints_with_markers(sbx, sh, n: int, first: int = 1, **kw) -> list:
 
 
 def _no_criu(d) -> bool:
-    return not any(p.name() == "criu" for p in psutil.Process(d.pid).children())
+    return not children_named(d.pid, "criu")
 
 
 def _marks(i: int) -> frozenset[str]:
@@ -177,8 +177,7 @@ def test_right_after_a_checkpoint_the_first_ready_wins(new_daemon):
             assert r.path == "double-waited" and r.timings_ms["wait_ms"] > 0, r
         assert freezer_state(init) == "THAWED" and sh.run("echo $X").stdout == b"1\n"
         # The loser is not left behind: at most the pool of the checkpoint afterwards.
-        wait_for(lambda: not any(p.name() == "criu" for p in psutil.Process(d.pid).children()),
-                 "no criu running")
+        wait_for(lambda: _no_criu(d), "no criu running")
         by = doubles_of(d.state_dir)
         assert set(by) <= {_marks(1)} and len(by.get(_marks(1), [])) <= 2, by
         sbx.destroy()
@@ -283,7 +282,7 @@ def test_double_builds_wait_for_calls_in_flight(new_daemon):
 def _argv(p: psutil.Process) -> list[str]:
     try:
         return p.cmdline()
-    except psutil.Error:
+    except (psutil.Error, OSError):   # gone meanwhile
         return []
 
 

@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 
 from conftest import TINY_TAR, leftovers, sandbox_inits, store_instance
+from observing import children_named
 from waiting import poll, wait_for
 
 N = 24  # destroyed at once; before the fix, the last waited for ~N/2 x (1 s + a restore)
@@ -36,11 +36,7 @@ def _mounts(state_dir) -> list[str]:
 
 
 def _criu_children(daemon_pid: int) -> list[int]:
-    try:
-        return [p.pid for p in psutil.Process(daemon_pid).children(recursive=True)
-                if p.name() == "criu"]
-    except psutil.Error:
-        return []
+    return children_named(daemon_pid, "criu", recursive=True)
 
 
 def _cgroups(instance: str) -> set[str]:
