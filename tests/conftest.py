@@ -191,6 +191,17 @@ def workdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def stopped_clean(d: DaemonProcess) -> None:
+    """Destroy every sandbox of `d`, stop it gracefully, and check it left nothing in the
+    kernel (mounts, loop devices, sandbox inits)."""
+    with d.client() as c:
+        for s in c.list():
+            s.destroy()
+    assert d.stop() == 0, d.log()
+    left = leftovers(d.state_dir)
+    assert left == {"mounts": [], "loops": [], "inits": []}, left
+
+
 @pytest.fixture(scope="session")
 def daemon(workdir):
     for tar in (TINY_TAR, *(() if WITHOUT_DEMO else (DEMO_TAR,))):
@@ -208,12 +219,7 @@ def daemon(workdir):
         if not WITHOUT_DEMO:
             c.import_image("demo", DEMO_TAR)
     yield d
-    with d.client() as c:
-        for s in c.list():
-            s.destroy()
-    assert d.stop() == 0, d.log()
-    left = leftovers(d.state_dir)
-    assert left == {"mounts": [], "loops": [], "inits": []}, left
+    stopped_clean(d)
 
 
 @pytest.fixture

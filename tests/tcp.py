@@ -30,3 +30,10 @@ def token_file(path: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text)
     path.chmod(mode)
     return path
+
+
+def tcp_daemon_args(host: str, port: int, key: Path, cert: Path,
+                    token: Path | None = None) -> tuple[str, ...]:
+    """A daemon's flags to serve on HOST:PORT with TLS (and a bearer token file)."""
+    args = ("--tcp", f"{host}:{port}", "--tls-cert", str(cert), "--tls-key", str(key))
+    return args + (("--token-file", str(token)) if token is not None else ())

@@ -23,7 +23,7 @@ from conftest import TINY_TAR, sandbox_inits, store_instance
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from observing import live_init
-from tcp import free_port, make_tls_files, token_file
+from tcp import free_port, make_tls_files, tcp_daemon_args, token_file
 from waiting import wait_for
 
 # ---- the token on streaming calls over TCP ----------------------------------------------
@@ -49,8 +49,7 @@ def test_streaming_tcp_calls_need_the_token(new_daemon, tmp_path, monkeypatch):
     port = free_port()
     monkeypatch.delenv("DELTABOX_TOKEN", raising=False)
     token = token_file(tmp_path / "token", "s3cret")
-    d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key), "--token-file", str(token))).start()
+    d = new_daemon(extra_args=tcp_daemon_args("localhost", port, key, cert, token)).start()
     target = f"localhost:{port}"
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,28 +17,12 @@ import deltabox
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from conftest import TINY_TAR
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tcp import free_port, make_tls_files, tcp_daemon_args, token_file
 
 
 @pytest.fixture
 def tls_files(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return key, cert
-
-
-def _token_file(path, text: str, mode: int = 0o600):
-    path.write_text(text)
-    path.chmod(mode)
-    return path
+    return make_tls_files(tmp_path)
 
 
 def _status_with_authorization(target: str, cert, *values: str) -> grpc.StatusCode:
@@ -56,16 +39,15 @@ def _status_with_authorization(target: str, cert, *values: str) -> grpc.StatusCo
 
 def test_tcp_needs_tls_and_the_token(new_daemon, tls_files, tmp_path, monkeypatch):
     key, cert = tls_files
-    port = _free_port()
+    port = free_port()
     monkeypatch.delenv("DELTABOX_TOKEN", raising=False)
-    token_file = _token_file(tmp_path / "token", "s3cret\n")  # one trailing newline: dropped
-    d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key), "--token-file", str(token_file))).start()
+    tok = token_file(tmp_path / "token", "s3cret\n")  # one trailing newline: dropped
+    d = new_daemon(extra_args=tcp_daemon_args("localhost", port, key, cert, tok)).start()
     assert b"s3cret" not in (Path("/proc") / str(d.proc.pid) / "cmdline").read_bytes()
     target = f"localhost:{port}"
     with deltabox.Client(target, tls_ca=cert, token="s3cret") as c:
         assert c.status().version
-    with deltabox.Client(target, tls_ca=cert, token_file=token_file) as c:
+    with deltabox.Client(target, tls_ca=cert, token_file=tok) as c:
         assert c.status().version
     monkeypatch.setenv("DELTABOX_TOKEN", "s3cret")
     with deltabox.Client(target, tls_ca=cert) as c:  # from the environment
@@ -96,17 +78,16 @@ def test_tcp_needs_tls_and_the_token(new_daemon, tls_files, tmp_path, monkeypatc
 
 def test_cli_talks_to_a_tcp_daemon(new_daemon, tls_files, tmp_path, monkeypatch):
     key, cert = tls_files
-    port = _free_port()
-    token_file = _token_file(tmp_path / "token", "cli-s3cret\n")
-    new_daemon(extra_args=("--tcp", f"127.0.0.1:{port}", "--tls-cert", str(cert),
-                           "--tls-key", str(key), "--token-file", str(token_file))).start()
+    port = free_port()
+    tok = token_file(tmp_path / "token", "cli-s3cret\n")
+    new_daemon(extra_args=tcp_daemon_args("127.0.0.1", port, key, cert, tok)).start()
     env = {k: v for k, v in os.environ.items() if k != "DELTABOX_TOKEN"}
 
     def cli(*args, **extra_env):
         return subprocess.run([sys.executable, "-m", "deltabox.cli", "--socket",
                                f"127.0.0.1:{port}", "--tls-ca", str(cert), *args],
                               capture_output=True, text=True, timeout=60, env={**env, **extra_env})
-    r = cli("--token-file", str(token_file), "--json", "status")
+    r = cli("--token-file", str(tok), "--json", "status")
     assert r.returncode == 0 and '"version"' in r.stdout, r.stderr
     r = cli("--json", "status", DELTABOX_TOKEN="cli-s3cret")
     assert r.returncode == 0 and '"version"' in r.stdout, r.stderr
@@ -114,8 +95,8 @@ def test_cli_talks_to_a_tcp_daemon(new_daemon, tls_files, tmp_path, monkeypatch)
     assert r.returncode == 1 and "PermissionDenied" in r.stderr
     r = cli("status")
     assert r.returncode == 1 and "PermissionDenied" in r.stderr
-    token_file.chmod(0o644)
-    r = cli("--token-file", str(token_file), "status")
+    tok.chmod(0o644)
+    r = cli("--token-file", str(tok), "status")
     assert r.returncode == 2 and "group or others" in r.stderr and "cli-s3cret" not in r.stderr
 
 
@@ -123,16 +104,15 @@ def test_cli_address_tls_and_token_file_drive_a_sandbox(new_daemon, tls_files, t
     """`--address HOST:PORT --tls-ca FILE --token-file FILE`: the whole round trip of a
     sandbox over TCP, and nothing without the token."""
     key, cert = tls_files
-    port = _free_port()
-    token_file = _token_file(tmp_path / "token", "addr-s3cret\n")
-    d = new_daemon(extra_args=("--tcp", f"127.0.0.1:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key), "--token-file", str(token_file))).start()
+    port = free_port()
+    tok = token_file(tmp_path / "token", "addr-s3cret\n")
+    d = new_daemon(extra_args=tcp_daemon_args("127.0.0.1", port, key, cert, tok)).start()
     with d.client() as c:
         c.import_image("tiny", TINY_TAR)
     env = {k: v for k, v in os.environ.items() if k not in ("DELTABOX_TOKEN", "DELTABOX_SOCKET")}
 
     def cli(*args, token: bool = True):
-        auth = ("--token-file", str(token_file)) if token else ()
+        auth = ("--token-file", str(tok)) if token else ()
         return subprocess.run([sys.executable, "-m", "deltabox.cli", "--address",
                                f"127.0.0.1:{port}", "--tls-ca", str(cert), *auth, *args],
                               capture_output=True, text=True, timeout=60, env=env)
@@ -154,10 +134,9 @@ def test_cli_address_tls_and_token_file_drive_a_sandbox(new_daemon, tls_files, t
 
 def test_daemon_takes_the_token_from_the_environment(new_daemon, tls_files, monkeypatch):
     key, cert = tls_files
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("DELTABOX_TOKEN", "from-env")
-    d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key))).start()
+    d = new_daemon(extra_args=tcp_daemon_args("localhost", port, key, cert)).start()
     monkeypatch.delenv("DELTABOX_TOKEN")
     with deltabox.Client(f"localhost:{port}", tls_ca=cert, token="from-env") as c:
         assert c.status().version
@@ -197,25 +176,25 @@ def test_token_on_the_command_line_is_refused(tmp_path):
     (0o600, "s3 cret", "without spaces"),
 ])
 def test_bad_token_files_are_refused(tmp_path, mode, content, error):
-    token_file = _token_file(tmp_path / "token", content, mode)
+    tok = token_file(tmp_path / "token", content, mode)
     state = tmp_path / "state"
     r = _daemon_cli("--state-dir", str(state), "--tcp", "localhost:1", "--token-file",
-                    str(token_file))
-    assert r.returncode != 0 and error in r.stderr and str(token_file) in r.stderr, r.stderr
+                    str(tok))
+    assert r.returncode != 0 and error in r.stderr and str(tok) in r.stderr, r.stderr
     assert "s3cret" not in r.stderr
     assert not state.exists()
     with pytest.raises(deltabox.InvalidArgument, match=error):
-        deltabox.client.read_token_file(token_file)
+        deltabox.client.read_token_file(tok)
 
 
 def test_token_file_checks(tmp_path):
-    assert deltabox.client.read_token_file(_token_file(tmp_path / "a", "abc\n")) == "abc"
-    assert deltabox.client.read_token_file(_token_file(tmp_path / "b", "abc")) == "abc"
+    assert deltabox.client.read_token_file(token_file(tmp_path / "a", "abc\n")) == "abc"
+    assert deltabox.client.read_token_file(token_file(tmp_path / "b", "abc")) == "abc"
     with pytest.raises(deltabox.InvalidArgument, match="cannot open"):
         deltabox.client.read_token_file(tmp_path / "missing")
     with pytest.raises(deltabox.InvalidArgument, match="not a regular file"):
         deltabox.client.read_token_file(tmp_path)
-    other = _token_file(tmp_path / "c", "abc")
+    other = token_file(tmp_path / "c", "abc")
     os.chown(other, 65534, 65534)
     with pytest.raises(deltabox.InvalidArgument, match="uid 65534"):
         deltabox.client.read_token_file(other)
@@ -227,7 +206,7 @@ def test_token_file_checks(tmp_path):
 
 
 def test_tcp_without_tls_is_refused_at_start(new_daemon):
-    d = new_daemon(extra_args=("--tcp", f"127.0.0.1:{_free_port()}"))
+    d = new_daemon(extra_args=("--tcp", f"127.0.0.1:{free_port()}"))
     with pytest.raises(RuntimeError, match="TLS|tls"):
         d.start(timeout=15)
     assert d.proc.returncode != 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import deltabox
-from conftest import DEMO_TAR, DaemonProcess, TINY_TAR, leftovers
+from conftest import DEMO_TAR, DaemonProcess, TINY_TAR, stopped_clean
 from waiting import wait_for
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox.client.transfer import MAGIC, read_chunks, write_chunk
@@ -37,15 +37,6 @@ def keys(workdir):
             "other": key_file(workdir / "transfer-keys" / "other", os.urandom(32))}
 
 
-def _stopped_clean(d: DaemonProcess) -> None:
-    with d.client() as c:
-        for s in c.list():
-            s.destroy()
-    assert d.stop() == 0, d.log()
-    left = leftovers(d.state_dir)
-    assert left == {"mounts": [], "loops": [], "inits": []}, left
-
-
 @pytest.fixture(scope="module")
 def target(workdir, keys):
     """A second daemon, with no image at all: image layers travel in the streams. It holds
@@ -54,7 +45,7 @@ def target(workdir, keys):
     d = DaemonProcess(workdir / "transfer-target",
                       extra_args=("--transfer-key-file", str(keys["shared"]))).start()
     yield d
-    _stopped_clean(d)
+    stopped_clean(d)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def source(workdir, keys):
         c.import_image("tiny", TINY_TAR)
         c.import_image("demo", DEMO_TAR)
     yield d
-    _stopped_clean(d)
+    stopped_clean(d)
 
 
 @pytest.fixture
@@ -500,13 +491,12 @@ def test_a_daemon_killed_mid_import_leaves_nothing(client, tiny, workdir, point)
 def test_import_over_tcp_needs_the_token(client, tiny, new_daemon, tmp_path, monkeypatch):
     """ImportCheckpoint is the API's only client-streaming RPC: the interceptor checks its
     token (and maps its errors) as it does every other call's."""
-    from tcp import free_port, make_tls_files, token_file
+    from tcp import free_port, make_tls_files, tcp_daemon_args, token_file
     key, cert = make_tls_files(tmp_path)
     port = free_port()
     monkeypatch.delenv("DELTABOX_TOKEN", raising=False)
     tok = token_file(tmp_path / "token", "s3cret")
-    d = new_daemon(extra_args=("--tcp", f"localhost:{port}", "--tls-cert", str(cert),
-                               "--tls-key", str(key), "--token-file", str(tok))).start()
+    d = new_daemon(extra_args=tcp_daemon_args("localhost", port, key, cert, tok)).start()
     data = exported(client, tiny.checkpoint())
     with deltabox.Client(f"localhost:{port}", tls_ca=cert, token="wrong") as c:
         with pytest.raises(deltabox.PermissionDenied, match="token"):
