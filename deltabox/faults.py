@@ -27,6 +27,14 @@ could look, e.g. kills the daemon while a CRIU dump is midway. Points:
 
     checkpoint.post-dump   CRIU has written the images and holds the tree seized; it
                            waits for the daemon's answer to its "post-dump" notification
+    checkpoint.background  a background checkpoint's cut is taken and acknowledged
+                           (pending); nothing of it is recorded yet
+    checkpoint.commit      in the commit transaction (a worker thread holding the store's
+                           lock), nothing committed
+
+With `DELTABOX_HOLD_UNTIL=<path>` too, the hold ends once `<path>` exists: a test then
+checks what waits for the held step, and lets it go on. With `DELTABOX_HOLD_REACHED=<path>`
+the holding thread creates `<path>` as it starts to wait: the test knows it is there.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 __all__ = ["crash_point", "hold_point", "holds"]
 
@@ -41,6 +50,8 @@ _point, _, _nth = os.environ.get("DELTABOX_FAULT", "").partition("@")
 _remaining = int(_nth or 1)
 _lock = threading.Lock()
 _hold = os.environ.get("DELTABOX_HOLD", "")
+_hold_until = os.environ.get("DELTABOX_HOLD_UNTIL", "")
+_hold_reached = os.environ.get("DELTABOX_HOLD_REACHED", "")
 
 
 def crash_point(name: str) -> None:
@@ -60,6 +71,13 @@ def holds(name: str) -> bool:
 
 
 def hold_point(name: str) -> None:
-    """Block the calling thread for good if DELTABOX_HOLD names this point."""
-    if name == _hold:
+    """Block the calling thread if DELTABOX_HOLD names this point: for good, or until
+    the file DELTABOX_HOLD_UNTIL names exists."""
+    if name != _hold:
+        return
+    if _hold_reached and not (_hold_until and os.path.exists(_hold_until)):
+        open(_hold_reached, "a").close()
+    if not _hold_until:
         threading.Event().wait()
+    while not os.path.exists(_hold_until):
+        time.sleep(0.02)

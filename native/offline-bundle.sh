@@ -53,8 +53,42 @@ trap 'rm -rf "$TMP"' EXIT
 # generated code's 1.85). grpcio-tools regenerates deltabox/_proto there (native/build.py).
 generated=$(sed -n "s/^GRPC_GENERATED_VERSION = '\(.*\)'/\1/p" \
     "$ROOT/deltabox/_proto/deltabox/v1/deltabox_pb2_grpc.py" 2>/dev/null || true)
+# Only what deltabox[server,cli] and the test extra pull in, less the heavy RL and cluster
+# libraries (ray, skyrl-gym, openenv-core: ~300 MB of wheels; their tests skip without
+# them): the device machines take 64 MiB per call. Markers are evaluated for $PYVER.
+HEAVY="ray skyrl-gym openenv-core"
+mapfile -t wanted < <("$ROOT/.venv/bin/python" - "$PYVER" $HEAVY <<'PY'
+import sys
+from importlib import metadata
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canon
+pyver, heavy = sys.argv[1], {canon(n) for n in sys.argv[2:]}
+env = {"python_version": pyver, "python_full_version": pyver + ".0"}
+test = [Requirement(r) for r in metadata.requires("deltabox") or ()
+        if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": "test"})]
+todo = [Requirement("deltabox[server,cli]")] + [r for r in test if canon(r.name) not in heavy]
+seen: dict[str, set] = {}
+while todo:
+    req = todo.pop()
+    key = canon(req.name)
+    if key in seen and set(req.extras) <= seen[key]:
+        continue
+    seen[key] = seen.get(key, set()) | set(req.extras)
+    for line in metadata.requires(req.name) or ():
+        sub = Requirement(line)
+        if sub.marker is None or any(sub.marker.evaluate(env | {"extra": e})
+                                     for e in seen[key] | {""}):
+            todo.append(sub)
+print("\n".join(sorted(seen)))
+PY
+)
+[[ ${#wanted[@]} -gt 5 ]] || die "could not list deltabox's dependencies from $ROOT/.venv"
 mapfile -t pins < <("$VENV_PIP" list --format=freeze --exclude-editable 2>/dev/null |
-    grep -viE '^(pip|setuptools|wheel|pyflakes)==')
+    grep -viE '^(pip|setuptools|wheel|pyflakes)==' |
+    while IFS= read -r pin; do
+        name=$(printf '%s' "${pin%%==*}" | tr 'A-Z_.' 'a-z--')
+        printf '%s\n' "${wanted[@]}" | grep -qx -- "$name" && printf '%s\n' "$pin"
+    done)
 # setuptools + wheel: the build backend `make install` (tests/test_install.py) builds our
 # wheel with, offline through env.sh's PIP_NO_INDEX/PIP_FIND_LINKS
 pins+=("setuptools" "wheel")

@@ -23,7 +23,11 @@ Schedules (SCHEDULES):
               training step and the next generation; the next generation waits only for
               the execs (its prompts), the next round's sandbox work for the rest
 Sandbox work runs in a pool of --workers threads (one env's ops in order, envs in
-parallel); the policy runs on the main thread.
+parallel; a round queues every exec before any checkpoint); the policy runs on the main
+thread. --policy-cpus N (default 2 on hosts with 8 or more CPUs) gives the policy's
+thread N cores of its own and the daemon, its sandboxes and the sandbox threads the rest
+(what `taskset` gives a trainer's policy process on a shared node): the policy's
+kernel launches are CPU work, and a CRIU dump on the same core delays them.
 
 U = (T_gen + T_train) / wall: each phase is wall-clocked between torch.cuda.synchronize()
 calls, the wall clock runs from the first round's generation to the last round's last
@@ -135,10 +139,13 @@ class Fleet:
     """N sandboxes of one image and a thread pool that runs their rounds."""
 
     def __init__(self, client, n: int, *, image: str = "tiny", full: bool = True,
-                 workers: int = 16, scratch: Path | None = None):
+                 workers: int = 16, scratch: Path | None = None,
+                 cpus: set[int] | None = None):
         self.client, self.full = client, full
         self.timeline = Timeline()
-        self.pool = ThreadPoolExecutor(max_workers=max(1, min(workers, n)))
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, min(workers, n)),
+            initializer=None if cpus is None else os.sched_setaffinity, initargs=(0, cpus))
         self.scratch = scratch or Path(client.status().state_dir) / "store" / "tmp"
         self.criu = find_criu()
         self.counts: Counter = Counter()
@@ -153,20 +160,27 @@ class Fleet:
 
     def start_round(self, round_no: int, actions: list[list[int]], backend: str,
                     rollback: list[bool]) -> "RoundHandle":
-        """Start every env's exec -> checkpoint (-> rollback) in the pool; returns at once."""
+        """Start every env's exec -> checkpoint (-> rollback) in the pool; returns at once.
+
+        Every exec is queued before any checkpoint: the next generation needs all the
+        observations, so with more envs than workers no exec waits behind another env's
+        checkpoint (the order a trainer that overlaps would pick)."""
         if backend == "baseline" and self.criu is None:
             raise RuntimeError("no criu binary found for the baseline (DELTABOX_CRIU_PREFIX)")
         handle = RoundHandle(len(self.envs))
-        for env, tokens, back in zip(self.envs, actions, rollback, strict=True):
-            handle.done.append(self.pool.submit(self._env_round, env, round_no, tokens,
-                                                backend, back, handle.observed[env.index]))
+        for env, tokens in zip(self.envs, actions, strict=True):
+            handle.done.append(self.pool.submit(self._env_exec, env, round_no, tokens,
+                                                handle.observed[env.index]))
+        for env, back in zip(self.envs, rollback, strict=True):
+            handle.done.append(self.pool.submit(self._env_save, env, round_no, backend, back,
+                                                handle.observed[env.index]))
         return handle
 
-    def _env_round(self, env: Env, round_no: int, tokens: list[int], backend: str,
-                   back: bool, observed: Future) -> None:
-        tl, i = self.timeline, env.index
+    def _env_exec(self, env: Env, round_no: int, tokens: list[int], observed: Future) -> None:
+        i = env.index
         try:
-            res = tl.timed("exec", i, env.sandbox.exec, action_command(round_no, tokens))
+            res = self.timeline.timed("exec", i, env.sandbox.exec,
+                                      action_command(round_no, tokens))
             if res.exit_code != 0:
                 raise RuntimeError(f"env {i}: action failed ({res.exit_code}): {res.stderr!r}")
             env.observation = env.history[round_no] = res.stdout
@@ -174,6 +188,12 @@ class Fleet:
         except BaseException as e:
             observed.set_exception(e)
             raise
+
+    def _env_save(self, env: Env, round_no: int, backend: str, back: bool,
+                  observed: Future) -> None:
+        """The env's checkpoint (and rollback), once its exec is done."""
+        tl, i = self.timeline, env.index
+        observed.result()
         if backend == "deltabox":
             ck = tl.timed("checkpoint", i, env.sandbox.checkpoint, f"r{round_no}", self.full)
             env.checkpoints.append(ck)
@@ -284,13 +304,16 @@ def run_schedule(name: str, policy, fleet: Fleet, rounds: int, p_rollback: float
         t1 = time.perf_counter()
         t_train += t1 - t0
         fleet.timeline.record("train", -1, t0, t1)
+    t0 = time.perf_counter()
     pending.wait()  # the last round's sandbox work counts
+    t_drain = time.perf_counter() - t0
     wall = time.perf_counter() - wall0
     events = fleet.timeline.events[first_event:]
     ops = {w: summary([1000 * (b - a) for ww, _, a, b in events if ww == w], 1)
            for w in ("exec", "checkpoint", "rollback")}
     return {"schedule": name, "envs": n, "rounds": rounds, "wall_s": wall,
             "t_gen_s": t_gen, "t_train_s": t_train, "t_wait_s": wall - t_gen - t_train,
+            "t_drain_s": t_drain,
             "U": utilisation(t_gen, t_train, wall), "ops_ms": ops,
             "rollbacks": sum(1 for w, *_ in events if w == "rollback")}
 
@@ -313,13 +336,22 @@ def medians(runs: list[dict]) -> dict:
     out: dict = {}
     for r in runs:
         out.setdefault(str(r["envs"]), {}).setdefault(r["schedule"], []).append(r)
-    keys = ("wall_s", "t_gen_s", "t_train_s", "t_wait_s", "U", "U_quiet")
+    keys = ("wall_s", "t_gen_s", "t_train_s", "t_wait_s", "t_drain_s", "U", "U_quiet")
     return {n: {s: {k: statistics.median(x[k] for x in rs) for k in keys
                     if all(k in x for x in rs)} | {"runs": len(rs)}
                 for s, rs in by.items()} for n, by in out.items()}
 
 
 # -- the driver -----------------------------------------------------------------------------
+
+def split_cpus(n_policy: int) -> tuple[set[int], set[int]] | None:
+    """(the policy's CPUs, everything else's) out of this process's affinity; None when
+    pinning is off (0) or fewer than 2 CPUs would be left to the sandboxes."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n_policy <= 0 or len(cpus) < n_policy + 2:
+        return None
+    return set(cpus[:n_policy]), set(cpus[n_policy:])
+
 
 def host_info() -> dict:
     return {"cpus": os.cpu_count(), "kernel": os.uname().release,
@@ -341,7 +373,8 @@ def run_all(args, policy, client, doc: dict, write, started: float) -> None:
             doc["skipped"].append(f"{n} envs: {elapsed:.0f} s of --budget-s used")
             continue
         t0 = time.perf_counter()
-        fleet = Fleet(client, n, full=args.mode == "full", workers=args.workers)
+        fleet = Fleet(client, n, full=args.mode == "full", workers=args.workers,
+                      cpus=args.sandbox_cpus)
         try:
             for backend in ("deltabox", "baseline"):
                 if any(SCHEDULES[s][0] == backend for s in args.schedules):
@@ -405,6 +438,8 @@ def parse_args(argv=None):
     ap.add_argument("--train-layers", type=int, default=4, help="0 = every layer")
     ap.add_argument("--train-batch", type=int, default=None, help="rollouts per step (16)")
     ap.add_argument("--workers", type=int, default=16, help="sandbox threads")
+    ap.add_argument("--policy-cpus", type=int, default=2 if (os.cpu_count() or 1) >= 8 else 0,
+                    help="cores of the policy's own, the rest to the sandboxes (0 = no pinning)")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="start no run expected to end later than this after start-up")
     ap.add_argument("--seed", type=int, default=0)
@@ -419,6 +454,8 @@ def parse_args(argv=None):
     args.prompt = args.prompt or (16 if tiny else 128)
     args.tokens = args.tokens or (8 if tiny else 128)
     args.train_batch = args.train_batch or (2 if tiny else 16)
+    split = split_cpus(args.policy_cpus)
+    args.policy_cpu_set, args.sandbox_cpus = split if split else (None, None)
     return args
 
 
@@ -435,10 +472,14 @@ def main(argv=None) -> None:
     from gpu_policy import QWEN25_7B, TINY, Policy
     shape = TINY if args.tiny_model else QWEN25_7B
     out = Path(args.out)
+    if args.policy_cpu_set:  # what this thread creates from now on inherits it
+        os.sched_setaffinity(0, args.policy_cpu_set)
     doc = {"source": SOURCE, "command": shlex.join([sys.executable, *sys.argv]),
            "args": vars(args), "shape": shape, "host_start": host_info(),
            "torch": torch.__version__, "runs": [], "medians": {}, "fleets": {},
-           "skipped": [], "errors": {}}
+           "skipped": [], "errors": {},
+           "cpus": {"policy": sorted(args.policy_cpu_set or ()),
+                    "sandboxes": sorted(args.sandbox_cpus or ())}}
 
     def write() -> None:
         doc["host_end"] = host_info()
@@ -465,7 +506,13 @@ def main(argv=None) -> None:
         if args.socket:
             client = deltabox.Client(args.socket)
         else:
-            daemon = ThrowawayDaemon().start(timeout=60)
+            if args.sandbox_cpus:  # the daemon and all it starts: the sandboxes' cores
+                os.sched_setaffinity(0, args.sandbox_cpus)
+            try:
+                daemon = ThrowawayDaemon().start(timeout=60)
+            finally:
+                if args.policy_cpu_set:
+                    os.sched_setaffinity(0, args.policy_cpu_set)
             client = daemon.client()
             client.import_image("tiny", TINY_TAR)
         with client:

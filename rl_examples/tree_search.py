@@ -60,7 +60,10 @@ CANDIDATES = [
 ]
 
 def failures(sbx) -> int:
-    out = sbx.exec(["sh", "-c", "cd /work/repo && python3 -m unittest 2>&1 | "
+    # -B: no __pycache__. A .pyc is trusted while its source keeps the same size and
+    # mtime in whole seconds, so a same-length edit (min(x, lo) -> min(x, hi)) made
+    # within a second of the parent's test run would be scored with the parent's code.
+    out = sbx.exec(["sh", "-c", "cd /work/repo && python3 -B -m unittest 2>&1 | "
                                 "grep -cE '^(FAIL|ERROR):' || true"]).stdout
     return int(out.strip() or 0)
 

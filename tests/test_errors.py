@@ -412,6 +412,8 @@ CHECKPOINT_RPCS = {
         checkpoint=NO_CP)), NO_CP),
     "ExportCheckpoint": (lambda s: list(s.ExportCheckpoint(pb.ExportCheckpointRequest(
         checkpoint=NO_CP))), NO_CP),
+    "WaitCheckpoint": (lambda s: s.WaitCheckpoint(pb.WaitCheckpointRequest(checkpoint=NO_CP)),
+                       NO_CP),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -97,6 +98,30 @@ def test_a_round_execs_checkpoints_and_rolls_back(client):
         assert len(fleet.timeline.durations_ms("rollback")) == 1
     finally:
         fleet.close()
+
+
+def test_a_round_queues_every_exec_before_any_checkpoint(client):
+    """With fewer workers than envs, no exec (the next prompt) waits behind another
+    env's checkpoint."""
+    fleet = e2e.Fleet(client, 3, full=False, workers=2)
+    try:
+        fleet.start_round(0, [[1], [2], [3]], "deltabox", [False] * 3).wait()
+        events = fleet.timeline.events
+    finally:
+        fleet.close()
+    execs = [e for e in events if e[0] == "exec"]
+    checkpoints = [e for e in events if e[0] == "checkpoint"]
+    assert len(execs) == len(checkpoints) == 3
+    assert max(e[2] for e in execs) <= min(c[2] for c in checkpoints)  # every exec started
+
+
+def test_policy_cpus_split_this_process_affinity():
+    cpus = sorted(os.sched_getaffinity(0))
+    assert e2e.split_cpus(0) is None
+    assert e2e.split_cpus(len(cpus)) is None  # nothing left to the sandboxes
+    if len(cpus) >= 4:
+        policy, rest = e2e.split_cpus(2)
+        assert policy == set(cpus[:2]) and rest == set(cpus[2:])
 
 
 def test_the_baseline_runs_plain_criu(client):

@@ -1,5 +1,5 @@
 """CLI commands about checkpoints: snapshot, restore, fork, warm, tree, diff,
-checkpoint rm/pin, and export/import (moving one to another daemon). Each `cmd_*` takes the parsed arguments and a `deltabox.Client`."""
+checkpoint rm/pin/wait, and export/import (moving one to another daemon). Each `cmd_*` takes the parsed arguments and a `deltabox.Client`."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ def _timings(t: dict) -> str:
 
 def cmd_snapshot(args, client) -> int:
     ck = client.get(args.sandbox).checkpoint(args.m or "", full=args.full,
-                                             wait_ready=args.wait)
+                                             wait_ready=args.wait, background=args.background)
     if args.json:
         out(args, ck)
     else:
         print(ck.id)
-        print(f"({_timings(ck.timings_ms)})", file=sys.stderr)
+        print(f"({_timings(ck.timings_ms)}{'; pending' if ck.pending else ''})",
+              file=sys.stderr)
     return 0
 
 
@@ -98,6 +99,9 @@ def cmd_checkpoint(args, client) -> int:
         for cid in args.checkpoints:
             client.delete_checkpoint(cid, cascade=args.cascade)
         out(args, {"deleted": args.checkpoints}, lambda: "deleted " + " ".join(args.checkpoints))
+    elif args.checkpoint_cmd == "wait":
+        info = client.wait_checkpoint(args.checkpoint)
+        out(args, info, lambda: f"{info.id} recorded ({_timings(info.timings_ms)})")
     else:
         info = client.pin_checkpoint(args.checkpoint, pinned=not args.unpin)
         out(args, info, lambda: f"{info.id} {'pinned' if info.pinned else 'unpinned'}")

@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pause between a rollback and the step (the model's think time)")
     bt.add_argument("--hot-checkpoints", type=int, help="the daemon's --hot-checkpoints")
     bt.add_argument("--hottest-pool", type=int, help="the daemon's --hottest-pool")
+    bt.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="the busy mode: rollbacks to 8 hot checkpoints with N other sandboxes "
+                    "idle, then busy (exec, checkpoints, rollbacks); p50/p95/p99 and the floor")
+    bt.add_argument("--busy-gap-ms", type=int, default=50,
+                    help="the busy load's mean pause between two calls of one sandbox")
     bt.set_defaults(func=lambda args: __import__("deltabox.bench").bench.main_tree(args),
                     needs_client=False)
     br = bsub.add_parser("rl", help="DeltaCR as an RL rollout uses it: exec + full checkpoint "
@@ -210,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     bx.set_defaults(func=lambda args: __import__("deltabox.bench.transfer").bench.transfer
                     .main_transfer(args), needs_client=False)
 
+    bnb = bsub.add_parser("nonblocking", help="Checkpoint(FULL) reply time with and without "
+                          "background (and until WaitCheckpoint), default and --durable")
+    bnb.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bnb.add_argument("--iterations", type=int, help="checkpoints each way (default 30)")
+    bnb.add_argument("--mb", type=int, default=8, help="MB the Python session holds")
+    bnb.add_argument("--files", type=int, default=200, help="files of the project tree")
+    bnb.set_defaults(func=lambda args: __import__("deltabox.bench.nonblocking").bench
+                     .nonblocking.main_nonblocking(args), needs_client=False)
+
     sub.add_parser("ls", help="list sandboxes").set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="destroy sandboxes")
     rm.add_argument("sandboxes", nargs="+")
@@ -225,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--full", action="store_true", help="include processes (DeltaCR)")
     sn.add_argument("--wait", action="store_true",
                     help="return once its body double / standby is ready (fast rollback)")
+    sn.add_argument("--background", action="store_true",
+                    help="return once the cut is taken; the daemon records it afterwards "
+                    "(pending, not durable until then: `deltabox checkpoint wait ID`)")
     rs = sub.add_parser("restore", help="roll a sandbox back to a checkpoint")
     rs.add_argument("sandbox")
     rs.add_argument("checkpoint")
@@ -244,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     for x, f in ((sn, cmd_snapshot), (rs, cmd_restore), (fk, cmd_fork), (tr, cmd_tree),
                  (df, cmd_diff)):
         x.set_defaults(func=f)
-    ck = sub.add_parser("checkpoint", help="delete or pin checkpoints").add_subparsers(
+    ck = sub.add_parser("checkpoint", help="delete, pin or wait for checkpoints").add_subparsers(
         dest="checkpoint_cmd", required=True)
     ckr = ck.add_parser("rm", help="delete checkpoints (layers are freed when unused)")
     ckr.add_argument("checkpoints", nargs="+")
@@ -252,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckp = ck.add_parser("pin", help="pin (or --unpin) a checkpoint")
     ckp.add_argument("checkpoint")
     ckp.add_argument("--unpin", action="store_true")
-    for x in (ckr, ckp):
+    ckw = ck.add_parser("wait", help="wait until a background checkpoint is recorded")
+    ckw.add_argument("checkpoint")
+    for x in (ckr, ckp, ckw):
         x.set_defaults(func=cmd_checkpoint)
     ex = sub.add_parser("export", help="write a checkpoint as a stream another daemon imports")
     ex.add_argument("checkpoint")

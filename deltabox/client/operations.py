@@ -239,6 +239,13 @@ def diff(h, a: str | r.CheckpointInfo, b: str | r.CheckpointInfo) -> Call:
                 lambda h, m: r.diff_from_pb(m))
 
 
+def wait_checkpoint(h, checkpoint: str | r.CheckpointInfo) -> Call:
+    """Wait until a (background) checkpoint is recorded; its final CheckpointInfo, or
+    the error its recording hit."""
+    return Call(pb.WaitCheckpointRequest(checkpoint=_checkpoint_id(checkpoint)),
+                lambda h, m: r.checkpoint_from_pb(m))
+
+
 def delete_checkpoint(h, checkpoint: str | r.CheckpointInfo, cascade: bool = False) -> Call:
     return Call(pb.DeleteCheckpointRequest(checkpoint=_checkpoint_id(checkpoint),
                                            cascade=cascade), lambda h, m: None)
@@ -438,14 +445,17 @@ def mkdir(h, path: str, parents: bool = False, mode: int = 0) -> Call:
 
 
 def checkpoint(h, label: str = "", full: bool = False, wait_ready: bool = False,
-               rollback_likely: bool | None = None) -> Call:
+               rollback_likely: bool | None = None, background: bool = False) -> Call:
     """An immutable checkpoint of the sandbox; it keeps running undisturbed. With
     `wait_ready`, returns once its body double (full) / standby (fs) is built: `.ready`
     then says whether a rollback to it takes the fast path. `rollback_likely` (full):
     True builds its body double, False none (a rollback to it restores); None lets the
-    daemon's policy decide (adaptive: from the sandbox's rollback rate)."""
+    daemon's policy decide (adaptive: from the sandbox's rollback rate). `background`:
+    returns once the cut is taken, while the daemon still records it (`.pending`; not
+    durable until then: `wait_checkpoint`); its id is usable at once."""
     mode = CheckpointMode.FULL if full else CheckpointMode.FS
     req = pb.CheckpointRequest(sandbox=h.id, label=label, wait_ready=wait_ready,
+                               background=background,
                                mode=pb.CheckpointMode.Value(f"CHECKPOINT_MODE_{mode.name}"))
     if rollback_likely is not None:
         req.rollback_likely = bool(rollback_likely)
@@ -558,6 +568,8 @@ OPERATIONS: tuple[Operation, ...] = (
     _op("client", "fork", C, "Fork", fork, "ForkResult"),
     _op("client", "warm", C, "Warm", warm, "int"),
     _op("client", "diff", C, "Diff", diff, "list[DiffEntry]", idempotent=True),
+    _op("client", "wait_checkpoint", C, "WaitCheckpoint", wait_checkpoint, "CheckpointInfo",
+        idempotent=True),
     _op("client", "delete_checkpoint", C, "DeleteCheckpoint", delete_checkpoint, "None"),
     _op("client", "pin_checkpoint", C, "PinCheckpoint", pin_checkpoint, "CheckpointInfo",
         idempotent=True),

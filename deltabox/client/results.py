@@ -217,6 +217,7 @@ class CheckpointInfo:
     unusable_reason: str = ""
     ready: bool = False        # a body double / standby waits: rollback takes the fast path
     unchanged: bool = False    # Checkpoint: nothing happened since the head, returned again
+    pending: bool = False      # Checkpoint(background=True): still being recorded, not durable
 
 
 @dataclass

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 from pathlib import Path
@@ -218,7 +219,14 @@ class DeltaCR:
             self.cgroups.thaw(branch_id)
 
     def _thaw_then_weigh(self, branch_id: str) -> None:
-        self.cgroups.thaw(branch_id)
+        try:
+            self.cgroups.thaw(branch_id)
+        except OSError as e:
+            # A destroy that waited behind the rollback removed the cgroup already.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+            log.info("double.gone_before_thaw", branch=branch_id)
+            return
         self._ctx.spawn(self._weigh(branch_id))
 
     async def _weigh(self, branch_id: str) -> None:

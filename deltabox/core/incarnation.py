@@ -15,9 +15,12 @@ states share their identical pages once ksmd has seen them.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import psutil
@@ -26,7 +29,7 @@ import structlog
 from deltabox.config import init_binary
 from deltabox.core.files import SandboxFiles
 from deltabox.core.runtime import SandboxContext
-from deltabox.errors import Internal
+from deltabox.errors import FailedPrecondition, Internal
 from deltabox.host import ksm, linux
 from deltabox.host.cgroups import Limits
 from deltabox.store.records import Mount, SandboxRecord
@@ -114,13 +117,28 @@ def kill_quiet(pid: int) -> None:
 
 
 class Incarnations:
-    """Starts and ends incarnations; blocking (call it from a worker thread)."""
+    """Starts and ends incarnations; blocking (call it from a worker thread).
+
+    Teardown of one incarnation happens once at a time and in order: several paths may
+    end the same branch concurrently -- a destroy, the daemon's shutdown (its stray
+    sweep), a retire spawned by a rollback or a dropped standby, a worker thread left
+    running by a call cancelled at shutdown -- and two of them killing and removing one
+    cgroup at once made one read a cgroup file mid-removal (ENODEV: the shutdown crash of
+    test_graceful_stop_with_a_stopped_sandbox). A per-branch lock orders them (the second
+    finds the incarnation gone), and a branch once ended is never launched again: a
+    launch still in flight when its branch is killed (a call cancelled during a CRIU
+    restore) is refused or undone, not left running unowned."""
 
     def __init__(self, ctx: SandboxContext) -> None:
         self.store = ctx.store
         self.cgroups = ctx.cgroups
         self._ctx = ctx  # for CRIU, found once by the manager
         self._to_reap: set[int] = set()  # killed inits not yet waited for
+        self._branch_locks: dict[str, list] = {}  # branch -> [RLock, users]
+        self._branch_locks_guard = threading.Lock()
+        # Branches ended while this daemon runs (bounded: only a launch racing its own
+        # teardown looks, and that launch started moments ago).
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Decided once, at start-up: `ksm = on` turns the host's ksmd on here.
         self.memory_merge = ksm.decide(ctx.config.ksm, ctx.config.ksm_pages_to_scan)
         if self.memory_merge and ctx.criu is not None:
@@ -142,13 +160,34 @@ class Incarnations:
         `DeltaCR.wake` gives it the default weight when it takes over.
         """
         branch_id = Path(mnt.target).name
-        Path(mnt.target).mkdir(exist_ok=True)
-        if not linux.is_mountpoint(mnt.target):
-            mnt.mount()
-        limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
-        procs = self.cgroups.create(branch_id, limits)
-        if background:
-            self.cgroups.set_background(branch_id, True)
+        # Set up under the branch's teardown lock: a kill either came first (refused
+        # here) or waits for the mount and cgroup and then ends what runs in them --
+        # an init or a CRIU restore in flight (criu and every restored task are in the
+        # cgroup until pre-resume), which then fails.
+        with self._teardown(branch_id):
+            self._refuse_ended(branch_id)
+            Path(mnt.target).mkdir(exist_ok=True)
+            if not linux.is_mountpoint(mnt.target):
+                mnt.mount()
+            limits = Limits(rec.spec["memory_bytes"], rec.spec["pids"], rec.spec["cpus"])
+            procs = self.cgroups.create(branch_id, limits)
+            if background:
+                self.cgroups.set_background(branch_id, True)
+        try:
+            pid, start = self._start(rec, mnt, branch_id, procs, network, restore_from,
+                                     stopped)
+        except BaseException:
+            self._refuse_ended(branch_id)  # ended under it: say so, not how it broke
+            raise
+        with self._teardown(branch_id):
+            if branch_id in self._ended:  # ended after its processes started: undone
+                self.kill(branch_id, pid)
+                self._refuse_ended(branch_id)
+        return pid, start
+
+    def _start(self, rec: SandboxRecord, mnt: Mount, branch_id: str, procs: list[Path],
+               network: bool, restore_from: Path | None, stopped: bool) -> tuple[int, float]:
+        """The processes of a launch, in its mounted branch and created cgroup."""
         if restore_from is not None:
             def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
                 self.cgroups.move_to_own_cgroups(criu_pid)
@@ -182,8 +221,37 @@ class Incarnations:
             SandboxFiles(root, 1 << 20).write(
                 "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in servers).encode())
 
+    @contextlib.contextmanager
+    def _teardown(self, branch_id: str):
+        """Hold the branch's lock (re-entrant: retire calls kill)."""
+        with self._branch_locks_guard:
+            entry = self._branch_locks.setdefault(branch_id, [threading.RLock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._branch_locks_guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._branch_locks[branch_id]
+
+    def _refuse_ended(self, branch_id: str) -> None:
+        if branch_id in self._ended:
+            raise FailedPrecondition(f"the sandbox incarnation {branch_id} was torn down "
+                                     "while it was being started (destroyed, or the daemon "
+                                     "is stopping)")
+
     def kill(self, branch_id: str, init_pid: int, rec: SandboxRecord | None = None) -> None:
-        """Kill an incarnation's processes, remove its cgroup, unmount its branch."""
+        """Kill an incarnation's processes, remove its cgroup, unmount its branch.
+        Idempotent, and ordered with any other teardown (or launch) of the branch."""
+        with self._teardown(branch_id):
+            self._ended[branch_id] = None
+            while len(self._ended) > 4096:
+                self._ended.popitem(last=False)
+            self._kill(branch_id, init_pid, rec)
+
+    def _kill(self, branch_id: str, init_pid: int, rec: SandboxRecord | None) -> None:
         self.cgroups.kill_all(branch_id)
         self.cgroups.remove(branch_id)
         if init_pid:
@@ -203,8 +271,9 @@ class Incarnations:
 
     def retire(self, branch_id: str, init_pid: int) -> None:
         """Tear down a branch that no record refers to any more, and delete it."""
-        self.kill(branch_id, init_pid)
-        self.store.delete_branch_dirs(branch_id)
+        with self._teardown(branch_id):
+            self.kill(branch_id, init_pid)
+            self.store.delete_branch_dirs(branch_id)
 
     def reap(self) -> None:
         """waitpid() the killed inits that have exited (never -1: that would steal

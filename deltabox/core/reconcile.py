@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from pathlib import Path
 
 import structlog
@@ -23,6 +24,7 @@ from deltabox.core.incarnation import Incarnations, alive, process_start, same_p
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.warm import WarmPools
 from deltabox.faults import crash_point
+from deltabox.errors import NotFound
 from deltabox.host import linux
 from deltabox.store.records import SandboxRecord
 from deltabox.types import SandboxState
@@ -136,12 +138,19 @@ class Reconciler:
         return True
 
     def _is_frozen(self, name: str) -> bool:
-        """Whether the cgroup is frozen or freezing (v1 freezer.state, v2 cgroup.events)."""
+        """Whether the cgroup is frozen or freezing (v1 freezer.state, v2 cgroup.events).
+        A cgroup gone meanwhile (ENOENT, or ENODEV: being removed) is not frozen: its
+        init is gone with it, which the caller's next step (a thaw) finds out."""
         d = self.cgroups.freezer_path(name)
-        if (d / "freezer.state").exists():
-            return (d / "freezer.state").read_text().strip() != "THAWED"
-        return "frozen 1" in (d / "cgroup.events").read_text() \
-            or (d / "cgroup.freeze").read_text().strip() == "1"
+        try:
+            if (d / "freezer.state").exists():
+                return (d / "freezer.state").read_text().strip() != "THAWED"
+            return "frozen 1" in (d / "cgroup.events").read_text() \
+                or (d / "cgroup.freeze").read_text().strip() == "1"
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
+            return False
 
     def _recover_manifest(self, rec: SandboxRecord, rt: Runtime) -> None:
         """After a restart: which layers this branch sank, and a manifest naming
@@ -161,14 +170,21 @@ class Reconciler:
             await asyncio.sleep(1.0)
             self._incarnations.reap()
             for sid, rt in list(runtimes.items()):
-                if rt.lock.locked():
+                if rt.lock.locked() or alive(rt.init_pid):
                     continue
-                if not alive(rt.init_pid):
+                # Under the lifecycle lock, as a destroy: a destroy (or shutdown) that
+                # comes meanwhile waits, and one that came first leaves nothing to mark.
+                async with rt.lock:
+                    if runtimes.get(sid) is not rt or rt.closed or alive(rt.init_pid):
+                        continue
                     log.warning("sandbox.init_died", sandbox=sid, pid=rt.init_pid)
                     runtimes.pop(sid, None)
                     await self._standbys.drop(rt)
-                    await asyncio.to_thread(self.store.set_sandbox_state, sid,
-                                            SandboxState.STOPPED)
+                    try:
+                        await asyncio.to_thread(self.store.set_sandbox_state, sid,
+                                                SandboxState.STOPPED)
+                    except NotFound:  # destroyed meanwhile
+                        pass
 
     async def shutdown(self, keep_sandboxes: bool = False) -> None:
         """Stop every sandbox's processes and unmount its branch. Records stay
@@ -177,7 +193,10 @@ class Reconciler:
         background work); sandboxes stay running and mounted for the next start."""
         ctx, inc = self._ctx, self._incarnations
         if self._monitor:
+            # Ended before the teardown below: a monitor still dropping a dead sandbox's
+            # standbys would retire them concurrently with it.
             self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
         ctx.stopping = True
         for rt in ctx.runtimes.values():
             rt.closed = True
@@ -191,6 +210,10 @@ class Reconciler:
         for rt in ctx.runtimes.values():
             await self._standbys.drop(rt)
         await self._pools.drop_all()
+        # Retires those drops spawned (a stale warm incarnation, a standby no slot
+        # wants) end before the kills and the stray sweep below, not alongside them.
+        while ctx.background:
+            await asyncio.gather(*list(ctx.background), return_exceptions=True)
         if keep_sandboxes:
             ctx.runtimes.clear()
             return

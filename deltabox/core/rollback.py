@@ -55,10 +55,10 @@ class Rollbacks:
         even if the caller goes away (what it builds must not be left unowned); the
         checkpoint is held meanwhile, so a deletion of it waits.
 
-        The hot path (a double of the checkpoint is ready, no network to attach) runs in
-        the caller's task, a loop turn less each way: once the sandbox's lock is held it
-        never awaits, so a caller going away cannot stop it halfway. Anything else runs
-        in a task of its own."""
+        The hot path (a double of the checkpoint is ready, no network to attach, the
+        store's lock free) runs in the caller's task, a loop turn less each way: once the
+        sandbox's lock is held it never awaits, so a caller going away cannot stop it
+        halfway. Anything else runs in a task of its own."""
         if self._standbys.ready(checkpoint_id):
             async with self._ctx.holds.hold(checkpoint_id):
                 done = await self._rollback(ref, checkpoint_id, hot_only=True)
@@ -104,29 +104,35 @@ class Rollbacks:
                     or rec.state != SandboxState.RUNNING:
                 raise FailedPrecondition(f"sandbox {rec.name} is {rec.state}, not running")
             old_branch, old_pid = rt.branch_id, rt.init_pid
-            if hot_only and (rec.spec.get("network") == NetworkMode.NAT
-                             or not self._has_current(rt, ckpt)):
-                return None
-            self._standbys.rolled_back(rt, ckpt)  # the double policy learns from it
-            standby = self._take_current(rt, ckpt)
-            prepared, waited = standby is not None, False
-            if standby is None:
-                self._deltacr.refuse_unusable_now(ckpt)  # its double may have failed
-                standby, prepared = await self._first_ready(rec, rt, ckpt, timings)
-                waited = prepared
-            path = self._deltacr.rollback_path(ckpt, prepared, waited)
-            new_branch, pid, start = standby.branch_id, standby.init_pid, standby.init_start
-            try:
-                crash_point("rollback.before_switch")
-                if prepared:  # one short transaction, no hop off the loop
-                    self.store.switch_branch(rec, new_branch, ckpt.mount_layers, ckpt.id, pid,
-                                             start)
-                else:
-                    await asyncio.to_thread(self.store.switch_branch, rec, new_branch,
-                                            ckpt.mount_layers, ckpt.id, pid, start)
-            except BaseException:
-                await asyncio.to_thread(inc.retire, new_branch, pid)
-                raise
+            if hot_only:
+                if rec.spec.get("network") == NetworkMode.NAT or not self._has_current(rt, ckpt):
+                    return None
+                # The switch on the loop, with the store's lock taken now and held until
+                # it is recorded: never waited for (a worker thread's transaction holds
+                # it: this rollback takes the task path, its switch in a thread).
+                with self.store.lock_if_free() as free:
+                    if not free:
+                        return None
+                    standby, path, failed = self._take_and_switch(rec, rt, ckpt)
+                if failed is not None:
+                    await asyncio.to_thread(inc.retire, standby.branch_id, standby.init_pid)
+                    raise failed
+            else:
+                self._standbys.rolled_back(rt, ckpt)  # the double policy learns from it
+                standby = self._take_current(rt, ckpt)
+                prepared, waited = standby is not None, False
+                if standby is None:
+                    self._deltacr.refuse_unusable_now(ckpt)  # its double may have failed
+                    standby, prepared = await self._first_ready(rec, rt, ckpt, timings)
+                    waited = prepared
+                path = self._deltacr.rollback_path(ckpt, prepared, waited)
+                try:
+                    crash_point("rollback.before_switch")
+                    await self._switch(rec, standby, ckpt)
+                except BaseException:
+                    await asyncio.to_thread(inc.retire, standby.branch_id, standby.init_pid)
+                    raise
+            new_branch, pid = standby.branch_id, standby.init_pid
             crash_point("rollback.after_switch")
             # SIGKILL to the old init ends its whole pid namespace: after the reply
             # (`_after_switch`), unless the new tree needs its network (one veth name).
@@ -166,6 +172,37 @@ class Rollbacks:
             self._standbys.BUILD_DELAY_S, lambda: log.info(
                 "sandbox.rolled_back", sandbox=sandbox_id, checkpoint=checkpoint_id,
                 path=path, **timings))
+
+    def _take_and_switch(self, rec: SandboxRecord, rt: Runtime, ckpt: CheckpointRecord
+                         ) -> tuple[Standby, str, BaseException | None]:
+        """The hot path's switch, on the loop with the store's lock held (it does not
+        await): its ready incarnation (there is one: `_has_current`) taken, the records
+        switched -- (it, the path, None), or (it, path, the error) to retire it with the
+        lock released."""
+        self._standbys.rolled_back(rt, ckpt)  # the double policy learns from it
+        standby = self._take_current(rt, ckpt)
+        path = self._deltacr.rollback_path(ckpt, True, False)
+        try:
+            crash_point("rollback.before_switch")
+            self.store.switch_branch(rec, standby.branch_id, ckpt.mount_layers, ckpt.id,
+                                     standby.init_pid, standby.init_start)
+        except BaseException as e:  # noqa: BLE001 - handed back, raised by the caller
+            return standby, path, e
+        return standby, path, None
+
+    async def _switch(self, rec: SandboxRecord, standby: Standby,
+                      ckpt: CheckpointRecord) -> None:
+        """The records switch, in one transaction: on the loop when the store's lock is
+        free (no thread hop), else in a thread -- waiting for a worker's transaction on
+        the loop would stall every call of the daemon. Either way under the sandbox's
+        lock, so ordered with its checkpoints."""
+        args = (rec, standby.branch_id, ckpt.mount_layers, ckpt.id, standby.init_pid,
+                standby.init_start)
+        with self.store.lock_if_free() as free:
+            if free:
+                self.store.switch_branch(*args)
+                return
+        await asyncio.to_thread(self.store.switch_branch, *args)
 
     @staticmethod
     def _has_current(rt: Runtime, ckpt: CheckpointRecord) -> bool:

@@ -84,6 +84,7 @@ class SandboxManager:
         self.criu = Criu(criu_binary, owner=store.instance_id) if criu_binary else None
         ctx = self._ctx = SandboxContext(config, store, cgroups, self.metrics, self.criu)
         self._create_lock = asyncio.Lock()  # name and NAT subnet allocation
+        self._stopped_locks: dict[str, asyncio.Lock] = {}  # destroys of stopped sandboxes
         self._incarnations = Incarnations(ctx)
         self._processes = Processes(ctx)
         self._sessions = Sessions(ctx)
@@ -173,10 +174,15 @@ class SandboxManager:
         The phases' times are in the `sandbox.destroyed` log line."""
         rec = self.get(ref)
         rt = self._ctx.runtimes.get(rec.id)
-        lock = rt.lock if rt else asyncio.Lock()
+        # A stopped sandbox has no runtime: its destroys still go one at a time.
+        lock = rt.lock if rt else self._stopped_locks.setdefault(rec.id, asyncio.Lock())
         t0, timings = time.perf_counter(), {}
         async with lock:
             t_locked = time.perf_counter()
+            # Read again under the lock: a rollback that held it switched the branch
+            # (the old one is being retired; the new one must be killed), or another
+            # destroy that held it already deleted the sandbox (NOT_FOUND).
+            rec = self.get(rec.id)
             init_pid = rt.init_pid if rt else rec.init_pid
             # Marked first: a daemon killed half way through must not bring the sandbox
             # back at its next start (a 'broken' record is torn down there).
@@ -203,6 +209,7 @@ class SandboxManager:
                                "destroy it again or restart the daemon") from e
             self._ctx.runtimes.pop(rec.id, None)
             await asyncio.to_thread(self.store.delete_sandbox, rec.id)
+            self._stopped_locks.pop(rec.id, None)
         t_end = time.perf_counter()
         log.info("sandbox.destroyed", sandbox=rec.id, lock_ms=_ms(t0, t_locked),
                  kill_ms=_ms(t_builds, t_end), total_ms=_ms(t0, t_end), **timings)
@@ -225,10 +232,26 @@ class SandboxManager:
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
                          wait_ready: bool = False,
-                         rollback_likely: bool | None = None) -> CheckpointRecord:
+                         rollback_likely: bool | None = None,
+                         background: bool = False) -> CheckpointRecord:
         """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
-        in the background -- or before returning, with `wait_ready` (see `ready`)."""
-        return await self._snapshots.checkpoint(ref, label, mode, wait_ready, rollback_likely)
+        in the background -- or before returning, with `wait_ready` (see `ready`).
+        `background`: return once the cut is taken, record it afterwards (`pending`)."""
+        return await self._snapshots.checkpoint(ref, label, mode, wait_ready, rollback_likely,
+                                                background)
+
+    def pending(self, checkpoint_id: str) -> bool:
+        """Whether a background checkpoint is still being recorded (not durable yet)."""
+        return self._snapshots.pending(checkpoint_id)
+
+    async def settled(self, *refs: str) -> None:
+        """Wait for the pending background checkpoints among `refs` (or raise the error
+        one hit): every call that names a checkpoint goes through here first."""
+        await self._snapshots.settled(*refs)
+
+    async def wait_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
+        """A checkpoint once recorded, or the error its background recording hit."""
+        return await self._snapshots.wait_checkpoint(checkpoint_id)
 
     def ready(self, checkpoint_id: str) -> bool:
         """Whether a body double (full) or standby (fs) of the checkpoint is built and
@@ -238,35 +261,44 @@ class SandboxManager:
     async def rollback(self, ref: str, checkpoint_id: str) -> tuple[SandboxRecord, str, dict]:
         """Roll the sandbox back to a checkpoint: (record, path taken, timings in ms).
         See `deltabox.core.rollback`."""
+        await self.settled(checkpoint_id)
         return await self._rollbacks.rollback(ref, checkpoint_id)
 
     async def warm(self, checkpoint_id: str, n: int, wait: bool = False) -> int:
         """Prepare up to n incarnations of a checkpoint for a coming fork; how many are
         ready (after preparing them, if `wait`)."""
+        await self.settled(checkpoint_id)
         return await self._pools.warm(checkpoint_id, n, wait)
 
     async def fork(self, checkpoint_id: str, n: int) -> list[SandboxRecord | Exception]:
         """n new sandboxes from a checkpoint; one result (record or error) per child."""
+        await self.settled(checkpoint_id)
         return await self._forks.fork(checkpoint_id, n)
 
-    def list_checkpoints(self, ref: str) -> list[CheckpointRecord]:
+    async def list_checkpoints(self, ref: str) -> list[CheckpointRecord]:
+        """The sandbox's tree, once its pending background checkpoints are recorded."""
+        await self._snapshots.settled_sandbox(self.get(ref).id)
         return self._snapshots.list_checkpoints(ref)
 
     async def diff(self, a: str, b: str) -> list[tuple[str, str]]:
+        await self.settled(a, b)
         return await self._snapshots.diff(a, b)
 
     async def delete_checkpoint(self, checkpoint_id: str, cascade: bool) -> list[str]:
         """Delete a checkpoint (with cascade, its subtree), after the rollbacks, forks
         and double builds in flight on any of them."""
+        await self.settled(checkpoint_id)
         return await self._snapshots.delete_checkpoint(checkpoint_id, cascade)
 
-    def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
+    async def pin_checkpoint(self, checkpoint_id: str, pinned: bool) -> CheckpointRecord:
+        await self.settled(checkpoint_id)
         return self._snapshots.pin_checkpoint(checkpoint_id, pinned)
 
     # ---- moving checkpoints between daemons (transfer.py) --------------------------------
 
     async def checkpoint_manifest(self, checkpoint_id: str):
         """The checkpoint's manifest (layer digests, host facts); see core/transfer.py."""
+        await self.settled(checkpoint_id)
         return await self._transfers.manifest(checkpoint_id)
 
     async def have_layers(self, digests: list[str]) -> list[str]:

@@ -7,6 +7,11 @@ it thaws and records the checkpoint in one store transaction. Afterwards, in the
 background: the sandbox's standby for it is prepared, a deep chain is squashed into one
 layer, a full checkpoint's images are deduplicated.
 
+A background checkpoint (`background=True`) replies after the thaw -- the cut -- and is
+recorded by a daemon task that holds the sandbox's lifecycle lock meanwhile; calls that
+name it wait for it (`settled`), WaitCheckpoint returns it (`wait_checkpoint`). Not
+durable until recorded (docs/deltacr.md, "Background checkpoints").
+
 A checkpoint of a sandbox that did nothing since its head checkpoint -- no file changed
 in its upper directory, no call ran in it, no process started, ended or used CPU
 (`incarnation.cpu_activity`), all seen in the frozen instant -- is not taken again: the
@@ -34,7 +39,7 @@ from deltabox.core.incarnation import cpu_activity
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.warm import WarmPools
 from deltabox.errors import FailedPrecondition, InvalidArgument, NotFound
-from deltabox.faults import crash_point
+from deltabox.faults import crash_point, hold_point
 from deltabox.store.checkpoints import CheckpointInUse
 from deltabox.store.layout import remove_tree
 from deltabox.store.records import CheckpointRecord, SandboxRecord
@@ -46,6 +51,7 @@ log = structlog.get_logger("deltabox.core.snapshots")
 
 DELETE_WAIT_S = 150.0  # a deletion waits this long for rollbacks/forks of it (> CRIU's timeout)
 SQUASH_GC_WAIT_S = DELETE_WAIT_S  # a squash frees old layers once their readers are done
+FAILED_KEPT = 256  # background checkpoints that failed: their errors kept for later calls
 
 
 def _upper_changed(scan: dict, manifest: deltafs.Manifest) -> bool:
@@ -63,6 +69,24 @@ def rmtree_quiet(path: Path) -> None:
         log.warning("cleanup.failed", path=str(path), error=str(e))
 
 
+@dataclasses.dataclass
+class _Cut:
+    """A checkpoint's frozen instant, taken but not recorded yet: the tmp layer dir
+    (None: no file changed) and images dir that hold it, and the record planned for it
+    (`Store.plan_checkpoint`: its id is already known)."""
+    rec: SandboxRecord
+    planned: CheckpointRecord
+    base: tuple[str, ...]
+    base_mount: tuple[str, ...]
+    tmp: Path | None
+    images: Path | None
+    manifest: deltafs.Manifest
+    cut: tuple | None
+    frozen_ms: float
+    t0: float
+    sink_ms: float
+
+
 class Snapshots:
     """Checkpoints of running sandboxes, and their tree."""
 
@@ -76,38 +100,41 @@ class Snapshots:
         self._pools = pools
         self._squash_lock = asyncio.Lock()  # one squash at a time: it is I/O heavy
         self._squash_again: set[str] = set()  # asked for while one ran: see _maybe_squash
+        # Background checkpoints being recorded: id -> (sandbox id, the recording task);
+        # and the errors of the last FAILED_KEPT that failed (see `settled`).
+        self._pending: dict[str, tuple[str, asyncio.Task]] = {}
+        self._failed: dict[str, BaseException] = {}
 
     async def checkpoint(self, ref: str, label: str = "", mode: str = CheckpointMode.FS,
                          wait_ready: bool = False,
-                         rollback_likely: bool | None = None) -> CheckpointRecord:
+                         rollback_likely: bool | None = None,
+                         background: bool = False) -> CheckpointRecord:
         """Checkpoint a sandbox; its body double (full) or standby (fs) is then built
-        in the background -- or before returning, with `wait_ready` (see `ready`)."""
+        in the background -- or before returning, with `wait_ready` (see `ready`).
+
+        With `background` the call returns once the cut is taken (`_take_cut`): the
+        record is written by a daemon task (`_record_in_background`) that holds the
+        sandbox's lifecycle lock until it is done, so the next checkpoint, a rollback
+        or a destroy of this sandbox come after it; calls naming the checkpoint wait
+        for it through `settled`. Exec and file calls need none of it: the cut has
+        captured the files already, so they go on at once."""
         if mode not in (CheckpointMode.FS, CheckpointMode.FULL):
             raise InvalidArgument(f"checkpoint mode must be 'fs' or 'full', not {mode!r}")
         if len(label) > 1024 or "\0" in label:
             raise InvalidArgument("label must be at most 1024 characters without NUL")
+        if background and wait_ready:
+            raise InvalidArgument("background and wait_ready exclude each other: background "
+                                  "replies before the checkpoint is recorded, wait_ready "
+                                  "after its double is built (use WaitCheckpoint, then Warm)")
         rec, rt = self._ctx.running(ref)
+        if background:
+            return await self._checkpoint_in_background(rec, rt, label, mode,
+                                                        rollback_likely)
         async with rt.lock:
             async with self._deltacr.quiesced(rec, rt, mode):
                 ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
                                                mode)
-        if ckpt.stats.get("unchanged"):
-            log.info("checkpoint.unchanged", sandbox=rec.id, checkpoint=ckpt.id, mode=mode)
-            standby = self._ctx.spawn(self._standbys.prepare(
-                rec.id, ckpt.id, rollback_likely=rollback_likely, urgent=wait_ready))
-            if wait_ready:
-                await asyncio.shield(standby)
-            return ckpt
-        metrics = self._ctx.metrics
-        metrics.checkpoints.labels(mode).inc()
-        metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
-        metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
-        log.info("checkpoint.created", sandbox=rec.id, checkpoint=ckpt.id,
-                 layers=len(ckpt.layers), **ckpt.stats)
-        standby = self._ctx.spawn(self._standbys.prepare(
-            rec.id, ckpt.id, rollback_likely=rollback_likely, urgent=wait_ready))
-        self._ctx.spawn(self._maybe_squash(ckpt.id))
-        self._deltacr.after_checkpoint(ckpt)
+        standby = self._after_checkpoint(rec.id, ckpt, mode, rollback_likely, wait_ready)
         if wait_ready:
             await asyncio.shield(standby)  # a cancelled call leaves the build running
             with contextlib.suppress(NotFound):  # the build may have marked it unusable
@@ -116,9 +143,128 @@ class Snapshots:
                                            unusable_criu=fresh.unusable_criu)
         return ckpt
 
+    def _after_checkpoint(self, sandbox_id: str, ckpt: CheckpointRecord, mode: str,
+                          rollback_likely: bool | None, urgent: bool) -> asyncio.Task:
+        """Metrics and log of a recorded checkpoint; start its standby (returned), the
+        squash and the image deduplication in the background."""
+        if ckpt.stats.get("unchanged"):
+            log.info("checkpoint.unchanged", sandbox=sandbox_id, checkpoint=ckpt.id,
+                     mode=mode)
+            return self._ctx.spawn(self._standbys.prepare(
+                sandbox_id, ckpt.id, rollback_likely=rollback_likely, urgent=urgent))
+        metrics = self._ctx.metrics
+        metrics.checkpoints.labels(mode).inc()
+        metrics.frozen.labels(mode).observe(ckpt.stats["frozen_ms"] / 1000)
+        metrics.image_bytes.inc(ckpt.stats.get("image_bytes", 0))
+        log.info("checkpoint.created", sandbox=sandbox_id, checkpoint=ckpt.id,
+                 layers=len(ckpt.layers), **ckpt.stats)
+        standby = self._ctx.spawn(self._standbys.prepare(
+            sandbox_id, ckpt.id, rollback_likely=rollback_likely, urgent=urgent))
+        self._ctx.spawn(self._maybe_squash(ckpt.id))
+        self._deltacr.after_checkpoint(ckpt)
+        return standby
+
+    # ---- background checkpoints: reply at the cut, record afterwards ----------------
+
+    async def _checkpoint_in_background(self, rec: SandboxRecord, rt: Runtime, label: str,
+                                        mode: str,
+                                        rollback_likely: bool | None) -> CheckpointRecord:
+        """The cut under the lifecycle lock, then the lock handed to the task that
+        records it (released when it ends): nothing that changes the sandbox's chain
+        can slip in between the cut and the record."""
+        await rt.lock.acquire()
+        try:
+            async with self._deltacr.quiesced(rec, rt, mode):
+                cut = await asyncio.to_thread(self._take_cut, rec.id, rt, label, mode)
+        except BaseException:
+            rt.lock.release()
+            raise
+        if isinstance(cut, CheckpointRecord):  # unchanged: the head, recorded long ago
+            rt.lock.release()
+            self._after_checkpoint(rec.id, cut, mode, rollback_likely, False)
+            return cut
+        ckpt = cut.planned
+        task = self._ctx.spawn(self._record_in_background(rt, cut, mode, rollback_likely))
+        self._pending[ckpt.id] = (rec.id, task)
+        task.add_done_callback(lambda t, cid=ckpt.id: self._pending_ended(cid, t))
+        log.info("checkpoint.cut", sandbox=rec.id, checkpoint=ckpt.id, mode=mode,
+                 frozen_ms=round(cut.frozen_ms, 2))
+        return dataclasses.replace(ckpt, stats={**ckpt.stats, "frozen_ms": cut.frozen_ms,
+                                                "cut_ms": cut.sink_ms})
+
+    async def _record_in_background(self, rt: Runtime, cut: "_Cut", mode: str,
+                                    rollback_likely: bool | None) -> CheckpointRecord:
+        """Record a background checkpoint (its layer and images renamed into place, its
+        row committed), then what follows any checkpoint. Holds rt.lock, handed over by
+        `_checkpoint_in_background`, until the record is written."""
+        try:
+            ckpt = await asyncio.to_thread(self._record_cut, rt, cut, True)
+        except BaseException as e:
+            log.error("checkpoint.background_failed", sandbox=cut.planned.sandbox_id,
+                      checkpoint=cut.planned.id, error=str(e))
+            raise
+        finally:
+            rt.lock.release()
+        self._after_checkpoint(ckpt.sandbox_id, ckpt, mode, rollback_likely, False)
+        return ckpt
+
+    def _pending_ended(self, checkpoint_id: str, task: asyncio.Task) -> None:
+        """A background checkpoint is recorded, or failed: its error is kept (the last
+        FAILED_KEPT) for the calls that name it later."""
+        self._pending.pop(checkpoint_id, None)
+        if task.cancelled():
+            self._failed[checkpoint_id] = FailedPrecondition(
+                f"checkpoint {checkpoint_id} was not recorded: the daemon is stopping")
+        elif task.exception() is not None:
+            self._failed[checkpoint_id] = task.exception()
+        else:
+            return
+        while len(self._failed) > FAILED_KEPT:
+            self._failed.pop(next(iter(self._failed)))
+
+    def pending(self, checkpoint_id: str) -> bool:
+        """Whether the checkpoint is a background one still being recorded."""
+        return checkpoint_id in self._pending
+
+    async def settled(self, *refs: str) -> None:
+        """Wait until each of `refs` that is a pending background checkpoint is
+        recorded; raise the error one hit (then, or earlier). Other refs (recorded
+        checkpoints, sandboxes, unknown ids) pass at once."""
+        for ref in refs:
+            entry = self._pending.get(ref)
+            if entry is not None:
+                await asyncio.shield(entry[1])
+            elif ref in self._failed:
+                raise self._failed[ref]
+
+    async def settled_sandbox(self, sandbox_id: str) -> None:
+        """Wait for the sandbox's pending background checkpoints (their errors aside:
+        a failed one is simply not there)."""
+        tasks = [t for sid, t in list(self._pending.values()) if sid == sandbox_id]
+        if tasks:
+            await asyncio.wait([asyncio.shield(t) for t in tasks])
+
+    async def wait_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
+        """The checkpoint once recorded (with the timings its Checkpoint call saw, if
+        it was pending), or the error its background work hit."""
+        entry = self._pending.get(checkpoint_id)
+        if entry is not None:
+            return await asyncio.shield(entry[1])
+        await self.settled(checkpoint_id)
+        return self.store.get_checkpoint(checkpoint_id)
+
+    # ---- the cut and the record -----------------------------------------------------
+
     def _checkpoint_blocking(self, sandbox_id: str, rt: Runtime, label: str,
                              mode: str) -> CheckpointRecord:
         """Sink (and dump), then record, in one worker thread (one hop off the loop)."""
+        cut = self._take_cut(sandbox_id, rt, label, mode)
+        return cut if isinstance(cut, CheckpointRecord) else self._record_cut(rt, cut)
+
+    def _take_cut(self, sandbox_id: str, rt: Runtime, label: str,
+                  mode: str) -> "CheckpointRecord | _Cut":
+        """The frozen instant: sink (and dump) into tmp dirs, thaw, and plan the record
+        (its ids). Returns the head instead when it stands for this instant."""
         rec = self.store.get_sandbox(sandbox_id)
         t0 = time.perf_counter()
         head = self._reusable_head(rec, rt, mode)
@@ -134,29 +280,50 @@ class Snapshots:
                 rmtree_quiet(images)
             return dataclasses.replace(head, stats={**head.stats, "unchanged": True,
                                                     "unchanged_frozen_ms": frozen_ms})
-        t1 = time.perf_counter()
-        lower = self.store.get_branch(rec.branch_id).lower
-        base = lower + tuple(rt.own_layers)
-        # What to mount: the head's chain (squashed, once it is) plus the new layer.
-        base_mount = self.shortest_mount(rec.head) if rec.head and rt.own_layers else lower
         try:
-            ckpt = self.store.commit_checkpoint(
+            lower = self.store.get_branch(rec.branch_id).lower
+            base = lower + tuple(rt.own_layers)
+            # What to mount: the head's chain (squashed, once it is) plus the new layer.
+            base_mount = self.shortest_mount(rec.head) if rec.head and rt.own_layers \
+                else lower
+            planned = self.store.plan_checkpoint(
                 rec, label, mode, base, base_mount, tmp,
                 {"changed": stats.changed, "whiteouts": stats.whiteouts,
-                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms}, images)
+                 "cloned_bytes": stats.cloned_bytes, **stats.phases_ms})
         except BaseException:
             for d in (tmp, images):
                 if d is not None:
                     rmtree_quiet(d)
             raise
+        return _Cut(rec, planned, base, base_mount, tmp, images, manifest, cut, frozen_ms,
+                    t0, 1000 * (time.perf_counter() - t0))
+
+    def _record_cut(self, rt: Runtime, cut: "_Cut", background: bool = False
+                    ) -> CheckpointRecord:
+        """Commit layer + images + row in one transaction; the runtime then knows the
+        new head (its layers, manifest and cut). On failure the tmp dirs go."""
+        if background:
+            hold_point("checkpoint.background")  # a crash test's window: pending
+        t1 = time.perf_counter()
+        p = cut.planned
+        try:
+            ckpt = self.store.commit_checkpoint(cut.rec, p.label, p.mode, cut.base,
+                                                cut.base_mount, cut.tmp, p.stats,
+                                                cut.images, planned=p)
+        except BaseException:
+            for d in (cut.tmp, cut.images):
+                if d is not None:
+                    rmtree_quiet(d)
+            raise
         crash_point("checkpoint.committed")
         t2 = time.perf_counter()
-        if tmp is not None:
+        if cut.tmp is not None:
             rt.own_layers.append(ckpt.layers[-1])
-        rt.manifest = manifest
-        rt.last_cut = (ckpt.id, cut) if cut is not None else None
-        ckpt.stats.update({"frozen_ms": frozen_ms, "sink_ms": 1000 * (t1 - t0),
-                           "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - t0)})
+        rt.manifest = cut.manifest
+        rt.last_cut = (ckpt.id, cut.cut) if cut.cut is not None else None
+        ckpt = dataclasses.replace(ckpt, stats={
+            **ckpt.stats, "frozen_ms": cut.frozen_ms, "sink_ms": cut.sink_ms,
+            "commit_ms": 1000 * (t2 - t1), "total_ms": 1000 * (t2 - cut.t0)})
         return ckpt
 
     def _reusable_head(self, rec: SandboxRecord, rt: Runtime,

@@ -106,6 +106,33 @@ def _wait_until(done, what: str, timeout: float = 5.0) -> None:
             os.sched_yield()
 
 
+# Reading a file of a cgroup that is gone, or being removed (its kernfs node already
+# deactivated: ENODEV, seen while another thread rmdirs it), means "no such cgroup".
+_GONE = (errno.ENOENT, errno.ENODEV)
+
+
+def _procs(path: Path) -> list[int]:
+    """The pids in a cgroup.procs file; none when the cgroup is gone or going."""
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except OSError as e:
+        if e.errno not in _GONE:
+            raise
+        return []
+
+
+def _read_int(path: Path) -> int:
+    """An integer cgroup file; 0 when the cgroup is gone or going."""
+    try:
+        return int(path.read_text())
+    except ValueError:
+        return 0
+    except OSError as e:
+        if e.errno not in _GONE:
+            raise
+        return 0
+
+
 def _rmdir_retry(path: Path, timeout: float = 5.0) -> None:
     """rmdir a cgroup; it stays busy for a moment after its last task exits."""
     deadline = time.monotonic() + timeout
@@ -205,7 +232,16 @@ class CgroupDriver:
         raise NotImplementedError
 
     def kill_all(self, name: str, timeout: float = 5.0) -> None:
-        """SIGKILL every process in the cgroup and wait until it is empty."""
+        """SIGKILL every process in the cgroup and wait until it is empty.
+
+        A cgroup removed meanwhile (by another teardown) is empty: done."""
+        try:
+            self._kill_all(name, timeout)
+        except OSError as e:
+            if e.errno not in _GONE or name in self.names():
+                raise
+
+    def _kill_all(self, name: str, timeout: float) -> None:
         if not self.pids(name) and name not in self.names():
             return
         if not self.can_freeze(name):  # a half-removed cgroup: plain SIGKILLs
@@ -273,11 +309,7 @@ class CgroupV1(CgroupDriver):
     def pids(self, name):
         found: set[int] = set()
         for c in self.CONTROLLERS:  # any of them: a stray may lack some
-            try:
-                found.update(int(x) for x in (self._dir(c, name) / "cgroup.procs")
-                             .read_text().split())
-            except FileNotFoundError:
-                pass
+            found.update(_procs(self._dir(c, name) / "cgroup.procs"))
         return sorted(found)
 
     def can_freeze(self, name):
@@ -287,10 +319,7 @@ class CgroupV1(CgroupDriver):
         return self._dir("freezer", name)
 
     def memory_usage(self, name):
-        try:
-            return int((self._dir("memory", name) / "memory.usage_in_bytes").read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
+        return _read_int(self._dir("memory", name) / "memory.usage_in_bytes")
 
     def _freezer_state(self, name: str, state: str) -> None:
         path = self._dir("freezer", name) / "freezer.state"
@@ -363,10 +392,7 @@ class CgroupV2(CgroupDriver):
         return [d / "cgroup.procs"]
 
     def pids(self, name):
-        try:
-            return [int(x) for x in (self._dir(name) / "cgroup.procs").read_text().split()]
-        except FileNotFoundError:
-            return []
+        return _procs(self._dir(name) / "cgroup.procs")
 
     def _freeze(self, name: str, value: str) -> None:
         d = self._dir(name)
@@ -391,12 +417,9 @@ class CgroupV2(CgroupDriver):
         return self._dir(name)
 
     def memory_usage(self, name):
-        try:
-            return int((self._dir(name) / "memory.current").read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
+        return _read_int(self._dir(name) / "memory.current")
 
-    def kill_all(self, name, timeout=5.0):
+    def _kill_all(self, name, timeout):
         d = self._dir(name)
         if not d.exists():
             return

@@ -107,9 +107,9 @@ def file_info_pb(info) -> pb.FileInfo:
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
-def checkpoint_pb(c, ready: bool = False) -> pb.CheckpointInfo:
+def checkpoint_pb(c, ready: bool = False, pending: bool = False) -> pb.CheckpointInfo:
     return pb.CheckpointInfo(
-        ready=ready, id=c.id, sandbox_id=c.sandbox_id, parent_id=c.parent_id, label=c.label,
+        ready=ready, pending=pending, id=c.id, sandbox_id=c.sandbox_id, parent_id=c.parent_id, label=c.label,
         mode=MODE_PB.get(c.mode, 0), created_at=c.created_at, layer_ids=list(c.mount_layers),
         pinned=c.pinned, timings_ms={k: float(v) for k, v in c.stats.items()
                                      if k.endswith("_ms")},

@@ -252,7 +252,11 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
         self.d.require_space(f"a checkpoint of sandbox {request.sandbox!r}", "Checkpoint")
         likely = request.rollback_likely if request.HasField("rollback_likely") else None
         ckpt = await self.m.checkpoint(request.sandbox, request.label, mode,
-                                       request.wait_ready, likely)
+                                       request.wait_ready, likely, request.background)
+        return checkpoint_pb(ckpt, self.m.ready(ckpt.id), self.m.pending(ckpt.id))
+
+    async def WaitCheckpoint(self, request, context):
+        ckpt = await self.m.wait_checkpoint(request.checkpoint)
         return checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
     async def Rollback(self, request, context):
@@ -267,6 +271,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
 
     async def Fork(self, request, context):
         t0 = time.perf_counter()
+        await self.m.settled(request.checkpoint)  # a pending one: recorded first
         self.m.store.get_checkpoint(request.checkpoint)  # NOT_FOUND first
         self.d.require_space(f"forking checkpoint {request.checkpoint!r}", "Fork")
         results = await self.m.fork(request.checkpoint, request.n)
@@ -287,7 +292,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
     async def ListCheckpoints(self, request, context):
         return pb.ListCheckpointsResponse(checkpoints=[
             checkpoint_pb(c, self.m.ready(c.id))
-            for c in self.m.list_checkpoints(request.sandbox)])
+            for c in await self.m.list_checkpoints(request.sandbox)])
 
     async def Diff(self, request, context):
         entries = await self.m.diff(getattr(request, "from"), request.to)
@@ -298,7 +303,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
         return pb.DeleteCheckpointResponse()
 
     async def PinCheckpoint(self, request, context):
-        ckpt = self.m.pin_checkpoint(request.checkpoint, request.pinned)
+        ckpt = await self.m.pin_checkpoint(request.checkpoint, request.pinned)
         return checkpoint_pb(ckpt, self.m.ready(ckpt.id))
 
     # Moving checkpoints (deltabox.core.transfer): the stream's frames are API messages.
@@ -309,6 +314,7 @@ class CheckpointsServicer(pb_grpc.CheckpointsServicer):
         return pb.HaveLayersResponse(have=await self.m.have_layers(list(request.digests)))
 
     async def ExportCheckpoint(self, request, context):
+        await self.m.settled(request.checkpoint)  # a pending one: recorded first
         self.m.store.get_checkpoint(request.checkpoint)  # NOT_FOUND before the stream
         async for chunk in self.m.export_checkpoint(request.checkpoint,
                                                     list(request.skip_layers)):

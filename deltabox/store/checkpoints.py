@@ -6,7 +6,7 @@ A checkpoint is an immutable node of a sandbox's snapshot tree (see the vocabula
 (stats, pinned, unusable) and, once squashed, the equal but shorter chain it mounts.
 
 `CheckpointTable` is a part of `Store`, not a store of its own: it is mixed into `Store`
-and uses its connection (`transaction`, `_query`), its layer bookkeeping
+and uses its connection (`transaction`, `_query`; plain reads `_read`), its layer bookkeeping
 (`_drop_unused_layers`, `delete_unreferenced_layer_dirs`) and its directories
 (`deltabox.store.layout.Layout`).
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from deltabox.errors import CheckpointNotFound, FailedPrecondition, InvalidArgument
-from deltabox.faults import crash_point
+from deltabox.faults import crash_point, hold_point
 from deltabox.store.layout import remove_tree, syncfs, tree_size
 from deltabox.store.records import (CHECKPOINT_COLUMNS, CheckpointRecord, SandboxRecord,
                                     checkpoint_from_row, new_id)
@@ -42,19 +42,19 @@ class CheckpointTable:
     def commit_checkpoint(self, sandbox: SandboxRecord, label: str, mode: str,
                           base_layers: tuple[str, ...], base_mount: tuple[str, ...],
                           new_layer_dir: Path | None, stats: dict,
-                          images: Path | None = None) -> CheckpointRecord:
+                          images: Path | None = None,
+                          planned: CheckpointRecord | None = None) -> CheckpointRecord:
         """Record a checkpoint (and its new layer, if anything changed) in one
         transaction, and make it the sandbox's head.
 
         `base_layers` is the branch's chain as sunk so far, `base_mount` an equal
-        chain to mount (shorter once an ancestor was squashed)."""
-        now = time.time()
-        layer_id = new_id("l") if new_layer_dir is not None else None
-        new = (layer_id,) if layer_id else ()
-        layers, mount = base_layers + new, base_mount + new
-        ckpt = CheckpointRecord(new_id("ck"), sandbox.id, sandbox.head, label, mode, now,
-                                tuple(layers), tuple(mount), "", False, stats, sandbox.image,
-                                sandbox.spec)
+        chain to mount (shorter once an ancestor was squashed). `planned`: the record
+        `plan_checkpoint` made with the same arguments (a background checkpoint's id
+        was handed out before this commit)."""
+        ckpt = planned or self.plan_checkpoint(sandbox, label, mode, base_layers,
+                                               base_mount, new_layer_dir, stats)
+        now, layers, mount = ckpt.created_at, ckpt.layers, ckpt.mount_layers
+        layer_id = layers[-1] if new_layer_dir is not None else None
         size = int(stats.get("cloned_bytes", 0))  # shared with the upper via reflinks
         if self.durable and new_layer_dir is not None:
             syncfs(new_layer_dir)
@@ -90,6 +90,7 @@ class CheckpointTable:
                     if images is not None:
                         images.rename(self.images_path(ckpt.id))
                     crash_point("checkpoint.commit")
+                    hold_point("checkpoint.commit")  # a test's window: the lock held
                 except BaseException:
                     move_back()
                     raise
@@ -99,10 +100,20 @@ class CheckpointTable:
         sandbox.head = ckpt.id
         return ckpt
 
+    def plan_checkpoint(self, sandbox: SandboxRecord, label: str, mode: str,
+                        base_layers: tuple[str, ...], base_mount: tuple[str, ...],
+                        new_layer_dir: Path | None, stats: dict) -> CheckpointRecord:
+        """The record `commit_checkpoint` will write (ids chosen, nothing stored)."""
+        new = (new_id("l"),) if new_layer_dir is not None else ()
+        return CheckpointRecord(new_id("ck"), sandbox.id, sandbox.head, label, mode,
+                                time.time(), tuple(base_layers + new),
+                                tuple(base_mount + new), "", False, stats, sandbox.image,
+                                sandbox.spec)
+
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord:
         if not isinstance(checkpoint_id, str) or not checkpoint_id:
             raise InvalidArgument("a checkpoint id is required")
-        rows = self._query(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id=?",
+        rows = self._read(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id=?",
                            (checkpoint_id,))
         if not rows:
             raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r}")
@@ -111,13 +122,13 @@ class CheckpointTable:
     def checkpoint_tree(self, sandbox: SandboxRecord) -> list[CheckpointRecord]:
         """The sandbox's checkpoints plus their ancestors (forks start in another
         sandbox's tree), oldest first."""
-        found = {r[0]: checkpoint_from_row(r) for r in self._query(
+        found = {r[0]: checkpoint_from_row(r) for r in self._read(
             f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE sandbox_id=?", (sandbox.id,))}
         todo = [c.parent_id for c in found.values()] + [sandbox.head]
         while todo:
             cid = todo.pop()
             if cid and cid not in found:
-                rows = self._query(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id=?",
+                rows = self._read(f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id=?",
                                    (cid,))
                 if rows:
                     found[cid] = checkpoint_from_row(rows[0])
@@ -127,7 +138,7 @@ class CheckpointTable:
     def tree_root(self, checkpoint_id: str) -> str:
         cid = checkpoint_id
         while True:
-            rows = self._query("SELECT parent_id FROM checkpoints WHERE id=?", (cid,))
+            rows = self._read("SELECT parent_id FROM checkpoints WHERE id=?", (cid,))
             if not rows or not rows[0][0]:
                 return cid
             cid = rows[0][0]
@@ -209,7 +220,7 @@ class CheckpointTable:
             remove_tree(self.images_path(cid))
 
     def checkpoint_exists(self, checkpoint_id: str) -> bool:
-        return bool(self._query("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
+        return bool(self._read("SELECT 1 FROM checkpoints WHERE id=?", (checkpoint_id,)))
 
     def set_squashed(self, checkpoint_id: str, base: tuple[str, ...], layer_dir: Path,
                      expect_mount: tuple[str, ...]) -> str | None:

@@ -96,9 +96,12 @@ class Store(CheckpointTable, TransferTable, Layout):
     def __init__(self, root: Path, durable: bool = False):
         super().__init__(root)
         self.durable = durable
-        # One connection, serialised by a lock: callers run in a thread pool.
+        # One connection for transactions, serialised by a lock: callers run in a thread
+        # pool. Plain reads (`_read`) use a connection of their own thread instead.
         self._lock = threading.RLock()
         self._gc_lock = threading.Lock()  # see delete_unreferenced_layer_dirs
+        self._readers: list[sqlite3.Connection] = []
+        self._reader = threading.local()
         self._db = sqlite3.connect(root / "meta.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -138,6 +141,9 @@ class Store(CheckpointTable, TransferTable, Layout):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -152,8 +158,41 @@ class Store(CheckpointTable, TransferTable, Layout):
             self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """A read that waits for a transaction in flight and sees its outcome (what
+        `delete_unreferenced_layer_dirs` relies on)."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """A read that never waits for the store's lock: on a connection of the calling
+        thread, it sees the last committed state (WAL readers do not block on the
+        writer). The event loop reads records on every call (GetSandbox, exec, rollback);
+        waiting there for a worker thread's transaction (a checkpoint's commit, a
+        squash, GC) stalled every call of the daemon (issue 10, target 1). Inside this
+        thread's own transaction it reads through that transaction (its writes)."""
+        if self._lock._is_owned():
+            return self._query(sql, args)
+        conn = getattr(self._reader, "db", None)
+        if conn is None:
+            conn = sqlite3.connect(self.root / "meta.db", check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute("PRAGMA query_only=ON")
+            with self._lock:
+                self._readers.append(conn)
+            self._reader.db = conn
+        return conn.execute(sql, args).fetchall()
+
+    @contextmanager
+    def lock_if_free(self) -> Iterator[bool]:
+        """The store's lock, held for the block if it was free (True), else not taken
+        (False): for the event loop, which must not wait for a worker's transaction
+        (it hops to a thread instead). Transactions inside the block re-enter it."""
+        got = self._lock.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                self._lock.release()
 
     # ---- layers & images -------------------------------------------------------------
 
@@ -231,13 +270,13 @@ class Store(CheckpointTable, TransferTable, Layout):
                     remove_tree(d)
 
     def get_image(self, name: str) -> ImageRecord:
-        rows = self._query("SELECT * FROM images WHERE name=?", (name,))
+        rows = self._read("SELECT * FROM images WHERE name=?", (name,))
         if not rows:
             raise ImageNotFound(f"no image named {name!r}")
         return image_from_row(rows[0])
 
     def list_images(self) -> list[ImageRecord]:
-        return [image_from_row(r) for r in self._query("SELECT * FROM images ORDER BY name")]
+        return [image_from_row(r) for r in self._read("SELECT * FROM images ORDER BY name")]
 
     def remove_image(self, name: str) -> None:
         with self.transaction() as db:
@@ -328,17 +367,17 @@ class Store(CheckpointTable, TransferTable, Layout):
         self.delete_unreferenced_layer_dirs()
 
     def get_sandbox(self, ref: str) -> SandboxRecord:
-        rows = self._query("SELECT * FROM sandboxes WHERE id=? OR name=?", (ref, ref))
+        rows = self._read("SELECT * FROM sandboxes WHERE id=? OR name=?", (ref, ref))
         if not rows:
             raise SandboxNotFound(f"no sandbox {ref!r}")
         return sandbox_from_row(rows[0])
 
     def list_sandboxes(self) -> list[SandboxRecord]:
         return [sandbox_from_row(r)
-                for r in self._query("SELECT * FROM sandboxes ORDER BY created_at")]
+                for r in self._read("SELECT * FROM sandboxes ORDER BY created_at")]
 
     def get_branch(self, branch_id: str) -> BranchRecord:
-        rows = self._query("SELECT * FROM branches WHERE id=?", (branch_id,))
+        rows = self._read("SELECT * FROM branches WHERE id=?", (branch_id,))
         if not rows:
             raise NotFound(f"no branch {branch_id!r}")
         r = rows[0]
