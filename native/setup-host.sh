@@ -182,11 +182,17 @@ step_packages() {
 criu_bin() { printf '%s\n' "$CRIU_PREFIX/sbin/criu"; }
 
 # Our fixes on top of CRIU $CRIU_VERSION (native/criu-patches/*.patch, applied in order).
-# Their fingerprint is stored in the prefix, so changing a patch triggers a rebuild.
+# Their fingerprint, with the build's settings, is stored in the prefix, so changing a
+# patch or a setting triggers a rebuild.
 PATCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
+# CRIU's kernel-feature cache ($RUNDIR/criu.kdat) carries a magic of its own build: two
+# builds sharing /run/criu.kdat (ours and a distro's, used by Docker or Podman) delete each
+# other's cache and probe the kernel again, inside our checkpoints' frozen window. Ours gets
+# its own directory (deltabox/host/criu.py, KDAT_CACHE_OURS).
+CRIU_RUNDIR=/run/deltabox-kdat
 patches_fingerprint() {
     if compgen -G "$PATCH_DIR/*.patch" >/dev/null; then
-        cat "$PATCH_DIR"/*.patch | sha256sum | awk '{print $1}'
+        { cat "$PATCH_DIR"/*.patch; echo "RUNDIR=$CRIU_RUNDIR"; } | sha256sum | awk '{print $1}'
     else
         echo none
     fi
@@ -293,7 +299,7 @@ build_criu() {
     # `install-lib` from pip-installing pycriu; LIBDIR overrides the multiarch default
     # (lib/x86_64-linux-gnu) so libcriu lands at a stable $PREFIX/lib.
     local mk=(make -C "$srcdir" PYTHON=/usr/bin/python3 PREFIX="$CRIU_PREFIX" LIBDIR="$CRIU_PREFIX/lib"
-        SKIP_PIP_INSTALL=1)
+        RUNDIR="$CRIU_RUNDIR" SKIP_PIP_INSTALL=1)
     log "criu: make criu lib (-j$(nproc)) in $srcdir"
     "${mk[@]}" -j"$(nproc)" criu >"$build/criu-make.log" 2>&1 ||
         { tail -n 30 "$build/criu-make.log" >&2; die "make criu failed (log: $build/criu-make.log)"; }

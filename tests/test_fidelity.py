@@ -691,8 +691,46 @@ def test_failed_restore_without_a_double_marks_the_checkpoint_too(new_daemon, mo
         assert time.monotonic() - t0 < 1.0 and "cannot be restored" in str(err.value)
         assert info.unusable_reason in str(err.value)
         assert sbx.exec("cat /etc/mark").check().stdout == b"hi\n"
+        # Both failed restores' logs are kept by the images: the rollback's with errors and
+        # warnings only, the second attempt's (the one that judged) at debug level, whose
+        # lines CRIU timestamps -- and the verdict above compared the two all the same.
+        logs = sorted((d.state_dir / "store" / "images" / ckpt.id).glob("restore-*.log"))
+        debug = [bool(re.search(r"^\(\s*\d+\.\d+\) ", p.read_text(errors="replace"), re.M))
+                 for p in logs]
+        assert sorted(debug) == [False, True], (logs, debug)
         sbx.destroy()
     d.stop()
+
+
+def test_a_debug_log_says_what_a_plain_one_says(tmp_path):
+    """A restore logs errors and warnings only; the second attempt, whose error lines the
+    verdict compares with the first's, logs at debug level. CRIU's debug lines (timestamped,
+    some naming an error it handled) and a debug line last must not change what is quoted.
+    Lines as CRIU 4.1 writes them at -v2 and -v4 (CRIU_FAULT=6)."""
+    from deltabox.core.deltacr import comparable
+    from deltabox.host.criu import _error_lines
+    plain = tmp_path / "v2.log"
+    plain.write_text(
+        "Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not "
+        "permitted\nError: ipv4: Address already assigned.\n"
+        "Error (criu/cr-restore.c:2320): Restoring FAILED.\n")
+    debug = tmp_path / "v4.log"
+    debug.write_text(
+        "(00.000021) Version: 4.1.1 (gitid 0)\n"
+        "(00.001057) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: "
+        "Operation not permitted\n(00.002001) Error: ipv4: Address already assigned.\n"
+        "(00.031200) pie: 7: Error 11 from read, trying again\n"
+        "(00.056837) Error (criu/cr-restore.c:2320): Restoring FAILED.\n"
+        "(00.056901) Unlink remaps\n")
+    assert _error_lines(plain) == _error_lines(debug) == \
+        "Error (criu/cr-restore.c:2320): Restoring FAILED."
+    (tmp_path / "v2b.log").write_text("Warn  (criu/x.c:1): x\nError (criu/mount.c:12): "
+                                      "mnt: Can't mount at 5: EBUSY\n")
+    (tmp_path / "v4b.log").write_text("(00.1) Warn  (criu/x.c:1): x\n(00.2) Error (criu/"
+                                      "mount.c:12): mnt: Can't mount at 9: EBUSY\n"
+                                      "(00.3) pie: 9: Error counting ignored\n")
+    assert comparable(_error_lines(tmp_path / "v2b.log")) == \
+        comparable(_error_lines(tmp_path / "v4b.log"))
 
 
 def test_what_counts_as_the_checkpoints_fault():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import re
 from pathlib import Path
@@ -286,8 +287,12 @@ class DeltaCR:
                 # The network is attached when (if) the standby is promoted. A full
                 # checkpoint's standby is its body double: restored, left frozen.
                 launch = self._launch_in_background if full else self._incarnations.launch
-                pid, start = await asyncio.to_thread(launch, rec, mnt, False,
-                                                     self.images_for(ckpt), True)
+                # The attempt after a failed restore logs at debug level: it decides
+                # whether the checkpoint is at fault, and its log (kept next to the
+                # images when it fails) is the one to read.
+                pid, start = await asyncio.to_thread(
+                    functools.partial(launch, rec, mnt, False, self.images_for(ckpt), True,
+                                      debug_log=full and first is not None))
             except Exception as e:  # noqa: BLE001 - a standby is an optimisation only
                 log.warning(f"{what}.failed", sandbox=rec.id or None, checkpoint=ckpt.id,
                             attempt=attempt, error=str(e))
@@ -306,7 +311,7 @@ class DeltaCR:
             return Standby(branch_id, ckpt.id, pid, start, tuple(ckpt.mount_layers))
         return None
 
-    def _launch_in_background(self, *args) -> tuple[int, float]:
+    def _launch_in_background(self, *args, **kw) -> tuple[int, float]:
         """`Incarnations.launch` of a body double, with CRIU at nice BACKGROUND_NICE: it
         inherits this worker thread's nice value (Linux's nice is per thread), so the
         sandboxes' own work and the daemon's replies go first -- but only within one
@@ -318,7 +323,7 @@ class DeltaCR:
         before = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
         try:
-            return self._incarnations.launch(*args, background=True)
+            return self._incarnations.launch(*args, background=True, **kw)
         finally:
             os.setpriority(os.PRIO_PROCESS, 0, before)
 

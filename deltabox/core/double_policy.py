@@ -27,14 +27,22 @@ CRIU), cheap enough to keep always.
 moment when no unary RPC is being served (`Metrics.in_flight`), waiting at most
 `MAX_YIELD_S` -- so an exec, rollback or checkpoint never queues behind background
 restores, and 64 sandboxes' checkpoints do not start 64 CRIU restores at once. A build a
-call waits for (`Checkpoint(wait_ready)`) does not yield.
+call waits for (`Checkpoint(wait_ready)`) does not yield. When builds queue for a slot,
+the one most likely to be used soon goes first (`DoublePolicy.build_priority`: its
+sandbox's rollbacks per second times the share of them that hit a hot checkpoint; a build
+a call waits for before any), not the first to ask: on a busy daemon the queue holds
+dozens of builds, and a tree search's used double's replacement, needed within seconds,
+must not wait behind the standbys of sandboxes that roll back once in a while.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -62,6 +70,11 @@ class Habits:
     rollbacks: int = 0
     last_target: str = ""
     hints: dict[str, bool] = field(default_factory=dict)  # checkpoint -> rollback_likely
+    # Rollbacks (full or fs) in time, for the build queue's order: the weighted interval
+    # between two, starting from `PRIOR_INTERVAL_S` (one rollback is not a habit yet).
+    PRIOR_INTERVAL_S = 10.0
+    interval_s: float = PRIOR_INTERVAL_S
+    last_rollback_at: float | None = None  # time.monotonic()
 
     def current_rate(self) -> float:
         """The rate with the rollbacks since the last checkpoint counted in."""
@@ -76,6 +89,22 @@ class Habits:
     def expected_reuses(self) -> float:
         """How often the checkpoint just rolled back to is rolled back to again next."""
         return self.current_rate() * self.again_share
+
+    def rollbacks_per_s(self, now: float | None = None) -> float:
+        """How often the sandbox rolls back lately (0 if it never did); it decays while
+        the sandbox does not."""
+        if self.last_rollback_at is None:
+            return 0.0
+        since = (time.monotonic() if now is None else now) - self.last_rollback_at
+        return 1.0 / max(self.interval_s, since, 1e-3)
+
+    def rolled_back_at(self, now: float | None = None) -> None:
+        """A rollback (full or fs) began now."""
+        now = time.monotonic() if now is None else now
+        if self.last_rollback_at is not None:
+            a = self.ALPHA
+            self.interval_s = (1 - a) * self.interval_s + a * (now - self.last_rollback_at)
+        self.last_rollback_at = now
 
     def checkpointed(self) -> None:
         if self.checkpoints:  # the first one closes no step
@@ -95,7 +124,8 @@ class Habits:
     def summary(self) -> dict:
         return {"rate": round(self.current_rate(), 3), "hot_share": round(self.hot_share, 3),
                 "again_share": round(self.again_share, 3), "checkpoints": self.checkpoints,
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks,
+                "rollbacks_per_s": round(self.rollbacks_per_s(), 3)}
 
 
 class DoublePolicy:
@@ -128,8 +158,35 @@ class DoublePolicy:
 
     def rolled_back(self, sandbox, checkpoint_id: str, full: bool,
                     was_hot: bool) -> None:
+        h = self.habits(sandbox)
+        h.rolled_back_at()
         if full:
-            self.habits(sandbox).rolled_back(checkpoint_id, was_hot)
+            h.rolled_back(checkpoint_id, was_hot)
+
+    def build_priority(self, sandbox, checkpoint_id: str) -> float:
+        """The build queue's order (`BuildGate`): a build a call waits for first, then
+        by how soon the sandbox's incarnations are likely to be used -- its rollbacks per
+        second times the share of them that went to a hot checkpoint. A sandbox that
+        never rolled back comes last (first come, first served among equals)."""
+        if checkpoint_id in self.urgent:
+            return math.inf
+        h = self._habits.get(sandbox)
+        if h is None:
+            return 0.0
+        return h.rollbacks_per_s() * h.hot_share
+
+    def max_yield_s(self, sandbox, checkpoint_id: str) -> float:
+        """How long its build waits for a moment with no call in flight (`BuildGate.quiet`):
+        `BuildGate.MAX_YIELD_S`, but no more than half the interval between the sandbox's
+        rollbacks to hot checkpoints. Each rollback that used a double asks for one
+        replacement and a sandbox's builds run one after another: a tree search rolling
+        back every 0.3 s whose builds each waited a full second on a daemon that is never
+        idle fell behind its own rollbacks, and each double missing is a CRIU restore
+        after all -- in the caller's rollback, at full priority."""
+        p = self.build_priority(sandbox, checkpoint_id)
+        if p <= 0:
+            return BuildGate.MAX_YIELD_S
+        return min(BuildGate.MAX_YIELD_S, 0.5 / p)
 
     def wants(self, sandbox, checkpoint_id: str) -> bool:
         """Whether this hot full checkpoint should have a double."""
@@ -163,30 +220,88 @@ class DoublePolicy:
 
 
 class BuildGate:
-    """At most `limit` double builds at once, daemon-wide, each started when no client
-    call is being served (or after `MAX_YIELD_S`)."""
+    """At most `limit` double builds at once, daemon-wide (`slot`), each started when no
+    client call is being served (`quiet`, at most `MAX_YIELD_S`; a build a call waits for
+    skips it). Builds waiting for a slot get it by priority (highest first, evaluated when
+    a slot frees; the first to ask among equals), not in the order they asked."""
 
     MAX_YIELD_S = 1.0
 
     def __init__(self, limit: int, calls: CallsInFlight) -> None:
-        self._slots = asyncio.Semaphore(max(1, limit))
+        self.limit = max(1, limit)
+        self.running = 0  # slots held
+        self._queue: list[_Waiter] = []
+        self._asked = 0  # waiters ever queued (their order among equal priorities)
         self._calls = calls
         self.yielded = 0  # builds that waited for a call to end (for tests and logs)
 
-    @contextlib.asynccontextmanager
-    async def build(self, urgent: bool = False):
-        async with self._slots:
-            if not urgent:
-                await self.quiet()
-            yield
+    @property
+    def waiting(self) -> int:
+        """Builds queued for a slot."""
+        return len(self._queue)
 
-    async def quiet(self) -> None:
-        """Until no unary call is in flight (at most MAX_YIELD_S)."""
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: Callable[[], float] | None = None):
+        """One of the `limit` slots; `priority()` orders the queue when there is one."""
+        await self._acquire(priority or _zero)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: Callable[[], float]) -> None:
+        if self.running < self.limit and not self._queue:
+            self.running += 1
+            return
+        waiter = _Waiter(self._asked, priority, asyncio.get_running_loop().create_future())
+        self._asked += 1
+        self._queue.append(waiter)
+        try:
+            await waiter.granted
+        except asyncio.CancelledError:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self._release()  # granted, then cancelled before it could run
+            elif waiter in self._queue:
+                self._queue.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        self.running -= 1
+        while self.running < self.limit and self._queue:
+            best = max(self._queue, key=_Waiter.order)
+            self._queue.remove(best)
+            if best.granted.done():  # cancelled meanwhile
+                continue
+            best.granted.set_result(None)
+            self.running += 1
+
+    async def quiet(self, max_s: float | None = None) -> None:
+        """Until no unary call is in flight (at most `max_s`, MAX_YIELD_S by default)."""
         if self._calls.n <= 0:
             return
+        max_s = self.MAX_YIELD_S if max_s is None else max_s
         self.yielded += 1
         try:
-            await asyncio.wait_for(self._calls.idle(), self.MAX_YIELD_S)
+            await asyncio.wait_for(self._calls.idle(), max_s)
         except asyncio.TimeoutError:
             log.info("double_policy.yield_timed_out", calls_in_flight=self._calls.n,
-                     after_s=self.MAX_YIELD_S)
+                     after_s=round(max_s, 3))
+
+
+def _zero() -> float:
+    return 0.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    asked: int
+    priority: Callable[[], float]
+    granted: asyncio.Future
+
+    def order(self) -> tuple[float, int]:
+        try:
+            p = float(self.priority())
+        except Exception:  # noqa: BLE001 - a broken estimate must not wedge the gate
+            log.exception("double_policy.priority_failed")
+            p = 0.0
+        return (p, -self.asked)

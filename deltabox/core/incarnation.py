@@ -146,7 +146,7 @@ class Incarnations:
 
     def launch(self, rec: SandboxRecord, mnt: Mount, network: bool = True,
                restore_from: Path | None = None, stopped: bool = False,
-               background: bool = False) -> tuple[int, float]:
+               background: bool = False, debug_log: bool = False) -> tuple[int, float]:
         """Mount a branch, create its cgroup, start the sandbox; (pid, start time).
 
         It starts with a fresh init, or -- `restore_from` a checkpoint's process
@@ -157,7 +157,8 @@ class Incarnations:
 
         `background` (a body double built ahead): the cgroup weighs like a task at nice
         BACKGROUND_NICE, so the CRIU restore in it yields to the running sandboxes;
-        `DeltaCR.wake` gives it the default weight when it takes over.
+        `DeltaCR.wake` gives it the default weight when it takes over. `debug_log`: CRIU
+        logs at debug level (a restore tried again after one failed).
         """
         branch_id = Path(mnt.target).name
         # Set up under the branch's teardown lock: a kill either came first (refused
@@ -175,7 +176,7 @@ class Incarnations:
                 self.cgroups.set_background(branch_id, True)
         try:
             pid, start = self._start(rec, mnt, branch_id, procs, network, restore_from,
-                                     stopped)
+                                     stopped, debug_log)
         except BaseException:
             self._refuse_ended(branch_id)  # ended under it: say so, not how it broke
             raise
@@ -186,14 +187,15 @@ class Incarnations:
         return pid, start
 
     def _start(self, rec: SandboxRecord, mnt: Mount, branch_id: str, procs: list[Path],
-               network: bool, restore_from: Path | None, stopped: bool) -> tuple[int, float]:
+               network: bool, restore_from: Path | None, stopped: bool,
+               debug_log: bool = False) -> tuple[int, float]:
         """The processes of a launch, in its mounted branch and created cgroup."""
         if restore_from is not None:
             def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
                 self.cgroups.move_to_own_cgroups(criu_pid)
                 self.cgroups.freeze(branch_id)
             pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), procs,
-                                                   freeze if stopped else None)
+                                                   freeze if stopped else None, debug_log)
             # Its network namespace is restored with `lo` only (deltabox.host.criu): a NAT
             # sandbox's veth is attached as to a fresh init (a body double's on promotion).
             if network and rec.spec.get("network") == NetworkMode.NAT:

@@ -49,8 +49,9 @@ class Standbys:
       to it is likely (the call's hint, or the sandbox's learnt rollback rate);
     - builds run one at a time per sandbox, hottest first, `BUILD_DELAY_S` after the call
       that asked for them (its reply leaves first), at most `restore_parallelism` at once
-      daemon-wide, each when no client call is in flight (`BuildGate`), CRIU at nice
-      `BACKGROUND_NICE`;
+      daemon-wide (`BuildGate`; queued builds go by `DoublePolicy.build_priority`: those
+      of sandboxes that roll back often first), each when no client call is in flight
+      (at most `DoublePolicy.max_yield_s`), CRIU at nice `BACKGROUND_NICE`;
     - all of it within the one MemoryBudget (`deltabox.core.warm`): over it, least
       recently used incarnations (pools and doubles) are evicted; if it still does not
       fit, no incarnation is made and that rollback takes the restore path."""
@@ -191,7 +192,16 @@ class Standbys:
                     if first:  # the reply that asked for it leaves first
                         first = False
                         await asyncio.sleep(self.BUILD_DELAY_S)
-                    async with self.gate.build(urgent=cid in self.policy.urgent):
+                    # The queue for a slot is ordered by how soon the build is likely to
+                    # be used (a call waiting for it first), evaluated when a slot frees.
+                    async with self.gate.slot(
+                            lambda: self.policy.build_priority(slot, cid)):
+                        if self._stale(sandbox_id, rt, cid):
+                            # No longer hot or wanted while it queued: the slot is not
+                            # held through a quiet wait for nothing.
+                            continue
+                        if cid not in self.policy.urgent:  # a call waits for it: no yield
+                            await self.gate.quiet(self.policy.max_yield_s(slot, cid))
                         standby = await self._reaped_if_cancelled(
                             self._build_within_budget(sandbox_id, rt, cid))
                 finally:
@@ -203,6 +213,16 @@ class Standbys:
         finally:
             slot.filling = None
             slot.changed()  # prepare() waiting on a decision sees the filler gone
+
+    def _stale(self, sandbox_id: str, rt: Runtime, checkpoint_id: str) -> bool:
+        """Whether a build that waited for a slot is not needed any more: the sandbox
+        is gone, the checkpoint fell out of the hot set, or enough incarnations of it
+        are ready or being built besides this one."""
+        slot = rt.standby
+        return rt.closed or self._ctx.stopping or self._ctx.runtimes.get(sandbox_id) is not rt \
+            or checkpoint_id not in slot.hot \
+            or slot.ready(checkpoint_id) + slot.building(checkpoint_id) - 1 \
+            >= self._wanted(slot, checkpoint_id)
 
     async def _reaped_if_cancelled(self, build) -> Standby | None:
         """Run one build; if the filler is cancelled meanwhile (`cancel`), the build still

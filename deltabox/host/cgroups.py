@@ -242,7 +242,11 @@ class CgroupDriver:
                 raise
 
     def _kill_all(self, name: str, timeout: float) -> None:
-        if not self.pids(name) and name not in self.names():
+        if not self.pids(name):
+            # Nothing runs in it (or it is gone): nothing to kill, and no freeze needed
+            # -- an empty cgroup has no task left to fork into it. Usual for a rollback's
+            # old tree, SIGKILLed when the reply left. (`names()` lists every sandbox's
+            # cgroup: O(sandboxes) per call.)
             return
         if not self.can_freeze(name):  # a half-removed cgroup: plain SIGKILLs
             for pid in self.pids(name):

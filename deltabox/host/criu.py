@@ -14,7 +14,7 @@ own (MIT), compiled by native/build.py.
 Each call runs one `criu swrk` process and is blocking: callers run it in a
 worker thread. Before its first dump or restore it probes the kernel's features
 ("kerndat", 20-70 ms here, all of it inside a checkpoint's frozen window) unless
-/run/criu.kdat holds them: CRIU writes that cache only when /run is a tmpfs, which
+its cache file holds them (see KDAT_CACHE): CRIU writes it only when /run is a tmpfs, which
 it is not on every host (this project's VMs), so `ensure_kdat_cache` writes it
 once per daemon, outside the frozen window (see there). Errors become `CriuError` with the lines of CRIU's log that say
 what failed (which process, which resource).
@@ -53,15 +53,26 @@ OWNER_ENV = "DELTABOX_CRIU_OWNER"
 # A dump logs errors and warnings only: at debug level (4) CRIU and its parasite write
 # ~2,000 lines per dump of a small sandbox, one write() each, with the tree frozen
 # (~5 core-ms of a 10 MB dump's ~60). Its error lines, all `_error_lines` quotes, are
-# kept. Restores (outside any frozen window) still log at debug level.
+# kept. So does a restore (~1,700 lines at level 4, ~2.7 core-ms of ~47 for a demo
+# sandbox holding 10 MB; a rollback by restore pays it): only a restore tried again after
+# one failed (`debug_log`: the second attempt that judges the checkpoint) logs at debug
+# level, and its log is kept next to the images when it fails too.
 DUMP_LOG_LEVEL = 2
+RESTORE_LOG_LEVEL = 2
+DEBUG_LOG_LEVEL = 4
 log = structlog.get_logger("deltabox.host.criu")
 ORPHAN_GRACE_S = 10.0  # how long an orphaned criu may take to finish on its own
 # <owner>.<pid> (holding the helper's start ticks): each running `criu swrk`. Its
 # environment's OWNER_ENV tag is not enough: a dump or restore sets its process title
 # (libbsd setproctitle), which zeroes the whole original argv + environ area.
 HELPERS_DIR = Path("/run/deltabox-criu")
-KDAT_CACHE = Path("/run/criu.kdat")  # CRIU's own path for its cache of kernel features
+# CRIU's cache of kernel features is $RUNDIR/criu.kdat, RUNDIR fixed at build time: /run
+# by default, and OURS for the build native/setup-host.sh makes. Each build has its own
+# magic (the build's time), so builds sharing one file delete each other's cache as stale
+# and probe again, inside a checkpoint's frozen window (40-100 ms): a host's distro CRIU
+# (Docker's, Podman's) must not share ours.
+KDAT_CACHE = Path("/run/criu.kdat")
+KDAT_CACHE_OURS = Path("/run/deltabox-kdat/criu.kdat")
 KDAT_MAX_WRITES = 3  # another CRIU build finds ours stale and deletes it: stop rewriting
 
 # Files a process holds open after they were deleted or replaced (`mv new old`, `git
@@ -184,6 +195,11 @@ _EXPLAIN = (
 )
 
 
+_TIMED = re.compile(r"^\(\s*\d+\.\d+\)\s*")
+# pr_err / pr_warn: "Error (file:line): ", "Warn  (file:line): " (the restorer's: "pie: N: ...")
+_TIMED_ERROR_OR_WARNING = re.compile(r"^\(\s*\d+\.\d+\)\s*(pie: \d+: )?(Error|Warn)\s+\(")
+
+
 def _error_lines(log: Path, limit: int = 6, pids: list[int] = (),
                  ghost_limit: int = GHOST_LIMIT) -> str:
     """What a failed CRIU call says went wrong: its 'Error' lines without the
@@ -193,9 +209,16 @@ def _error_lines(log: Path, limit: int = 6, pids: list[int] = (),
         text = log.read_text(errors="replace")
     except OSError:
         return "(no CRIU log)"
+    # At debug level every line of CRIU's own is timestamped, and its debug and info
+    # lines may name an error they handled: only the lines level 2 (RESTORE_LOG_LEVEL)
+    # also writes -- errors, warnings, untimed ones -- count, so that a restore logged at
+    # debug level after one that was not says the same (`DeltaCR._judge_double_failure`).
+    all_lines = text.strip().splitlines()
+    logged = [ln for ln in all_lines
+              if not _TIMED.match(ln) or _TIMED_ERROR_OR_WARNING.match(ln)]
     lines: list[str] = []
     why: list[str] = []
-    for line in text.splitlines():
+    for line in logged:
         if "Error" not in line or any(n in line for n in _NOISE):
             continue
         why += [text for pattern, text in _EXPLAIN if re.search(pattern, line)
@@ -218,8 +241,8 @@ def _error_lines(log: Path, limit: int = 6, pids: list[int] = (),
             lines.append(msg)
     if lines:
         return "; ".join(why + lines[:limit])
-    tail = text.strip().splitlines()
-    return re.sub(r"^\(\s*\d+\.\d+\)\s*", "", tail[-1]).strip() if tail else "(empty CRIU log)"
+    tail = logged or all_lines
+    return _TIMED.sub("", tail[-1]).strip() if tail else "(empty CRIU log)"
 
 
 @contextlib.contextmanager
@@ -263,42 +286,51 @@ class Criu:
         self.exec_prefix: list[str] = []
         self._kdat_lock = threading.Lock()
         self._kdat_writes = 0
+        self.kdat_cache: Path | None = None  # where this build reads it (found by the probe)
 
     def ensure_kdat_cache(self) -> None:
-        """Have /run/criu.kdat hold this CRIU's probe of this kernel, so that a dump does
-        not probe it while the sandbox is frozen. Called at daemon start-up (reconcile)
-        and before each full checkpoint's freeze (then a no-op while the file is there).
+        """Have this build's kdat cache (KDAT_CACHE_OURS for our build, KDAT_CACHE for
+        others) hold its probe of this kernel, so that a dump does not probe it while
+        the sandbox is frozen. Called at daemon start-up (reconcile) and before each
+        full checkpoint's freeze (then a no-op while the file is there).
 
-        CRIU saves the probe there only when /run is a tmpfs (emptied at boot, so never
-        stale after a kernel upgrade). Where it is not, `criu check` runs in a private
-        mount namespace with a tmpfs on /run, and its cache is copied to the host's
-        /run/criu.kdat; CRIU itself then loads it (it checks only its own magic and
-        size). The first call of each daemon rewrites it -- a file left from before a
-        reboot may describe another kernel; a file another CRIU build deleted as stale
-        is written again, a few times at most. Best effort: CRIU probes when it is
-        missing, as it always did."""
+        CRIU saves the probe only when the cache's directory is a tmpfs (emptied at
+        boot, so never stale after a kernel upgrade). Where it is not, `criu check` runs
+        in a private mount namespace with a tmpfs on /run, and the cache it writes --
+        whichever of the two paths the build uses -- is copied to the same path on the
+        host; CRIU itself then loads it (it checks only its own magic and size). The
+        first call of each daemon rewrites it -- a file left from before a reboot may
+        describe another kernel; a file another CRIU build deleted as stale is written
+        again, a few times at most. Best effort: CRIU probes when it is missing, as it
+        always did."""
         with self._kdat_lock:
-            if self._kdat_writes and KDAT_CACHE.exists() \
+            if self._kdat_writes and self.kdat_cache and self.kdat_cache.exists() \
                     or self._kdat_writes >= KDAT_MAX_WRITES:
                 return
             self._kdat_writes += 1
             try:
                 res = subprocess.run(
                     ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                     'mount -t tmpfs -o size=1m,mode=0700 none /run && "$0" check '
-                     '>/dev/null 2>&1; cat /run/criu.kdat', str(self.binary)],
+                     'mount -t tmpfs -o size=1m,mode=0755 none /run && mkdir -m 0700 "$1" && '
+                     '"$0" check >/dev/null 2>&1; for f in "$1/criu.kdat" /run/criu.kdat; do '
+                     '[ -s "$f" ] && { echo "$f"; exec cat "$f"; }; done; exit 1',
+                     str(self.binary), str(KDAT_CACHE_OURS.parent)],
                     capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-                if res.returncode != 0 or not res.stdout:
+                path, _, data = res.stdout.partition(b"\n")
+                if res.returncode != 0 or not data:
                     raise OSError(f"criu check wrote no cache: "
                                   f"{res.stderr.decode(errors='replace')[-300:]}")
-                tmp = KDAT_CACHE.with_name(f".criu.kdat.deltabox-{os.getpid()}")
+                cache = Path(path.decode())
+                cache.parent.mkdir(mode=0o700, exist_ok=True)
+                tmp = cache.with_name(f".criu.kdat.deltabox-{os.getpid()}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 try:
-                    os.write(fd, res.stdout)
+                    os.write(fd, data)
                 finally:
                     os.close(fd)
-                os.replace(tmp, KDAT_CACHE)
-                log.info("criu.kdat_cached", path=str(KDAT_CACHE), size=len(res.stdout))
+                os.replace(tmp, cache)
+                self.kdat_cache = cache
+                log.info("criu.kdat_cached", path=str(cache), size=len(data))
             except (OSError, subprocess.SubprocessError) as e:
                 self._kdat_writes = KDAT_MAX_WRITES  # CRIU probes for itself, as before
                 log.warning("criu.kdat_not_cached", error=str(e))
@@ -467,7 +499,7 @@ class Criu:
         finally:
             swrk.close()
 
-    def _opts(self, images_fd: int, log_name: str, log_level: int = 4, **kw) -> rpc.criu_opts:
+    def _opts(self, images_fd: int, log_name: str, log_level: int, **kw) -> rpc.criu_opts:
         # CRIU finds the images dir through /proc/<our pid>/fd/<images_fd> (its
         # `images_dir` string option is readlink()ed and fails on a plain path).
         return rpc.criu_opts(images_dir_fd=images_fd, log_file=log_name, log_level=log_level,
@@ -518,7 +550,7 @@ class Criu:
         return DumpResult(1000 * (time.perf_counter() - t0), size)
 
     def restore(self, images_dir: Path, root: Path, cgroup_procs: list[Path],
-                freeze=None) -> int:
+                freeze=None, debug_log: bool = False) -> int:
         """Restore the tree in `images_dir` onto the branch mounted at `root`; returns
         the host pid of its init. The tree starts in `cgroup_procs`' cgroups, as a
         sibling of criu (a child of the daemon).
@@ -527,7 +559,10 @@ class Criu:
         body double moves criu out of the sandbox's cgroup (criu must keep running)
         and freezes the cgroup, so the restored tasks stop before returning to
         their code and run only when a rollback thaws them -- unlike CRIU's
-        leave_stopped, no SIGSTOP/SIGCONT is ever seen by them."""
+        leave_stopped, no SIGSTOP/SIGCONT is ever seen by them.
+
+        CRIU logs errors and warnings (RESTORE_LOG_LEVEL), or everything with
+        `debug_log`; either way a failure's log stays in `images_dir`."""
         self.ensure_kdat_cache()
         # Many restores of one image may run at once (fork): one log each.
         log_name = f"restore-{Path(root).name}.log"
@@ -545,7 +580,8 @@ class Criu:
                 ours.append(e)
                 raise
         with _dir_fd(images_dir) as fd:
-            opts = self._opts(fd, log_name, root=str(root), rst_sibling=True,
+            opts = self._opts(fd, log_name, DEBUG_LOG_LEVEL if debug_log else RESTORE_LOG_LEVEL,
+                              root=str(root), rst_sibling=True,
                               external=[f"mnt[root]:{root}"], manage_cgroups_mode=rpc.IGNORE,
                               empty_ns=CLONE_NEWNET, notify_scripts=True)
             resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
