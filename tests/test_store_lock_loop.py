@@ -7,7 +7,8 @@ of the daemon. Here the daemon runs with DELTABOX_HOLD=checkpoint.commit
 (deltabox/faults.py): a checkpoint of sandbox B stops inside its commit transaction,
 the store's lock held, until the test releases it. Meanwhile the calls of sandbox A
 must be served; A's rollback to a ready standby (its switch is a write: it needs the
-lock) waits for it in a thread, not on the loop, and completes once released.
+lock) is queued for the thread holding it (`Store.switch_soon`), not waited for on the
+loop, and completes once released.
 """
 
 from __future__ import annotations

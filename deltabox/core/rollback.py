@@ -109,7 +109,8 @@ class Rollbacks:
                     return None
                 # The switch on the loop, with the store's lock taken now and held until
                 # it is recorded: never waited for (a worker thread's transaction holds
-                # it: this rollback takes the task path, its switch in a thread).
+                # it: this rollback takes the task path, its switch run by that thread
+                # as it lets the lock go: `_switch`).
                 with self.store.lock_if_free() as free:
                     if not free:
                         return None
@@ -193,16 +194,17 @@ class Rollbacks:
     async def _switch(self, rec: SandboxRecord, standby: Standby,
                       ckpt: CheckpointRecord) -> None:
         """The records switch, in one transaction: on the loop when the store's lock is
-        free (no thread hop), else in a thread -- waiting for a worker's transaction on
-        the loop would stall every call of the daemon. Either way under the sandbox's
-        lock, so ordered with its checkpoints."""
-        args = (rec, standby.branch_id, ckpt.mount_layers, ckpt.id, standby.init_pid,
-                standby.init_start)
-        with self.store.lock_if_free() as free:
-            if free:
-                self.store.switch_branch(*args)
-                return
-        await asyncio.to_thread(self.store.switch_branch, *args)
+        free (no thread hop), else by the worker thread holding it, as it lets it go and
+        before any thread waiting for it (`Store.switch_soon`) -- waiting for a worker's
+        transaction on the loop would stall every call of the daemon, and a thread of the
+        pool queued for the lock behind the workers' transactions. Either way under the
+        sandbox's lock, so ordered with its checkpoints; committed before the reply."""
+        fut = self.store.switch_soon(self.store.switch_branch, rec, standby.branch_id,
+                                     ckpt.mount_layers, ckpt.id, standby.init_pid,
+                                     standby.init_start)
+        if not fut.done():
+            await asyncio.wrap_future(fut)
+        fut.result()
 
     @staticmethod
     def _has_current(rt: Runtime, ckpt: CheckpointRecord) -> bool:

@@ -228,13 +228,14 @@ class CheckpointTable:
         current one, `expect_mount`, which is checked: no race with another squash)."""
         layer_id = new_id("l")
         now = time.time()
+        size = tree_size(layer_dir)  # a walk of the tree: not with the store's lock held
         with self.transaction() as db:
             row = db.execute("SELECT mount FROM checkpoints WHERE id=? AND squashed=''",
                              (checkpoint_id,)).fetchone()
             if row is None or tuple(json.loads(row[0])) != expect_mount:
                 return None
             db.execute("INSERT INTO layers VALUES (?,?,?,?)",
-                       (layer_id, now, tree_size(layer_dir), f"squash:{checkpoint_id}"))
+                       (layer_id, now, size, f"squash:{checkpoint_id}"))
             layer_dir.rename(self.layer_path(layer_id))
             db.execute("UPDATE checkpoints SET squashed=?, mount=? WHERE id=?",
                        (layer_id, json.dumps(list(base) + [layer_id]), checkpoint_id))
@@ -252,9 +253,13 @@ class CheckpointTable:
             if row is None:
                 return []
             base_layers, base_mount = json.loads(row[0]), json.loads(row[1])
+            # Only those whose chain starts with its chain (as the JSON text is written:
+            # SQLite picks them, not a parse of every checkpoint with the lock held).
+            prefix = json.dumps(base_layers)[:-1]
             for cid, layers, mount in db.execute(
-                    "SELECT id, layers, mount FROM checkpoints WHERE squashed='' AND id!=?",
-                    (checkpoint_id,)).fetchall():
+                    "SELECT id, layers, mount FROM checkpoints WHERE squashed='' AND id!=? "
+                    "AND substr(layers, 1, ?) = ?",
+                    (checkpoint_id, len(prefix), prefix)).fetchall():
                 layers, mount = json.loads(layers), json.loads(mount)
                 if layers[:len(base_layers)] != base_layers:
                     continue

@@ -46,6 +46,8 @@ Where things are
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import secrets
 import sqlite3
@@ -89,6 +91,18 @@ def read_instance_id(state_dir: Path) -> str | None:
     return row[0] if row else None
 
 
+# The layers something refers to: images, branches, checkpoints' mount chains and
+# squashed layers -- and a live branch's own checkpoint layers, which name the paths its
+# next sink must whiteout after a restart (see SandboxManager._recover_manifest).
+_USED_LAYERS = ("SELECT j.value FROM images, json_each(images.layer_ids) j "
+                "UNION SELECT j.value FROM branches, json_each(branches.lower) j "
+                "UNION SELECT j.value FROM checkpoints, json_each(checkpoints.mount) j "
+                "UNION SELECT squashed FROM checkpoints WHERE squashed != '' "
+                "UNION SELECT j.value FROM checkpoints c JOIN sandboxes s ON s.head = c.id, "
+                "json_each(c.layers) j")
+_USED_LAYERS_SQL = f"SELECT value FROM ({_USED_LAYERS}) WHERE value IS NOT NULL"
+
+
 class Store(CheckpointTable, TransferTable, Layout):
     """The store: its directories (`Layout`), and the SQLite database that is the truth
     about them. Every state transition is one transaction (`transaction`)."""
@@ -99,6 +113,7 @@ class Store(CheckpointTable, TransferTable, Layout):
         # One connection for transactions, serialised by a lock: callers run in a thread
         # pool. Plain reads (`_read`) use a connection of their own thread instead.
         self._lock = threading.RLock()
+        self._urgent: collections.deque = collections.deque()  # see switch_soon
         self._gc_lock = threading.Lock()  # see delete_unreferenced_layer_dirs
         self._readers: list[sqlite3.Connection] = []
         self._reader = threading.local()
@@ -139,7 +154,7 @@ class Store(CheckpointTable, TransferTable, Layout):
             "SELECT value FROM meta WHERE key='instance_id'").fetchone()[0]
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()
             for conn in self._readers:
                 conn.close()
@@ -148,7 +163,7 @@ class Store(CheckpointTable, TransferTable, Layout):
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One state transition: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error."""
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -160,7 +175,7 @@ class Store(CheckpointTable, TransferTable, Layout):
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         """A read that waits for a transaction in flight and sees its outcome (what
         `delete_unreferenced_layer_dirs` relies on)."""
-        with self._lock:
+        with self._locked():
             return self._db.execute(sql, args).fetchall()
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -177,7 +192,7 @@ class Store(CheckpointTable, TransferTable, Layout):
             conn = sqlite3.connect(self.root / "meta.db", check_same_thread=False,
                                    isolation_level=None)
             conn.execute("PRAGMA query_only=ON")
-            with self._lock:
+            with self._locked():
                 self._readers.append(conn)
             self._reader.db = conn
         return conn.execute(sql, args).fetchall()
@@ -192,7 +207,62 @@ class Store(CheckpointTable, TransferTable, Layout):
             yield got
         finally:
             if got:
+                self._release()
+
+    def switch_soon(self, fn, *args) -> concurrent.futures.Future:
+        """For the event loop: `fn(*args)` (one transaction: a hot rollback's switch)
+        run with the store's lock held, and never waited for -- now if the lock is free,
+        else by the thread that holds it, as it lets it go, before any other thread
+        waiting for it gets it. Its future is done when `fn` has returned (committed).
+
+        A worker's transaction holding the lock made the loop hand the switch to a
+        thread of the shared pool, which then queued for the lock among the workers:
+        115 ms p50 under 32 busy sandboxes, vs 10 on the loop (issue 10, target 1)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._urgent.append((fut, fn, args))
+        if self._lock.acquire(blocking=False):
+            self._release()  # runs it
+        return fut
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's lock, released through `_release` (every holder: switches
+        queued by `switch_soon` meanwhile run before it is let go)."""
+        self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Let the store's lock go; the outermost holder first runs the switches
+        queued by `switch_soon` (still holding it: ahead of every thread waiting for
+        it), then looks again once it is released (one queued after it looked, while
+        the lock was still held, would wait for the next holder)."""
+        if self._urgent and self._lock._recursion_count() == 1:
+            self._run_urgent()
+        self._lock.release()
+        while self._urgent and not self._lock._is_owned() \
+                and self._lock.acquire(blocking=False):
+            try:
+                self._run_urgent()
+            finally:
                 self._lock.release()
+
+    def _run_urgent(self) -> None:
+        while True:
+            try:
+                fut, fn, args = self._urgent.popleft()
+            except IndexError:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - the caller's to raise
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
 
     # ---- layers & images -------------------------------------------------------------
 
@@ -231,29 +301,15 @@ class Store(CheckpointTable, TransferTable, Layout):
         self.delete_unreferenced_layer_dirs()
         return ImageRecord(name, tuple(layer_ids), now, source, source_format, sum(sizes))
 
-    def _drop_unused_layers(self, db: sqlite3.Connection, candidates: list[str]) -> None:
-        used = self._used_layers(db)
-        for lid in candidates:
-            if lid not in used:
-                db.execute("DELETE FROM layers WHERE id=?", (lid,))
-
-    @staticmethod
-    def _used_layers(db: sqlite3.Connection) -> set[str]:
-        used: set[str] = set()
-        for (ids,) in db.execute("SELECT layer_ids FROM images"):
-            used.update(json.loads(ids))
-        for (ids,) in db.execute("SELECT lower FROM branches"):
-            used.update(json.loads(ids))
-        for ids, squashed in db.execute("SELECT mount, squashed FROM checkpoints"):
-            used.update(json.loads(ids))
-            if squashed:
-                used.add(squashed)
-        # A live branch's own checkpoint layers name the paths its next sink
-        # must whiteout after a restart (see SandboxManager._recover_manifest).
-        for (ids,) in db.execute("SELECT c.layers FROM checkpoints c JOIN sandboxes s "
-                                 "ON s.head = c.id"):
-            used.update(json.loads(ids))
-        return used
+    def _drop_unused_layers(self, db: sqlite3.Connection, candidates) -> None:
+        """Delete the rows of those of `candidates` nothing refers to (`_USED_LAYERS`).
+        Worked out by SQLite, which lets the GIL go: parsing every checkpoint's chain
+        in Python held the store's lock 70 ms p50 / 210 p95 (a GC among 32 busy
+        sandboxes' thousands of checkpoints), while a hot rollback waited for it."""
+        candidates = list(candidates)
+        if candidates:
+            db.execute("DELETE FROM layers WHERE id IN (SELECT value FROM json_each(?)) "
+                       f"AND id NOT IN ({_USED_LAYERS_SQL})", (json.dumps(candidates),))
 
     def delete_unreferenced_layer_dirs(self) -> None:
         """Delete layer directories without a row (after a commit dropped them).
@@ -411,8 +467,7 @@ class Store(CheckpointTable, TransferTable, Layout):
     def gc_layers(self) -> None:
         """Drop layer rows nothing refers to any more, then their directories."""
         with self.transaction() as db:
-            all_ids = [r[0] for r in db.execute("SELECT id FROM layers")]
-            self._drop_unused_layers(db, all_ids)
+            db.execute(f"DELETE FROM layers WHERE id NOT IN ({_USED_LAYERS_SQL})")
         self.delete_unreferenced_layer_dirs()
 
     # ---- reconciliation --------------------------------------------------------------
