@@ -574,9 +574,14 @@ def test_unrestorable_checkpoint_is_marked_and_refused_fast(new_daemon, monkeypa
         good = sbx.checkpoint("fs-one")                            # fs: never marked
         ckpt = sbx.checkpoint("doomed", full=True)
         assert ckpt.restorable                                    # not known yet
-        info = wait_for(lambda: next((x for x in sbx.checkpoints()
-                                      if x.id == ckpt.id and not x.restorable), None),
-                        "the checkpoint to be marked", timeout=30)
+        try:
+            info = wait_for(lambda: next((x for x in sbx.checkpoints()
+                                          if x.id == ckpt.id and not x.restorable), None),
+                            "the checkpoint to be marked", timeout=30)
+        except AssertionError as e:  # say what the daemon saw of the two attempts
+            seen = [ln for ln in d.log().splitlines()
+                    if "double" in ln or "unusable" in ln or "standby" in ln]
+            raise AssertionError(f"{e}; daemon log: {seen[-12:]}") from None
         assert info.unusable_reason, info
         for call in (lambda: sbx.rollback(ckpt), lambda: c.fork(ckpt, 1),
                      lambda: c.warm(ckpt, 1)):
@@ -682,9 +687,14 @@ def test_failed_restore_without_a_double_marks_the_checkpoint_too(new_daemon, mo
         with pytest.raises(deltabox.FailedPrecondition) as first:
             sbx.rollback(ckpt)
         assert "CRIU restore" in str(first.value)
-        info = wait_for(lambda: next((x for x in sbx.checkpoints()
-                                      if x.id == ckpt.id and not x.restorable), None),
-                        "the checkpoint to be marked", timeout=30)
+        try:
+            info = wait_for(lambda: next((x for x in sbx.checkpoints()
+                                          if x.id == ckpt.id and not x.restorable), None),
+                            "the checkpoint to be marked", timeout=30)
+        except AssertionError as e:  # say what the daemon saw of the two attempts
+            seen = [ln for ln in d.log().splitlines()
+                    if "double" in ln or "unusable" in ln or "standby" in ln]
+            raise AssertionError(f"{e}; daemon log: {seen[-12:]}") from None
         t0 = time.monotonic()
         with pytest.raises(deltabox.FailedPrecondition) as err:
             sbx.rollback(ckpt)

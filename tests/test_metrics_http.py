@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import deltabox
 from conftest import TINY_TAR
+from waiting import wait_for
 
 
 def _samples(text: str) -> dict[tuple, float]:
@@ -59,7 +60,15 @@ def test_counters_move_by_exactly_what_was_done(new_daemon, tmp_path):
         ckpt = s.checkpoint("one")
         s.write_file("/root/after", b"x")
         s.rollback(ckpt)
-        _, after = _scrape(url)
+        # A rollback's metrics are counted once its reply has left (core/after_reply.py),
+        # and the scrape is served by a thread of its own: it may come first.
+        def rolled_back():
+            _, now = _scrape(url)
+            moved = sum(v - before.get(k, 0.0) for k, v in now.items()
+                        if k[0] == "deltabox_rollbacks_total")
+            return now if moved and _delta(now, before, "deltabox_rpc_seconds_count",
+                                           method="Rollback", code="OK") else None
+        after = wait_for(rolled_back, "the rollback's metrics", timeout=10)
 
         assert _delta(after, before, "deltabox_rpc_seconds_count", method="Exec", code="OK") == 3
         assert _delta(after, before, "deltabox_rpc_seconds_count", method="GetSandbox",

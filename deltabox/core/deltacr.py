@@ -381,7 +381,9 @@ class DeltaCR:
         error lines both times (numbers aside: pids, fds) mean the images cannot be
         restored; different ones mean something transient (the host, not the
         checkpoint), which leaves the checkpoint unmarked."""
-        a, b = (comparable(getattr(e, "lines", str(e))) for e in (first, second))
+        # As sets: the restored tasks' restorers log their errors in no fixed order.
+        a, b = (sorted(set(comparable(getattr(e, "lines", str(e))).split("; ")))
+                for e in (first, second))
         if a != b:
             log.info("checkpoint.double_failure_transient", checkpoint=ckpt.id,
                      first=str(first), second=str(second))

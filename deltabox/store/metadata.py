@@ -113,6 +113,7 @@ class Store(CheckpointTable, TransferTable, Layout):
         # One connection for transactions, serialised by a lock: callers run in a thread
         # pool. Plain reads (`_read`) use a connection of their own thread instead.
         self._lock = threading.RLock()
+        self._depth = 0  # how many times its owner holds it (only the owner touches it)
         self._urgent: collections.deque = collections.deque()  # see switch_soon
         self._gc_lock = threading.Lock()  # see delete_unreferenced_layer_dirs
         self._readers: list[sqlite3.Connection] = []
@@ -202,7 +203,7 @@ class Store(CheckpointTable, TransferTable, Layout):
         """The store's lock, held for the block if it was free (True), else not taken
         (False): for the event loop, which must not wait for a worker's transaction
         (it hops to a thread instead). Transactions inside the block re-enter it."""
-        got = self._lock.acquire(blocking=False)
+        got = self._take(blocking=False)
         try:
             yield got
         finally:
@@ -220,7 +221,7 @@ class Store(CheckpointTable, TransferTable, Layout):
         115 ms p50 under 32 busy sandboxes, vs 10 on the loop (issue 10, target 1)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._urgent.append((fut, fn, args))
-        if self._lock.acquire(blocking=False):
+        if self._take(blocking=False):
             self._release()  # runs it
         return fut
 
@@ -228,7 +229,7 @@ class Store(CheckpointTable, TransferTable, Layout):
     def _locked(self) -> Iterator[None]:
         """The store's lock, released through `_release` (every holder: switches
         queued by `switch_soon` meanwhile run before it is let go)."""
-        self._lock.acquire()
+        self._take()
         try:
             yield
         finally:
@@ -239,15 +240,27 @@ class Store(CheckpointTable, TransferTable, Layout):
         queued by `switch_soon` (still holding it: ahead of every thread waiting for
         it), then looks again once it is released (one queued after it looked, while
         the lock was still held, would wait for the next holder)."""
-        if self._urgent and self._lock._recursion_count() == 1:
+        if self._urgent and self._depth == 1:
             self._run_urgent()
-        self._lock.release()
-        while self._urgent and not self._lock._is_owned() \
-                and self._lock.acquire(blocking=False):
+        self._let_go()
+        while self._urgent and not self._lock._is_owned() and self._take(blocking=False):
             try:
                 self._run_urgent()
             finally:
-                self._lock.release()
+                self._let_go()
+
+    def _take(self, blocking: bool = True) -> bool:
+        """Acquire the store's lock, counting how deep its owner holds it (`_release`
+        runs queued switches only at the outermost level). Our own count: the C RLock's
+        `_recursion_count` is missing from some 3.11 releases (Debian 12's 3.11.2)."""
+        if not self._lock.acquire(blocking):
+            return False
+        self._depth += 1
+        return True
+
+    def _let_go(self) -> None:
+        self._depth -= 1
+        self._lock.release()
 
     def _run_urgent(self) -> None:
         while True:
