@@ -558,6 +558,19 @@ def test_session_leader_gone_checkpoint_restores(daemon, client, demo):
 
 # ---- a checkpoint that cannot be restored is marked, and refused at once ------------------------
 
+def _marked(d, sbx, ckpt):
+    """The checkpoint's info once the daemon has marked it unrestorable (30 s at most);
+    on a time-out, what the daemon logged of its attempts."""
+    try:
+        return wait_for(lambda: next((x for x in sbx.checkpoints()
+                                      if x.id == ckpt.id and not x.restorable), None),
+                        "the checkpoint to be marked", timeout=30)
+    except AssertionError as e:
+        seen = [ln for ln in d.log().splitlines()
+                if "double" in ln or "unusable" in ln or "standby" in ln]
+        raise AssertionError(f"{e}; daemon log: {seen[-12:]}") from None
+
+
 def test_unrestorable_checkpoint_is_marked_and_refused_fast(new_daemon, monkeypatch):
     """When the body double of a full checkpoint fails twice the same way, the checkpoint is
     marked (CheckpointInfo.restorable false, the reason kept in the store, shown by the CLI's
@@ -574,14 +587,7 @@ def test_unrestorable_checkpoint_is_marked_and_refused_fast(new_daemon, monkeypa
         good = sbx.checkpoint("fs-one")                            # fs: never marked
         ckpt = sbx.checkpoint("doomed", full=True)
         assert ckpt.restorable                                    # not known yet
-        try:
-            info = wait_for(lambda: next((x for x in sbx.checkpoints()
-                                          if x.id == ckpt.id and not x.restorable), None),
-                            "the checkpoint to be marked", timeout=30)
-        except AssertionError as e:  # say what the daemon saw of the two attempts
-            seen = [ln for ln in d.log().splitlines()
-                    if "double" in ln or "unusable" in ln or "standby" in ln]
-            raise AssertionError(f"{e}; daemon log: {seen[-12:]}") from None
+        info = _marked(d, sbx, ckpt)
         assert info.unusable_reason, info
         for call in (lambda: sbx.rollback(ckpt), lambda: c.fork(ckpt, 1),
                      lambda: c.warm(ckpt, 1)):
@@ -687,14 +693,7 @@ def test_failed_restore_without_a_double_marks_the_checkpoint_too(new_daemon, mo
         with pytest.raises(deltabox.FailedPrecondition) as first:
             sbx.rollback(ckpt)
         assert "CRIU restore" in str(first.value)
-        try:
-            info = wait_for(lambda: next((x for x in sbx.checkpoints()
-                                          if x.id == ckpt.id and not x.restorable), None),
-                            "the checkpoint to be marked", timeout=30)
-        except AssertionError as e:  # say what the daemon saw of the two attempts
-            seen = [ln for ln in d.log().splitlines()
-                    if "double" in ln or "unusable" in ln or "standby" in ln]
-            raise AssertionError(f"{e}; daemon log: {seen[-12:]}") from None
+        info = _marked(d, sbx, ckpt)
         t0 = time.monotonic()
         with pytest.raises(deltabox.FailedPrecondition) as err:
             sbx.rollback(ckpt)

@@ -11,7 +11,6 @@ so what waits for it, and what does not, is seen without racing it.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 import deltabox
 from conftest import DEMO_TAR, DaemonProcess, delete_tree
+from waiting import finished, in_thread
 
 HOLD = "checkpoint.background"
 
@@ -74,29 +74,6 @@ def env(held_daemon):
             delete_tree(c, s)
         except deltabox.NotFound:  # destroyed by the test
             pass
-
-
-def in_thread(fn) -> dict:
-    """Run fn in a thread; the dict gets 'value' or 'error' when it ends."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    out["thread"] = t
-    return out
-
-
-def finished(out: dict, timeout: float = 60.0) -> object:
-    out["thread"].join(timeout)
-    assert not out["thread"].is_alive(), "the call did not end once the checkpoint was recorded"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def test_background_checkpoint_is_usable_and_complete(env):

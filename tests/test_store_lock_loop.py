@@ -14,7 +14,6 @@ loop, and completes once released.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -22,29 +21,7 @@ import pytest
 
 import deltabox
 from conftest import TINY_TAR, DaemonProcess, stopped_clean
-
-
-def in_thread(fn) -> dict:
-    """Run fn in a thread; the dict gets 'value' or 'error' when it ends."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    out["thread"] = t
-    return out
-
-
-def result(out: dict, timeout: float):
-    out["thread"].join(timeout)
-    assert not out["thread"].is_alive(), "the call did not end"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+from waiting import finished, in_thread
 
 
 @pytest.fixture
@@ -91,13 +68,13 @@ def test_calls_are_served_while_a_transaction_holds_the_store(held):
             assert {s.name for s in quick.list()} == {"a", "b"}
         rollback = in_thread(lambda: a.rollback(ck))
         served = in_thread(lambda: a.exec(["cat", "/tmp/f"]).stdout)
-        assert result(served, 10) in (b"one\n", b"two\n"), "an exec waited for the store"
+        assert finished(served, 10) in (b"one\n", b"two\n"), "an exec waited for the store"
         with deltabox.Client(d.socket, timeout=10) as quick:
             assert quick.get(b.id).info.state == "running"  # the loop still serves
         assert commit["thread"].is_alive(), "the commit must still hold the store's lock"
 
         release.touch()
-        assert result(commit, 30).label == "held"
-        r = result(rollback, 30)
+        assert finished(commit, 30).label == "held"
+        r = finished(rollback, 30)
         assert r.path == "standby"
         assert a.exec(["cat", "/tmp/f"]).stdout == b"one\n"

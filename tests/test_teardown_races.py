@@ -20,8 +20,8 @@ import pytest
 import deltabox
 from conftest import TINY_TAR, DaemonProcess, leftovers, store_instance
 from deltabox.client.results import ForkResult
-from test_nonblocking_checkpoint import finished, in_thread
 from test_teardown import _cgroups, _events, _mounts, _nothing_left
+from waiting import finished, in_thread
 from waiting import poll, wait_for
 
 CLEAR = {"NOT_FOUND", "ABORTED", "FAILED_PRECONDITION", "UNAVAILABLE"}

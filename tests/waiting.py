@@ -6,6 +6,7 @@ everywhere (a slow suite); the tests poll the condition they need instead.
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -38,3 +39,27 @@ def stays(fn, what: str, duration: float, interval: float = 0.05) -> None:
     while time.monotonic() < deadline:
         assert fn(), f"{what} stopped holding"
         time.sleep(interval)
+
+
+def in_thread(fn) -> dict:
+    """Run fn in a thread; the dict gets 'value' or 'error' when it ends."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+def finished(out: dict, timeout: float = 60.0) -> object:
+    """What `in_thread`'s fn returned (or raise what it raised), once it ended."""
+    out["thread"].join(timeout)
+    assert not out["thread"].is_alive(), f"the call did not end in {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
