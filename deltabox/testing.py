@@ -191,8 +191,7 @@ def remove_leftovers(state_dir: Path, instance: str | None) -> str:
         driver = detect_driver(instance)
         for name in sorted(driver.names()):
             try:
-                driver.kill_all(name)
-                driver.remove(name)
+                driver.kill_and_remove(name)
                 removed += 1
             except (OSError, TimeoutError):
                 continue

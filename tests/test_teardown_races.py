@@ -178,3 +178,62 @@ def test_shutdown_racing(new_daemon, call):
     assert leftovers(d.state_dir) == {"mounts": [], "loops": [], "inits": []}
     assert not _cgroups(instance)
     assert not _events(d, "shutdown.stray_cgroup", "shutdown.stray_mount", "rpc.internal_error")
+
+
+def _stop_a_restore(daemon, sbx, tries: int = 20) -> int:
+    """Take full checkpoints (each starts a body double's build: a CRIU restore) until
+    one restore is caught and SIGSTOPped: a CRIU that hangs (as it does in the kernel
+    at times), never finishing on its own before its timeout. Its pid."""
+    import psutil
+    daemon_proc = psutil.Process(daemon.proc.pid)
+    for i in range(tries):
+        sbx.checkpoint(f"c{i}", full=True, rollback_likely=True)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # the dump's criu ended with the call
+            for p in daemon_proc.children(recursive=True):
+                try:
+                    if p.name() == "criu":
+                        p.send_signal(signal.SIGSTOP)
+                        return p.pid
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.001)
+    raise AssertionError(f"no double's CRIU restore caught in {tries} checkpoints")
+
+
+@pytest.mark.parametrize("teardown", ["destroy", "shutdown"])
+def test_a_hung_restore_does_not_hold_up_teardown(new_daemon, teardown):
+    """A body double's CRIU restore that hangs (SIGSTOPped here) is aborted by a destroy
+    or the daemon's shutdown -- killed with its branch -- not waited for until CRIU's
+    timeout (120 s): both end within seconds and leave nothing behind; the checkpoint
+    is not judged unrestorable for it (an abort is not CRIU's failure)."""
+    d = new_daemon().start()
+    instance = store_instance(d.state_dir)
+    with deltabox.Client(d.socket, timeout=120) as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sbx.exec(["sleep", "1000"], detach=True)
+        criu_pid = _stop_a_restore(d, sbx)
+        t0 = time.monotonic()
+        if teardown == "destroy":
+            sbx.destroy()
+            took = time.monotonic() - t0
+            assert poll(lambda: not _cgroups(instance), 15), sorted(_cgroups(instance))
+        else:
+            assert d.stop(timeout=60) == 0, d.log()
+            took = time.monotonic() - t0
+    assert took < 30, f"the {teardown} waited {took:.1f} s for a hung CRIU restore"
+    assert not psutil_alive(criu_pid)
+    if teardown == "shutdown":
+        assert leftovers(d.state_dir) == {"mounts": [], "loops": [], "inits": []}
+        assert not _cgroups(instance)
+    assert not _events(d, "shutdown.stray_cgroup", "shutdown.stray_mount",
+                       "rpc.internal_error", "checkpoint.unusable")
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

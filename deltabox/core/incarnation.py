@@ -139,6 +139,12 @@ class Incarnations:
         # Branches ended while this daemon runs (bounded: only a launch racing its own
         # teardown looks, and that launch started moments ago).
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # CRIU restores in flight: branch -> sandbox id ('' for a warm pool's), what
+        # `abort_restores` ends; and, once a body double's criu has moved out of the
+        # branch's cgroup (pre-resume), a pidfd of it, which a kill signals too.
+        self._restoring: dict[str, str] = {}
+        self._restorers: dict[str, int] = {}
+        self._restorers_guard = threading.Lock()
         # Decided once, at start-up: `ksm = on` turns the host's ksmd on here.
         self.memory_merge = ksm.decide(ctx.config.ksm, ctx.config.ksm_pages_to_scan)
         if self.memory_merge and ctx.criu is not None:
@@ -164,7 +170,9 @@ class Incarnations:
         # Set up under the branch's teardown lock: a kill either came first (refused
         # here) or waits for the mount and cgroup and then ends what runs in them --
         # an init or a CRIU restore in flight (criu and every restored task are in the
-        # cgroup until pre-resume), which then fails.
+        # cgroup until pre-resume; criu enters it under the lock too, so a kill is
+        # before its entry, refused, or after it, killing it), which then fails. An
+        # init joining as the kill looks is killed by `kill_and_remove`.
         with self._teardown(branch_id):
             self._refuse_ended(branch_id)
             Path(mnt.target).mkdir(exist_ok=True)
@@ -174,12 +182,20 @@ class Incarnations:
             procs = self.cgroups.create(branch_id, limits)
             if background:
                 self.cgroups.set_background(branch_id, True)
+            if restore_from is not None:
+                self._restoring[branch_id] = rec.id
         try:
             pid, start = self._start(rec, mnt, branch_id, procs, network, restore_from,
                                      stopped, debug_log)
         except BaseException:
             self._refuse_ended(branch_id)  # ended under it: say so, not how it broke
             raise
+        finally:
+            self._restoring.pop(branch_id, None)
+            with self._restorers_guard:
+                fd = self._restorers.pop(branch_id, None)
+            if fd is not None:
+                os.close(fd)
         with self._teardown(branch_id):
             if branch_id in self._ended:  # ended after its processes started: undone
                 self.kill(branch_id, pid)
@@ -192,9 +208,15 @@ class Incarnations:
         """The processes of a launch, in its mounted branch and created cgroup."""
         if restore_from is not None:
             def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
+                with self._restorers_guard:  # criu leaves the cgroup: a kill finds it here
+                    self._restorers[branch_id] = os.pidfd_open(criu_pid)
                 self.cgroups.move_to_own_cgroups(criu_pid)
                 self.cgroups.freeze(branch_id)
-            pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), procs,
+            def enter(criu_pid: int) -> None:  # ordered with a kill of the branch
+                with self._teardown(branch_id):
+                    self._refuse_ended(branch_id)
+                    self.cgroups.enter(procs, criu_pid)
+            pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), enter,
                                                    freeze if stopped else None, debug_log)
             # Its network namespace is restored with `lo` only (deltabox.host.criu): a NAT
             # sandbox's veth is attached as to a fresh init (a body double's on promotion).
@@ -253,9 +275,25 @@ class Incarnations:
                 self._ended.popitem(last=False)
             self._kill(branch_id, init_pid, rec)
 
+    def abort_restores(self, sandbox_id: str | None = None) -> int:
+        """End the CRIU restores in flight (of one sandbox, or all): body doubles being
+        built, a rollback's restore that lost its race, a warm pool's. Their branches are
+        killed, so the launches fail at once (FailedPrecondition: ended) instead of being
+        waited for: a destroy or a shutdown does not wait behind a restore, nor behind one
+        that hangs until CRIU's timeout. How many were ended."""
+        ended = [b for b, s in list(self._restoring.items())
+                 if sandbox_id is None or s == sandbox_id]
+        for branch_id in ended:
+            self.kill(branch_id, 0)
+        return len(ended)
+
     def _kill(self, branch_id: str, init_pid: int, rec: SandboxRecord | None) -> None:
-        self.cgroups.kill_all(branch_id)
-        self.cgroups.remove(branch_id)
+        with self._restorers_guard:
+            restorer = self._restorers.get(branch_id)
+            if restorer is not None:  # criu, out of the cgroup: killed with its tree
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(restorer, signal.SIGKILL)
+        self.cgroups.kill_and_remove(branch_id)
         if init_pid:
             # The daemon is a subreaper (and restores are its children): the
             # killed init is ours to reap, once it has exited -- see reap().

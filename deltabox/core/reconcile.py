@@ -71,8 +71,7 @@ class Reconciler:
                 report["stray_mounts"] += 1
         for name in self.cgroups.names() - branches:
             try:
-                self.cgroups.kill_all(name)
-                self.cgroups.remove(name)
+                self.cgroups.kill_and_remove(name)
                 report["stray_cgroups"] += 1
             except (OSError, TimeoutError) as e:  # one bad stray must not stop start-up
                 log.error("reconcile.stray_cgroup_failed", cgroup=name, error=str(e))
@@ -200,13 +199,22 @@ class Reconciler:
         ctx.stopping = True
         for rt in ctx.runtimes.values():
             rt.closed = True
-        # Let background work (standbys, warm pools, squashes) finish rather than
-        # cancel it mid-restore: a cancelled task leaves its worker thread running
-        # and what it creates unretired. They are bounded by CRIU's timeout.
+        # Doubles being built are aborted (their CRIU restores killed), not waited for;
+        # each build retires what it made.
+        for sandbox_id, rt in list(ctx.runtimes.items()):
+            await self._standbys.cancel(sandbox_id, rt)
+        # Other background work (warm pools, squashes) finishes rather than being
+        # cancelled mid-step -- a cancelled task leaves its worker thread running and
+        # what it creates unretired -- but a CRIU restore in it (a warm pool's) is
+        # aborted, again until all is done: one may start after the last abort.
         while ctx.background:
-            await asyncio.gather(*list(ctx.background), return_exceptions=True)
-        for rt in ctx.runtimes.values():
-            await rt.standby.settled()  # an in-flight build retires itself (closed)
+            await asyncio.to_thread(inc.abort_restores)
+            if not ctx.background:  # the last one ended meanwhile
+                break
+            done, _ = await asyncio.wait(list(ctx.background), timeout=0.05)
+            for task in done:  # their failures retrieved (and dropped), as gather did
+                if not task.cancelled():
+                    task.exception()
         for rt in ctx.runtimes.values():
             await self._standbys.drop(rt)
         await self._pools.drop_all()

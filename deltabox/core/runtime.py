@@ -118,12 +118,6 @@ class StandbySlot:
     async def next_change(self) -> None:
         await self._changed.wait()
 
-    async def settled(self) -> None:
-        """Wait until no build is in flight (one for a closed sandbox retires what it
-        made)."""
-        while self.builds:
-            await self._changed.wait()
-
 
 def _open_event() -> asyncio.Event:
     event = asyncio.Event()

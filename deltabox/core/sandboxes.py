@@ -189,12 +189,10 @@ class SandboxManager:
             await asyncio.to_thread(self.store.set_sandbox_state, rec.id, SandboxState.BROKEN)
             try:
                 if rt is not None:
-                    # Its builds waiting for a slot are dropped, one in flight is
-                    # retired (not waited behind other sandboxes' builds); then a
-                    # rollback's losing restore still running retires itself (closed).
+                    # Its builds waiting for a slot are dropped, one in flight (or a
+                    # rollback's losing restore) is aborted, not waited for.
                     t_marked = time.perf_counter()
-                    await self._standbys.cancel(rt)
-                    await rt.standby.settled()
+                    await self._standbys.cancel(rec.id, rt)
                     t_cancelled = time.perf_counter()
                     await self._standbys.drop(rt)
                     timings["cancel_ms"] = _ms(t_marked, t_cancelled)

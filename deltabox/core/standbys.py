@@ -241,16 +241,25 @@ class Standbys:
                 await self._retire([standby])
             raise
 
-    async def cancel(self, rt: Runtime) -> None:
-        """The sandbox is being destroyed: stop its filler now. Builds still waiting
-        (their delay, a build slot held by other sandboxes' builds, a quiet moment,
-        room in the budget) are dropped; one in flight is waited for and retired. A
-        destroy thus never queues behind the daemon's other builds."""
+    async def cancel(self, sandbox_id: str, rt: Runtime) -> None:
+        """The sandbox is being destroyed (or the daemon stops): end its builds now.
+        Builds still waiting (their delay, a build slot held by other sandboxes' builds,
+        a quiet moment, room in the budget) are dropped; one in flight, and a rollback's
+        restore that lost its race (`RollbackPaths._adopt_restore`), are aborted -- their
+        CRIU restores killed (`Incarnations.abort_restores`) -- and retire what they
+        made. A destroy thus waits neither behind the daemon's other builds nor behind
+        its own (nor a CRIU restore that hangs until its timeout)."""
         rt.closed = True
-        task = rt.standby.filling
+        slot, task = rt.standby, rt.standby.filling
         if task is not None and not task.done():
             task.cancel()
-            await asyncio.wait({task})
+        # Aborted again until done: a build past its last check of `closed` may start
+        # its restore after the first abort.
+        while (task is not None and not task.done()) or slot.builds:
+            await asyncio.to_thread(self._incarnations.abort_restores, sandbox_id)
+            change = asyncio.ensure_future(slot.next_change())
+            await asyncio.wait({change} | ({task} if task else set()), timeout=0.05)
+            change.cancel()
 
     async def _build_within_budget(self, sandbox_id: str, rt: Runtime,
                                    checkpoint_id: str) -> Standby | None:

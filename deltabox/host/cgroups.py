@@ -231,6 +231,26 @@ class CgroupDriver:
         """Remove this instance's (empty) parent cgroups, e.g. at shutdown."""
         raise NotImplementedError
 
+    def enter(self, procs: list[Path], pid: int) -> None:
+        """Move `pid` into a sandbox's cgroups (their cgroup.procs files, from `create`)."""
+        for path in procs:
+            _write(path, str(pid))
+
+    def kill_and_remove(self, name: str, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the cgroup and remove it -- killing again a process
+        that joined meanwhile (a launch racing its teardown: an init or a criu that
+        wrote itself into cgroup.procs after the kill looked) rather than failing EBUSY."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.kill_all(name, timeout)
+            try:
+                self.remove(name)
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or not self.pids(name) \
+                        or time.monotonic() > deadline:
+                    raise
+
     def kill_all(self, name: str, timeout: float = 5.0) -> None:
         """SIGKILL every process in the cgroup and wait until it is empty.
 

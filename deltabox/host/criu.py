@@ -452,23 +452,25 @@ class Criu:
             child.close()
         return Swrk(proc, parent, self._mark(proc.pid))
 
-    def _call(self, req: rpc.criu_req, log: Path, join_cgroups: list[Path] = (),
+    def _call(self, req: rpc.criu_req, log: Path, enter=None,
               on_notify=None, timeout: float = 120.0, fault: str = "",
               swrk: Swrk | None = None) -> rpc.criu_resp:
         """One request to a fresh `criu swrk` (`swrk`, if one was started already).
-        `on_notify(script, criu_pid, pid)` runs for each of CRIU's notifications (with
-        notify_scripts) before CRIU goes on. A call that takes longer than `timeout` kills
-        criu and fails (CRIU can hang in the kernel, e.g. attaching to a stopped task in
-        a frozen cgroup)."""
+        `enter(criu_pid)`, if given, runs before the request (see `restore`); if it
+        raises, criu is killed unasked. `on_notify(script, criu_pid, pid)` runs for each
+        of CRIU's notifications (with notify_scripts) before CRIU goes on. A call that
+        takes longer than `timeout` kills criu and fails (CRIU can hang in the kernel,
+        e.g. attaching to a stopped task in a frozen cgroup)."""
         swrk = swrk or self.start_swrk()
         proc, parent = swrk.proc, swrk.sock
         parent.settimeout(timeout)
         try:
-            # A restored tree is forked by criu: put criu in the sandbox's cgroups
-            # first, so every restored process starts (and is charged) there.
-            for procs in join_cgroups:
-                with open(procs, "w") as f:
-                    f.write(str(proc.pid))
+            if enter is not None:
+                try:
+                    enter(proc.pid)
+                except BaseException:
+                    proc.kill()  # not asked anything; it may be stopped: not waited for
+                    raise
             parent.sendall(req.SerializeToString())
             if fault:
                 crash_point(fault)
@@ -549,11 +551,13 @@ class Criu:
                    if p.is_file() and p.suffix == ".img")
         return DumpResult(1000 * (time.perf_counter() - t0), size)
 
-    def restore(self, images_dir: Path, root: Path, cgroup_procs: list[Path],
+    def restore(self, images_dir: Path, root: Path, enter,
                 freeze=None, debug_log: bool = False) -> int:
         """Restore the tree in `images_dir` onto the branch mounted at `root`; returns
-        the host pid of its init. The tree starts in `cgroup_procs`' cgroups, as a
-        sibling of criu (a child of the daemon).
+        the host pid of its init. The tree starts as a sibling of criu (a child of the
+        daemon) in the cgroups that `enter(criu_pid)` puts criu in before it is asked:
+        criu forks the restored tree, so every restored process starts (and is charged)
+        there. `enter` raising (the sandbox was torn down meanwhile) fails the restore.
 
         `freeze(criu_pid)`, if given, runs at CRIU's "pre-resume" notification: a
         body double moves criu out of the sandbox's cgroup (criu must keep running)
@@ -585,7 +589,7 @@ class Criu:
                               external=[f"mnt[root]:{root}"], manage_cgroups_mode=rpc.IGNORE,
                               empty_ns=CLONE_NEWNET, notify_scripts=True)
             resp = self._call(rpc.criu_req(type=rpc.RESTORE, opts=opts),
-                              images_dir / log_name, cgroup_procs, on_notify)
+                              images_dir / log_name, enter, on_notify)
         if not resp.success:
             if ours:  # our freeze failed, not CRIU's restore
                 raise ours[0]
