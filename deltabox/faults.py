@@ -31,6 +31,8 @@ could look, e.g. kills the daemon while a CRIU dump is midway. Points:
                            (pending); nothing of it is recorded yet
     checkpoint.commit      in the commit transaction (a worker thread holding the store's
                            lock), nothing committed
+    restore.pre-resume     a CRIU restore has made the whole tree (its root the daemon's
+                           child); CRIU waits for the answer to "pre-resume"
 
 With `DELTABOX_HOLD_UNTIL=<path>` too, the hold ends once `<path>` exists: a test then
 checks what waits for the held step, and lets it go on. With `DELTABOX_HOLD_REACHED=<path>`

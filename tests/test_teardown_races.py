@@ -180,55 +180,113 @@ def test_shutdown_racing(new_daemon, call):
     assert not _events(d, "shutdown.stray_cgroup", "shutdown.stray_mount", "rpc.internal_error")
 
 
-def _stop_a_restore(daemon, sbx, tries: int = 20) -> int:
-    """Take full checkpoints (each starts a body double's build: a CRIU restore) until
-    one restore is caught and SIGSTOPped: a CRIU that hangs (as it does in the kernel
-    at times), never finishing on its own before its timeout. Its pid."""
+def _stop_criu(daemon, start, tries: int = 20) -> tuple[int, dict | None]:
+    """SIGSTOP a `criu swrk` of the daemon: a CRIU that hangs (as it does in the kernel at
+    times), never finishing on its own before its timeout. Each try runs `start(i)` (a
+    call in a thread, or None once it has returned) and looks for 2 s or until that call
+    is over -- a dump is over in tens of ms, and may slip through. The criu's pid and the
+    call it hangs."""
     import psutil
     daemon_proc = psutil.Process(daemon.proc.pid)
     for i in range(tries):
-        sbx.checkpoint(f"c{i}", full=True, rollback_likely=True)
+        call = start(i)
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:  # the dump's criu ended with the call
+        while time.monotonic() < deadline and not (call and not call["thread"].is_alive()):
             for p in daemon_proc.children(recursive=True):
                 try:
-                    if p.name() == "criu":
+                    if p.name() == "criu" and "swrk" in p.cmdline():  # not `criu check`
                         p.send_signal(signal.SIGSTOP)
-                        return p.pid
+                        return p.pid, call
                 except psutil.NoSuchProcess:
                     pass
-            time.sleep(0.001)
-    raise AssertionError(f"no double's CRIU restore caught in {tries} checkpoints")
+        if call is not None:
+            finished(call, timeout=120)
+    raise AssertionError(f"no CRIU caught in {tries} tries")
+
+
+# A CRIU that hangs in each of the places one runs for a sandbox; `start(i)` makes it run.
+HUNG = {
+    # a body double's build (a restore in the background, after the checkpoint returns)
+    "double": lambda sbx, old: lambda i: sbx.checkpoint(
+        f"c{i}", full=True, rollback_likely=True) and None,
+    # a full checkpoint's dump (the sandbox frozen, its lifecycle lock held)
+    "dump": lambda sbx, old: lambda i: sbx.exec(["sh", "-c", f"echo {i} > /root/v"]).check() \
+        and in_thread(lambda: sbx.checkpoint(f"c{i}", full=True, rollback_likely=False)),
+    # a rollback's restore (no double: the restore path, the lifecycle lock held)
+    "rollback": lambda sbx, old: lambda i: in_thread(lambda: sbx.rollback(old)),
+}
 
 
 @pytest.mark.parametrize("teardown", ["destroy", "shutdown"])
-def test_a_hung_restore_does_not_hold_up_teardown(new_daemon, teardown):
-    """A body double's CRIU restore that hangs (SIGSTOPped here) is aborted by a destroy
-    or the daemon's shutdown -- killed with its branch -- not waited for until CRIU's
-    timeout (120 s): both end within seconds and leave nothing behind; the checkpoint
-    is not judged unrestorable for it (an abort is not CRIU's failure)."""
+@pytest.mark.parametrize("hung", sorted(HUNG))
+def test_a_hung_criu_does_not_hold_up_teardown(new_daemon, hung, teardown):
+    """A CRIU that hangs (SIGSTOPped here) -- building a body double, dumping a full
+    checkpoint, restoring for a rollback -- is aborted by a destroy or the daemon's
+    shutdown, not waited for until CRIU's timeout (120 s): both end within seconds and
+    leave nothing behind; the call that waited for it fails clearly; the checkpoint is
+    not judged unrestorable for it (an abort is not CRIU's failure)."""
     d = new_daemon().start()
     instance = store_instance(d.state_dir)
-    with deltabox.Client(d.socket, timeout=120) as c:
+    with deltabox.Client(d.socket, timeout=60) as c:
         c.import_image("tiny", TINY_TAR)
         sbx = c.create("tiny")
         sbx.exec(["sleep", "1000"], detach=True)
-        criu_pid = _stop_a_restore(d, sbx)
+        old = sbx.checkpoint("old", full=True, rollback_likely=False)
+        criu_pid, call = _stop_criu(d, HUNG[hung](sbx, old))
         t0 = time.monotonic()
         if teardown == "destroy":
-            sbx.destroy()
+            try:
+                sbx.destroy()
+            except deltabox.DeadlineExceeded:
+                raise AssertionError(f"the destroy hung; the daemon's log:\n{d.log()}")
             took = time.monotonic() - t0
             assert poll(lambda: not _cgroups(instance), 15), sorted(_cgroups(instance))
         else:
             assert d.stop(timeout=60) == 0, d.log()
             took = time.monotonic() - t0
-    assert took < 30, f"the {teardown} waited {took:.1f} s for a hung CRIU restore"
+        if call is not None:  # cut off by the server (CANCELLED) if the shutdown came first
+            assert _outcome(call) in CLEAR | {"CANCELLED"}, hung
+    assert took < 30, f"the {teardown} waited {took:.1f} s for a hung CRIU ({hung})"
     assert not psutil_alive(criu_pid)
     if teardown == "shutdown":
         assert leftovers(d.state_dir) == {"mounts": [], "loops": [], "inits": []}
         assert not _cgroups(instance)
     assert not _events(d, "shutdown.stray_cgroup", "shutdown.stray_mount",
                        "rpc.internal_error", "checkpoint.unusable")
+
+
+def test_an_aborted_restore_leaves_no_zombie(new_daemon, workdir):
+    """A rollback's CRIU restore that a destroy aborts after CRIU made the tree (held at
+    "pre-resume", deltabox/faults.py): the tree's root is the daemon's child (CRIU's
+    rst_sibling) and no pid is returned for it, yet it is reaped -- no zombie left in
+    the daemon."""
+    import psutil
+    release, reached = workdir / "restore-release", workdir / "restore-reached"
+    env = {"DELTABOX_HOLD": "restore.pre-resume", "DELTABOX_HOLD_UNTIL": str(release),
+           "DELTABOX_HOLD_REACHED": str(reached)}
+    os.environ.update(env)
+    try:
+        d = new_daemon().start()
+    finally:
+        for k in env:
+            del os.environ[k]
+    with deltabox.Client(d.socket, timeout=120) as c:
+        c.import_image("tiny", TINY_TAR)
+        sbx = c.create("tiny")
+        sbx.exec(["sleep", "1000"], detach=True)
+        old = sbx.checkpoint("old", full=True, rollback_likely=False)  # no double: no restore
+        rollback = in_thread(lambda: sbx.rollback(old))
+        wait_for(reached.exists, "the rollback's restore at pre-resume")
+        destroy = in_thread(sbx.destroy)
+        time.sleep(0.5)  # the destroy aborts the restore: its tree and criu killed
+        release.touch()
+        finished(destroy, timeout=60)
+        assert _outcome(rollback) in CLEAR
+    daemon = psutil.Process(d.pid)
+
+    def zombies():
+        return [p.pid for p in daemon.children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert poll(lambda: not zombies(), 5), zombies()
 
 
 def psutil_alive(pid: int) -> bool:

@@ -86,8 +86,10 @@ class DeltaCR:
         self.cgroups = ctx.cgroups
         self._incarnations = incarnations
         self._sessions = sessions
-        # Sandbox id -> the `criu swrk` started for its next dump, before the freeze.
+        # Sandbox id -> the `criu swrk` started for its next dump, before the freeze;
+        # and the one dumping it now (`dump_frozen`). `abort_dumps` kills both.
         self._swrks: dict[str, Swrk] = {}
+        self._dumping: dict[str, Swrk] = {}
 
     # ---- taking a full checkpoint -----------------------------------------------------
 
@@ -117,6 +119,9 @@ class DeltaCR:
             await rt.channel.barrier()
             # CRIU started now, so its exec and start-up are not in the frozen window.
             self._swrks[rec.id] = await asyncio.to_thread(criu.start_swrk)
+            # A destroy (or the shutdown) that came meanwhile: no dump. One that comes
+            # later finds this criu in `_swrks` and kills it (`abort_dumps`).
+            rt.refuse_closed(rec.name)
             yield
         finally:
             try:
@@ -125,6 +130,20 @@ class DeltaCR:
                     await asyncio.to_thread(unused.close)
             finally:
                 rt.gate.open()
+
+    def abort_dumps(self, sandbox_id: str | None = None) -> int:
+        """Kill the criu of the full checkpoints in progress (of one sandbox, or all):
+        a destroy, or a shutdown that stops the sandboxes, does not wait behind a dump
+        (nor one that hangs in the kernel until CRIU's timeout). The checkpoint fails
+        with FailedPrecondition (`dump_frozen`). Not for sandboxes that live on: a dump
+        killed midway can leave CRIU's parasite in their processes. How many."""
+        swrks = [w for started in (self._swrks, self._dumping)
+                 for s, w in list(started.items()) if sandbox_id in (None, s)]
+        for swrk in swrks:
+            swrk.kill()
+        if swrks:
+            self._incarnations.reap_orphans_soon()  # criu's helpers, now the daemon's
+        return len(swrks)
 
     def _refuse_stopped(self, rec: SandboxRecord, branch_id: str) -> None:
         """CRIU cannot seize a job-control-stopped task in a frozen cgroup (it hangs
@@ -152,9 +171,20 @@ class DeltaCR:
 
     def dump_frozen(self, rec: SandboxRecord, rt: Runtime, images: Path) -> dict[str, float]:
         """Dump the frozen sandbox's processes into `images`; the phases' stats."""
-        dump = self._ctx.require_criu().dump(
-            rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
-            self.cgroups.freezer_path(rec.branch_id), swrk=self._swrks.pop(rec.id, None))
+        criu = self._ctx.require_criu()
+        swrk = self._swrks.get(rec.id) or criu.start_swrk()
+        self._dumping[rec.id] = swrk  # in one of the two at every instant: see abort_dumps
+        self._swrks.pop(rec.id, None)  # not `quiesced`'s to close any more: `dump`'s
+        try:
+            dump = criu.dump(rt.init_pid, images, self.store.mnt_dir / rec.branch_id,
+                             self.cgroups.freezer_path(rec.branch_id), swrk=swrk)
+        except (CriuError, OSError) as e:
+            if rt.closed:  # its criu killed by `abort_dumps`, not CRIU's failure
+                raise FailedPrecondition(f"sandbox {rec.name} was destroyed (or the daemon "
+                                         "stopped) during its full checkpoint") from e
+            raise
+        finally:
+            self._dumping.pop(rec.id, None)
         return {"dump_ms": dump.ms, "image_bytes": dump.image_bytes}
 
     def after_checkpoint(self, ckpt: CheckpointRecord) -> None:

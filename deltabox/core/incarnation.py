@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -41,6 +42,9 @@ __all__ = ["Incarnations", "process_start", "same_process", "alive", "kill_quiet
 log = structlog.get_logger("deltabox.core.incarnation")
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# After a failed restore, reaps look for its tree's root (once a second) this long: CRIU
+# may end the tree after the call failed.
+ORPHAN_SWEEP_S = 5.0
 
 
 def process_start(pid: int) -> float:
@@ -134,6 +138,8 @@ class Incarnations:
         self.cgroups = ctx.cgroups
         self._ctx = ctx  # for CRIU, found once by the manager
         self._to_reap: set[int] = set()  # killed inits not yet waited for
+        # Until when reaps also look for a failed restore's root, and the next look.
+        self._sweep_until = self._next_sweep = 0.0
         self._branch_locks: dict[str, list] = {}  # branch -> [RLock, users]
         self._branch_locks_guard = threading.Lock()
         # Branches ended while this daemon runs (bounded: only a launch racing its own
@@ -143,7 +149,7 @@ class Incarnations:
         # `abort_restores` ends; and, once a body double's criu has moved out of the
         # branch's cgroup (pre-resume), a pidfd of it, which a kill signals too.
         self._restoring: dict[str, str] = {}
-        self._restorers: dict[str, int] = {}
+        self._restorers: dict[str, tuple[int, int]] = {}  # branch -> (pidfd, pid)
         self._restorers_guard = threading.Lock()
         # Decided once, at start-up: `ksm = on` turns the host's ksmd on here.
         self.memory_merge = ksm.decide(ctx.config.ksm, ctx.config.ksm_pages_to_scan)
@@ -193,9 +199,9 @@ class Incarnations:
         finally:
             self._restoring.pop(branch_id, None)
             with self._restorers_guard:
-                fd = self._restorers.pop(branch_id, None)
-            if fd is not None:
-                os.close(fd)
+                restorer = self._restorers.pop(branch_id, None)
+            if restorer is not None:
+                os.close(restorer[0])
         with self._teardown(branch_id):
             if branch_id in self._ended:  # ended after its processes started: undone
                 self.kill(branch_id, pid)
@@ -208,16 +214,31 @@ class Incarnations:
         """The processes of a launch, in its mounted branch and created cgroup."""
         if restore_from is not None:
             def freeze(criu_pid: int) -> None:  # see Criu.restore: a frozen body double
-                with self._restorers_guard:  # criu leaves the cgroup: a kill finds it here
-                    self._restorers[branch_id] = os.pidfd_open(criu_pid)
-                self.cgroups.move_to_own_cgroups(criu_pid)
-                self.cgroups.freeze(branch_id)
+                # Ordered with a kill of the branch, as `enter`: a kill before it is
+                # refused here (CRIU then fails the restore); one after it finds criu,
+                # out of the cgroup now, in `_restorers`.
+                with self._teardown(branch_id):
+                    self._refuse_ended(branch_id)
+                    with self._restorers_guard:
+                        self._restorers[branch_id] = (os.pidfd_open(criu_pid), criu_pid)
+                    self.cgroups.move_to_own_cgroups(criu_pid)
+                    self.cgroups.freeze(branch_id)
             def enter(criu_pid: int) -> None:  # ordered with a kill of the branch
                 with self._teardown(branch_id):
                     self._refuse_ended(branch_id)
+                    if self._ctx.stopping:  # registered in _restoring before this check:
+                        raise FailedPrecondition("the daemon is stopping")  # see shutdown
                     self.cgroups.enter(procs, criu_pid)
-            pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target), enter,
-                                                   freeze if stopped else None, debug_log)
+            try:
+                pid = self._ctx.require_criu().restore(restore_from, Path(mnt.target),
+                                                       enter, freeze if stopped else None,
+                                                       debug_log)
+            except BaseException:
+                # The tree's root is the daemon's child (CRIU's rst_sibling), its pid
+                # never returned: killed by CRIU or by an abort, it is ours to reap --
+                # now, and by the monitor's reaps for a few seconds (it may die later).
+                self.reap_orphans_soon()
+                raise
             # Its network namespace is restored with `lo` only (deltabox.host.criu): a NAT
             # sandbox's veth is attached as to a fresh init (a body double's on promotion).
             if network and rec.spec.get("network") == NetworkMode.NAT:
@@ -291,8 +312,13 @@ class Incarnations:
         with self._restorers_guard:
             restorer = self._restorers.get(branch_id)
             if restorer is not None:  # criu, out of the cgroup: killed with its tree
+                pidfd, pid = restorer  # the pidfd: the pid may be reaped and reused
                 with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(restorer, signal.SIGKILL)
+                    signal.pidfd_send_signal(pidfd, signal.SIGSTOP)  # forks no more
+                    for helper in linux.descendants(pid):  # they hold its socket
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(helper, signal.SIGKILL)
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         self.cgroups.kill_and_remove(branch_id)
         if init_pid:
             # The daemon is a subreaper (and restores are its children): the
@@ -317,7 +343,8 @@ class Incarnations:
 
     def reap(self) -> None:
         """waitpid() the killed inits that have exited (never -1: that would steal
-        the exit status of the daemon's other children, e.g. a launcher's)."""
+        the exit status of the daemon's other children, e.g. a launcher's); after a
+        restore failed, also the roots of restored trees that died with no pid returned."""
         for pid in list(self._to_reap):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -325,3 +352,30 @@ class Incarnations:
                 done = pid
             if done:
                 self._to_reap.discard(pid)
+        now = time.monotonic()
+        if self._next_sweep <= now < self._sweep_until:
+            self._next_sweep = now + 1.0
+            self._reap_orphaned_roots()
+
+    def reap_orphans_soon(self) -> None:
+        """A CRIU call failed or was aborted: reap what it leaves the daemon (a
+        subreaper) -- a restored tree's root, CRIU's helpers -- now and, as they may end
+        later, at the reaps of the next few seconds."""
+        self._sweep_until = time.monotonic() + ORPHAN_SWEEP_S
+        self._next_sweep = 0.0
+        self.reap()
+
+    def _reap_orphaned_roots(self) -> None:
+        """The daemon's zombie children that a failed CRIU call left: a restored tree's
+        root that was a pid namespace's init (killed after CRIU made the namespace), or
+        processes still named criu that are no `criu swrk` of ours (a restore's fork
+        killed before it became the restored task, a helper of a killed criu). A `criu
+        check` run ending just then could be taken too: it would read exit status 0,
+        and its caller checks what it wrote, not its status."""
+        criu = self._ctx.criu
+        helpers = criu.helper_pids() if criu is not None else set()
+        for pid in linux.zombie_children():
+            name, ns_depth = linux.process_name_and_ns_depth(pid)
+            if ns_depth > 1 or (name == "criu" and pid not in helpers):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)

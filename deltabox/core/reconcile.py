@@ -205,11 +205,13 @@ class Reconciler:
             await self._standbys.cancel(sandbox_id, rt)
         # Other background work (warm pools, squashes) finishes rather than being
         # cancelled mid-step -- a cancelled task leaves its worker thread running and
-        # what it creates unretired -- but a CRIU restore in it (a warm pool's) is
-        # aborted, again until all is done: one may start after the last abort.
-        while ctx.background:
+        # what it creates unretired -- but a CRIU restore in it (a warm pool's), or in a
+        # call the server cut off (a rollback's, a fork's: its thread runs on), is
+        # aborted, again until all is done. A restore starting later is refused
+        # (`stopping`, checked by `Incarnations.launch` as criu enters the cgroup).
+        while True:
             await asyncio.to_thread(inc.abort_restores)
-            if not ctx.background:  # the last one ended meanwhile
+            if not ctx.background:
                 break
             done, _ = await asyncio.wait(list(ctx.background), timeout=0.05)
             for task in done:  # their failures retrieved (and dropped), as gather did

@@ -200,6 +200,13 @@ class Runtime:
             with self.cut_by_lifecycle():
                 yield
 
+    def refuse_closed(self, name: str) -> None:
+        """A call that got the lifecycle lock after a destroy (or the shutdown) began:
+        refused, not started on a sandbox being torn down."""
+        if self.closed:
+            raise FailedPrecondition(f"sandbox {name} is being destroyed (or the daemon is "
+                                     "stopping)")
+
     @contextlib.contextmanager
     def cut_by_lifecycle(self):
         """Around a call that talks to the init: if the sandbox is rolled back or

@@ -108,7 +108,13 @@ class SandboxManager:
         'running', so the next start restarts them (files kept, processes fresh).
         `keep_sandboxes` (a daemon restart, `--on-exit`): drop only what no later daemon
         adopts (standbys, warm pools, background work); sandboxes stay running and
-        mounted for the next start's reconcile to adopt, as after a crash."""
+        mounted for the next start's reconcile to adopt, as after a crash. Full
+        checkpoints in progress are aborted if the sandboxes stop (`abort_dumps`),
+        finished if they live on."""
+        if not keep_sandboxes:
+            for rt in self._ctx.runtimes.values():
+                rt.closed = True
+            self._deltacr.abort_dumps()
         await self._reconciler.shutdown(keep_sandboxes)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -177,6 +183,17 @@ class SandboxManager:
         # A stopped sandbox has no runtime: its destroys still go one at a time.
         lock = rt.lock if rt else self._stopped_locks.setdefault(rec.id, asyncio.Lock())
         t0, timings = time.perf_counter(), {}
+        if rt is not None:
+            # Before waiting for the lock: the calls queued on it refuse (closed), and the
+            # CRIU work of the one holding it -- a full checkpoint's dump, a rollback's
+            # restore -- is aborted, not waited for (a CRIU that hangs would hold this
+            # destroy until CRIU's timeout, 120 s).
+            rt.closed = True
+            dumps = self._deltacr.abort_dumps(rec.id)
+            restores = await asyncio.to_thread(self._incarnations.abort_restores, rec.id)
+            if dumps or restores:
+                log.info("sandbox.criu_aborted", sandbox=rec.id, dumps=dumps,
+                         restores=restores)
         async with lock:
             t_locked = time.perf_counter()
             # Read again under the lock: a rollback that held it switched the branch

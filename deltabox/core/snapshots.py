@@ -131,6 +131,7 @@ class Snapshots:
             return await self._checkpoint_in_background(rec, rt, label, mode,
                                                         rollback_likely)
         async with rt.lock:
+            rt.refuse_closed(rec.name)
             async with self._deltacr.quiesced(rec, rt, mode):
                 ckpt = await asyncio.to_thread(self._checkpoint_blocking, rec.id, rt, label,
                                                mode)
@@ -174,6 +175,7 @@ class Snapshots:
         can slip in between the cut and the record."""
         await rt.lock.acquire()
         try:
+            rt.refuse_closed(rec.name)
             async with self._deltacr.quiesced(rec, rt, mode):
                 cut = await asyncio.to_thread(self._take_cut, rec.id, rt, label, mode)
         except BaseException:

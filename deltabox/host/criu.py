@@ -38,6 +38,7 @@ import structlog
 from deltabox._proto.criu import rpc_pb2 as rpc
 from deltabox.errors import FailedPrecondition
 from deltabox.faults import crash_point, hold_point, holds
+from deltabox.host import linux
 
 __all__ = ["Criu", "CriuError", "DumpResult", "Swrk", "find_criu"]
 
@@ -260,6 +261,19 @@ class Swrk:
     proc: subprocess.Popen
     sock: socket.socket
     mark: Path | None
+    running: set[int] | None = None  # its Criu's `helper_pids`
+
+    def kill(self) -> None:
+        """SIGKILL criu and the helpers it forked (stopped first, so that it forks no
+        more while they are listed): a helper left running would hold criu's end of the
+        socket open, and the call reading it would wait for an answer that never comes.
+        The helpers become the daemon's children (a subreaper): `Incarnations.reap`."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGSTOP)
+            for pid in linux.descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
 
     def close(self) -> None:
         """Hang up and reap it (one never asked ends at once: its socket is closed)."""
@@ -269,6 +283,8 @@ class Swrk:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.running is not None:
+            self.running.discard(self.proc.pid)
         if self.mark is not None:
             self.mark.unlink(missing_ok=True)
 
@@ -285,6 +301,7 @@ class Criu:
         # the trees it restores inherit the KSM mark (deltabox.host.ksm).
         self.exec_prefix: list[str] = []
         self._kdat_lock = threading.Lock()
+        self._swrks_running: set[int] = set()  # see helper_pids
         self._kdat_writes = 0
         self.kdat_cache: Path | None = None  # where this build reads it (found by the probe)
 
@@ -450,7 +467,15 @@ class Criu:
             raise
         finally:
             child.close()
-        return Swrk(proc, parent, self._mark(proc.pid))
+        self._swrks_running.add(proc.pid)
+        return Swrk(proc, parent, self._mark(proc.pid), self._swrks_running)
+
+    def helper_pids(self) -> set[int]:
+        """The `criu swrk` processes started and not yet reaped (by `Swrk.close`): any
+        other zombie child of the daemon named criu is a restore's fork that was killed
+        before it became the restored task (a failed or aborted restore), which only the
+        daemon can reap (`Incarnations.reap`)."""
+        return set(self._swrks_running)
 
     def _call(self, req: rpc.criu_req, log: Path, enter=None,
               on_notify=None, timeout: float = 120.0, fault: str = "",
@@ -469,7 +494,7 @@ class Criu:
                 try:
                     enter(proc.pid)
                 except BaseException:
-                    proc.kill()  # not asked anything; it may be stopped: not waited for
+                    swrk.kill()  # not asked anything; it may be stopped: not waited for
                     raise
             parent.sendall(req.SerializeToString())
             if fault:
@@ -478,7 +503,7 @@ class Criu:
                 try:
                     data = parent.recv(1 << 20)
                 except socket.timeout:
-                    proc.kill()
+                    swrk.kill()
                     raise CriuError(f"criu did not finish within {timeout:.0f} s and was "
                                     f"killed: {_error_lines(log)}", timed_out=True) from None
                 if not data:
@@ -565,6 +590,10 @@ class Criu:
         their code and run only when a rollback thaws them -- unlike CRIU's
         leave_stopped, no SIGSTOP/SIGCONT is ever seen by them.
 
+        The tree's root is the daemon's child: if the restore fails after CRIU forked it
+        (CRIU kills the tree, or a teardown aborts it), no pid is returned, yet its
+        zombie is the daemon's to reap (`helper_pids`, `Incarnations.reap`).
+
         CRIU logs errors and warnings (RESTORE_LOG_LEVEL), or everything with
         `debug_log`; either way a failure's log stays in `images_dir`."""
         self.ensure_kdat_cache()
@@ -578,8 +607,10 @@ class Criu:
                 if script == "setup-namespaces":
                     from deltabox.host.network import loopback_up
                     loopback_up(pid)  # the namespace is restored empty: see CLONE_NEWNET
-                elif script == "pre-resume" and freeze is not None:
-                    freeze(criu_pid)
+                elif script == "pre-resume":
+                    hold_point("restore.pre-resume")
+                    if freeze is not None:
+                        freeze(criu_pid)
             except BaseException as e:
                 ours.append(e)
                 raise

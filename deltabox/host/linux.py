@@ -214,3 +214,54 @@ def mounts_under(path: str | os.PathLike) -> list[str]:
     p = str(Path(path))
     found = [t for _, t, _ in mount_table() if t == p or t.startswith(p + "/")]
     return sorted(set(found), key=lambda t: t.count("/"), reverse=True)
+
+
+def zombie_children() -> list[int]:
+    """This process's children that have exited and wait to be reaped: every thread's
+    (a subreaper's orphans go to any of its threads)."""
+    found = []
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = children.read_text().split()
+        except OSError:  # the thread ended
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == b"Z":
+                found.append(int(pid))
+    return found
+
+
+def process_name_and_ns_depth(pid: int) -> tuple[str, int]:
+    """A process's name (comm) and how deep its pid namespace is (1: the host's; a
+    sandbox's init: 2). ('', 0) if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "", 0
+    name, depth = "", 0
+    for line in status.splitlines():
+        if line.startswith("Name:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("NSpid:"):
+            depth = len(line.split()) - 1
+    return name, depth
+
+
+def descendants(pid: int) -> list[int]:
+    """A process's children, theirs, and so on (read now: a process that is not
+    stopped may fork more meanwhile)."""
+    found, todo = [], [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in children.read_text().split()]
+            except OSError:  # it ended
+                continue
+            found += kids
+            todo += kids
+    return found
