@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -149,8 +150,8 @@ class Incarnations:
         # `abort_restores` ends; and, once a body double's criu has moved out of the
         # branch's cgroup (pre-resume), a pidfd of it, which a kill signals too.
         self._restoring: dict[str, str] = {}
+        # (Both read and written under the branch's teardown lock.)
         self._restorers: dict[str, tuple[int, int]] = {}  # branch -> (pidfd, pid)
-        self._restorers_guard = threading.Lock()
         # Decided once, at start-up: `ksm = on` turns the host's ksmd on here.
         self.memory_merge = ksm.decide(ctx.config.ksm, ctx.config.ksm_pages_to_scan)
         if self.memory_merge and ctx.criu is not None:
@@ -198,10 +199,10 @@ class Incarnations:
             raise
         finally:
             self._restoring.pop(branch_id, None)
-            with self._restorers_guard:
+            with self._teardown(branch_id):  # not while a kill signals through it
                 restorer = self._restorers.pop(branch_id, None)
-            if restorer is not None:
-                os.close(restorer[0])
+                if restorer is not None:
+                    os.close(restorer[0])
         with self._teardown(branch_id):
             if branch_id in self._ended:  # ended after its processes started: undone
                 self.kill(branch_id, pid)
@@ -219,8 +220,7 @@ class Incarnations:
                 # out of the cgroup now, in `_restorers`.
                 with self._teardown(branch_id):
                     self._refuse_ended(branch_id)
-                    with self._restorers_guard:
-                        self._restorers[branch_id] = (os.pidfd_open(criu_pid), criu_pid)
+                    self._restorers[branch_id] = (os.pidfd_open(criu_pid), criu_pid)
                     self.cgroups.move_to_own_cgroups(criu_pid)
                     self.cgroups.freeze(branch_id)
             def enter(criu_pid: int) -> None:  # ordered with a kill of the branch
@@ -309,16 +309,10 @@ class Incarnations:
         return len(ended)
 
     def _kill(self, branch_id: str, init_pid: int, rec: SandboxRecord | None) -> None:
-        with self._restorers_guard:
-            restorer = self._restorers.get(branch_id)
-            if restorer is not None:  # criu, out of the cgroup: killed with its tree
-                pidfd, pid = restorer  # the pidfd: the pid may be reaped and reused
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGSTOP)  # forks no more
-                    for helper in linux.descendants(pid):  # they hold its socket
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(helper, signal.SIGKILL)
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        restorer = self._restorers.get(branch_id)
+        if restorer is not None:  # criu, out of the cgroup: killed with its helpers
+            pidfd, pid = restorer
+            linux.kill_tree(pid, functools.partial(signal.pidfd_send_signal, pidfd))
         self.cgroups.kill_and_remove(branch_id)
         if init_pid:
             # The daemon is a subreaper (and restores are its children): the

@@ -268,12 +268,11 @@ class Swrk:
         more while they are listed): a helper left running would hold criu's end of the
         socket open, and the call reading it would wait for an answer that never comes.
         The helpers become the daemon's children (a subreaper): `Incarnations.reap`."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGSTOP)
-            for pid in linux.descendants(self.proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.proc.kill()
+        def send(sig: int) -> None:
+            self.proc.send_signal(sig)  # polls first: a reaped criu is not signalled
+            if self.proc.returncode is not None:  # nor its pid, maybe reused, walked
+                raise ProcessLookupError
+        linux.kill_tree(self.proc.pid, send)
 
     def close(self) -> None:
         """Hang up and reap it (one never asked ends at once: its socket is closed)."""

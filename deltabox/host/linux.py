@@ -7,10 +7,12 @@ daemon needs that the stdlib lacks (mount, openat2, reflink probes).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
+import signal
 from pathlib import Path
 
 from deltabox import _native
@@ -216,23 +218,29 @@ def mounts_under(path: str | os.PathLike) -> list[str]:
     return sorted(set(found), key=lambda t: t.count("/"), reverse=True)
 
 
-def zombie_children() -> list[int]:
-    """This process's children that have exited and wait to be reaped: every thread's
-    (a subreaper's orphans go to any of its threads)."""
+def children(pid: int) -> list[int]:
+    """A process's children: every thread's (a subreaper's orphans go to any of its
+    threads). [] once it has ended."""
     found = []
-    for children in Path("/proc/self/task").glob("*/children"):
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
-            pids = children.read_text().split()
+            found += [int(k) for k in listing.read_text().split()]
         except OSError:  # the thread ended
             continue
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state == b"Z":
-                found.append(int(pid))
+    return found
+
+
+def zombie_children() -> list[int]:
+    """This process's children that have exited and wait to be reaped."""
+    found = []
+    for pid in children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == b"Z":
+            found.append(pid)
     return found
 
 
@@ -252,16 +260,21 @@ def process_name_and_ns_depth(pid: int) -> tuple[str, int]:
     return name, depth
 
 
-def descendants(pid: int) -> list[int]:
-    """A process's children, theirs, and so on (read now: a process that is not
-    stopped may fork more meanwhile)."""
+def kill_tree(pid: int, send) -> None:
+    """SIGKILL a process and its descendants. `send(signal)` signals the process itself
+    (through its Popen or a pidfd: its pid may have been reaped and reused); it is
+    stopped first, so that it forks no more while they are listed. Gone already: done."""
+    try:
+        send(signal.SIGSTOP)
+    except ProcessLookupError:
+        return
     found, todo = [], [pid]
     while todo:
-        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
-            try:
-                kids = [int(k) for k in children.read_text().split()]
-            except OSError:  # it ended
-                continue
-            found += kids
-            todo += kids
-    return found
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    for descendant in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(descendant, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        send(signal.SIGKILL)
