@@ -150,13 +150,19 @@ class Fleet:
         self.criu = find_criu()
         self.counts: Counter = Counter()
         self.envs: list[Env] = []
-        try:
-            futures = [self.pool.submit(client.create, image, f"e2e-{n}-{i}")
-                       for i in range(n)]
-            self.envs = [Env(i, f.result()) for i, f in enumerate(futures)]
-        except BaseException:
-            self.close()
-            raise
+        futures = [self.pool.submit(client.create, image, f"e2e-{n}-{i}") for i in range(n)]
+        errors = []
+        for i, f in enumerate(futures):  # every create is waited for: none left behind
+            try:
+                self.envs.append(Env(i, f.result()))
+            except BaseException as e:  # noqa: BLE001 - raised below, after the others
+                errors.append(e)
+        if errors:
+            try:
+                self.close()
+            except RuntimeError as e:
+                errors[0].add_note(str(e))
+            raise errors[0]
 
     def start_round(self, round_no: int, actions: list[list[int]], backend: str,
                     rollback: list[bool]) -> "RoundHandle":
@@ -247,14 +253,19 @@ class Fleet:
                          [False] * len(self.envs)).wait()
 
     def close(self) -> None:
+        """Destroy every sandbox; a failed destroy is raised (after trying the others), not
+        swallowed: it would leave a sandbox behind that the next fleet's names collide with."""
         self.pool.shutdown(wait=True)
+        failed = []
         for env in self.envs:
             for d in env.baseline_dirs:
                 subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
             try:
                 env.sandbox.destroy()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+            except Exception as e:  # noqa: BLE001 - the others are still destroyed
+                failed.append(f"{env.sandbox.name}: {e!r}")
+        if failed:
+            raise RuntimeError(f"destroying the fleet failed: {'; '.join(failed)}")
 
 
 class RoundHandle:
@@ -417,9 +428,12 @@ def run_all(args, policy, client, doc: dict, write, started: float) -> None:
                     write()
             doc["fleets"][str(n)]["counts"] = dict(fleet.counts)
         finally:
+            try:
+                fleet.close()
+            except RuntimeError as e:
+                broken[f"close {n}"] = str(e)[:2000]
             doc["errors"] = broken
             write()
-            fleet.close()
 
 
 def parse_args(argv=None):

@@ -241,6 +241,10 @@ def _checkpoint_case(d, point: str, committed: bool) -> None:
         expect_crash(d, lambda: s.checkpoint("c2", full=True))
     init = s.info.init_pid
     if point in ("sink", "dump"):
+        # At "dump" the daemon died with the request sent: the orphaned CRIU seizes the tree,
+        # thaws the cgroup while it holds the tasks by ptrace and freezes it again when it
+        # ends (criu/seize.c, freezer_restore_state). Look once it has let go.
+        wait_for(lambda: tracer(init) == 0, "the orphaned CRIU to let go of the init")
         assert frozen(init), "the crash did not leave the sandbox frozen: no test of the thaw"
     d.start()
     with timed_client(d) as c:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+import deltabox
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "rl_examples"
 
 
@@ -113,6 +115,19 @@ def test_a_round_queues_every_exec_before_any_checkpoint(client):
     checkpoints = [e for e in events if e[0] == "checkpoint"]
     assert len(execs) == len(checkpoints) == 3
     assert max(e[2] for e in execs) <= min(c[2] for c in checkpoints)  # every exec started
+
+
+def test_a_fleet_that_fails_to_create_leaves_no_sandbox(client):
+    """One create failing (its name is taken) raises that error, after the others are
+    created and destroyed again: none is left for the next fleet's names to collide with."""
+    taken = client.create("tiny", "e2e-3-1")
+    try:
+        with pytest.raises(deltabox.DeltaboxError, match="e2e-3-1"):
+            e2e.Fleet(client, 3, full=False, workers=3)
+        names = {s.name for s in client.list()}
+        assert "e2e-3-0" not in names and "e2e-3-2" not in names
+    finally:
+        taken.destroy()
 
 
 def test_policy_cpus_split_this_process_affinity():
