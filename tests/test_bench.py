@@ -16,6 +16,7 @@ import pytest
 from deltabox.bench.cr_report import cr_ratios, cr_targets
 from deltabox.bench.fs_report import (ROLLBACK_BEST, ROLLBACK_EARLY, ROLLBACK_NON_HEAD,
                                       fs_ratios, fs_targets)
+from deltabox.host.criu import find_criu
 from deltabox.stats import percentile, summary
 
 
@@ -321,3 +322,18 @@ def test_bench_rl_quick_numbers():
     assert base["criu_dump_core_ms"] > 0 and base["criu_restore_core_ms"] > 0, base
     assert base["core_ms_per_step"] >= base["criu_dump_core_ms"], base
     assert len(doc["targets"]) == 3, doc["targets"]
+
+
+def test_fork_cpu_measures_a_cold_fork():
+    """`python -m deltabox.bench.fork_cpu`: one cold fork of two children, its JSON."""
+    prefix = str(find_criu().parent.parent)
+    r = subprocess.run([sys.executable, "-m", "deltabox.bench.fork_cpu", "--criu-prefix", prefix,
+                        "--rounds", "1", "-n", "1", "--k", "2", "--mb", "1", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    row = doc["builds"][prefix]
+    assert row["core_ms_per_child"]["n"] == 1
+    # A child is a CRIU restore of a bash and a Python session: milliseconds of CPU, not 0.
+    assert row["core_ms_per_child"]["p50"] > 2
+    assert row["wall_ms"]["p50"] > 0
