@@ -70,9 +70,13 @@ class Environment:
     @classmethod
     async def create(cls, client, seed: int, lat: Latencies) -> "Environment":
         sbx = await client.create("demo")
-        sh = await sbx.open_session("bash")
-        await sh.run(f"mkdir -p {STATE} && : > {STATE}/log")
-        good = await sbx.checkpoint("start", full=True)
+        try:
+            sh = await sbx.open_session("bash")
+            await sh.run(f"mkdir -p {STATE} && : > {STATE}/log")
+            good = await sbx.checkpoint("start", full=True)
+        except BaseException:
+            await sbx.destroy()  # not left behind
+            raise
         return cls(sbx, sh, good, seed, lat)
 
     def propose(self, p_fail: float) -> str:
@@ -105,6 +109,17 @@ class Environment:
             self.good = await ckpt
 
 
+async def destroy_all(envs: list[Environment]) -> None:
+    """Destroy every environment's sandbox; the destroys that failed are raised together
+    (after trying all), not swallowed."""
+    results = await asyncio.gather(*(env.sbx.destroy() for env in envs),
+                                   return_exceptions=True)
+    failed = [f"{env.sbx.name}: {r!r}" for env, r in zip(envs, results)
+              if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"destroying the environments failed: {'; '.join(failed)}")
+
+
 async def generate(envs: list[Environment], args) -> list[str]:
     """Stand-in for the policy's batched generate(): one action per environment."""
     await asyncio.sleep(args.gen_ms / 1000)
@@ -113,8 +128,13 @@ async def generate(envs: list[Environment], args) -> list[str]:
 
 async def run_schedule(client, args, overlapped: bool) -> dict:
     lat = Latencies()
-    envs = list(await asyncio.gather(*(Environment.create(client, seed, lat)
-                                       for seed in range(args.envs))))
+    made = await asyncio.gather(*(Environment.create(client, seed, lat)
+                                  for seed in range(args.envs)), return_exceptions=True)
+    envs = [e for e in made if isinstance(e, Environment)]
+    failed = [e for e in made if not isinstance(e, Environment)]
+    if failed:  # every create was waited for: the ones made are destroyed, none leaks
+        await destroy_all(envs)
+        raise failed[0]
     try:
         t_gen = t_train = 0.0
         t0 = time.perf_counter()
@@ -131,7 +151,7 @@ async def run_schedule(client, args, overlapped: bool) -> dict:
         await asyncio.gather(*(env.settle() for env in envs))  # the last round's waits count
         wall = time.perf_counter() - t0
     finally:
-        await asyncio.gather(*(env.sbx.destroy() for env in envs), return_exceptions=True)
+        await destroy_all(envs)
     return {"schedule": "overlapped" if overlapped else "sequential", "wall_s": wall,
             "t_gen_s": t_gen, "t_train_s": t_train, "U": (t_gen + t_train) / wall,
             "rollbacks": sum(env.rollbacks for env in envs),

@@ -68,6 +68,39 @@ def test_rollouts_roll_back_the_environments_their_actions_broke(daemon, overlap
     assert r["latency_ms"]["checkpoint"]["n"] == args.envs * args.steps - expected
 
 
+def test_rollouts_leave_no_sandbox_when_an_environment_fails_to_start(daemon, monkeypatch):
+    """One environment failing to start (here: its bash session cannot open, after its
+    sandbox was created) raises that error; the sandboxes of every environment, that one
+    and those that started, are destroyed again."""
+    rollouts = load("rollouts")
+    args = types.SimpleNamespace(envs=3, steps=1, gen_ms=0.0, train_ms=0.0, p_fail=0.0)
+    real = rollouts.Environment.create.__func__
+
+    async def create(cls, client, seed, lat):
+        if seed == 1:
+            real_create = client.create
+
+            async def create_then_fail(*a, **kw):
+                sbx = await real_create(*a, **kw)
+                sbx.open_session = _refuse
+                return sbx
+            client = types.SimpleNamespace(create=create_then_fail)
+        return await real(cls, client, seed, lat)
+
+    async def _refuse(*a, **kw):
+        raise RuntimeError("no bash today")
+    monkeypatch.setattr(rollouts.Environment, "create", classmethod(create))
+
+    async def go():
+        async with deltabox.AsyncClient(daemon.socket) as c:
+            before = {s.id for s in await c.list()}
+            with pytest.raises(RuntimeError, match="no bash today"):
+                await rollouts.run_schedule(c, args, False)
+            return before, {s.id for s in await c.list()}
+    before, after = asyncio.run(go())
+    assert after == before
+
+
 @pytest.mark.demo_image  # the example creates "demo" sandboxes
 def test_tree_search_rolls_the_root_back_to_the_best_child(daemon):
     out = run_example(daemon, "tree_search", "--width", "4")
