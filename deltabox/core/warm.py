@@ -58,9 +58,11 @@ class MemoryBudget:
         return self.held() + need <= self._ctx.config.warm_budget_bytes
 
     async def make_room(self, need: int, keep: str) -> bool:
-        """Whether `need` more bytes fit, after evicting (but `keep`'s) if not."""
-        if not self.fits(need):
-            await self._evict(keep, need)
+        """Whether `need` more bytes fit, after evicting (but `keep`'s) if not. (Each
+        `fits` reads every prepared incarnation's memory.current: once when it fits.)"""
+        if self.fits(need):
+            return True
+        await self._evict(keep, need)
         return self.fits(need)
 
     async def _evict(self, keep: str, need: int) -> None:

@@ -106,15 +106,19 @@ def _wait_until(done, what: str, timeout: float = 5.0) -> None:
             os.sched_yield()
 
 
+# Cgroup directories CgroupV1 keeps as Path objects (see `_dir`), before it starts over.
+_DIR_CACHE = 4096
+
 # Reading a file of a cgroup that is gone, or being removed (its kernfs node already
 # deactivated: ENODEV, seen while another thread rmdirs it), means "no such cgroup".
 _GONE = (errno.ENOENT, errno.ENODEV)
 
 
-def _procs(path: Path) -> list[int]:
+def _procs(path: str | Path) -> list[int]:
     """The pids in a cgroup.procs file; none when the cgroup is gone or going."""
     try:
-        return [int(x) for x in path.read_text().split()]
+        with open(path) as f:
+            return [int(x) for x in f.read().split()]
     except OSError as e:
         if e.errno not in _GONE:
             raise
@@ -302,10 +306,18 @@ class CgroupV1(CgroupDriver):
 
     def __init__(self, instance: str):
         self.instance = instance
+        self._dirs: dict[tuple[str, str | None], Path] = {}
 
     def _dir(self, controller: str, name: str | None = None) -> Path:
-        base = CGROUP_ROOT / controller / PARENT / self.instance
-        return base if name is None else base / name
+        # Memoized: pathlib's joins were a tenth of the daemon's CPU with 32 busy
+        # sandboxes (85,000 calls in two minutes: every freeze, read and kill).
+        d = self._dirs.get((controller, name))
+        if d is None:
+            if len(self._dirs) > _DIR_CACHE:
+                self._dirs.clear()
+            base = CGROUP_ROOT / controller / PARENT / self.instance
+            d = self._dirs[(controller, name)] = base if name is None else base / name
+        return d
 
     def create(self, name, limits):
         procs = []
@@ -333,7 +345,7 @@ class CgroupV1(CgroupDriver):
     def pids(self, name):
         found: set[int] = set()
         for c in self.CONTROLLERS:  # any of them: a stray may lack some
-            found.update(_procs(self._dir(c, name) / "cgroup.procs"))
+            found.update(_procs(f"{self._dir(c, name)}/cgroup.procs"))
         return sorted(found)
 
     def can_freeze(self, name):
