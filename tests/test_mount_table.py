@@ -49,3 +49,21 @@ def test_mount_lookups_match_a_full_parse(mounts, name):
     assert sibling not in linux.mounts_under(top)
     for path in (top, nested, sibling, str(root), str(root / name / "missing")):
         assert (linux.is_mountpoint(path), linux.mounts_under(path)) == _full(path), path
+
+
+def test_is_mountpoint_sees_bind_mounts_and_does_not_follow_symlinks(mounts):
+    """statx's STATX_ATTR_MOUNT_ROOT: a directory bound onto itself (same filesystem, same
+    st_dev as its parent: what os.path.ismount misses) is a mount point; a symlink to a
+    mount point is not (the mount table never lists it either)."""
+    root, mount = mounts
+    top = mount("top")
+    bound = root / "bound"
+    bound.mkdir()
+    subprocess.run(["mount", "--bind", str(bound), str(bound)], check=True)
+    try:
+        (root / "link").symlink_to(top)
+        assert linux.is_mountpoint(bound) and _full(str(bound))[0]
+        assert not linux.is_mountpoint(root / "link") and not _full(str(root / "link"))[0]
+        assert not linux.is_mountpoint(root / "top" / "missing" / "deeper")
+    finally:
+        subprocess.run(["umount", str(bound)], check=True)
