@@ -133,7 +133,10 @@ async def run_schedule(client, args, overlapped: bool) -> dict:
     envs = [e for e in made if isinstance(e, Environment)]
     failed = [e for e in made if not isinstance(e, Environment)]
     if failed:  # every create was waited for: the ones made are destroyed, none leaks
-        await destroy_all(envs)
+        try:
+            await destroy_all(envs)
+        except RuntimeError as e:  # the create's error is the one to raise
+            failed[0].add_note(str(e))
         raise failed[0]
     try:
         t_gen = t_train = 0.0
