@@ -262,10 +262,17 @@ def mounts_under(path: str | os.PathLike) -> list[str]:
 def children(pid: int) -> list[int]:
     """A process's children: every thread's (a subreaper's orphans go to any of its
     threads). [] once it has ended."""
+    try:
+        # Not Path.glob: it checks the directory exists, then lists it, and a process
+        # that ended in between raised FileNotFoundError out of a destroy (seen in CI).
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # it ended
+        return []
     found = []
-    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+    for tid in tids:
         try:
-            found += [int(k) for k in listing.read_text().split()]
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(k) for k in f.read().split()]
         except OSError:  # the thread ended
             continue
     return found
