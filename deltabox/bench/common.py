@@ -103,6 +103,19 @@ class DaemonView:
         t = self.proc.cpu_times()
         return t.user + t.system
 
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Until no criu runs and the daemon's own CPU is flat for 100 ms (its background
+        work -- doubles, image deduplication -- done). False if `timeout` s passed first."""
+        deadline, quiet, cpu0 = time.monotonic() + timeout, 0, self.cpu_ticks()
+        while quiet < 4:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.025)
+            cpu = self.cpu_ticks()
+            quiet = quiet + 1 if self.criu_running() == 0 and cpu - cpu0 <= 0.01 else 0
+            cpu0 = cpu
+        return True
+
     def branch_mounts(self) -> int:
         prefix = str(self.mnt_dir) + "/"
         return sum(1 for p in psutil.disk_partitions(all=True)

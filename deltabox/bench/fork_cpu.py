@@ -21,7 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from deltabox.bench.common import CACHE
+from deltabox.bench.common import CACHE, DaemonView
 from deltabox.stats import summary
 from deltabox.testing import ThrowawayDaemon
 
@@ -41,7 +41,10 @@ def measure(criu_prefix: str, mb: int, k: int, n: int) -> list[tuple[float, floa
         if r.exit_code != 0:
             raise RuntimeError(f"python set-up failed: {r.stderr[-500:]!r}")
         ckpt = sbx.checkpoint("head", full=True)
-        time.sleep(2)  # the checkpoint's background work (image deduplication) done
+        view = DaemonView(d)
+        settled = view.wait_idle  # the checkpoint's background work done, then each fork's
+        if not settled():
+            raise RuntimeError("the daemon did not go idle after the checkpoint within 30 s")
         for _ in range(n):
             c0, t0 = d.cpu_seconds(), time.perf_counter()
             children = c.fork(ckpt, k)
@@ -54,7 +57,8 @@ def measure(criu_prefix: str, mb: int, k: int, n: int) -> list[tuple[float, floa
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(lambda s: s.destroy(), live))
             out.append((1000 * wall, own / k))
-            time.sleep(1)
+            if not settled():
+                raise RuntimeError("the daemon did not go idle after a fork within 30 s")
     return out
 
 

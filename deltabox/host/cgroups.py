@@ -106,7 +106,8 @@ def _wait_until(done, what: str, timeout: float = 5.0) -> None:
             os.sched_yield()
 
 
-# Cgroup directories CgroupV1 keeps as Path objects (see `_dir`), before it starts over.
+# Cgroup directories a driver keeps as Path objects (see `_cached_dir`), before it starts
+# over.
 _DIR_CACHE = 4096
 
 # Reading a file of a cgroup that is gone, or being removed (its kernfs node already
@@ -166,6 +167,20 @@ NICE_TO_WEIGHT = (88761, 71755, 56483, 46273, 36291, 29154, 23254, 18705, 14949,
 
 class CgroupDriver:
     version: int
+    instance: str
+    _dirs: dict[tuple[str, str | None], Path]
+
+    def _cached_dir(self, controller: str, name: str | None) -> Path:
+        """CGROUP_ROOT/<controller>/deltabox/<instance>[/<name>] (v2: controller ''),
+        memoized: pathlib's joins were a tenth of the daemon's CPU with 32 busy sandboxes
+        (85,000 calls in two minutes: every freeze, read and kill)."""
+        d = self._dirs.get((controller, name))
+        if d is None:
+            if len(self._dirs) > _DIR_CACHE:
+                self._dirs.clear()
+            base = CGROUP_ROOT / controller / PARENT / self.instance
+            d = self._dirs[(controller, name)] = base if name is None else base / name
+        return d
 
     def create(self, name: str, limits: Limits) -> list[Path]:
         """Create the cgroup(s); return the cgroup.procs files a process joins through."""
@@ -309,15 +324,7 @@ class CgroupV1(CgroupDriver):
         self._dirs: dict[tuple[str, str | None], Path] = {}
 
     def _dir(self, controller: str, name: str | None = None) -> Path:
-        # Memoized: pathlib's joins were a tenth of the daemon's CPU with 32 busy
-        # sandboxes (85,000 calls in two minutes: every freeze, read and kill).
-        d = self._dirs.get((controller, name))
-        if d is None:
-            if len(self._dirs) > _DIR_CACHE:
-                self._dirs.clear()
-            base = CGROUP_ROOT / controller / PARENT / self.instance
-            d = self._dirs[(controller, name)] = base if name is None else base / name
-        return d
+        return self._cached_dir(controller, name)
 
     def create(self, name, limits):
         procs = []
@@ -406,10 +413,10 @@ class CgroupV2(CgroupDriver):
 
     def __init__(self, instance: str):
         self.instance = instance
+        self._dirs = {}
 
     def _dir(self, name: str | None = None) -> Path:
-        base = CGROUP_ROOT / PARENT / self.instance
-        return base if name is None else base / name
+        return self._cached_dir("", name)
 
     def ensure_parents(self) -> None:
         self._dir().mkdir(parents=True, exist_ok=True)
