@@ -203,6 +203,19 @@ def test_empty_name_is_generated_and_taken_name_is_refused(client):
             client.create("tiny", name=sbx.name)
 
 
+def test_a_name_cannot_take_the_form_of_an_id(client, tiny):
+    """A lookup takes an id or a name: a sandbox named like another's id made
+    `destroy <id>` (twice: a retry) destroy the victim and then the impostor."""
+    before = {s.id for s in client.list()}
+    for name in (tiny.id, "sbx-0123456789ab", "ck-0123456789ab", "br-0123456789ab"):
+        with pytest.raises(deltabox.InvalidArgument, match="form of an id"):
+            client.create("tiny", name=name)
+    assert {s.id for s in client.list()} == before
+    assert client.get(tiny.id).id == tiny.id
+    with client.create("tiny", name="sbx-notanid") as sbx:  # the rule is the id's shape only
+        assert sbx.name == "sbx-notanid"
+
+
 def test_invalid_hostname(client):
     with pytest.raises(deltabox.InvalidArgument, match="Bad_Host!"):
         client.create("tiny", hostname="Bad_Host!")

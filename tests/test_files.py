@@ -146,6 +146,32 @@ def test_read_ranges(tiny):
         tiny.read_file("/tmp/r", offset=-1)
     with pytest.raises(deltabox.InvalidArgument):
         tiny.read_file("/tmp/r", length=-1)
+    with pytest.raises(deltabox.InvalidArgument, match="2\\^63"):  # not pread's EINVAL
+        tiny.read_file("/tmp/r", offset=(1 << 63) - 1, length=10)
+
+
+def test_a_symlink_to_bytes_that_are_not_utf8_lists(tiny):
+    """Root in the sandbox makes the link; ListDir and StatPath of it must still answer
+    (its target shown with backslash escapes), not fail for the whole directory."""
+    ok(tiny, "mkdir -p /tmp/l && ln -s \"$(printf 'a\\377\\376')\" /tmp/l/bad")
+    [entry] = tiny.list_dir("/tmp/l")
+    assert entry.link_target == "a\\xff\\xfe"
+    assert tiny.stat("/tmp/l/bad").link_target == "a\\xff\\xfe"
+
+
+def test_a_root_that_is_no_longer_mounted_is_refused(tmp_path):
+    """A file call that began before a destroy or rollback unmounted the branch finds an
+    empty directory at its path: it must not write there (the write would be lost and
+    the directory left behind), but say the files are gone."""
+    from deltabox.core.files import SandboxFiles
+    root = tmp_path / "mnt-branch"
+    root.mkdir()
+    files = SandboxFiles(root, 1 << 20)
+    with pytest.raises(deltabox.FailedPrecondition, match="not mounted any more"):
+        files.write("/zz/f", b"x", make_parents=True)
+    with pytest.raises(deltabox.FailedPrecondition, match="not mounted any more"):
+        files.mkdir("/d", parents=True)
+    assert os.listdir(root) == []
 
 
 def test_list_dir_sorted_with_types(tiny):

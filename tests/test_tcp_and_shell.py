@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-
+import time
 from pathlib import Path
 
 import grpc
@@ -240,6 +240,26 @@ def test_shell_rpc_needs_start_first(daemon, tiny):
         list(stub.Shell(iter([pb.ShellInput(stdin=b"x")]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     channel.close()
+
+
+def test_shell_rpc_bad_input_mid_stream_ends_the_call(daemon, tiny):
+    """A window size out of range after the start is INVALID_ARGUMENT at once -- not a
+    shell left running with its input no longer read, until the client's deadline."""
+    channel = grpc.insecure_channel(f"unix:{daemon.socket}")
+    stub = pb_grpc.SandboxesStub(channel)
+
+    def inputs():
+        yield pb.ShellInput(start=pb.ShellStart(sandbox=tiny.id, argv=["/bin/sh"]))
+        yield pb.ShellInput(resize=pb.WindowSize(rows=70000, cols=80))
+        yield pb.ShellInput(stdin=b"echo after; exit 7\n")
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Shell(inputs(), timeout=30))
+    channel.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "65535" in err.value.details()
+    assert time.monotonic() - t0 < 10
+    assert tiny.exec(["true"]).exit_code == 0  # the sandbox is fine afterwards
 
 
 def test_client_shell_runs_an_interactive_shell(tiny):

@@ -6,6 +6,7 @@ a FULL checkpoint is imported only when signed with the target's transfer key.""
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -408,13 +409,20 @@ def rec(kind: bytes, name: str, data: bytes = b"", link: str = "", mode: int = 0
         + xattrs + data
 
 
+# A spec as a daemon stores it (`create`'s), for the hand-made manifests.
+SPEC = {"memory_bytes": 256 << 20, "pids": 512, "cpus": 0.0, "network": "none", "env": {},
+        "hostname": "made-by-hand", "disk_bytes": 1 << 30, "disk_inodes": 1 << 20}
+
+
 def hostile(manifest: pb.Manifest, records: bytes) -> bytes:
-    """A stream whose last layer is `records` (checksums all correct)."""
+    """A stream whose last layer is `records` (checksums all correct); the manifest's
+    spec is SPEC unless it has one."""
     import hashlib
     digest = "sha256:" + hashlib.sha256(records).hexdigest()
     m = pb.Manifest()
     m.CopyFrom(manifest)
-    m.checkpoint_id = "ck-0badc0ffee00"
+    m.spec_json = m.spec_json or json.dumps(SPEC)
+    m.checkpoint_id = m.checkpoint_id or "ck-0badc0ffee00"
     del m.layers[:]
     m.layers.add(digest=digest, size_bytes=len(records))
     chunks = [pb.ExportChunk(manifest=m),
@@ -438,6 +446,10 @@ END = rec(b"E", "")
     (ROOT + rec(b"f", "a", b"x") + rec(b"f", "a", b"y") + END, "exists"),
     (ROOT + rec(b"d", "o", mode=0o755, xattrs=struct.pack(">HI", 24, 1) +
                 b"trusted.overlay.redirect" + b"x") + END, "overlay xattr"),
+    (ROOT + rec(b"f", "a", b"x", xattrs=struct.pack(">HI", 7, 1) + b"bogus.k" + b"x") + END,
+     "cannot be written: Operation not supported"),
+    (rec(b"d", "", mode=0o755, xattrs=struct.pack(">HI", 5, 1) + b"bogus" + b"x") + END,
+     "its root directory: cannot be written"),
 ])
 def test_hostile_entries_are_refused(client, tiny, dst, target, records, why):
     man = client.checkpoint_manifest(tiny.checkpoint())
@@ -449,6 +461,53 @@ def test_hostile_entries_are_refused(client, tiny, dst, target, records, why):
             criu_version=man.criu_version), records))
     assert store_counts(target) == before
     assert not os.path.exists("/tmp/escape") and not os.path.exists("/etc/escape")
+
+
+def _fs_manifest(man, **fields) -> pb.Manifest:
+    return pb.Manifest(format=man.format, mode=pb.CHECKPOINT_MODE_FS, arch=man.arch,
+                       store_format=man.store_format, image="tiny", **fields)
+
+
+@pytest.mark.parametrize("spec, why", [
+    ({}, "'memory_bytes' is missing"),
+    ({**SPEC, "memory_bytes": 1}, "memory limit must be at least"),
+    ({**SPEC, "pids": 1}, "pids limit"),
+    ({**SPEC, "cpus": -3}, "cpus limit"),
+    ({**SPEC, "memory_bytes": "lots"}, "'memory_bytes' is missing or not a number"),
+    ({**SPEC, "hostname": "../../etc"}, "invalid host name"),
+    ({**SPEC, "network": "host"}, "network must be"),
+    ({**SPEC, "env": {"A": "\0"}}, "NUL byte"),
+    ({**SPEC, "disk_bytes": -1}, "'disk_bytes' must be >= 0"),
+])
+def test_a_hostile_spec_is_refused(client, tiny, dst, target, spec, why):
+    """Forks of an imported checkpoint are created with the spec its manifest carries:
+    one `create` would refuse is refused at the import (it used to be stored, and every
+    fork of it failed with INTERNAL)."""
+    man = client.checkpoint_manifest(tiny.checkpoint())
+    before = store_counts(target)
+    with pytest.raises(deltabox.InvalidArgument, match=why):
+        dst.import_checkpoint(hostile(_fs_manifest(man, spec_json=json.dumps(spec)),
+                                      ROOT + END))
+    assert store_counts(target) == before
+
+
+def test_imported_stats_and_sandbox_are_sanitised(client, tiny):
+    """Stats that are not numbers are dropped (they broke every later call showing the
+    checkpoint); a source sandbox id that names a sandbox here is not kept (the
+    checkpoint would have joined that sandbox's tree)."""
+    man = client.checkpoint_manifest(tiny.checkpoint())
+    m = _fs_manifest(man, checkpoint_id="ck-5a11e5c0ffee", sandbox_id=tiny.id,
+                     stats_json=json.dumps({"frozen_ms": "x", "dump_ms": 3.5, "n": [1]}))
+    got = client.import_checkpoint(hostile(m, ROOT + rec(b"f", "ok", b"fine") + END))
+    try:
+        assert got.sandbox_id == "" and got.timings_ms == {"dump_ms": 3.5}
+        assert got.id not in {c.id for c in tiny.checkpoints()}
+        assert client.wait_checkpoint(got.id).id == got.id
+        [child] = client.fork(got, 1)
+        assert child.sandbox.read_file("/ok") == b"fine"
+        child.sandbox.destroy()
+    finally:
+        client.delete_checkpoint(got)
 
 
 def test_a_well_formed_hand_made_stream_imports(client, tiny, dst):

@@ -92,6 +92,10 @@ def _info(path: str, name: str, st: os.stat_result, link_target: str = "") -> Fi
                     st.st_gid, st.st_mtime, link_target)
 
 
+# The largest file offset (loff_t is signed 64-bit).
+MAX_OFFSET = (1 << 63) - 1
+
+
 class SandboxFiles:
     """File API over one sandbox root directory (on the host)."""
 
@@ -102,10 +106,18 @@ class SandboxFiles:
     @contextmanager
     def _fd(self, path: str, flags: int, mode: int = 0) -> Iterator[int]:
         try:
-            root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            root = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:  # the host path of the branch stays out of the message
             raise FailedPrecondition(f"the sandbox's files are not reachable: "
                                      f"{os.strerror(e.errno)}") from None
+        # Still its branch's mount? A destroy or rollback may have unmounted it since the
+        # call began: the empty directory left on the host is not the sandbox's tree (a
+        # write there would be lost, and would keep the directory from being removed).
+        # Once open, the fd stays on the mount, whatever happens to the path.
+        if not linux.is_mount_root_fd(root):
+            os.close(root)
+            raise FailedPrecondition("the sandbox's files are not mounted any more (it was "
+                                     "destroyed or rolled back during the call)")
         try:
             fd = linux.openat2(root, path, flags, mode)
         except OSError as e:
@@ -127,6 +139,8 @@ class SandboxFiles:
         _split(path)
         if offset < 0 or length < 0:
             raise InvalidArgument("offset and length must be >= 0")
+        if offset + length > MAX_OFFSET:
+            raise InvalidArgument(f"offset + length must be at most {MAX_OFFSET} (2^63 - 1)")
         # O_NONBLOCK: opening a FIFO the sandbox made must not block a daemon thread.
         with self._fd(path, os.O_RDONLY | os.O_NONBLOCK) as fd:
             st = os.fstat(fd)
@@ -140,7 +154,10 @@ class SandboxFiles:
                                         f"{self.max_read}; read it in ranges")
             chunks, got = [], 0
             while got < want:
-                data = os.pread(fd, min(want - got, 1 << 20), offset + got)
+                try:
+                    data = os.pread(fd, min(want - got, 1 << 20), offset + got)
+                except OSError as e:
+                    raise _os_error(e, path) from None
                 if not data:
                     break
                 chunks.append(data)

@@ -80,8 +80,10 @@ def wait_status(status: int) -> tuple[int, int]:
 def check_env(env: dict) -> None:
     size = 0
     for k, v in env.items():
-        if not isinstance(k, str) or not k or "=" in k or "\0" in k or "\0" in str(v):
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
             raise InvalidArgument(f"invalid environment variable name {k!r}")
+        if "\0" in str(v):
+            raise InvalidArgument(f"the value of environment variable {k!r} holds a NUL byte")
         size += len(k) + len(str(v))
     if size > MAX_ENV_BYTES:
         raise InvalidArgument("environment too large")
@@ -312,6 +314,16 @@ class Processes:
                     elif kind == "resize":
                         await conv.send_winsize(*value)  # type: ignore[misc]
             pumper = asyncio.create_task(pump())
+            # Bad input (a window size out of range, a message that does not parse) ends
+            # the pump: it must end the call with its error, not leave the shell running
+            # with nobody reading the client's input until the deadline.
+            me, pump_error = asyncio.current_task(), []
+
+            def pump_done(t: asyncio.Task) -> None:
+                if not t.cancelled() and t.exception() is not None and me is not None:
+                    pump_error.append(t.exception())
+                    me.cancel()
+            pumper.add_done_callback(pump_done)
             try:
                 async for frame in conv.frames():
                     if frame.type in (initproto.STDOUT, initproto.STDERR):
@@ -322,7 +334,13 @@ class Processes:
                         yield ExecEvent("exit", exit_code=code, signal=sig,
                                         duration=time.monotonic() - started)
                         return
+            except asyncio.CancelledError:
+                if not pump_error:
+                    raise
+                me.uncancel()
+                raise pump_error[0] from None
             finally:
+                pumper.remove_done_callback(pump_done)
                 pumper.cancel()
 
 

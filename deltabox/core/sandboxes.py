@@ -34,8 +34,6 @@ minimal /dev, drops capabilities and becomes pid 1. The record then turns
 from __future__ import annotations
 
 import asyncio
-import math
-import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -53,6 +51,7 @@ from deltabox.core.rollback import Rollbacks
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.sessions import SESSION_KINDS, SessionResult, Sessions
 from deltabox.core.snapshots import Snapshots
+from deltabox.core.spec import check_limits
 from deltabox.core.transfer import Transfers
 from deltabox.core.warm import WarmPools
 from deltabox.errors import FailedPrecondition, Internal, InvalidArgument
@@ -123,7 +122,7 @@ class SandboxManager:
                      cpus: float = 0.0, network: str = NetworkMode.NONE, env: dict | None = None,
                      hostname: str = "", disk_bytes: int = 0,
                      disk_inodes: int = 0) -> SandboxRecord:
-        _check_limits(memory_bytes, pids, cpus, disk_bytes, disk_inodes)
+        check_limits(memory_bytes, pids, cpus, disk_bytes, disk_inodes)
         if network not in (NetworkMode.NONE, NetworkMode.NAT):
             raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
         env = dict(env or {})
@@ -383,33 +382,6 @@ class SandboxManager:
         return await self._sessions.run(ref, name, code, timeout)
 
 
-# Limits the kernel takes (pids.max: at most PID_MAX_LIMIT; a CFS quota: at least 1 ms
-# per 100 ms period) and that leave a sandbox able to start (its init and a process).
-MIN_MEMORY_BYTES = 16 << 20
-MIN_PIDS, MAX_PIDS = 4, 1 << 22
-MIN_CPUS = 0.01
-MIN_DISK_BYTES, MIN_DISK_INODES = 16 << 20, 1024  # the init's copy of itself lives there
-
-
 def _ms(a: float, b: float) -> float:
     """perf_counter() interval a..b in milliseconds (for the logs)."""
     return round(1000 * (b - a), 1)
-
-
-def _check_limits(memory_bytes: int, pids: int, cpus: float, disk_bytes: int,
-                  disk_inodes: int) -> None:
-    """Refuse limits the kernel would reject (or that leave no sandbox), naming the field
-    and its bounds; 0 means the default everywhere."""
-    ncpu = os.cpu_count() or 1
-    if not (math.isfinite(cpus) and (cpus == 0 or MIN_CPUS <= cpus <= ncpu)):
-        raise InvalidArgument(f"cpus limit must be between {MIN_CPUS} and {ncpu} (the host's "
-                              f"CPUs), or 0 for no quota; not {cpus}")
-    for name, value, low, high, unit in (
-            ("memory", memory_bytes, MIN_MEMORY_BYTES, None, "16 MiB"),
-            ("pids", pids, MIN_PIDS, MAX_PIDS, str(MIN_PIDS)),
-            ("disk", disk_bytes, MIN_DISK_BYTES, None, "16 MiB"),
-            ("disk_inodes", disk_inodes, MIN_DISK_INODES, None, str(MIN_DISK_INODES))):
-        if value != 0 and (value < low or high is not None and value > high):
-            bounds = f"between {unit} and {high:,}" if high else f"at least {unit}"
-            raise InvalidArgument(f"{name} limit must be {bounds} (0 = the daemon's "
-                                  f"default), not {value:,}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import queue
 import threading
@@ -38,6 +39,7 @@ from prometheus_client import Counter
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox.core.runtime import SandboxContext
+from deltabox.core.spec import check_spec
 from deltabox.core.transfer_format import (FORMAT, STORE_FORMAT, ChunkReader, ChunkWriter,
                                            Section, digest_of_tree, tree_records, write_tree)
 from deltabox.core.transfer_key import refusal
@@ -368,6 +370,13 @@ def _record_of(m: pb.Manifest) -> CheckpointRecord:
             or not m.checkpoint_id[3:].isalnum():
         raise InvalidArgument(f"transfer stream: {m.checkpoint_id[:80]!r} is not a "
                               "checkpoint id")
+    if m.mode not in _MODE_FROM_PB:
+        raise InvalidArgument(f"transfer stream: unknown checkpoint mode {m.mode}")
+    # Forks of it are created with its spec, and its stats are shown as numbers: both
+    # are checked as this daemon would have made them (the stream may come from anyone).
+    spec = check_spec(spec, "transfer stream")
+    stats = {k: v for k, v in stats.items() if isinstance(k, str) and len(k) <= 64 and (
+        isinstance(v, bool) or isinstance(v, (int, float)) and math.isfinite(v))}
     return CheckpointRecord(m.checkpoint_id, m.sandbox_id[:64], m.parent_id[:64], m.label[:1024],
                             _MODE_FROM_PB[m.mode], m.created_at, (), (), "", False, stats,
                             m.image[:256], spec)

@@ -434,7 +434,10 @@ def write_tree(section: Section, root: Path, where: str) -> int:
                 if kind != b"d" or name:
                     raise InvalidArgument(f"{where}: a section must start with its root "
                                           "directory")
-                _meta(root_fd, uid, gid, mode, xattrs)
+                try:
+                    _meta(root_fd, uid, gid, mode, xattrs)
+                except OSError as e:
+                    raise _entry_error(f"{where}: its root directory", e) from e
                 count = 1
                 continue
             parts = _components(name, where)
@@ -535,6 +538,7 @@ def _entry_error(where: str, err: OSError) -> Exception:
     if err.errno == errno.EXDEV:
         return InvalidArgument(f"{where}: would leave its layer")
     if err.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EPERM,
-                     errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK, errno.E2BIG, errno.ERANGE):
+                     errno.EINVAL, errno.ENAMETOOLONG, errno.EMLINK, errno.E2BIG, errno.ERANGE,
+                     errno.EOPNOTSUPP):  # EOPNOTSUPP: an xattr namespace the store refuses
         return InvalidArgument(f"{where}: cannot be written: {os.strerror(err.errno)}")
     return err

@@ -19,7 +19,8 @@ from pathlib import Path
 from deltabox import _native
 
 __all__ = [
-    "mount", "mount_overlay", "umount", "openat2", "ficlone", "is_mountpoint", "mounts_under",
+    "mount", "mount_overlay", "umount", "openat2", "ficlone", "is_mountpoint", "is_mount_root_fd",
+    "mounts_under",
     "filesystem_type", "HAS_OPENAT2", "RESOLVE_IN_ROOT", "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_BENEATH", "RESOLVE_NO_SYMLINKS", "MS_BIND", "MS_NOSUID", "MS_NODEV", "MS_NOATIME", "MS_REC", "MS_PRIVATE", "MS_RDONLY", "MS_REMOUNT",
     "MNT_DETACH", "load_device_filter", "attach_device_filter",
@@ -233,7 +234,7 @@ class _Statx(ctypes.Structure):  # struct statx, up to stx_attributes_mask (0x38
                 ("stx_attributes_mask", ctypes.c_uint64), ("_rest", ctypes.c_uint8 * 192)]
 
 
-_AT_SYMLINK_NOFOLLOW, _AT_NO_AUTOMOUNT = 0x100, 0x800
+_AT_SYMLINK_NOFOLLOW, _AT_NO_AUTOMOUNT, _AT_EMPTY_PATH = 0x100, 0x800, 0x1000
 _STATX_ATTR_MOUNT_ROOT = 0x2000
 
 
@@ -250,6 +251,17 @@ def is_mountpoint(path: str | os.PathLike) -> bool:
     elif ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR):
         return False
     return any(target == p for _, target, _ in mount_table(under=p))
+
+
+def is_mount_root_fd(fd: int) -> bool:
+    """Is the directory open as `fd` the root of a mount? The same statx(2) on the fd
+    itself: what a path named when it was opened, not what it names now. Without the
+    attribute (Linux < 5.8): whether its device differs from its parent's."""
+    buf = _Statx()
+    if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, 0, ctypes.byref(buf)) == 0 \
+            and buf.stx_attributes_mask & _STATX_ATTR_MOUNT_ROOT:
+        return bool(buf.stx_attributes & _STATX_ATTR_MOUNT_ROOT)
+    return os.fstat(fd).st_dev != os.stat("..", dir_fd=fd).st_dev
 
 
 def mounts_under(path: str | os.PathLike) -> list[str]:

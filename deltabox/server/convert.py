@@ -102,7 +102,7 @@ def file_info_pb(info) -> pb.FileInfo:
     return pb.FileInfo(path=printable_path(info.path), name=printable_path(info.name),
                        type=FILE_TYPE_PB[info.type],
                        size=info.size, mode=info.mode, uid=info.uid, gid=info.gid,
-                       mtime=info.mtime, link_target=info.link_target)
+                       mtime=info.mtime, link_target=printable_path(info.link_target))
 
 
 # ---- checkpoints ---------------------------------------------------------------------------

@@ -180,7 +180,14 @@ class SandboxesServicer(pb_grpc.SandboxesServicer):
         _check_window(start.rows, start.cols)
 
         async def inputs():
-            async for msg in request_iterator:
+            messages = request_iterator.__aiter__()
+            while True:
+                try:
+                    msg = await messages.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception as e:  # noqa: BLE001 - a message gRPC could not parse
+                    raise InvalidArgument(f"a Shell message could not be read: {e}") from None
                 which = msg.WhichOneof("input")
                 if which == "stdin":
                     yield "stdin", msg.stdin

@@ -439,7 +439,10 @@ class Store(CheckpointTable, TransferTable, Layout):
         self.delete_unreferenced_layer_dirs()
 
     def get_sandbox(self, ref: str) -> SandboxRecord:
-        rows = self._read("SELECT * FROM sandboxes WHERE id=? OR name=?", (ref, ref))
+        # An id first: a name never has an id's form (validate_name), but a record
+        # from before that rule might.
+        rows = self._read("SELECT * FROM sandboxes WHERE id=? OR name=? ORDER BY id=? DESC",
+                          (ref, ref, ref))
         if not rows:
             raise SandboxNotFound(f"no sandbox {ref!r}")
         return sandbox_from_row(rows[0])

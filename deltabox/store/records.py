@@ -25,12 +25,18 @@ __all__ = ["Mount", "ImageRecord", "BranchRecord", "SandboxRecord", "CheckpointR
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# What `new_id` makes: a name of this form could stand for another record's id (a lookup
+# takes an id or a name: "destroy sbx-..." must never mean a sandbox that took that name).
+ID_RE = re.compile(r"^(sbx|ck|br|l)-[0-9a-f]{12}$")
 
 
 def validate_name(name: str, what: str) -> str:
     if not NAME_RE.match(name or ""):
         raise InvalidArgument(f"invalid {what} name {name!r}: use 1-63 characters "
                               "[a-z0-9_.-], starting with a letter or digit")
+    if ID_RE.match(name):
+        raise InvalidArgument(f"invalid {what} name {name!r}: it has the form of an id "
+                              "(<sbx|ck|br|l>-<12 hex digits>), which names may not take")
     return name
 
 

@@ -93,10 +93,15 @@ class TransferTable:
                     parent = ckpt.parent_id if ckpt.parent_id and db.execute(
                         "SELECT 1 FROM checkpoints WHERE id=?", (ckpt.parent_id,)).fetchone() \
                         else ""
+                    # The sandbox it was taken of lives in the source daemon: a stream
+                    # naming one of ours must not put the checkpoint in that one's tree.
+                    sandbox = "" if db.execute("SELECT 1 FROM sandboxes WHERE id=?",
+                                               (ckpt.sandbox_id,)).fetchone() \
+                        else ckpt.sandbox_id
                     db.execute(
                         "INSERT INTO checkpoints (id,sandbox_id,parent_id,label,mode,created_at,"
                         "layers,mount,stats,image,spec) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (ckpt.id, ckpt.sandbox_id, parent, ckpt.label, ckpt.mode,
+                        (ckpt.id, sandbox, parent, ckpt.label, ckpt.mode,
                          ckpt.created_at, json.dumps(ids), json.dumps(ids),
                          json.dumps(ckpt.stats), ckpt.image, json.dumps(ckpt.spec)))
                     if images is not None:
