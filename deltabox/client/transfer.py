@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 import grpc
