@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import deltabox
-from conftest import TINY_TAR, no_new_cgroups, sandbox_cgroups
+from conftest import DEMO_TAR, TINY_TAR, no_new_cgroups, sandbox_cgroups
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 
@@ -214,6 +215,21 @@ def test_a_name_cannot_take_the_form_of_an_id(client, tiny):
     assert client.get(tiny.id).id == tiny.id
     with client.create("tiny", name="sbx-notanid") as sbx:  # the rule is the id's shape only
         assert sbx.name == "sbx-notanid"
+
+
+def test_a_cancelled_image_import_leaves_no_image(client, stubs):
+    """A caller that cancels ImportImage gets CANCELLED, and the import stops: the image
+    used to appear 2 s later anyway (and `replace` would have replaced the old one)."""
+    if not DEMO_TAR.exists():
+        pytest.skip("needs the demo image's tar (large enough to cancel mid-import)")
+    call = stubs.images.ImportImage(pb.ImportImageRequest(
+        name="cancelled-import", source=str(DEMO_TAR)), timeout=120)
+    next(call)  # under way
+    call.cancel()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert "cancelled-import" not in {i.name for i in client.list_images()}
+        time.sleep(0.25)
 
 
 def test_invalid_hostname(client):

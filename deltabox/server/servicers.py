@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
 from deltabox._proto.deltabox.v1 import deltabox_pb2_grpc as pb_grpc
 from deltabox.core.image_layers import ImportLimits
 from deltabox.core.images import import_image, resolve_import_source
-from deltabox.errors import InvalidArgument
+from deltabox.errors import FailedPrecondition, InvalidArgument
 from deltabox.server.convert import (MODE_FROM_PB, NETWORK_FROM_PB, SESSION_KIND_FROM_PB,
                                      checkpoint_pb, diff_entry_pb, exec_event_pb, exit_pb,
                                      file_info_pb, image_pb, process_pb, rollback_pb,
@@ -42,21 +43,33 @@ class ImagesServicer(pb_grpc.ImagesServicer):
         self.d.require_space(f"importing image {request.name!r}", "ImportImage")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
 
         def progress(phase: str, done: int, total: int) -> None:
+            # Called by the import as it goes, and last just before it commits: a caller
+            # gone (cancelled, deadline) stops it there, and it removes what it wrote.
+            if cancelled.is_set():
+                raise FailedPrecondition(f"the import of image {request.name!r} was "
+                                         "cancelled by its caller")
             loop.call_soon_threadsafe(queue.put_nowait, (phase, done, total))
 
         job = asyncio.ensure_future(asyncio.to_thread(
             import_image, self.d.store, request.name, source, progress,
             request.replace, ImportLimits.from_config(self.d.config)))
-        while not job.done() or not queue.empty():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                phase, done, total = getter.result()
-                yield pb.ImportImageProgress(phase=phase, done_bytes=done, total_bytes=total)
-            else:
-                getter.cancel()
+        job.add_done_callback(lambda t: t.cancelled() or t.exception())  # a caller gone
+        try:
+            while not job.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    phase, done, total = getter.result()
+                    yield pb.ImportImageProgress(phase=phase, done_bytes=done,
+                                                 total_bytes=total)
+                else:
+                    getter.cancel()
+        finally:
+            if not job.done():
+                cancelled.set()
         yield pb.ImportImageProgress(phase="done", image=image_pb(job.result()))
 
     async def ListImages(self, request, context):
