@@ -108,3 +108,23 @@ def test_exec_many_runs_items_concurrently_up_to_the_bound(client, tiny):
                                                        timeout=timeout)]
     assert [r.exit_code for r in run(3, 60)] == [0, 0, 0]
     assert [r.timed_out for r in run(2, 1.5)] == [True, True, False]
+
+
+def test_exec_many_outputs_are_bounded_by_one_reply(new_daemon):
+    """ExecMany holds every item's output until its one reply: their sum is bounded by what
+    a reply may carry (the daemon's --max-message), not by items x max_output. Items past
+    it fail in their slots with RESOURCE_EXHAUSTED; those before it keep their output."""
+    from conftest import TINY_TAR
+    d = new_daemon(extra_args=("--max-message", "4M")).start()
+    with d.client() as c:
+        c.import_image("tiny", TINY_TAR)
+        box = c.create("tiny")
+        res = c.exec_many([(box, "head -c 1048576 /dev/zero")] * 8, concurrency=2)
+        done = [r.value for r in res if r.error is None]
+        over = [r.error for r in res if r.error is not None]
+        assert done and over, res
+        assert all(isinstance(e, deltabox.ResourceExhausted) for e in over), over
+        assert all(out.stdout == b"\0" * (1 << 20) for out in done)
+        assert len(done) <= 3  # 4 MiB x 0.9 holds three of them
+        assert box.exec("echo ok").stdout == b"ok\n"  # the daemon is fine
+        box.destroy()

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from deltabox._proto.deltabox.v1 import deltabox_pb2 as pb
-from deltabox.errors import DeltaboxError, InvalidArgument, domain_name
+from deltabox.errors import DeltaboxError, InvalidArgument, ResourceExhausted, domain_name
 from deltabox.server.servicers import CheckpointsServicer, SandboxesServicer
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class BatchRunner:
 
     def __init__(self, daemon: "Daemon"):
         self.reporter = daemon.reporter
+        # What one reply may carry (gRPC's send limit), less room for the message's framing.
+        self.reply_bytes = daemon.config.max_message_bytes * 9 // 10
         self.sandboxes = SandboxesServicer(daemon)
         self.checkpoints = CheckpointsServicer(daemon)
 
@@ -56,19 +58,36 @@ class BatchRunner:
                 raise InvalidArgument(f"ExecMany item {i}: detach is not allowed in a batch "
                                       "(start detached execs with Exec)")
 
+        # The outputs are held until the one reply: their sum is bounded by what the reply
+        # may carry, not by items x max_output (1024 x 16 MiB would exhaust the daemon's
+        # memory before gRPC refused to send it). An item whose output no longer fits
+        # fails with RESOURCE_EXHAUSTED in its slot, and lets go of what it held.
+        held = [0]
+
         async def one(item):
-            out, err, output = [], [], pb.ExecOutput()
-            async for ev in self.sandboxes.Exec(item, context):
-                kind = ev.WhichOneof("event")
-                if kind == "stdout":
-                    out.append(ev.stdout)
-                elif kind == "stderr":
-                    err.append(ev.stderr)
-                elif kind == "started":
-                    output.pid = ev.started.pid
-                elif kind == "exit":
-                    output.exit.CopyFrom(ev.exit)
+            out, err, output, mine = [], [], pb.ExecOutput(), 0
+            try:
+                async for ev in self.sandboxes.Exec(item, context):
+                    kind = ev.WhichOneof("event")
+                    if kind in ("stdout", "stderr"):
+                        data = getattr(ev, kind)
+                        mine += len(data)
+                        held[0] += len(data)
+                        if held[0] > self.reply_bytes:
+                            raise ResourceExhausted(
+                                f"the batch's outputs exceed what one reply may carry "
+                                f"({self.reply_bytes:,} bytes): ask for less output "
+                                "(max_output) or run fewer items per batch")
+                        (out if kind == "stdout" else err).append(data)
+                    elif kind == "started":
+                        output.pid = ev.started.pid
+                    elif kind == "exit":
+                        output.exit.CopyFrom(ev.exit)
+            except BaseException:
+                held[0] -= mine
+                raise
             if not output.HasField("exit"):
+                held[0] -= mine
                 raise DeltaboxError("the exec's stream ended without an exit status")
             output.stdout, output.stderr = b"".join(out), b"".join(err)
             return pb.ExecManyResult(output=output)
