@@ -162,6 +162,15 @@ def test_symlinks_and_hardlinks_keep_their_shape(client, tiny, dst):
         child.sandbox.destroy()
 
 
+def test_a_tree_no_import_takes_is_refused_at_export(client, tiny):
+    """MakeDir and the sandbox allow paths deeper than a transfer stream holds: the export
+    says so, instead of writing a stream every import refuses ("nested too deep")."""
+    sh(tiny, "mkdir -p /" + "/".join(["d"] * 600))
+    ck = tiny.checkpoint()
+    with pytest.raises(deltabox.FailedPrecondition, match=r"nested \d+ directories deep"):
+        exported(client, ck)
+
+
 def test_second_send_skips_the_shared_layers(client, tiny, dst):
     sh(tiny, "head -c 3000000 /dev/urandom > /big")
     base = tiny.checkpoint()

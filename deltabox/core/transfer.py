@@ -252,6 +252,8 @@ class Transfers:
             cancelled.set()  # the worker stops at its next read and removes what it wrote
             if not job.done():
                 await asyncio.wait([job])
+            if not job.cancelled():
+                job.exception()  # seen: the caller's error is the one raised
             raise
 
     def _import(self, chunks, cancelled: threading.Event) -> CheckpointRecord:

@@ -330,8 +330,16 @@ def tree_records(root: Path) -> Iterator[bytes]:
             else:
                 raise FailedPrecondition(f"layer entry {rel!r} is a device node; layers "
                                          "never hold device nodes, refusing to export it")
-            entries.append((tuple(rel.split("/")), kind, st, link,
-                            _xattr_blob(proc_fd_path(dir_fd, name))))
+            parts, xattrs = tuple(rel.split("/")), _xattr_blob(proc_fd_path(dir_fd, name))
+            # What an import refuses is refused here: a stream no daemon can import is
+            # no export (MakeDir allows deeper paths; XFS, larger xattrs).
+            if len(parts) > MAX_DEPTH or len(xattrs) > MAX_NAME:
+                what = (f"is nested {len(parts)} directories deep (at most {MAX_DEPTH})"
+                        if len(parts) > MAX_DEPTH else
+                        f"has {len(xattrs):,} bytes of xattrs (at most {MAX_NAME:,})")
+                raise FailedPrecondition(f"layer entry {rel[:200]!r} {what}: a transfer "
+                                         "stream cannot hold it, refusing to export")
+            entries.append((parts, kind, st, link, xattrs))
         entries.sort(key=lambda e: e[0])
         # The root's mtime is left out: a layer dir's own time is when it was made here,
         # not content, and two daemons holding the same layer must agree on its digest.
