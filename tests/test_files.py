@@ -159,6 +159,26 @@ def test_a_symlink_to_bytes_that_are_not_utf8_lists(tiny):
     assert tiny.stat("/tmp/l/bad").link_target == "a\\xff\\xfe"
 
 
+def test_list_dir_of_a_huge_directory_is_refused_early(tmp_path, monkeypatch):
+    """A directory with millions of entries (the sandbox's to make) is refused once past
+    MAX_LIST_ENTRIES, not turned into gigabytes of FileInfo first."""
+    import subprocess
+    from deltabox.core import files as files_mod
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for i in range(11):
+        (root / "d" / f"f{i}").touch()
+    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    try:
+        files = files_mod.SandboxFiles(root, 1 << 20)
+        assert len(files.list("/d")) == 11
+        monkeypatch.setattr(files_mod, "MAX_LIST_ENTRIES", 10)
+        with pytest.raises(deltabox.ResourceExhausted, match="more than 10 entries"):
+            files.list("/d")
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
 def test_a_root_that_is_no_longer_mounted_is_refused(tmp_path):
     """A file call that began before a destroy or rollback unmounted the branch finds an
     empty directory at its path: it must not write there (the write would be lost and

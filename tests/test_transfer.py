@@ -171,6 +171,20 @@ def test_a_tree_no_import_takes_is_refused_at_export(client, tiny):
         exported(client, ck)
 
 
+def test_a_sparse_file_is_refused_at_export(client, tiny):
+    """A stream has no holes: `truncate -s 8E` in a sandbox made an export (and every
+    manifest or HaveLayers of its layer) read exabytes of zeros."""
+    sh(tiny, "head -c 100000 /dev/zero > /dense && truncate -s 1M /dense")
+    assert exported(client, tiny.checkpoint())  # small, or mostly stored: exported
+    sh(tiny, "truncate -s 9223372036854775807 /sparse")
+    ck = tiny.checkpoint()  # the checkpoint itself is fine (its layer stores nothing)
+    assert ck.layer_bytes < 1 << 20
+    with pytest.raises(deltabox.FailedPrecondition, match="sparse file"):
+        exported(client, ck)
+    with pytest.raises(deltabox.FailedPrecondition, match="sparse file"):
+        client.checkpoint_manifest(ck)
+
+
 def test_second_send_skips_the_shared_layers(client, tiny, dst):
     sh(tiny, "head -c 3000000 /dev/urandom > /big")
     base = tiny.checkpoint()

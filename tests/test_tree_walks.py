@@ -355,3 +355,68 @@ def test_list_and_stat_of_a_changing_directory(demo, host, daemon):
         t.join(30)
     assert b"rounds" in b"".join(out), out
     host.check_untouched()
+
+
+# ---- (d) trees and files that cost the daemon more than the sandbox ---------------------------
+
+def test_a_walk_refuses_a_path_longer_than_its_bound(tmp_path):
+    """A chain of long-named directories costs the sandbox a few inodes and the daemon's
+    walks depth^2 bytes of paths (outside any cgroup): past MAX_WALK_PATH bytes of path a
+    walk refuses, naming where, instead of allocating gigabytes."""
+    from deltabox.core.fdwalk import MAX_WALK_PATH, walk_tree
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        name, cur = "n" * 250, fd
+        for _ in range(MAX_WALK_PATH // 251 + 2):
+            os.mkdir(name, dir_fd=cur)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            if cur != fd:
+                os.close(cur)
+            cur = nxt
+        os.close(cur)
+        with pytest.raises(deltabox.FailedPrecondition, match="nested this deep"):
+            for _ in walk_tree(fd):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_sparse_files_are_compared_by_what_they_hold(tmp_path):
+    """Diff compares two files of the same size and mtime byte by byte: a sandbox's
+    `truncate -s 1T` made that a day's read; only the ranges holding data are read."""
+    from deltabox.core.deltafs import _same_bytes
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(1 << 40)
+            f.seek(1 << 30)
+            f.write(b"same")
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        t0 = time.monotonic()
+        assert _same_bytes(fa.fileno(), fb.fileno())
+        assert time.monotonic() - t0 < 5
+    with open(b, "r+b") as f:
+        f.seek((1 << 39) + 7)
+        f.write(b"x")  # data in b where a has a hole
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert not _same_bytes(fa.fileno(), fb.fileno())
+    with open(a, "r+b") as f:
+        f.seek((1 << 39) + 7)
+        f.write(b"x")
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        assert _same_bytes(fa.fileno(), fb.fileno())
+
+
+def test_the_daemon_runs_with_its_hard_fd_limit(new_daemon):
+    """A walk holds a directory fd per level: a daemon started from a shell (soft limit
+    often 1,024) failed deep trees with EMFILE -- and every other thread's opens with it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # as a login shell has it
+    try:
+        d = new_daemon().start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(ln for ln in open(f"/proc/{d.pid}/limits").read().splitlines()
+                if ln.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)], line

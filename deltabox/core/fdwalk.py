@@ -22,10 +22,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
+from deltabox.errors import FailedPrecondition
 from deltabox.host import linux
 
-__all__ = ["OVERLAY_XATTR_PREFIX", "OPAQUE_XATTR", "open_beneath", "proc_fd_path", "walk_tree",
-           "remove_tree_contents", "Tree", "copy_dir_meta"]
+__all__ = ["OVERLAY_XATTR_PREFIX", "OPAQUE_XATTR", "MAX_WALK_PATH", "open_beneath",
+           "proc_fd_path", "walk_tree", "remove_tree_contents", "Tree", "copy_dir_meta",
+           "data_extents"]
 
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -46,6 +48,12 @@ _RESOLVE = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # not there, or not below a directory now
 _PATH_CHUNK = 3800  # bytes of path per openat2 call: PATH_MAX is 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The longest relative path a walk enters (bytes; twice PATH_MAX). A walk keeps every
+# level's path, and its callers keep every entry's: a chain of directories D deep with
+# long names would cost D^2 bytes of the daemon's memory -- outside any sandbox's
+# cgroup -- at each checkpoint (3,000 levels of 250-character names: 2 GiB). Deeper is
+# refused, naming the path: at 2 bytes a level that is still 4,096 levels.
+MAX_WALK_PATH = 8192
 
 
 def open_beneath(dir_fd: int, rel: str, flags: int) -> int:
@@ -80,6 +88,23 @@ def proc_fd_path(dir_fd: int, rel: str) -> str:
     """A name for `rel` (one component, or below directories opened beneath) in
     `dir_fd`, for the l*xattr calls that take paths only."""
     return f"/proc/self/fd/{dir_fd}/{rel}"
+
+
+def data_extents(fd: int) -> list[tuple[int, int]]:
+    """The [start, end) byte ranges of the open regular file `fd` that hold data: the rest
+    are holes (SEEK_DATA / SEEK_HOLE). A sparse file's size costs nothing to make: what a
+    walk reads of it must follow what it holds, not what it claims."""
+    out, off = [], 0
+    while True:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past `off`
+                return out
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end))
+        off = end
 
 
 def _opaque_at(dir_fd: int, name: str) -> bool:
@@ -130,6 +155,11 @@ def walk_tree(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
                         raise
                     continue
                 rel = f"{prel}/{name}" if prel else name
+                if len(rel) > MAX_WALK_PATH:
+                    raise FailedPrecondition(
+                        f"{rel[:120]!r}... is more than {MAX_WALK_PATH} bytes of path below "
+                        "its tree's root: DeltaBox does not checkpoint, compare or copy trees "
+                        "nested this deep (remove it first)")
             if fd < 0:
                 return
     finally:

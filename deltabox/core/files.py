@@ -94,6 +94,9 @@ def _info(path: str, name: str, st: os.stat_result, link_target: str = "") -> Fi
 
 # The largest file offset (loff_t is signed 64-bit).
 MAX_OFFSET = (1 << 63) - 1
+# The most entries ListDir answers with: a directory the sandbox filled with millions
+# cost the daemon gigabytes of FileInfo before the reply failed at gRPC's size limit.
+MAX_LIST_ENTRIES = 100_000
 
 
 class SandboxFiles:
@@ -219,6 +222,10 @@ class SandboxFiles:
         with self._fd(path, os.O_RDONLY | os.O_DIRECTORY) as fd:
             out = []
             for entry in os.scandir(fd):
+                if len(out) == MAX_LIST_ENTRIES:  # before gRPC would refuse the reply
+                    raise ResourceExhausted(
+                        f"{path}: more than {MAX_LIST_ENTRIES:,} entries; list it with an "
+                        "exec (ls, find) in the sandbox")
                 # One name below the directory's fd: nothing is followed. An entry the
                 # sandbox removed meanwhile is skipped.
                 try:

@@ -76,6 +76,8 @@ READ = 1 << 20                   # bytes read from a file at a time
 ZLIB_LEVEL = 1
 MAX_DEPTH = 512                  # directories in an entry's path
 MAX_NAME = 64 << 10              # bytes of a name, link target or xattr block
+# A file larger than this and than 16x what it stores is refused at export (see tree_records).
+SPARSE_SLACK = 64 << 20
 _HEAD = struct.Struct(">cIIIqQHHI")
 _XATTR = struct.Struct(">HI")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -333,6 +335,13 @@ def tree_records(root: Path) -> Iterator[bytes]:
             parts, xattrs = tuple(rel.split("/")), _xattr_blob(proc_fd_path(dir_fd, name))
             # What an import refuses is refused here: a stream no daemon can import is
             # no export (MakeDir allows deeper paths; XFS, larger xattrs).
+            if kind == b"f" and st.st_size > max(SPARSE_SLACK, 16 * 512 * st.st_blocks):
+                # The stream carries every byte (it has no holes), and the target writes
+                # them: `truncate -s 8E` in a sandbox would take forever to export.
+                raise FailedPrecondition(
+                    f"layer entry {rel[:200]!r} is a sparse file ({st.st_size:,} bytes, "
+                    f"{512 * st.st_blocks:,} of them stored): a transfer stream does not "
+                    "keep holes, refusing to export it")
             if len(parts) > MAX_DEPTH or len(xattrs) > MAX_NAME:
                 what = (f"is nested {len(parts)} directories deep (at most {MAX_DEPTH})"
                         if len(parts) > MAX_DEPTH else

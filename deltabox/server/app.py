@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import grp
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -151,6 +152,12 @@ class Daemon:
         threads = blocking_threads(self.config)
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltabox-blocking"))
+        # Walks of deep trees hold a directory fd per level, and each sandbox, CRIU run and
+        # client holds some: the soft fd limit of a shell (often 1,024) is raised to the
+        # hard one (systemd's unit sets both).
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         # Orphaned sandbox inits are re-parented to us, so we can reap them.
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         try:
