@@ -420,3 +420,30 @@ def test_the_daemon_runs_with_its_hard_fd_limit(new_daemon):
     line = next(ln for ln in open(f"/proc/{d.pid}/limits").read().splitlines()
                 if ln.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)], line
+
+
+def test_a_tree_deeper_than_the_fd_limit_is_deleted(tmp_path):
+    """Deleting holds at most MAX_OPEN_LEVELS directory fds, however deep the tree: one
+    deeper than the fd limit was undeletable (EMFILE), its branch left on disk."""
+    import resource
+    from deltabox.core.fdwalk import remove_tree_contents
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    cur = root
+    for i in range(1500):
+        os.mkdir("d", dir_fd=cur)
+        if i % 100 == 0:
+            open(f"/proc/self/fd/{cur}/f", "w").close()
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+        if cur != root:
+            os.close(cur)
+        cur = nxt
+    os.symlink("/", "up", dir_fd=cur)
+    os.close(cur)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        remove_tree_contents(root)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(root)
+    assert os.listdir(tmp_path) == []

@@ -169,12 +169,21 @@ def walk_tree(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
             os.close(sfd)
 
 
+# The most directory levels `remove_tree_contents` holds open at once.
+MAX_OPEN_LEVELS = 256
+
+
 def remove_tree_contents(dir_fd: int) -> None:
     """Delete everything inside the directory `dir_fd`, never following a symlink (each
     subdirectory is opened from its parent's fd with O_NOFOLLOW) and without recursion:
-    a sandbox can nest directories thousands of levels deep."""
+    a sandbox can nest directories thousands of levels deep. At most MAX_OPEN_LEVELS fds
+    at once, however deep: a directory met below that depth is first moved up to the
+    top level (renameat on single names, nothing followed) and deleted from there --
+    a tree deeper than the fd limit must not be undeletable (its branch left on disk,
+    failing every later start-up's clean-up)."""
     stack: list[tuple[int, str, list[str]]] = []
     fd, name = os.open(".", _DIR_FLAGS, dir_fd=dir_fd), ""
+    lifted = 0
     try:
         while True:
             if fd >= 0:
@@ -188,6 +197,16 @@ def remove_tree_contents(dir_fd: int) -> None:
                 stack.append((fd, name, subdirs))
                 fd = -1
             top, top_name, pending = stack[-1]
+            if pending and len(stack) > MAX_OPEN_LEVELS:
+                sub = pending.pop()
+                lifted += 1
+                up = f".deltabox-deleting-{os.getpid()}-{lifted}"
+                try:
+                    os.rename(sub, up, src_dir_fd=top, dst_dir_fd=stack[0][0])
+                except FileNotFoundError:
+                    continue
+                stack[0][2].append(up)
+                continue
             if pending:
                 sub = pending.pop()
                 try:
