@@ -314,18 +314,30 @@ class Processes:
                     elif kind == "resize":
                         await conv.send_winsize(*value)  # type: ignore[misc]
             pumper = asyncio.create_task(pump())
-            # Bad input (a window size out of range, a message that does not parse) ends
-            # the pump: it must end the call with its error, not leave the shell running
-            # with nobody reading the client's input until the deadline.
-            me, pump_error = asyncio.current_task(), []
+            recv: asyncio.Future | None = None
 
-            def pump_done(t: asyncio.Task) -> None:
-                if not t.cancelled() and t.exception() is not None and me is not None:
-                    pump_error.append(t.exception())
-                    me.cancel()
-            pumper.add_done_callback(pump_done)
+            def pump_failed() -> BaseException | None:
+                if pumper.done() and not pumper.cancelled():
+                    return pumper.exception()
+                return None
             try:
-                async for frame in conv.frames():
+                while True:
+                    # Each frame is awaited beside the pump: bad input (a window size out
+                    # of range, a message that does not parse) ends the pump, and must end
+                    # the call with its error -- not leave the shell running with nobody
+                    # reading the client's input until the deadline.
+                    if (error := pump_failed()) is not None:
+                        raise error
+                    recv = asyncio.ensure_future(conv.recv())
+                    await asyncio.wait({recv} if pumper.done() else {recv, pumper},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not recv.done():  # the pump ended first
+                        if (error := pump_failed()) is not None:
+                            raise error
+                        await asyncio.wait({recv})  # its input closed: read on
+                    frame = recv.result()
+                    if frame is None:
+                        return
                     if frame.type in (initproto.STDOUT, initproto.STDERR):
                         yield ExecEvent("stdout", data=frame.payload)
                     elif frame.type == initproto.EXIT:
@@ -334,14 +346,10 @@ class Processes:
                         yield ExecEvent("exit", exit_code=code, signal=sig,
                                         duration=time.monotonic() - started)
                         return
-            except asyncio.CancelledError:
-                if not pump_error:
-                    raise
-                me.uncancel()
-                raise pump_error[0] from None
             finally:
-                pumper.remove_done_callback(pump_done)
                 pumper.cancel()
+                if recv is not None and not recv.done():
+                    recv.cancel()
 
 
 def _process_exit(st: initproto.ProcessState, stdout_seen: int, stderr_seen: int) -> ExecEvent:
