@@ -48,11 +48,11 @@ _RESOLVE = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # not there, or not below a directory now
 _PATH_CHUNK = 3800  # bytes of path per openat2 call: PATH_MAX is 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# The longest relative path a walk enters (bytes; twice PATH_MAX). A walk keeps every
+# The longest relative path a walk enters (characters; twice PATH_MAX). A walk keeps every
 # level's path, and its callers keep every entry's: a chain of directories D deep with
 # long names would cost D^2 bytes of the daemon's memory -- outside any sandbox's
 # cgroup -- at each checkpoint (3,000 levels of 250-character names: 2 GiB). Deeper is
-# refused, naming the path: at 2 bytes a level that is still 4,096 levels.
+# refused, naming the path: at 2 characters a level that is still 4,096 levels.
 MAX_WALK_PATH = 8192
 
 
@@ -157,7 +157,7 @@ def walk_tree(root_fd: int) -> Iterator[tuple[str, os.stat_result, int, str]]:
                 rel = f"{prel}/{name}" if prel else name
                 if len(rel) > MAX_WALK_PATH:
                     raise FailedPrecondition(
-                        f"{rel[:120]!r}... is more than {MAX_WALK_PATH} bytes of path below "
+                        f"{rel[:120]!r}... is more than {MAX_WALK_PATH} characters of path below "
                         "its tree's root: DeltaBox does not checkpoint, compare or copy trees "
                         "nested this deep (remove it first)")
             if fd < 0:

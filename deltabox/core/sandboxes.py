@@ -51,10 +51,10 @@ from deltabox.core.rollback import Rollbacks
 from deltabox.core.runtime import Runtime, SandboxContext
 from deltabox.core.sessions import SESSION_KINDS, SessionResult, Sessions
 from deltabox.core.snapshots import Snapshots
-from deltabox.core.spec import check_limits
+from deltabox.core.spec import check_limits, check_network
 from deltabox.core.transfer import Transfers
 from deltabox.core.warm import WarmPools
-from deltabox.errors import FailedPrecondition, Internal, InvalidArgument
+from deltabox.errors import FailedPrecondition, Internal
 from deltabox.faults import crash_point
 from deltabox.host import linux
 from deltabox.host.cgroups import CgroupDriver
@@ -123,8 +123,7 @@ class SandboxManager:
                      hostname: str = "", disk_bytes: int = 0,
                      disk_inodes: int = 0) -> SandboxRecord:
         check_limits(memory_bytes, pids, cpus, disk_bytes, disk_inodes)
-        if network not in (NetworkMode.NONE, NetworkMode.NAT):
-            raise InvalidArgument(f"network must be 'none' or 'nat', not {network!r}")
+        check_network(network)
         env = dict(env or {})
         check_env(env)
         name = validate_name(name, "sandbox") if name else auto_name()

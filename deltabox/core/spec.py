@@ -16,7 +16,7 @@ from deltabox.errors import InvalidArgument
 from deltabox.store.records import validate_name
 from deltabox.types import NetworkMode
 
-__all__ = ["check_limits", "check_spec"]
+__all__ = ["check_limits", "check_network", "check_spec"]
 
 # Limits the kernel takes (pids.max: at most PID_MAX_LIMIT; a CFS quota: at least 1 ms
 # per 100 ms period) and that leave a sandbox able to start (its init and a process).
@@ -45,6 +45,11 @@ def check_limits(memory_bytes: int, pids: int, cpus: float, disk_bytes: int,
                                   f"default), not {value:,}")
 
 
+def check_network(network: str) -> None:
+    if network not in (NetworkMode.NONE, NetworkMode.NAT):
+        raise InvalidArgument(f"network must be 'none' or 'nat', not {network[:40]!r}")
+
+
 def check_spec(spec: dict, where: str) -> dict:
     """The spec of an imported checkpoint, as `create` would have made it: each field of
     its type and within its limits; memory and pids present and positive (the source
@@ -61,6 +66,7 @@ def check_spec(spec: dict, where: str) -> dict:
     out.update({k: field(k, int, 0) for k in ("disk_bytes", "disk_inodes")})
     # A CPU quota from a host with more cores than this one is this host's cores.
     out["cpus"] = min(float(field("cpus", (int, float))), float(os.cpu_count() or 1))
+    out["network"], hostname = field("network", str), field("hostname", str)
     for k in ("memory_bytes", "pids"):
         if out[k] <= 0:
             raise InvalidArgument(f"{where}: its spec's {k!r} must be positive, not {out[k]}")
@@ -70,17 +76,13 @@ def check_spec(spec: dict, where: str) -> dict:
     try:
         check_limits(out["memory_bytes"], out["pids"], out["cpus"], out["disk_bytes"],
                      out["disk_inodes"])
-        out["hostname"] = validate_name(field("hostname", str), "host")
+        out["hostname"] = validate_name(hostname, "host")
         env = spec.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
             raise InvalidArgument("its environment must map names to strings")
         check_env(env)
+        check_network(out["network"])
     except InvalidArgument as e:
         raise InvalidArgument(f"{where}: {e}") from None
     out["env"] = dict(env)
-    network = field("network", str)
-    if network not in (NetworkMode.NONE, NetworkMode.NAT):
-        raise InvalidArgument(f"{where}: its spec's network must be 'none' or 'nat', "
-                              f"not {network[:40]!r}")
-    out["network"] = network
     return out

@@ -372,8 +372,6 @@ def _record_of(m: pb.Manifest) -> CheckpointRecord:
             or not m.checkpoint_id[3:].isalnum():
         raise InvalidArgument(f"transfer stream: {m.checkpoint_id[:80]!r} is not a "
                               "checkpoint id")
-    if m.mode not in _MODE_FROM_PB:
-        raise InvalidArgument(f"transfer stream: unknown checkpoint mode {m.mode}")
     # Forks of it are created with its spec, and its stats are shown as numbers: both
     # are checked as this daemon would have made them (the stream may come from anyone).
     spec = check_spec(spec, "transfer stream")

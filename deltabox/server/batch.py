@@ -83,12 +83,11 @@ class BatchRunner:
                         output.pid = ev.started.pid
                     elif kind == "exit":
                         output.exit.CopyFrom(ev.exit)
+                if not output.HasField("exit"):
+                    raise DeltaboxError("the exec's stream ended without an exit status")
             except BaseException:
                 held[0] -= mine
                 raise
-            if not output.HasField("exit"):
-                held[0] -= mine
-                raise DeltaboxError("the exec's stream ended without an exit status")
             output.stdout, output.stderr = b"".join(out), b"".join(err)
             return pb.ExecManyResult(output=output)
         results, total_ms = await self._run("Exec", request, one, pb.ExecManyResult)
